@@ -1,0 +1,1 @@
+"""Routing-quality evaluation: loaders, RouteLLM metrics, calibration."""

@@ -1,0 +1,1 @@
+"""tierserve serving: vLLM tier deployments, the OpenAI-compatible ingress and the CLI."""

@@ -1,0 +1,44 @@
+"""`tierserve` command line: one subcommand per job, each defined next to the code it drives."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from router import cli as router_cli
+from router.eval import cli as eval_cli
+from serving import cli_serve
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="tierserve", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    cli_serve.register(sub)
+    router_cli.register(sub)
+    eval_cli.register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        return int(args.func(args) or 0)
+    except KeyboardInterrupt:
+        return 130
+    except Exception as exc:  # a CLI reports the error, not a traceback, for known failures
+        from serving.errors import TierserveError
+
+        if isinstance(exc, TierserveError | ValueError | FileNotFoundError):
+            print(f"tierserve: error: {exc}", file=sys.stderr)
+            return 2
+        raise
+
+
+if __name__ == "__main__":
+    sys.exit(main())

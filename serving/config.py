@@ -1,0 +1,231 @@
+"""The one YAML config: tiers, engines, Ray resources, HTTP, router, cascade and capacity.
+
+Every field carries its bounds in the type and a docstring under it. `load_config(path)` turns any
+problem into a `ConfigError` whose message names the field, the bad value and the fix.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Annotated, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from router.config import RouterConfig
+from serving.capacity.config import CapacityConfig
+from serving.cascade.config import CascadeConfig
+
+DEFAULT_DATA_DIR = "~/.cache/tierserve"
+
+
+class ConfigError(ValueError):
+    """A config file that cannot be used; the message says which field and how to fix it."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class EngineConfig(_Strict):
+    """vLLM engine settings for one tier: continuous batching and the KV cache."""
+
+    max_num_seqs: int = Field(default=32, ge=1, le=4096)
+    """Maximum number of sequences batched in one engine step (continuous batching width)."""
+    max_num_batched_tokens: int = Field(default=2048, ge=16)
+    """Token budget of one engine step (prefill chunks plus decodes)."""
+    max_model_len: int = Field(default=512, ge=16)
+    """Context length: prompt plus completion tokens. Longer prompts get a 400."""
+    dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
+    """Weight and activation dtype."""
+    tensor_parallel_size: int = Field(default=1, ge=1, le=64)
+    """GPUs one replica shards the model over (1 on CPU)."""
+    enable_prefix_caching: bool = True
+    """Reuse KV blocks of shared prompt prefixes (system prompts, few-shot headers)."""
+    gpu_memory_utilization: float | None = Field(default=None, gt=0.0, le=1.0)
+    """GPU only: share of each GPU's memory this engine may take (weights + KV cache).
+    Tiers sharing a GPU must add up to at most 1."""
+    kv_cache_memory_bytes: int | None = Field(default=None, ge=1 << 20)
+    """KV-cache size in bytes. Required on CPU (else vLLM asks for most of RAM); optional on GPU."""
+    enforce_eager: bool = False
+    """Skip CUDA graphs / torch.compile: faster start, slower steps. True keeps CPU start at ~20 s."""
+    cpu_threads_bind: str | None = None
+    """CPU only: cores for this engine's OpenMP threads (VLLM_CPU_OMP_THREADS_BIND), e.g. "0" or "0-3"."""
+    seed: int = 0
+    """Engine RNG seed."""
+
+
+class ResourcesConfig(_Strict):
+    """Ray resources of one engine replica."""
+
+    num_cpus: float = Field(default=1.0, ge=0.0)
+    """Logical CPUs reserved per replica."""
+    num_gpus: float = Field(default=0.0, ge=0.0)
+    """GPUs per replica; fractions let a small and a large tier share one GPU (e.g. 0.3 + 0.7)."""
+
+
+class AutoscalingConfig(_Strict):
+    """Ray Serve autoscaling on ongoing requests per replica."""
+
+    min_replicas: int = Field(default=1, ge=0)
+    max_replicas: int = Field(default=1, ge=1)
+    target_ongoing_requests: float = Field(default=16.0, gt=0)
+    """Average in-flight requests per replica the autoscaler aims for."""
+
+    @model_validator(mode="after")
+    def _ordered(self) -> AutoscalingConfig:
+        if self.min_replicas > self.max_replicas:
+            raise ValueError(
+                f"min_replicas ({self.min_replicas}) cannot be greater than max_replicas ({self.max_replicas})."
+            )
+        return self
+
+
+class DeploymentConfig(_Strict):
+    """Ray Serve deployment settings of one tier."""
+
+    num_replicas: int = Field(default=1, ge=1)
+    """Fixed replica count; ignored when `autoscaling` is set."""
+    autoscaling: AutoscalingConfig | None = None
+    max_ongoing_requests: int = Field(default=64, ge=1)
+    """In-flight requests one replica accepts (set it at or above the engine's max_num_seqs)."""
+    max_queued_requests: int = Field(default=128, ge=-1)
+    """Requests waiting for a replica before Ray Serve rejects (-1: unbounded, not recommended)."""
+
+
+class TierConfig(_Strict):
+    """One model tier. Tiers are listed cheapest first."""
+
+    name: Annotated[str, Field(pattern=r"^[a-z][a-z0-9_-]{0,31}$")]
+    """Tier name; clients may pass it as `model`."""
+    model: str
+    """Path to a Hugging Face model directory. Relative paths resolve against `data_dir`."""
+    served_model_name: str | None = None
+    """Name reported in responses; defaults to the tier name."""
+    relative_cost: float = Field(default=1.0, gt=0)
+    """Cost of one token relative to the cheapest tier (used in reports and savings figures)."""
+    engine: EngineConfig = EngineConfig()
+    resources: ResourcesConfig = ResourcesConfig()
+    deployment: DeploymentConfig = DeploymentConfig()
+
+
+class HttpConfig(_Strict):
+    host: str = "127.0.0.1"
+    port: int = Field(default=8000, ge=1, le=65535)
+    api_keys: list[str] = []
+    """Bearer keys accepted on /v1/*. Empty means no auth. TIERSERVE_API_KEYS (comma-separated) adds more."""
+    request_timeout_s: float = Field(default=300.0, gt=0)
+    """Upper bound on one request end to end."""
+
+
+class IngressConfig(_Strict):
+    num_replicas: int = Field(default=1, ge=1)
+    num_cpus: float = Field(default=0.1, ge=0.0)
+    max_ongoing_requests: int = Field(default=256, ge=1)
+
+
+class RayConfig(_Strict):
+    """Local cluster started by `tierserve up` (ignored when joining an existing cluster)."""
+
+    address: str | None = None
+    """Existing cluster to join (e.g. "auto"); None starts a local one."""
+    num_cpus: int | None = Field(default=None, ge=1)
+    object_store_memory_bytes: int = Field(default=512 << 20, ge=75 << 20)
+
+
+class AppConfig(_Strict):
+    """The whole tierserve config."""
+
+    data_dir: str = DEFAULT_DATA_DIR
+    """Where generated models, the exemplar store and the query log live (TIERSERVE_DATA_DIR overrides)."""
+    device: Literal["cpu", "gpu"] = "cpu"
+    """Which vLLM build the engines run on."""
+    tiers: list[TierConfig] = Field(min_length=1)
+    http: HttpConfig = HttpConfig()
+    ingress: IngressConfig = IngressConfig()
+    ray: RayConfig = RayConfig()
+    router: RouterConfig = RouterConfig()
+    cascade: CascadeConfig = CascadeConfig()
+    capacity: CapacityConfig = CapacityConfig()
+
+    @model_validator(mode="after")
+    def _check_tiers(self) -> AppConfig:
+        names = [t.name for t in self.tiers]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"tier names must be unique; {dupes} appear more than once.")
+        if "auto" in names or any(n.startswith("router-") for n in names):
+            raise ValueError("tier names 'auto' and 'router-*' are reserved for routing; rename the tier.")
+        for tier in self.tiers:
+            engine = tier.engine
+            if self.device == "cpu":
+                if engine.kv_cache_memory_bytes is None:
+                    raise ValueError(
+                        f"tiers[{tier.name}].engine.kv_cache_memory_bytes is required on device 'cpu' "
+                        "(vLLM's CPU backend otherwise claims most of RAM); e.g. 268435456 for 256 MiB."
+                    )
+                if tier.resources.num_gpus:
+                    raise ValueError(f"tiers[{tier.name}].resources.num_gpus must be 0 on device 'cpu'.")
+            elif tier.resources.num_gpus <= 0:
+                raise ValueError(
+                    f"tiers[{tier.name}].resources.num_gpus must be > 0 on device 'gpu' "
+                    "(use a fraction such as 0.5 to share a GPU)."
+                )
+        return self
+
+    def tier(self, name: str) -> TierConfig:
+        for t in self.tiers:
+            if t.name == name:
+                return t
+        raise KeyError(name)
+
+    @property
+    def tier_names(self) -> list[str]:
+        return [t.name for t in self.tiers]
+
+    def resolved_data_dir(self) -> Path:
+        return Path(os.environ.get("TIERSERVE_DATA_DIR") or self.data_dir).expanduser()
+
+    def model_path(self, tier: TierConfig) -> Path:
+        path = Path(tier.model).expanduser()
+        return path if path.is_absolute() else self.resolved_data_dir() / path
+
+    def api_keys(self) -> set[str]:
+        env = os.environ.get("TIERSERVE_API_KEYS", "")
+        return set(self.http.api_keys) | {k.strip() for k in env.split(",") if k.strip()}
+
+
+def _format_error(err: dict) -> str:
+    loc = ".".join(str(p) for p in err["loc"]) or "(top level)"
+    msg = err["msg"].removeprefix("Value error, ")
+    if err["type"] == "extra_forbidden":
+        return f"{loc}: unknown field; remove it or check its spelling."
+    if err["type"] == "missing":
+        return f"{loc}: required field is missing; add it."
+    value = err.get("input")
+    shown = "" if isinstance(value, dict | list) else f" (got {value!r})"
+    return f"{loc}: {msg}{shown}"
+
+
+def parse_config(data: dict, source: str = "<config>") -> AppConfig:
+    """Validate a config mapping; raise ConfigError listing every problem by field."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: the top level must be a mapping of fields, got {type(data).__name__}.")
+    try:
+        return AppConfig.model_validate(data)
+    except ValidationError as exc:
+        lines = [_format_error(e) for e in exc.errors()]
+        raise ConfigError(f"{source}: invalid config:\n  " + "\n  ".join(lines)) from None
+
+
+def load_config(path: str | os.PathLike) -> AppConfig:
+    """Load and validate one YAML config file."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: config file not found; pass --config with an existing YAML file.")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    return parse_config(data or {}, str(path))
