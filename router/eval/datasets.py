@@ -1,0 +1,254 @@
+"""Labelled routing data in one frame: per prompt, how well the weak and the strong model did.
+
+Every loader returns a `LabelledSet` whose frame has the columns
+`prompt` (str), `weak`, `strong` (float quality in [0, 1]: 1/0 correctness, or a judge score / 10),
+`split` ("train" | "test"), optional `weak_cost`, `strong_cost` (USD per call) and optional `group`
+(e.g. the MMLU subject; for reports only, never a router feature).
+
+Datasets that ship without a split get `hash_split`: a seeded hash of the prompt, so a prompt lands in
+the same split on every machine and duplicates never straddle train and test.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+ROUTELLM_STRONG = "gpt-4-1106-preview"
+ROUTELLM_WEAK = "mistralai/Mixtral-8x7B-Instruct-v0.1"
+ROUTERBENCH_STRONG = "gpt-4-1106-preview"
+ROUTERBENCH_WEAK = "mistralai/mixtral-8x7b-chat"
+BUILTIN = ("mmlu", "gsm8k", "mt-bench", "arc-challenge", "mbpp", "winogrande")
+_ROUTERBENCH_FILES = {"arc-challenge": "arc_challenge", "mbpp": "mbpp", "winogrande": "winograde"}
+DEFAULT_TEST_FRACTION = 0.5
+DEFAULT_SPLIT_SEED = 0
+
+
+@dataclass(frozen=True)
+class LabelledSet:
+    """One dataset: the frame plus what its quality numbers mean."""
+
+    name: str
+    frame: pd.DataFrame
+    quality: str = "accuracy"
+    """What `weak`/`strong` measure: "accuracy" or "judge score / 10"."""
+    strong_model: str = ""
+    weak_model: str = ""
+
+    @property
+    def train(self) -> pd.DataFrame:
+        return self.frame[self.frame["split"] == "train"].reset_index(drop=True)
+
+    @property
+    def test(self) -> pd.DataFrame:
+        return self.frame[self.frame["split"] == "test"].reset_index(drop=True)
+
+    def cost_ratio(self, part: pd.DataFrame | None = None) -> float:
+        """Mean weak/strong cost per call when costs are known, else 0 (savings then count strong calls)."""
+        part = self.frame if part is None else part
+        if {"weak_cost", "strong_cost"} <= set(part.columns) and part["strong_cost"].mean() > 0:
+            return float(part["weak_cost"].mean() / part["strong_cost"].mean())
+        return 0.0
+
+
+def hash_split(
+    prompts: Sequence[str], test_fraction: float = DEFAULT_TEST_FRACTION, seed: int = DEFAULT_SPLIT_SEED
+) -> np.ndarray:
+    """'train'/'test' per prompt from sha256(seed, prompt): deterministic and independent of row order."""
+    if not 0.0 < test_fraction < 1.0:
+        raise ValueError(f"test_fraction must be in (0, 1), got {test_fraction}")
+    out = []
+    for p in prompts:
+        digest = hashlib.sha256(f"{seed}\x00{p}".encode()).digest()
+        u = int.from_bytes(digest[:8], "big") / 2**64
+        out.append("test" if u < test_fraction else "train")
+    return np.array(out, dtype=object)
+
+
+def difficulty_label(frame: pd.DataFrame) -> np.ndarray:
+    """Training target in [0, 1]: (1 + strong − weak) / 2. 1 = only the strong model gets it right,
+    0.5 = both models do equally well, 0 = only the weak model does."""
+    return ((1.0 + frame["strong"].to_numpy(float) - frame["weak"].to_numpy(float)) / 2.0).clip(0.0, 1.0)
+
+
+def _contaminated(path: Path) -> set[str]:
+    return set(pd.read_json(path, lines=True)["eval_prompt"].tolist())
+
+
+def _finish(frame: pd.DataFrame, test_fraction: float, seed: int) -> pd.DataFrame:
+    frame = frame.dropna(subset=["prompt", "weak", "strong"]).reset_index(drop=True)
+    frame["prompt"] = frame["prompt"].astype(str)
+    frame["weak"] = frame["weak"].astype(float)
+    frame["strong"] = frame["strong"].astype(float)
+    if "split" not in frame.columns:
+        frame["split"] = hash_split(frame["prompt"].tolist(), test_fraction, seed)
+    return frame
+
+
+def load_mmlu(
+    data_dir: Path, *, test_fraction: float = DEFAULT_TEST_FRACTION, seed: int = DEFAULT_SPLIT_SEED
+) -> LabelledSet:
+    """RouteLLM MMLU: 57 subject CSVs, 14,042 rows; its 5 contaminated prompts dropped → 14,037."""
+    root = Path(data_dir) / "routellm" / "mmlu"
+    files = sorted((root / "responses").glob("mmlu_*.csv"))
+    if len(files) != 57:
+        raise FileNotFoundError(f"{root / 'responses'}: expected 57 mmlu_*.csv files, found {len(files)}")
+    parts = [pd.read_csv(f).assign(group=f.stem.removeprefix("mmlu_")) for f in files]
+    raw = pd.concat(parts, ignore_index=True)
+    raw = raw[~raw["prompt"].isin(_contaminated(root / "contaminated_prompts.jsonl"))]
+    frame = raw.rename(columns={ROUTELLM_WEAK: "weak", ROUTELLM_STRONG: "strong"})
+    frame = _finish(frame[["prompt", "weak", "strong", "group"]], test_fraction, seed)
+    return LabelledSet("mmlu", frame, "accuracy", ROUTELLM_STRONG, ROUTELLM_WEAK)
+
+
+def load_gsm8k(
+    data_dir: Path, *, test_fraction: float = DEFAULT_TEST_FRACTION, seed: int = DEFAULT_SPLIT_SEED
+) -> LabelledSet:
+    """RouteLLM GSM8K (the 1,319 test questions, outcomes only there); 12 contaminated → 1,307."""
+    root = Path(data_dir) / "routellm" / "gsm8k"
+    raw = pd.read_csv(root / "gsm8k_responses.csv")
+    raw = raw[~raw["prompt"].isin(_contaminated(root / "contaminated_prompts.jsonl"))]
+    frame = raw.rename(columns={ROUTELLM_WEAK: "weak", ROUTELLM_STRONG: "strong"})
+    frame = _finish(frame[["prompt", "weak", "strong"]], test_fraction, seed)
+    return LabelledSet("gsm8k", frame, "accuracy", ROUTELLM_STRONG, ROUTELLM_WEAK)
+
+
+def load_mt_bench(
+    data_dir: Path, *, test_fraction: float = DEFAULT_TEST_FRACTION, seed: int = DEFAULT_SPLIT_SEED
+) -> LabelledSet:
+    """MT-Bench: 80 questions, 8 contaminated → 72. Routed on turn 1; quality is the mean GPT-4 judge
+    score of both turns / 10 (RouteLLM averages over both turns of the routed model)."""
+    root = Path(data_dir) / "routellm" / "mt_bench"
+    questions = pd.read_json(root / "question.jsonl", lines=True)
+    bad = _contaminated(root / "contaminated_prompts.jsonl")
+    questions["prompt"] = questions["turns"].map(lambda t: t[0])
+    keep = ~(questions["prompt"].isin(bad) | questions["turns"].map(lambda t: t[1]).isin(bad))
+    questions = questions[keep]
+    judgements = pd.read_json(root / "judgements.jsonl", lines=True)
+    per_model = judgements.groupby(["question_id", "model"])["score"].mean().unstack("model") / 10.0
+    frame = questions[["question_id", "prompt", "category"]].merge(
+        per_model[[ROUTELLM_WEAK, ROUTELLM_STRONG]], left_on="question_id", right_index=True, how="left"
+    )
+    frame = frame.rename(columns={ROUTELLM_WEAK: "weak", ROUTELLM_STRONG: "strong", "category": "group"})
+    frame = _finish(frame[["prompt", "weak", "strong", "group"]], test_fraction, seed)
+    return LabelledSet("mt-bench", frame, "judge score / 10", ROUTELLM_STRONG, ROUTELLM_WEAK)
+
+
+def load_routerbench(
+    data_dir: Path, name: str, *, strong_model: str = ROUTERBENCH_STRONG, weak_model: str = ROUTERBENCH_WEAK
+) -> LabelledSet:
+    """A RouterBench subset with its own train/test files; any two of its 11 models as strong/weak."""
+    stem = _ROUTERBENCH_FILES[name]
+    parts = []
+    for split in ("train", "test"):
+        raw = pd.read_csv(Path(data_dir) / "routerbench" / f"{stem}_{split}.csv")
+        for model in (strong_model, weak_model):
+            if model not in raw.columns:
+                models = sorted(c for c in raw.columns if "|" not in c and c not in _ROUTERBENCH_META)
+                raise ValueError(f"model {model!r} is not in {stem}_{split}.csv; choose one of {models}")
+        part = pd.DataFrame(
+            {
+                "prompt": raw["prompt"],
+                "weak": raw[weak_model],
+                "strong": raw[strong_model],
+                "split": split,
+            }
+        )
+        costs = (f"{weak_model}|total_cost", f"{strong_model}|total_cost")
+        if all(c in raw.columns for c in costs):
+            part["weak_cost"], part["strong_cost"] = raw[costs[0]], raw[costs[1]]
+        parts.append(part)
+    frame = _finish(pd.concat(parts, ignore_index=True), DEFAULT_TEST_FRACTION, DEFAULT_SPLIT_SEED)
+    return LabelledSet(name, frame, "accuracy", strong_model, weak_model)
+
+
+_ROUTERBENCH_META = {"sample_id", "prompt", "eval_name", "oracle_model_to_route_to"}
+
+
+def load_table(
+    path: Path,
+    *,
+    prompt_col: str = "prompt",
+    strong_col: str = "strong",
+    weak_col: str = "weak",
+    split_col: str | None = None,
+    strong_cost_col: str | None = None,
+    weak_cost_col: str | None = None,
+    score_max: float = 1.0,
+    test_fraction: float = DEFAULT_TEST_FRACTION,
+    seed: int = DEFAULT_SPLIT_SEED,
+) -> LabelledSet:
+    """Any CSV or JSONL with a prompt column and a weak and strong quality column (bool, 0/1 or a score
+    out of `score_max`). `split_col` holds "train"/"test"; without it the hash split applies."""
+    path = Path(path)
+    if path.suffix in (".jsonl", ".json"):
+        raw = pd.read_json(path, lines=path.suffix == ".jsonl")
+    else:
+        raw = pd.read_csv(path)
+    wanted = [c for c in (prompt_col, strong_col, weak_col, split_col, strong_cost_col, weak_cost_col) if c]
+    missing = [c for c in wanted if c not in raw.columns]
+    if missing:
+        raise ValueError(f"{path}: missing columns {missing}; it has {list(raw.columns)} (see --prompt-col etc.)")
+    frame = pd.DataFrame(
+        {
+            "prompt": raw[prompt_col],
+            "weak": raw[weak_col].astype(float) / score_max,
+            "strong": raw[strong_col].astype(float) / score_max,
+        }
+    )
+    if split_col:
+        frame["split"] = raw[split_col].astype(str).str.lower()
+        bad = sorted(set(frame["split"]) - {"train", "test"})
+        if bad:
+            raise ValueError(f"{path}: column {split_col!r} must hold 'train' or 'test', found {bad}")
+    if strong_cost_col and weak_cost_col:
+        frame["strong_cost"], frame["weak_cost"] = raw[strong_cost_col], raw[weak_cost_col]
+    for col in ("weak", "strong"):
+        lo, hi = frame[col].min(), frame[col].max()
+        if lo < 0 or hi > 1:
+            raise ValueError(f"{path}: {col} quality spans [{lo}, {hi}]; pass score_max so it falls in [0, 1]")
+    return LabelledSet(path.stem, _finish(frame, test_fraction, seed), "accuracy", strong_col, weak_col)
+
+
+def load_dataset(
+    name_or_path: str,
+    data_dir: Path,
+    *,
+    test_fraction: float = DEFAULT_TEST_FRACTION,
+    seed: int = DEFAULT_SPLIT_SEED,
+    **table_options,
+) -> LabelledSet:
+    """A built-in dataset by name (see BUILTIN), or a CSV/JSONL path read by `load_table`."""
+    split = {"test_fraction": test_fraction, "seed": seed}
+    if name_or_path == "mmlu":
+        return load_mmlu(data_dir, **split)
+    if name_or_path == "gsm8k":
+        return load_gsm8k(data_dir, **split)
+    if name_or_path == "mt-bench":
+        return load_mt_bench(data_dir, **split)
+    if name_or_path in _ROUTERBENCH_FILES:
+        models = {k: v for k, v in table_options.items() if k in ("strong_model", "weak_model") and v}
+        return load_routerbench(data_dir, name_or_path, **models)
+    path = Path(name_or_path)
+    if not path.is_file():
+        raise FileNotFoundError(f"dataset {name_or_path!r}: not one of {', '.join(BUILTIN)} and not a file")
+    options = {k: v for k, v in table_options.items() if k not in ("strong_model", "weak_model")}
+    return load_table(path, **split, **options)
+
+
+def describe(ds: LabelledSet) -> dict:
+    """Row counts and baselines per split, for logs and tests."""
+    out = {"dataset": ds.name, "n": len(ds.frame)}
+    for part_name in ("train", "test"):
+        part = ds.frame[ds.frame["split"] == part_name]
+        out[part_name] = {
+            "n": len(part),
+            "strong": float(part["strong"].mean() * 100) if len(part) else float("nan"),
+            "weak": float(part["weak"].mean() * 100) if len(part) else float("nan"),
+        }
+    return out
