@@ -9,6 +9,7 @@ size (12.5 ms vs. 4.9 ms for one text on this CPU).
 from __future__ import annotations
 
 import logging
+import threading
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from pathlib import Path
@@ -61,15 +62,21 @@ class FlagEmbedder(Embedder):
 
         path = _check_model_dir(Path(model_path).expanduser(), require_m3_heads=require_m3_heads)
         torch.set_num_threads(num_threads)
-        loader = BGEM3FlagModel(
-            str(path),
-            pooling_method=pooling,
-            normalize_embeddings=True,
-            use_fp16=use_fp16 and device != "cpu",
-            devices=device,
-            passage_max_length=max_length,
-            query_max_length=max_length,
-        )
+        # For plain encoders FlagEmbedding logs that it initialized the (unused) M3 heads; that is expected.
+        runner_log = logging.getLogger("FlagEmbedding.finetune.embedder.encoder_only.m3.runner")
+        quiet, runner_log.disabled = runner_log.disabled, not require_m3_heads
+        try:
+            loader = BGEM3FlagModel(
+                str(path),
+                pooling_method=pooling,
+                normalize_embeddings=True,
+                use_fp16=use_fp16 and device != "cpu",
+                devices=device,
+                passage_max_length=max_length,
+                query_max_length=max_length,
+            )
+        finally:
+            runner_log.disabled = quiet
         self._torch = torch
         self._tokenizer = loader.tokenizer
         self._model = loader.model.to(device).eval()
@@ -78,6 +85,8 @@ class FlagEmbedder(Embedder):
         self._device = device
         self._max_length = max_length
         self._batch_size = batch_size
+        # A fast tokenizer used from two threads at once can fail with "Already borrowed".
+        self._tokenizer_lock = threading.Lock()
         self.dim = int(self._model.config.hidden_size)
         self.name = name or f"{path.name}({pooling})"
         logger.info("embedder %s loaded from %s: dim=%d, threads=%d", self.name, path, self.dim, num_threads)
@@ -95,9 +104,11 @@ class FlagEmbedder(Embedder):
         return out
 
     def _forward(self, texts: list[str]) -> np.ndarray:
-        inputs = self._tokenizer(
-            texts, padding=True, truncation=True, max_length=self._max_length, return_tensors="pt"
-        ).to(self._device)
+        with self._tokenizer_lock:
+            inputs = self._tokenizer(
+                texts, padding=True, truncation=True, max_length=self._max_length, return_tensors="pt"
+            )
+        inputs = inputs.to(self._device)
         with self._torch.inference_mode():
             dense = self._model(inputs, return_dense=True)["dense_vecs"]
         return dense.float().cpu().numpy()

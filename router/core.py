@@ -1,0 +1,294 @@
+"""`Router`: embedder + exemplar store + scoring + heuristic -> one `RouteDecision` per text.
+
+Routing never raises: when the embedder or the store fails (or the store is empty), the heuristic decides and
+the decision says `fallback=True`; every fallback is logged and counted (`fallbacks`, `on_fallback`).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import Counter
+from dataclasses import dataclass, field, replace
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import numpy as np
+
+from router.config import RouterConfig
+from router.embedder import Embedder, build_embedder
+from router.exemplars import load_default_exemplars
+from router.heuristic import HeuristicScorer
+from router.scoring import difficulty_from_neighbors, label_difficulty, tier_for_score, with_threshold
+from router.store import ExemplarStore
+from router.types import Exemplar, Neighbor, RouteDecision, RouteInput, RouterKind
+
+logger = logging.getLogger(__name__)
+
+FallbackCause = str
+"""`embedder`, `store`, `store_unavailable` or `no_exemplars`."""
+
+_STORE_RETRY_S = 10.0
+
+
+class Router:
+    """Decides the tier for batches of texts. Thread-compatible: call it from one thread at a time."""
+
+    def __init__(
+        self,
+        cfg: RouterConfig,
+        tier_names: Sequence[str],
+        *,
+        embedder: Embedder,
+        store: ExemplarStore | None,
+        open_store: Callable[[], ExemplarStore] | None = None,
+        on_fallback: Callable[[FallbackCause], None] | None = None,
+    ) -> None:
+        """`store=None` starts without exemplars; `open_store`, if given, is retried every 10 s to get one,
+        and a store it opens is seeded with the default exemplars when empty."""
+        self.cfg = cfg
+        self.tier_names = list(tier_names)
+        self.thresholds = cfg.thresholds_for(len(self.tier_names))
+        self.embedder = embedder
+        self.fallbacks: Counter[FallbackCause] = Counter()
+        """Fallbacks to the heuristic so far, by cause."""
+        self._store = store
+        self._open_store = open_store
+        self._next_store_attempt = 0.0
+        self._on_fallback = on_fallback
+        self._heuristic = HeuristicScorer(cfg.heuristic)
+        self._label_cache: dict[str, float] = {}
+
+    @classmethod
+    def build(
+        cls,
+        cfg: RouterConfig,
+        tier_names: Sequence[str],
+        data_dir: str | Path,
+        *,
+        embedder: Embedder | None = None,
+        on_fallback: Callable[[FallbackCause], None] | None = None,
+    ) -> Router:
+        """Load the embedder, open the store (seeding the default exemplars into an empty one).
+
+        A bad embedder config raises; a store that cannot be opened is logged and retried while the heuristic
+        routes, so a Qdrant outage at start does not take routing down.
+        """
+        embedder = embedder or build_embedder(cfg.embedder)
+        router = cls(
+            cfg,
+            tier_names,
+            embedder=embedder,
+            store=None,
+            open_store=lambda: ExemplarStore.open(cfg.store, dim=embedder.dim, data_dir=data_dir),
+            on_fallback=on_fallback,
+        )
+        router._current_store()
+        return router
+
+    @property
+    def store(self) -> ExemplarStore | None:
+        return self._store
+
+    # -- routing --------------------------------------------------------------------------------------------
+
+    def route(
+        self, texts: Sequence[str], *, threshold: float | None = None, router: RouterKind | None = None
+    ) -> list[RouteDecision]:
+        """Decide a tier for each text with the same knobs (see `route_inputs` for per-text knobs)."""
+        return self.route_inputs([RouteInput(text=t, threshold=threshold, router=router) for t in texts])
+
+    def route_inputs(self, inputs: Sequence[RouteInput]) -> list[RouteDecision]:
+        """Decide a tier for each input; one embedding pass and one kNN query for all kNN-routed inputs."""
+        start = time.perf_counter()
+        decisions: list[RouteDecision | None] = [None] * len(inputs)
+        knn_rows = []
+        for i, item in enumerate(inputs):
+            kind = item.router or self.cfg.default_router
+            if kind == "cheapest":
+                decisions[i] = RouteDecision(
+                    tier=self.tier_names[0],
+                    tier_index=0,
+                    router="cheapest",
+                    score=0.0,
+                    thresholds=self._thresholds(item),
+                    reason="cheapest router: always the first tier",
+                )
+            elif kind == "heuristic":
+                decisions[i] = self._heuristic_decision(item, fallback=False)
+            else:
+                knn_rows.append(i)
+
+        embed_ms = 0.0
+        if knn_rows:
+            texts = [inputs[i].text for i in knn_rows]
+            outcome = self._knn(texts)
+            embed_ms = outcome.embed_ms
+            for row, i in enumerate(knn_rows):
+                item = inputs[i]
+                if outcome.cause is not None or np.isnan(outcome.scores[row]):
+                    cause = outcome.cause or "no_exemplars"
+                    self._count_fallback(cause)
+                    decisions[i] = self._heuristic_decision(item, fallback=True, cause=cause)
+                    continue
+                score = float(outcome.scores[row])
+                thresholds = self._thresholds(item)
+                index = tier_for_score(score, thresholds)
+                neighbors = tuple(outcome.neighbors[row])
+                decisions[i] = RouteDecision(
+                    tier=self.tier_names[index],
+                    tier_index=index,
+                    router="knn",
+                    score=score,
+                    thresholds=thresholds,
+                    reason=_knn_reason(neighbors, self.cfg.knn.weighting),
+                    neighbors=neighbors,
+                )
+
+        elapsed_ms = (time.perf_counter() - start) * 1000
+        return [_timed(d, elapsed_ms, embed_ms) for d in decisions if d is not None]
+
+    # -- exemplars ------------------------------------------------------------------------------------------
+
+    def add_exemplars(
+        self,
+        exemplars: Sequence[Exemplar],
+        *,
+        store: ExemplarStore | None = None,
+        chunk_size: int = 256,
+        progress: Callable[[int], None] | None = None,
+    ) -> int:
+        """Embed and upsert exemplars (idempotent). Labels must be tier names or seed labels.
+
+        Unlike routing this raises: it is an admin action and the caller must know it failed.
+        """
+        for ex in exemplars:
+            self._difficulty(ex.tier)  # reject unknown labels before writing anything
+        store = store or self._current_store()
+        if store is None:
+            raise RuntimeError("the exemplar store is unavailable; see the router's log for the cause.")
+        written = 0
+        for start in range(0, len(exemplars), chunk_size):
+            chunk = exemplars[start : start + chunk_size]
+            written += store.upsert(chunk, self.embedder.embed([ex.text for ex in chunk]))
+            if progress is not None:
+                progress(len(chunk))
+        return written
+
+    def seed_defaults(self, store: ExemplarStore) -> int:
+        """Load the shipped exemplars into an empty store (when `seed_default_exemplars`); returns how many."""
+        if not self.cfg.seed_default_exemplars or store.count() > 0:
+            return 0
+        exemplars = load_default_exemplars()
+        written = self.add_exemplars(exemplars, store=store)
+        logger.info("seeded %d default exemplars into %s", written, store.location)
+        return written
+
+    def close(self) -> None:
+        """Release the store (embedded Qdrant holds a folder lock until then)."""
+        if self._store is not None:
+            self._store.close()
+            self._store = None
+        self._open_store = None
+
+    # -- internals ------------------------------------------------------------------------------------------
+
+    def _knn(self, texts: list[str]) -> _KnnOutcome:
+        store = self._current_store()
+        if store is None:
+            return _KnnOutcome.failed("store_unavailable")
+        t0 = time.perf_counter()
+        try:
+            vectors = self.embedder.embed(texts)
+        except Exception:
+            logger.exception("embedder failed on %d texts; routing them with the heuristic", len(texts))
+            return _KnnOutcome.failed("embedder")
+        embed_ms = (time.perf_counter() - t0) * 1000
+        try:
+            neighbors = store.query(vectors, self.cfg.knn.k)
+        except Exception:
+            logger.exception("exemplar store query failed; routing %d texts with the heuristic", len(texts))
+            return _KnnOutcome.failed("store", embed_ms)
+        k = self.cfg.knn.k
+        sims = np.full((len(texts), k), np.nan)
+        labels = np.full((len(texts), k), np.nan)
+        for row, found in enumerate(neighbors):
+            for col, n in enumerate(found[:k]):
+                sims[row, col] = n.similarity
+                labels[row, col] = self._difficulty(n.tier, strict=False)
+        scores = difficulty_from_neighbors(
+            sims, labels, weighting=self.cfg.knn.weighting, temperature=self.cfg.knn.temperature
+        )
+        return _KnnOutcome(scores=scores, neighbors=neighbors, embed_ms=embed_ms)
+
+    def _current_store(self) -> ExemplarStore | None:
+        if self._store is None and self._open_store is not None and time.monotonic() >= self._next_store_attempt:
+            self._next_store_attempt = time.monotonic() + _STORE_RETRY_S
+            try:
+                store = self._open_store()
+                self.seed_defaults(store)
+                self._store = store
+            except Exception:
+                logger.exception("cannot open the exemplar store; the heuristic routes until it opens")
+        return self._store
+
+    def _heuristic_decision(self, item: RouteInput, *, fallback: bool, cause: str | None = None) -> RouteDecision:
+        result = self._heuristic.score(item.text)
+        thresholds = self._thresholds(item)
+        index = tier_for_score(result.score, thresholds)
+        reason = f"knn unavailable ({cause}); {result.reason}" if fallback else result.reason
+        return RouteDecision(
+            tier=self.tier_names[index],
+            tier_index=index,
+            router="heuristic",
+            score=result.score,
+            thresholds=thresholds,
+            reason=reason,
+            fallback=fallback,
+        )
+
+    def _thresholds(self, item: RouteInput) -> tuple[float, ...]:
+        return self.thresholds if item.threshold is None else with_threshold(self.thresholds, item.threshold)
+
+    def _difficulty(self, label: str, *, strict: bool = True) -> float:
+        value = self._label_cache.get(label)
+        if value is None:
+            try:
+                value = label_difficulty(label, self.tier_names)
+            except ValueError:
+                if strict:
+                    raise
+                logger.warning("ignoring exemplars labelled %r: not a tier or seed label", label)
+                value = float("nan")
+            self._label_cache[label] = value
+        return value
+
+    def _count_fallback(self, cause: FallbackCause) -> None:
+        self.fallbacks[cause] += 1
+        if self._on_fallback is not None:
+            self._on_fallback(cause)
+
+
+@dataclass(frozen=True)
+class _KnnOutcome:
+    scores: np.ndarray | None = None
+    neighbors: list[list[Neighbor]] = field(default_factory=list)
+    embed_ms: float = 0.0
+    cause: FallbackCause | None = None
+    """Set when kNN failed for the whole batch."""
+
+    @classmethod
+    def failed(cls, cause: FallbackCause, embed_ms: float = 0.0) -> _KnnOutcome:
+        return cls(cause=cause, embed_ms=embed_ms)
+
+
+def _knn_reason(neighbors: tuple[Neighbor, ...], weighting: str) -> str:
+    votes = Counter(n.tier for n in neighbors)
+    top = neighbors[0] if neighbors else None
+    nearest = f"; nearest {top.tier} at {top.similarity:.2f}" if top else ""
+    tally = ", ".join(f"{tier} {count}" for tier, count in votes.most_common())
+    return f"knn ({weighting}) over {len(neighbors)} exemplars: {tally}{nearest}"
+
+
+def _timed(decision: RouteDecision, overhead_ms: float, embed_ms: float) -> RouteDecision:
+    return replace(decision, overhead_ms=overhead_ms, embed_ms=embed_ms if decision.router == "knn" else 0.0)

@@ -1,0 +1,74 @@
+"""`RouterDeployment`: the router as a Ray Serve deployment (`serve.deployment(...)` is applied in build_app).
+
+Concurrent `route()` calls are gathered by `@serve.batch` so one embedding pass and one kNN query serve a
+whole batch; the batch runs in a worker thread so the replica's event loop keeps accepting requests.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import replace
+from pathlib import Path
+
+from ray import serve
+
+from router.config import RouterConfig
+from router.core import FallbackCause, Router
+from router.embedder import Embedder
+from router.types import Exemplar, RouteDecision, RouteInput
+
+logger = logging.getLogger(__name__)
+
+
+class RouterDeployment:
+    """One router replica. With embedded Qdrant (no `router.store.url`) run exactly one replica."""
+
+    def __init__(
+        self,
+        router_config: RouterConfig,
+        tier_names: list[str],
+        data_dir: str,
+        *,
+        embedder: Embedder | None = None,
+        on_fallback: Callable[[FallbackCause], None] | None = None,
+    ) -> None:
+        self._router = Router.build(
+            router_config, tier_names, Path(data_dir), embedder=embedder, on_fallback=on_fallback
+        )
+        # The batch queue belongs to the decorated method, so these apply to every instance in the process
+        # (one replica per process under Ray Serve).
+        self._route_batch.set_max_batch_size(router_config.batch_max_size)
+        self._route_batch.set_batch_wait_timeout_s(router_config.batch_wait_timeout_s)
+        self._admin_lock = asyncio.Lock()
+
+    async def route(self, request: RouteInput) -> RouteDecision:
+        """The decision for one request; `overhead_ms` covers the wait for its batch and the batch itself."""
+        start = time.perf_counter()
+        decision = await self._route_batch(request)
+        return replace(decision, overhead_ms=(time.perf_counter() - start) * 1000)
+
+    @serve.batch(max_batch_size=64, batch_wait_timeout_s=0.002)
+    async def _route_batch(self, requests: list[RouteInput]) -> list[RouteDecision]:
+        return await asyncio.to_thread(self._router.route_inputs, requests)
+
+    async def add_exemplars(self, exemplars: Sequence[Exemplar]) -> int:
+        """Embed and store exemplars at runtime (the admin endpoint); returns how many were written."""
+        async with self._admin_lock:
+            return await asyncio.to_thread(self._router.add_exemplars, list(exemplars))
+
+    async def count(self) -> int:
+        """Exemplars in the store; 0 while the store is unavailable."""
+        store = self._router.store
+        return 0 if store is None else await asyncio.to_thread(store.count)
+
+    async def fallbacks(self) -> dict[str, int]:
+        """Heuristic fallbacks so far, by cause."""
+        return dict(self._router.fallbacks)
+
+    def check_health(self) -> None:
+        """Healthy while it can route; a missing store only degrades routing to the heuristic, so it passes."""
+        if self._router.store is None:
+            logger.warning("router is healthy but degraded: exemplar store unavailable, heuristic routing")

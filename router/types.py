@@ -1,0 +1,133 @@
+"""Typed values of the router: exemplars, neighbours and the routing decision.
+
+Plain frozen dataclasses (picklable across Ray), free of numpy, Qdrant and torch.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import unicodedata
+import uuid
+from dataclasses import dataclass
+from typing import Literal
+
+RouterKind = Literal["knn", "heuristic", "cheapest"]
+ROUTER_KINDS: tuple[RouterKind, ...] = ("knn", "heuristic", "cheapest")
+
+_ID_NAMESPACE = uuid.UUID("6f0b6f3e-3c1e-5d2a-9a57-1d2b7c9e0a41")
+"""Fixed namespace so the same text always gets the same point id, on every machine."""
+
+
+def normalize_text(text: str) -> str:
+    """The form two exemplars must share to count as duplicates: NFC, case-folded, whitespace collapsed."""
+    return " ".join(unicodedata.normalize("NFC", text).casefold().split())
+
+
+@dataclass(frozen=True)
+class Exemplar:
+    """A labelled example prompt: requests that embed near it likely need the same tier."""
+
+    text: str
+    tier: str
+    """A tier name from the config, or a seed label `small` / `medium` / `large`."""
+    source: str = "user"
+    """Where it came from (`default`, a file name, `admin`); `delete --source` removes by it."""
+    category: str | None = None
+    """Free-form task type, for reports."""
+
+    @property
+    def id(self) -> str:
+        """Point id: uuid5 of the normalized text, so re-importing the same text overwrites instead of duplicating."""
+        return str(uuid.uuid5(_ID_NAMESPACE, normalize_text(self.text)))
+
+    @property
+    def text_hash(self) -> str:
+        return hashlib.sha256(normalize_text(self.text).encode()).hexdigest()
+
+
+@dataclass(frozen=True)
+class StoredExemplar:
+    """An exemplar as listed from the store, with its point id."""
+
+    id: str
+    exemplar: Exemplar
+
+
+@dataclass(frozen=True)
+class Neighbor:
+    """One nearby exemplar returned by a kNN query."""
+
+    id: str
+    tier: str
+    similarity: float
+    """Cosine similarity to the query, in [-1, 1]."""
+
+
+@dataclass(frozen=True)
+class RouteInput:
+    """One request to route: the text (for chat, the last user message, optionally with the system prompt)."""
+
+    text: str
+    threshold: float | None = None
+    """Per-request boundary into the most expensive tier (e.g. from `model="router-knn-0.62"`); None: config."""
+    router: RouterKind | None = None
+    """Per-request router; None: the config's `default_router`."""
+
+    def __post_init__(self) -> None:
+        if self.threshold is not None and not 0.0 <= self.threshold <= 1.0:
+            raise ValueError(f"routing threshold ({self.threshold}) must be within [0, 1].")
+        if self.router is not None and self.router not in ROUTER_KINDS:
+            raise ValueError(f"router {self.router!r} is not one of {list(ROUTER_KINDS)}.")
+
+
+def parse_router_model(model: str) -> tuple[RouterKind, float | None]:
+    """Router and threshold from a RouteLLM-style model name: `router-knn-0.62` -> ("knn", 0.62),
+    `router-heuristic` -> ("heuristic", None). Raises ValueError saying the expected form."""
+    name, _, rest = model.removeprefix("router-").partition("-")
+    if not model.startswith("router-") or name not in ROUTER_KINDS:
+        raise ValueError(
+            f"model {model!r} is not a router name; use router-<{'|'.join(ROUTER_KINDS)}>[-<threshold 0..1>], "
+            "e.g. router-knn-0.62."
+        )
+    if not rest:
+        return name, None
+    try:
+        threshold = float(rest)
+    except ValueError:
+        raise ValueError(f"model {model!r}: threshold {rest!r} is not a number; e.g. router-knn-0.62.") from None
+    if not 0.0 <= threshold <= 1.0:
+        raise ValueError(f"model {model!r}: threshold {threshold} must be within [0, 1].")
+    return name, threshold
+
+
+@dataclass(frozen=True)
+class RouteDecision:
+    """Which tier a request goes to, and why."""
+
+    tier: str
+    tier_index: int
+    """Position of `tier` in the config's cost-ordered tiers."""
+    router: RouterKind
+    """The router that decided (`heuristic` when the kNN router fell back)."""
+    score: float
+    """Difficulty in [0, 1]: 0 routine, 1 hard."""
+    thresholds: tuple[float, ...]
+    """The tier boundaries applied (after any per-request threshold)."""
+    reason: str
+    fallback: bool = False
+    """True when the requested router failed and the heuristic decided instead."""
+    overhead_ms: float = 0.0
+    """Time spent deciding, including the wait for a batch."""
+    embed_ms: float = 0.0
+    """Share of the decision spent embedding (the batch's embedding time)."""
+    neighbors: tuple[Neighbor, ...] = ()
+    """The nearest exemplars (kNN only), most similar first."""
+
+    def headers(self) -> dict[str, str]:
+        """The `x-tierserve-*` response headers that make the decision visible."""
+        return {
+            "x-tierserve-tier": self.tier,
+            "x-tierserve-router": self.router + ("-fallback" if self.fallback else ""),
+            "x-tierserve-score": f"{self.score:.4f}",
+            "x-tierserve-overhead-ms": f"{self.overhead_ms:.2f}",
+        }
