@@ -20,6 +20,11 @@ from serving.cascade.config import CascadeConfig
 DEFAULT_DATA_DIR = "~/.cache/tierserve"
 
 
+def default_data_dir() -> Path:
+    """TIERSERVE_DATA_DIR, else ~/.cache/tierserve."""
+    return Path(os.environ.get("TIERSERVE_DATA_DIR") or DEFAULT_DATA_DIR).expanduser()
+
+
 class ConfigError(ValueError):
     """A config file that cannot be used; the message says which field and how to fix it."""
 

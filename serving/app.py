@@ -1,0 +1,69 @@
+"""`build_app(config)`: the whole Ray Serve application, built in one place."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from ray import serve
+from ray.serve import Application
+
+from serving.config import AppConfig, TierConfig, load_config
+from serving.engine import engine_env
+
+logger = logging.getLogger(__name__)
+
+
+def _tier_deployment_options(config: AppConfig, tier: TierConfig) -> dict[str, Any]:
+    d = tier.deployment
+    options: dict[str, Any] = {
+        "name": f"tier-{tier.name}",
+        "max_ongoing_requests": d.max_ongoing_requests,
+        "max_queued_requests": d.max_queued_requests,
+        "ray_actor_options": {
+            "num_cpus": tier.resources.num_cpus,
+            "num_gpus": tier.resources.num_gpus,
+            "runtime_env": {"env_vars": engine_env(tier, config.device)},
+        },
+        "health_check_period_s": 10,
+        "health_check_timeout_s": 30,
+        "graceful_shutdown_timeout_s": 10,
+    }
+    if d.autoscaling is not None:
+        a = d.autoscaling
+        options["autoscaling_config"] = {
+            "min_replicas": a.min_replicas,
+            "max_replicas": a.max_replicas,
+            "target_ongoing_requests": a.target_ongoing_requests,
+        }
+    else:
+        options["num_replicas"] = d.num_replicas
+    return options
+
+
+def build_app(config: AppConfig) -> Application:
+    """Tier deployments (one per tier) and the ingress that routes between them."""
+    from serving.ingress.app import Ingress
+    from serving.tier import TierServer
+
+    tier_apps = {}
+    for tier in config.tiers:
+        model_path = config.model_path(tier)
+        deployment = serve.deployment(TierServer).options(**_tier_deployment_options(config, tier))
+        tier_apps[tier.name] = deployment.bind(tier, str(model_path), config.device)
+
+    ingress = serve.deployment(Ingress).options(
+        name="ingress",
+        num_replicas=config.ingress.num_replicas,
+        max_ongoing_requests=config.ingress.max_ongoing_requests,
+        ray_actor_options={"num_cpus": config.ingress.num_cpus},
+    )
+    return ingress.bind(config, tier_apps)
+
+
+def app_builder(args: dict[str, Any]) -> Application:
+    """Entry point for `serve run` / RayService: `import_path: serving.app:app_builder`, `args: {config: FILE}`."""
+    path = args.get("config")
+    if not path:
+        raise ValueError("serving.app:app_builder needs args.config: the path of a tierserve YAML config.")
+    return build_app(load_config(path))

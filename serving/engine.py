@@ -1,0 +1,232 @@
+"""Everything that touches vLLM lives here: engine start, generation, logprobs, load stats.
+
+We wrap vLLM's `AsyncLLM` directly rather than Ray Serve LLM's `LLMServer`: tierserve needs
+(1) token-level deltas with logprobs as typed values, so the cascade can hold back and judge the
+first K tokens of a stream; (2) the scheduler's live stats (running, waiting, KV-cache use) for
+capacity routing, which `LLMServer` does not expose; (3) a tokenizer-side context check that names
+both numbers. The engine arguments are the same `engine_kwargs` an `LLMConfig` would take.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+from serving.config import TierConfig
+from serving.errors import EngineError, InvalidRequest, PromptTooLong
+from serving.types import EngineLoad, GenerationChunk, GenerationRequest, TierInfo, TokenLogprob
+
+logger = logging.getLogger(__name__)
+
+
+def engine_env(tier: TierConfig, device: str) -> dict[str, str]:
+    """Environment variables an engine process needs (set in the replica's runtime_env)."""
+    env = {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "VLLM_NO_USAGE_STATS": "1"}
+    if device == "cpu" and tier.engine.cpu_threads_bind:
+        env["VLLM_CPU_OMP_THREADS_BIND"] = tier.engine.cpu_threads_bind
+    return env
+
+
+def engine_kwargs(tier: TierConfig, model_path: Path, device: str) -> dict[str, Any]:
+    """vLLM engine arguments for one tier (the same keys Ray Serve LLM's `engine_kwargs` take)."""
+    e = tier.engine
+    kwargs: dict[str, Any] = {
+        "model": str(model_path),
+        "served_model_name": tier.served_model_name or tier.name,
+        "max_model_len": e.max_model_len,
+        "max_num_seqs": e.max_num_seqs,
+        "max_num_batched_tokens": e.max_num_batched_tokens,
+        "enable_prefix_caching": e.enable_prefix_caching,
+        "dtype": e.dtype,
+        "tensor_parallel_size": e.tensor_parallel_size,
+        "enforce_eager": e.enforce_eager,
+        "seed": e.seed,
+        "disable_log_stats": False,
+        "max_logprobs": 20,
+    }
+    if e.kv_cache_memory_bytes is not None:
+        kwargs["kv_cache_memory_bytes"] = e.kv_cache_memory_bytes
+    if device == "gpu" and e.gpu_memory_utilization is not None:
+        kwargs["gpu_memory_utilization"] = e.gpu_memory_utilization
+    return kwargs
+
+
+class _LoadTracker:
+    """Receives vLLM scheduler stats after every engine step (a vLLM stat logger)."""
+
+    def __init__(self) -> None:
+        self.running = 0
+        self.waiting = 0
+        self.kv_cache_usage = 0.0
+        self.timestamp = 0.0
+
+    def factory(self, vllm_config: Any, engine_index: int = 0) -> Any:
+        from vllm.v1.metrics.loggers import StatLoggerBase
+
+        tracker = self
+
+        class _Logger(StatLoggerBase):
+            def __init__(self, vllm_config: Any, engine_index: int = 0) -> None:
+                pass
+
+            def record(self, scheduler_stats, iteration_stats, mm_cache_stats=None, engine_idx=0):  # noqa: ANN001
+                if scheduler_stats is not None:
+                    tracker.running = scheduler_stats.num_running_reqs
+                    tracker.waiting = scheduler_stats.num_waiting_reqs + scheduler_stats.num_skipped_waiting_reqs
+                    tracker.kv_cache_usage = float(scheduler_stats.kv_cache_usage)
+                    tracker.timestamp = time.time()
+
+            def log_engine_initialized(self) -> None:
+                pass
+
+        return _Logger(vllm_config, engine_index)
+
+
+class VllmEngine:
+    """One vLLM engine serving one tier, producing typed chunks."""
+
+    def __init__(self, tier: TierConfig, model_path: Path, device: str) -> None:
+        self.tier = tier
+        self.model_path = model_path
+        self.device = device
+        self._engine: Any = None
+        self._tokenizer: Any = None
+        self._load = _LoadTracker()
+        self._ongoing = 0
+
+    def start(self) -> None:
+        from vllm.engine.arg_utils import AsyncEngineArgs
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        if not (self.model_path / "config.json").is_file():
+            raise EngineError(
+                f"tier '{self.tier.name}': no model at {self.model_path} (config.json missing); "
+                "set tiers[].model to a Hugging Face model directory, or run `tierserve models tiny DIR`."
+            )
+        os.environ.update(engine_env(self.tier, self.device))
+        args = AsyncEngineArgs(**engine_kwargs(self.tier, self.model_path, self.device))
+        started = time.perf_counter()
+        self._engine = AsyncLLM.from_engine_args(args, stat_loggers=[self._load.factory])
+        self._tokenizer = self._engine.get_tokenizer()
+        logger.info("tier %s: vLLM engine ready in %.1f s", self.tier.name, time.perf_counter() - started)
+
+    def info(self) -> TierInfo:
+        return TierInfo(
+            name=self.tier.name,
+            served_model_name=self.tier.served_model_name or self.tier.name,
+            max_model_len=self.tier.engine.max_model_len,
+            ready=self._engine is not None and not self._engine.errored,
+        )
+
+    def load(self) -> EngineLoad:
+        idle = self._ongoing == 0
+        return EngineLoad(
+            tier=self.tier.name,
+            running=0 if idle else self._load.running,
+            waiting=0 if idle else self._load.waiting,
+            kv_cache_usage=0.0 if idle else self._load.kv_cache_usage,
+            max_num_seqs=self.tier.engine.max_num_seqs,
+            ongoing=self._ongoing,
+            timestamp=time.time() if idle else self._load.timestamp,
+        )
+
+    async def check_health(self) -> None:
+        if self._engine is None:
+            raise EngineError(f"tier '{self.tier.name}': engine not started")
+        await self._engine.check_health()
+
+    def prompt_token_ids(self, request: GenerationRequest) -> list[int]:
+        if request.messages is not None:
+            messages = [{"role": m.role, "content": m.content} for m in request.messages]
+            ids = self._tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+            if isinstance(ids, dict) or hasattr(ids, "input_ids"):
+                ids = ids["input_ids"]
+            return list(ids)
+        return list(self._tokenizer.encode(request.prompt or "", add_special_tokens=True))
+
+    def _sampling_params(self, request: GenerationRequest, prompt_len: int) -> Any:
+        from vllm import SamplingParams
+        from vllm.sampling_params import RequestOutputKind
+
+        s = request.sampling
+        limit = self.tier.engine.max_model_len
+        max_tokens = s.max_tokens if s.max_tokens is not None else limit - prompt_len
+        if prompt_len + max_tokens > limit or max_tokens < 1:
+            raise PromptTooLong(prompt_len, max(max_tokens, 1), limit, self.tier.name)
+        if s.top_logprobs > 20:
+            raise InvalidRequest("top_logprobs must be at most 20.", param="top_logprobs")
+        return SamplingParams(
+            max_tokens=max_tokens,
+            temperature=s.temperature,
+            top_p=s.top_p,
+            seed=s.seed,
+            stop=list(s.stop) or None,
+            presence_penalty=s.presence_penalty,
+            frequency_penalty=s.frequency_penalty,
+            logprobs=s.top_logprobs if s.logprobs else None,
+            ignore_eos=s.ignore_eos,
+            output_kind=RequestOutputKind.DELTA,
+        )
+
+    async def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationChunk]:
+        """Stream typed deltas; a cancelled consumer aborts the engine request."""
+        from vllm.inputs import TokensPrompt
+
+        ids = self.prompt_token_ids(request)
+        params = self._sampling_params(request, len(ids))
+        want_logprobs = request.sampling.logprobs
+        top_n = request.sampling.top_logprobs
+        completion_tokens = 0
+        self._ongoing += 1
+        finished = False
+        try:
+            async for out in self._engine.generate(TokensPrompt(prompt_token_ids=ids), params, request.request_id):
+                o = out.outputs[0]
+                completion_tokens += len(o.token_ids)
+                finished = out.finished
+                yield GenerationChunk(
+                    text=o.text,
+                    token_logprobs=_logprobs(o.token_ids, o.logprobs, top_n) if want_logprobs else (),
+                    num_new_tokens=len(o.token_ids),
+                    finish_reason=_finish_reason(o.finish_reason) if out.finished else None,
+                    prompt_tokens=len(ids),
+                    completion_tokens=completion_tokens,
+                )
+        except (asyncio.CancelledError, GeneratorExit):
+            if not finished:
+                await self._engine.abort(request.request_id)
+                logger.info("tier %s: aborted %s (client gone)", self.tier.name, request.request_id)
+            raise
+        finally:
+            self._ongoing -= 1
+
+    def shutdown(self) -> None:
+        if self._engine is not None:
+            self._engine.shutdown()
+            self._engine = None
+
+
+def _finish_reason(reason: str | None) -> str:
+    return reason if reason in ("stop", "length") else "abort"
+
+
+def _logprobs(token_ids: list[int], positions: list[dict[int, Any]] | None, top_n: int) -> tuple[TokenLogprob, ...]:
+    """vLLM's per-position {token_id: Logprob} dicts -> TokenLogprob per sampled token."""
+    if not positions:
+        return ()
+    result = []
+    for token_id, alternatives in zip(token_ids, positions, strict=False):
+        sampled = alternatives[token_id]
+        ranked = sorted(
+            (lp.rank, lp.decoded_token or "", float(lp.logprob))
+            for lp in alternatives.values()
+            if lp.rank is not None and 1 <= lp.rank <= top_n
+        )
+        top = tuple((tok, lp) for _, tok, lp in ranked)
+        result.append(TokenLogprob(token=sampled.decoded_token or "", logprob=float(sampled.logprob), top=top))
+    return tuple(result)

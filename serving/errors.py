@@ -1,0 +1,132 @@
+"""One error hierarchy, split 4xx/5xx, and one mapper to OpenAI's error envelope.
+
+Errors cross Ray process boundaries (a tier replica raises, the ingress answers), so they pickle
+with all their fields.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class TierserveError(Exception):
+    """Base of every error tierserve answers with; carries the HTTP status and OpenAI fields."""
+
+    status_code = 500
+    error_type = "server_error"
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        param: str | None = None,
+        code: str | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
+        self.code = code
+        self.headers = dict(headers or {})
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (_rebuild, (type(self), self.message, self.param, self.code, self.headers))
+
+    def envelope(self) -> dict[str, Any]:
+        return {
+            "error": {
+                "message": self.message,
+                "type": self.error_type,
+                "param": self.param,
+                "code": self.code,
+            }
+        }
+
+
+def _rebuild(cls: type[TierserveError], message: str, param: str | None, code: str | None, headers: dict):
+    return cls(message, param=param, code=code, headers=headers)
+
+
+class ClientError(TierserveError):
+    """The request is wrong; retrying it unchanged will fail again."""
+
+    status_code = 400
+    error_type = "invalid_request_error"
+
+
+class InvalidRequest(ClientError):
+    pass
+
+
+class PromptTooLong(InvalidRequest):
+    def __init__(self, prompt_tokens: int, max_tokens: int, max_model_len: int, tier: str, **kw: Any) -> None:
+        if "message" in kw:  # rebuilt after crossing a process boundary
+            super().__init__(kw.pop("message"), **kw)
+            return
+        super().__init__(
+            f"This model's maximum context length is {max_model_len} tokens (tier '{tier}'). However, you "
+            f"requested {prompt_tokens + max_tokens} tokens ({prompt_tokens} in the messages, {max_tokens} in "
+            "the completion). Please reduce the length of the messages or completion.",
+            param="messages",
+            code="context_length_exceeded",
+        )
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (_rebuild_prompt_too_long, (self.message, self.param, self.code))
+
+
+def _rebuild_prompt_too_long(message: str, param: str | None, code: str | None) -> PromptTooLong:
+    return PromptTooLong(0, 0, 0, "", message=message, param=param, code=code)
+
+
+class Unauthorized(ClientError):
+    status_code = 401
+    error_type = "authentication_error"
+
+
+class ModelNotFound(ClientError):
+    status_code = 404
+    error_type = "not_found_error"
+
+
+class Overloaded(TierserveError):
+    """Admission control said no; the client should retry after `retry_after_s`."""
+
+    status_code = 429
+    error_type = "rate_limit_error"
+
+    @classmethod
+    def make(cls, message: str, *, retry_after_s: float, status_code: int = 429) -> Overloaded:
+        err = (ServiceUnavailable if status_code == 503 else cls)(
+            message, code="overloaded", headers={"Retry-After": str(max(1, round(retry_after_s)))}
+        )
+        return err
+
+
+class ServiceUnavailable(Overloaded):
+    status_code = 503
+    error_type = "service_unavailable_error"
+
+
+class EngineError(TierserveError):
+    status_code = 500
+    error_type = "server_error"
+
+
+def to_envelope(exc: BaseException) -> tuple[int, dict[str, Any], dict[str, str]]:
+    """Any exception -> (status, OpenAI error body, headers). Unknown errors become a 500."""
+    err = find_tierserve_error(exc)
+    if err is None:
+        err = EngineError(f"internal error: {type(exc).__name__}: {exc}")
+    return err.status_code, err.envelope(), err.headers
+
+
+def find_tierserve_error(exc: BaseException) -> TierserveError | None:
+    """Unwrap Ray's task errors (RayTaskError subclasses the cause, or holds it in `.cause`)."""
+    seen = 0
+    while exc is not None and seen < 5:
+        if isinstance(exc, TierserveError):
+            return exc
+        exc = getattr(exc, "cause", None) or exc.__cause__
+        seen += 1
+    return None

@@ -1,0 +1,241 @@
+"""OpenAI wire models: what clients send (validated) and the response shapes we build."""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from serving.types import ChatMessage, GenerationResult, SamplingOptions, TokenLogprob
+
+
+class TierserveOptions(BaseModel):
+    """Per-request knobs, sent as `extra_body={"tierserve": {...}}` with the openai SDK."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    tier: str | None = None
+    """Force this tier (skips routing)."""
+    routing: bool = True
+    """False: skip the router and use the cheapest tier (or `tier`)."""
+    threshold: float | None = Field(default=None, ge=0.0, le=1.0)
+    """Routing threshold for this request (same as `model="router-knn-0.62"`)."""
+    cascade: bool | None = None
+    """Turn the cascade on or off for this request (default: config)."""
+    cascade_threshold: float | None = Field(default=None, ge=0.0, le=1.0)
+    cascade_method: Literal["logprob", "consistency", "verify"] | None = None
+
+
+class _Request(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    model: str = Field(min_length=1)
+    max_tokens: int | None = Field(default=None, ge=1)
+    temperature: float = Field(default=1.0, ge=0.0, le=2.0)
+    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
+    n: int = Field(default=1, ge=1, le=1)
+    stream: bool = False
+    stream_options: dict[str, Any] | None = None
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    presence_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
+    frequency_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
+    user: str | None = None
+    ignore_eos: bool = False
+    """vLLM extension: keep generating past end-of-sequence (benchmarks)."""
+    tierserve: TierserveOptions | None = None
+
+    def stop_tuple(self) -> tuple[str, ...]:
+        if self.stop is None:
+            return ()
+        return (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
+
+    @property
+    def include_usage(self) -> bool:
+        return bool((self.stream_options or {}).get("include_usage"))
+
+    @property
+    def options(self) -> TierserveOptions:
+        return self.tierserve or TierserveOptions()
+
+
+class _Message(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    role: Literal["system", "user", "assistant", "tool", "developer"]
+    content: str | list[dict[str, Any]] | None = None
+
+    def text(self) -> str:
+        if self.content is None:
+            return ""
+        if isinstance(self.content, str):
+            return self.content
+        parts = []
+        for part in self.content:
+            if part.get("type") != "text":
+                raise ValueError(f"content part type {part.get('type')!r} is not supported; send text parts")
+            parts.append(str(part.get("text", "")))
+        return "".join(parts)
+
+
+class ChatCompletionRequest(_Request):
+    messages: list[_Message] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(default=None, ge=1)
+    logprobs: bool = False
+    top_logprobs: int | None = Field(default=None, ge=0, le=20)
+
+    @field_validator("messages")
+    @classmethod
+    def _texts(cls, messages: list[_Message]) -> list[_Message]:
+        for m in messages:
+            m.text()  # raises a ValueError naming the bad part
+        return messages
+
+    def chat_messages(self) -> tuple[ChatMessage, ...]:
+        return tuple(ChatMessage(role=m.role, content=m.text()) for m in self.messages)
+
+    def sampling(self) -> SamplingOptions:
+        return SamplingOptions(
+            max_tokens=self.max_completion_tokens or self.max_tokens,
+            temperature=self.temperature,
+            top_p=self.top_p,
+            seed=self.seed,
+            stop=self.stop_tuple(),
+            presence_penalty=self.presence_penalty,
+            frequency_penalty=self.frequency_penalty,
+            logprobs=self.logprobs,
+            top_logprobs=self.top_logprobs or 0,
+            ignore_eos=self.ignore_eos,
+        )
+
+    def routing_text(self) -> str:
+        """What the router reads: the system prompt and the last user message."""
+        system = [m.text() for m in self.messages if m.role in ("system", "developer")]
+        users = [m.text() for m in self.messages if m.role == "user"]
+        return "\n".join(system[:1] + users[-1:]) or self.messages[-1].text()
+
+
+class CompletionRequest(_Request):
+    prompt: str | list[str]
+    max_tokens: int | None = Field(default=16, ge=1)
+    logprobs: int | None = Field(default=None, ge=0, le=20)
+    echo: bool = False
+
+    @field_validator("prompt")
+    @classmethod
+    def _single(cls, prompt: str | list[str]) -> str | list[str]:
+        if isinstance(prompt, list) and len(prompt) != 1:
+            raise ValueError("only one prompt per request is supported; send a string or a list of one")
+        return prompt
+
+    @field_validator("echo")
+    @classmethod
+    def _no_echo(cls, echo: bool) -> bool:
+        if echo:
+            raise ValueError("echo=true is not supported")
+        return echo
+
+    def prompt_text(self) -> str:
+        return self.prompt if isinstance(self.prompt, str) else self.prompt[0]
+
+    def sampling(self) -> SamplingOptions:
+        return SamplingOptions(
+            max_tokens=self.max_tokens,
+            temperature=self.temperature,
+            top_p=self.top_p,
+            seed=self.seed,
+            stop=self.stop_tuple(),
+            presence_penalty=self.presence_penalty,
+            frequency_penalty=self.frequency_penalty,
+            logprobs=self.logprobs is not None,
+            top_logprobs=self.logprobs or 0,
+            ignore_eos=self.ignore_eos,
+        )
+
+    def routing_text(self) -> str:
+        return self.prompt_text()
+
+
+# ---- responses ---------------------------------------------------------------------------------
+
+
+def _bytes(token: str) -> list[int]:
+    return list(token.encode("utf-8", errors="replace"))
+
+
+def chat_logprobs(lps: tuple[TokenLogprob, ...]) -> dict[str, Any]:
+    return {
+        "content": [
+            {
+                "token": lp.token,
+                "logprob": lp.logprob,
+                "bytes": _bytes(lp.token),
+                "top_logprobs": [{"token": t, "logprob": v, "bytes": _bytes(t)} for t, v in lp.top],
+            }
+            for lp in lps
+        ]
+    }
+
+
+def completion_logprobs(lps: tuple[TokenLogprob, ...], text_offset0: int = 0) -> dict[str, Any]:
+    offsets, pos = [], text_offset0
+    for lp in lps:
+        offsets.append(pos)
+        pos += len(lp.token)
+    return {
+        "tokens": [lp.token for lp in lps],
+        "token_logprobs": [lp.logprob for lp in lps],
+        "top_logprobs": [dict(lp.top) for lp in lps],
+        "text_offset": offsets,
+    }
+
+
+def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
+    return {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+    }
+
+
+def chat_response(
+    request_id: str, model: str, result: GenerationResult, logprobs: bool, meta: dict[str, Any]
+) -> dict[str, Any]:
+    return {
+        "id": request_id,
+        "object": "chat.completion",
+        "created": int(time.time()),
+        "model": model,
+        "choices": [
+            {
+                "index": 0,
+                "message": {"role": "assistant", "content": result.text},
+                "logprobs": chat_logprobs(result.token_logprobs) if logprobs else None,
+                "finish_reason": result.finish_reason,
+            }
+        ],
+        "usage": usage(result.prompt_tokens, result.completion_tokens),
+        "tierserve": meta,
+    }
+
+
+def completion_response(
+    request_id: str, model: str, result: GenerationResult, logprobs: bool, meta: dict[str, Any]
+) -> dict[str, Any]:
+    return {
+        "id": request_id,
+        "object": "text_completion",
+        "created": int(time.time()),
+        "model": model,
+        "choices": [
+            {
+                "index": 0,
+                "text": result.text,
+                "logprobs": completion_logprobs(result.token_logprobs) if logprobs else None,
+                "finish_reason": result.finish_reason,
+            }
+        ],
+        "usage": usage(result.prompt_tokens, result.completion_tokens),
+        "tierserve": meta,
+    }
