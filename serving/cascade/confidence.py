@@ -64,7 +64,7 @@ def logprob_confidence(
     if aggregate == "min":
         return math.exp(min(values))
     if aggregate == "tail":
-        # The epsilon keeps 0.1 * 30 == 3.0000000000000004 from rounding up to 4 tokens.
+        # The epsilon keeps 0.28 * 25 == 7.000000000000001 from rounding up to 8 tokens.
         k = max(1, math.ceil(tail_fraction * len(values) - 1e-9))
         weakest = sorted(values)[:k]
         return math.exp(math.fsum(weakest) / k)

@@ -58,6 +58,14 @@ class TestDefaults:
         assert cfg.capacity.limits_for("small").max_inflight == 8
 
 
+    def test_per_tier_limits_inherit_unset_fields_from_defaults(self):
+        section = {"defaults": {"max_waiting": 2, "max_inflight": 16}, "tiers": {"small": {"max_inflight": 8}}}
+        cfg = parse(capacity=section)
+        small = cfg.capacity.limits_for("small")
+        assert (small.max_inflight, small.max_waiting) == (8, 2)
+        assert cfg.capacity.limits_for("large").max_inflight == 16
+
+
 class TestCascadeErrors:
     @pytest.mark.parametrize(
         ("section", "field"),

@@ -46,9 +46,9 @@ class TestLogprobConfidence:
         assert got == pytest.approx(math.exp(-0.7))
 
     def test_tail_float_product_does_not_round_up_spuriously(self):
-        # 0.1 * 30 is 3.0000000000000004 in floats; exactly 3 tokens must be used.
-        values = [-3.0, -2.0, -1.0] + [0.0] * 26 + [-0.5]
-        assert logprob_confidence(values, aggregate="tail", tail_fraction=0.1) == pytest.approx(math.exp(-2.0))
+        # 0.28 * 25 is 7.000000000000001 in floats; exactly 7 tokens must be used, not 8.
+        values = [-1.0] * 7 + [-0.5] + [0.0] * 17
+        assert logprob_confidence(values, aggregate="tail", tail_fraction=0.28) == pytest.approx(math.exp(-1.0))
 
     def test_tail_fraction_one_equals_mean(self):
         values = lps(-0.1, -0.7, -0.4)
