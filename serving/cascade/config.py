@@ -184,8 +184,8 @@ class CascadeConfig(_Strict):
 class CascadeOverride(_Strict):
     """Per-request cascade settings, sent as the body field `tierserve.cascade`."""
 
-    enabled: bool = True
-    """False opts a routed request out; True opts any request (an explicit tier too) in."""
+    enabled: bool | None = None
+    """True opts any request (an explicit tier too) in; False opts out; None follows the config."""
     method: ConfidenceMethod | None = None
     """Confidence method for this request; None keeps the configured one."""
     threshold: float | None = Field(default=None, ge=0.0, le=1.0)

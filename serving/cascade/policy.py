@@ -92,13 +92,12 @@ def cascade_policy(
 ) -> CascadePolicy | None:
     """The request's policy, or None when this request does not cascade.
 
-    Without an override, only routed (`model="auto"`) requests cascade, and only if `cfg.enabled`.
-    An override opts the request in (`enabled: true`, any entry tier) or out.
+    By default only routed (`model="auto"`) requests cascade, and only if `cfg.enabled`. An override
+    with `enabled` true opts the request in (any entry tier), false opts it out; its method, threshold
+    and format apply whenever the request cascades.
     """
-    if override is None:
-        if not (cfg.enabled and routed):
-            return None
-    elif not override.enabled:
+    opted = None if override is None else override.enabled
+    if opted is False or (opted is None and not (cfg.enabled and routed)):
         return None
     if override is not None and override.threshold is not None:
         thresholds = tuple(override.threshold for _ in tier_names)

@@ -52,13 +52,22 @@ class TestPolicyResolution:
         assert cascade_policy(cfg, TIERS, routed=False) is None
 
     def test_override_opts_in_and_out(self):
-        assert cascade_policy(CascadeConfig(), TIERS, routed=False, override=CascadeOverride()) is not None
-        off = CascadeOverride(enabled=False)
+        on, off = CascadeOverride(enabled=True), CascadeOverride(enabled=False)
+        assert cascade_policy(CascadeConfig(), TIERS, routed=False, override=on) is not None
         assert cascade_policy(CascadeConfig(enabled=True), TIERS, routed=True, override=off) is None
+
+    def test_override_without_enabled_follows_config(self):
+        only_threshold = CascadeOverride(threshold=0.6)
+        assert cascade_policy(CascadeConfig(), TIERS, routed=True, override=only_threshold) is None
+        assert cascade_policy(CascadeConfig(enabled=True), TIERS, routed=False, override=only_threshold) is None
+        p = cascade_policy(CascadeConfig(enabled=True), TIERS, routed=True, override=only_threshold)
+        assert p is not None and p.thresholds == (0.6, 0.6)
 
     def test_thresholds_per_tier_and_override(self):
         assert policy(threshold=0.7, tier_thresholds={"small": 0.9}).thresholds == (0.9, 0.7)
         p = policy(override=CascadeOverride(threshold=0.5, method="verify"), tier_thresholds={"small": 0.9})
+        assert p.thresholds == (0.5, 0.5) and p.method == "verify"
+        p = policy(override=CascadeOverride(enabled=True, threshold=0.5, method="verify"))
         assert p.thresholds == (0.5, 0.5) and p.method == "verify"
 
     def test_override_format_replaces_configured(self):
