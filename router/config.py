@@ -95,7 +95,7 @@ class KnnConfig(_Strict):
 
     k: int = Field(default=10, ge=1, le=256)
     """Neighbours consulted per request."""
-    weighting: Weighting = "softmax"
+    weighting: Weighting = "similarity"
     """`uniform`: plain vote; `similarity`: weighted by cosine similarity (negatives count 0);
     `softmax`: weighted by exp(similarity / temperature), so the closest exemplars dominate."""
     temperature: float = Field(default=0.05, gt=0.0, le=10.0)
