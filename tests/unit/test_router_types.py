@@ -1,0 +1,45 @@
+"""Router value types: idempotent exemplar ids, request validation, RouteLLM-style model names, headers."""
+
+from __future__ import annotations
+
+import pytest
+
+from router.types import Exemplar, RouteDecision, RouteInput, parse_router_model
+
+
+def test_exemplar_id_ignores_case_and_whitespace_but_not_words():
+    a = Exemplar("Extract  the date\n", "small")
+    assert a.id == Exemplar("extract the DATE", "large").id
+    assert a.text_hash == Exemplar(" extract the date", "small").text_hash
+    assert a.id != Exemplar("extract the time", "small").id
+
+
+def test_router_model_names():
+    assert parse_router_model("router-knn-0.62") == ("knn", 0.62)
+    assert parse_router_model("router-heuristic") == ("heuristic", None)
+    with pytest.raises(ValueError, match="router-<knn|heuristic|cheapest>"):
+        parse_router_model("router-bert-0.5")
+    with pytest.raises(ValueError, match="must be within"):
+        parse_router_model("router-knn-1.5")
+    with pytest.raises(ValueError, match="not a number"):
+        parse_router_model("router-knn-high")
+
+
+def test_route_input_rejects_bad_knobs():
+    with pytest.raises(ValueError, match=r"threshold \(-0.1\)"):
+        RouteInput("hi", threshold=-0.1)
+    with pytest.raises(ValueError, match="router 'bert'"):
+        RouteInput("hi", router="bert")
+
+
+def test_headers_show_tier_router_score_and_overhead():
+    d = RouteDecision(
+        tier="large", tier_index=1, router="heuristic", score=0.61234, thresholds=(0.5,), reason="r",
+        fallback=True, overhead_ms=3.456,
+    )
+    assert d.headers() == {
+        "x-tierserve-tier": "large",
+        "x-tierserve-router": "heuristic-fallback",
+        "x-tierserve-score": "0.6123",
+        "x-tierserve-overhead-ms": "3.46",
+    }
