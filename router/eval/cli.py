@@ -3,7 +3,260 @@
 from __future__ import annotations
 
 import argparse
+import os
+import re
+import sys
+import time
+from pathlib import Path
+
+ROUTER_CHOICES = ("random", "heuristic", "knn", "classifier")
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     """Add the evaluation subcommands to the `tierserve` parser."""
+    ev = sub.add_parser("eval", help="score routers on labelled data with RouteLLM's metrics")
+    _dataset_args(ev)
+    ev.add_argument("--routers", default="random,heuristic,knn,classifier",
+                    help="comma-separated, from: " + ", ".join(ROUTER_CHOICES))
+    ev.add_argument("--out", required=True, help="folder for results.json and cost_quality.png")
+    ev.add_argument("--no-tune", action="store_true", help="skip cross-validated tuning on train (fast, worse)")
+    ev.add_argument("--classifier-models", default="logreg", help="models the classifier tuning tries: logreg,mlp")
+    ev.set_defaults(func=_eval)
+
+    cal = sub.add_parser("calibrate", help="pick the router threshold for a target strong share or quality")
+    _dataset_args(cal, required=False)
+    cal.add_argument("--router", default="knn", choices=ROUTER_CHOICES)
+    cal.add_argument("--from-querylog", metavar="DIR", help="calibrate on the router scores in this query log")
+    cal.add_argument("--since", help="query-log window start: 24h, 7d or an ISO date")
+    target = cal.add_mutually_exclusive_group(required=True)
+    target.add_argument("--target-strong-share", type=float, help="share of requests for the strong tier, 0..1")
+    target.add_argument("--target-pgr", type=float, help="fraction of the quality gap to recover, 0..1")
+    cal.add_argument("--write", action="store_true", help="write the threshold into --config's router.thresholds")
+    cal.set_defaults(func=_calibrate)
+
+    tr = sub.add_parser("train-router", help="train the classifier router and save it")
+    _dataset_args(tr, required=False)
+    tr.add_argument("--from-querylog", metavar="DIR", help="train on labelled query-log rows instead")
+    tr.add_argument("--since", help="query-log window start: 24h, 7d or an ISO date")
+    tr.add_argument("--save", required=True, metavar="DIR", help="folder to write model.joblib + manifest.json")
+    tr.add_argument("--model", default="logreg", choices=("logreg", "mlp"))
+    tr.add_argument("--c", type=float, help="inverse regularization; default: tuned by 5-fold CV on train")
+    tr.add_argument("--no-text-features", action="store_true", help="embeddings only")
+    tr.set_defaults(func=_train_router)
+
+    rep = sub.add_parser("report", help="routing and escalation over time from the query log")
+    rep.add_argument("--querylog", metavar="DIR", help="query-log folder (default: from --config's data_dir)")
+    rep.add_argument("--config", default=os.environ.get("TIERSERVE_CONFIG"), help="tierserve YAML config")
+    rep.add_argument("--since", help="window start: 24h, 7d or an ISO date")
+    rep.add_argument("--bucket", default="1h", help="pandas frequency of a row: 15min, 1h, 1D (default 1h)")
+    rep.add_argument("--png", help="also write a plot here")
+    rep.set_defaults(func=_report)
+
+
+def _dataset_args(p: argparse.ArgumentParser, *, required: bool = True) -> None:
+    p.add_argument("--dataset", required=required,
+                   help="mmlu, gsm8k, mt-bench, arc-challenge, mbpp, winogrande, or a .csv/.jsonl path")
+    p.add_argument("--data-dir", help="shared routing data (default: $TIERSERVE_EVAL_DATA or <repo>/../shared/data)")
+    p.add_argument("--config", default=os.environ.get("TIERSERVE_CONFIG"),
+                   help="tierserve YAML config; its router.embedder is used (default: the bundled MiniLM)")
+    p.add_argument("--cache-dir", help="embedding cache (default: <tierserve data dir>/eval-cache)")
+    p.add_argument("--test-fraction", type=float, default=0.5, help="hash split for sets without one")
+    p.add_argument("--split-seed", type=int, default=0)
+    p.add_argument("--strong-model", help="RouterBench column of the strong model")
+    p.add_argument("--weak-model", help="RouterBench column of the weak model")
+    for col in ("prompt", "strong", "weak"):
+        p.add_argument(f"--{col}-col", default=col, help=f"generic file: column of the {col} (default {col})")
+    p.add_argument("--split-col", help="generic file: column holding train/test")
+    p.add_argument("--strong-cost-col")
+    p.add_argument("--weak-cost-col")
+    p.add_argument("--score-max", type=float, default=1.0, help="generic file: divide scores by this")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def _load(args):
+    from router.eval.datasets import default_data_dir, load_dataset
+
+    data_dir = Path(args.data_dir).expanduser() if args.data_dir else default_data_dir()
+    return load_dataset(
+        args.dataset, data_dir, test_fraction=args.test_fraction, seed=args.split_seed,
+        strong_model=args.strong_model, weak_model=args.weak_model, prompt_col=args.prompt_col,
+        strong_col=args.strong_col, weak_col=args.weak_col, split_col=args.split_col,
+        strong_cost_col=args.strong_cost_col, weak_cost_col=args.weak_cost_col, score_max=args.score_max,
+    )
+
+
+def _cache(args):
+    from router.embedder import build_embedder, default_embedder
+    from router.eval.embcache import EmbeddingCache
+
+    if args.config:
+        from serving.config import load_config
+
+        embedder = build_embedder(load_config(args.config).router.embedder)
+    else:
+        embedder = default_embedder()
+    return EmbeddingCache(embedder, args.cache_dir)
+
+
+def _eval(args) -> int:
+    from router.eval.runner import format_table, write_report
+    from router.eval.runner import evaluate as run_eval
+
+    names = [n.strip() for n in args.routers.split(",") if n.strip()]
+    bad = [n for n in names if n not in ROUTER_CHOICES]
+    if bad:
+        raise ValueError(f"--routers: unknown {bad}; choose from {', '.join(ROUTER_CHOICES)}")
+    ds = _load(args)
+    cache = _cache(args) if {"knn", "classifier"} & set(names) else None
+    models = [m.strip() for m in args.classifier_models.split(",") if m.strip()]
+    report = run_eval(ds, names, cache, tune=not args.no_tune, progress=not args.quiet, classifier_models=models)
+    json_path, png_path = write_report(report, args.out)
+    print(format_table(report))
+    print(f"\nwrote {json_path} and {png_path}")
+    return 0
+
+
+def _calibrate(args) -> int:
+    from router.eval import calibrate
+
+    if args.write and not args.config:
+        raise ValueError("--write needs --config FILE to write router.thresholds into")
+    if args.from_querylog:
+        if args.target_pgr is not None:
+            raise ValueError("--target-pgr needs labelled data (--dataset); the query log has no correctness labels")
+        from router.querylog import read_records
+
+        scores = [r.score for r in read_records(args.from_querylog, since=_since(args.since))
+                  if r.router == args.router and r.score is not None]
+        if not scores:
+            raise ValueError(f"{args.from_querylog}: no records scored by router {args.router!r} in that window")
+        result = calibrate.threshold_for_share(scores, args.target_strong_share)
+        print(f"{args.router} on {len(scores)} logged requests: threshold {result.threshold:.6f} "
+              f"→ {result.strong_share:.1%} strong")
+    elif args.dataset:
+        result = _calibrate_labelled(args, calibrate)
+    else:
+        raise ValueError("give --dataset (labelled data) or --from-querylog DIR")
+    if args.write:
+        calibrate.write_threshold(args.config, result.threshold)
+        print(f"wrote router.thresholds[-1] = {result.threshold:.6f} into {args.config} (old file: .bak)")
+        _warn_router_mismatch(args.config, args.router)
+    return 0
+
+
+def _calibrate_labelled(args, calibrate):
+    import numpy as np
+
+    from router.eval.runner import build_routers
+
+    ds = _load(args)
+    cache = _cache(args) if args.router in ("knn", "classifier") else None
+    trained = build_routers(ds.train, [args.router], cache, progress=not args.quiet)
+    train_scores = trained.train_scores[args.router]  # out-of-sample for learned routers
+    train = ds.train
+    if args.target_strong_share is not None:
+        result = calibrate.threshold_for_share(train_scores, args.target_strong_share)
+    else:
+        result = calibrate.threshold_for_pgr(train_scores, train["strong"], train["weak"], args.target_pgr)
+    print(f"{args.router} on {ds.name} train ({len(train)}): threshold {result.threshold:.6f} → "
+          f"{result.strong_share:.1%} strong" + (f", PGR {result.pgr:.3f}" if result.pgr is not None else ""))
+    test = ds.test
+    if len(test):
+        scores = trained.routers[args.router].score(test["prompt"].tolist())
+        chosen = scores >= result.threshold
+        strong, weak = test["strong"].to_numpy(float), test["weak"].to_numpy(float)
+        quality = np.where(chosen, strong, weak).mean()
+        pgr = (quality - weak.mean()) / (strong.mean() - weak.mean())
+        print(f"check on test ({len(test)}): {chosen.mean():.1%} strong, PGR {pgr:.3f}")
+    return result
+
+
+def _warn_router_mismatch(config_path: str, router: str) -> None:
+    from serving.config import load_config
+
+    default = load_config(config_path).router.default_router
+    if default != router:
+        print(f"note: {config_path} routes with {default!r} by default; this threshold was calibrated for "
+              f"{router!r}", file=sys.stderr)
+
+
+def _train_router(args) -> int:
+    import numpy as np
+
+    from router.classifier import DifficultyClassifier
+    from router.eval.datasets import difficulty_label
+
+    cache = _cache(args)
+    if args.from_querylog:
+        from router.eval.report import labelled_rows
+        from router.querylog import read_records
+
+        prompts, labels = labelled_rows(list(read_records(args.from_querylog, since=_since(args.since))))
+        source = f"querylog:{args.from_querylog}"
+        strong = weak = None
+    elif args.dataset:
+        train = _load(args).train
+        prompts, labels = train["prompt"].tolist(), difficulty_label(train)
+        strong, weak = train["strong"].to_numpy(float), train["weak"].to_numpy(float)
+        source = f"{args.dataset}:train"
+    else:
+        raise ValueError("give --dataset (its train split is used) or --from-querylog DIR")
+    if len(prompts) < 20:
+        raise ValueError(f"only {len(prompts)} labelled rows; need at least 20 (query log: enable store_prompts)")
+    vectors = cache.embed(prompts, progress=not args.quiet)
+    texts = None if args.no_text_features else prompts
+    c = args.c
+    if c is None:
+        from router.eval.tuning import tune_classifier
+
+        if strong is None:  # log labels: the gain is the label itself
+            strong, weak = labels, np.zeros_like(labels)
+        fit_kw, tuned = tune_classifier(vectors, labels, strong, weak, prompts, embedder=cache.name,
+                                        models=(args.model,), text_features=(texts is not None,),
+                                        progress=not args.quiet)
+        c = fit_kw["c"]
+        print(f"chose C={c} (5-fold APGR on train {tuned.cv_apgr:.3f})")
+    clf = DifficultyClassifier.fit(vectors, labels, embedder=cache.name, texts=texts, model=args.model, c=c,
+                                   trained_on=source)
+    path = clf.save(args.save)
+    print(f"saved classifier ({len(prompts)} rows from {source}, embedder {cache.name}) to {path}")
+    return 0
+
+
+def _report(args) -> int:
+    from router.eval.plot import plot_report
+    from router.eval.report import format_report, routing_over_time
+    from router.querylog import read_records
+
+    directory = args.querylog or _querylog_dir(args.config)
+    records = list(read_records(directory, since=_since(args.since)))
+    table = routing_over_time(records, args.bucket)
+    print(f"{len(records)} requests in {directory}")
+    print(format_report(table))
+    if args.png and not table.empty:
+        print(f"wrote {plot_report(table, args.png)}")
+    return 0
+
+
+def _querylog_dir(config: str | None) -> Path:
+    if not config:
+        raise ValueError("give --querylog DIR or --config FILE")
+    from router.querylog import QueryLogConfig
+    from serving.config import load_config
+
+    app = load_config(config)
+    log_cfg = getattr(app, "query_log", None) or QueryLogConfig()
+    return log_cfg.resolved_path(app.resolved_data_dir())
+
+
+def _since(value: str | None) -> float | None:
+    """'24h', '7d', '30m' back from now, or an ISO date/time."""
+    if not value:
+        return None
+    m = re.fullmatch(r"(\d+(?:\.\d+)?)([mhd])", value.strip())
+    if m:
+        return time.time() - float(m.group(1)) * {"m": 60, "h": 3600, "d": 86_400}[m.group(2)]
+    from datetime import UTC, datetime
+
+    parsed = datetime.fromisoformat(value)
+    return (parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)).timestamp()

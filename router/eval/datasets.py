@@ -12,6 +12,7 @@ the same split on every machine and duplicates never straddle train and test.
 from __future__ import annotations
 
 import hashlib
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +28,14 @@ BUILTIN = ("mmlu", "gsm8k", "mt-bench", "arc-challenge", "mbpp", "winogrande")
 _ROUTERBENCH_FILES = {"arc-challenge": "arc_challenge", "mbpp": "mbpp", "winogrande": "winograde"}
 DEFAULT_TEST_FRACTION = 0.5
 DEFAULT_SPLIT_SEED = 0
+
+
+def default_data_dir() -> Path:
+    """`$TIERSERVE_EVAL_DATA`, else `<repo root>/../shared/data` (the shared data beside the checkout)."""
+    env = os.environ.get("TIERSERVE_EVAL_DATA")
+    if env:
+        return Path(env).expanduser()
+    return Path(__file__).resolve().parents[2].parent / "shared" / "data"
 
 
 @dataclass(frozen=True)

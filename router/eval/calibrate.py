@@ -1,0 +1,104 @@
+"""Threshold calibration: the router threshold that gives a target share of strong-model calls, or a target
+fraction of the weak→strong quality gap, from labelled scores or from the scores in the query log.
+
+A prompt goes to the strong model when `score >= threshold` (the live router's rule). Thresholds sit halfway
+between two neighbouring observed scores, so the share on the calibration data is exact (barring ties) and
+small shifts in the score distribution move it little.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import yaml
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Calibration:
+    threshold: float
+    """Route to the strong model when score >= threshold; within [0, 1]."""
+    strong_share: float
+    """Share of the calibration prompts at or above the threshold."""
+    pgr: float | None = None
+    """Fraction of the quality gap recovered on the calibration prompts (labelled data only)."""
+
+
+def _cut(sorted_desc: np.ndarray, k: int) -> float:
+    """Threshold selecting the top k of scores sorted descending: midway between the k-th and k+1-th."""
+    n = len(sorted_desc)
+    if k <= 0:
+        return float(min(1.0, np.nextafter(sorted_desc[0], np.inf)))
+    if k >= n:
+        return float(max(0.0, sorted_desc[-1]))
+    return float((sorted_desc[k - 1] + sorted_desc[k]) / 2.0)
+
+
+def threshold_for_share(scores: Sequence[float], target_share: float) -> Calibration:
+    """Threshold that sends `target_share` (0..1) of these prompts to the strong model."""
+    if not 0.0 <= target_share <= 1.0:
+        raise ValueError(f"target strong share must be within [0, 1], got {target_share}")
+    s = np.sort(np.asarray(scores, dtype=float))[::-1]
+    if len(s) == 0:
+        raise ValueError("no scores to calibrate on")
+    t = _cut(s, int(round(target_share * len(s))))
+    return Calibration(t, float(np.mean(s >= t)))
+
+
+def threshold_for_pgr(
+    scores: Sequence[float], strong: Sequence[float], weak: Sequence[float], target_pgr: float
+) -> Calibration:
+    """Lowest strong share whose threshold recovers at least `target_pgr` of the gap on these prompts."""
+    if not 0.0 <= target_pgr <= 1.0:
+        raise ValueError(f"target PGR must be within [0, 1], got {target_pgr}")
+    scores, strong, weak = (np.asarray(a, dtype=float) for a in (scores, strong, weak))
+    gap = strong.mean() - weak.mean()
+    if gap <= 0:
+        raise ValueError(f"the strong model is not better on these prompts (gap {gap:.4f}); PGR is undefined")
+    order = np.argsort(-scores, kind="stable")
+    s = scores[order]
+    # quality after sending the top k to the strong model, k = 0..n
+    gains = np.r_[0.0, np.cumsum((strong - weak)[order])]
+    pgr = gains / len(scores) / gap
+    # only cut where the score changes, so a threshold really selects the top k
+    cuttable = np.r_[True, s[1:] < s[:-1], True]
+    ks = [k for k in range(len(s) + 1) if cuttable[k] and pgr[k] >= target_pgr - 1e-12]
+    k = ks[0] if ks else len(s)
+    t = _cut(s, k)
+    chosen = np.mean(scores >= t)
+    return Calibration(t, float(chosen), float(pgr[int(round(chosen * len(s)))]))
+
+
+def write_threshold(config_path: str | Path, threshold: float, *, backup: bool = True) -> dict:
+    """Set the boundary into the most expensive tier (`router.thresholds[-1]`) in a YAML config.
+
+    Two tiers: `router.thresholds: [threshold]`. More tiers: lower boundaries are capped at the new one so
+    the list stays ascending. The file is validated before it is replaced; the old one is kept as `.bak`.
+    Comments in the YAML are not preserved.
+    """
+    from serving.config import parse_config  # the app config owns validation
+
+    path = Path(config_path)
+    data = yaml.safe_load(path.read_text()) or {}
+    num_tiers = len(data.get("tiers") or [])
+    if num_tiers < 2:
+        raise ValueError(f"{path}: needs at least two tiers to route between, found {num_tiers}")
+    router = dict(data.get("router") or {})
+    current = list(router.get("thresholds") or [i / num_tiers for i in range(1, num_tiers)])
+    if len(current) != num_tiers - 1:
+        raise ValueError(f"{path}: router.thresholds has {len(current)} values for {num_tiers} tiers; fix it first")
+    value = round(float(threshold), 6)
+    router["thresholds"] = [min(round(float(t), 6), value) for t in current[:-1]] + [value]
+    data["router"] = router
+    parse_config(data, str(path))
+    if backup:
+        shutil.copyfile(path, path.with_name(path.name + ".bak"))
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    logger.info("%s: router.thresholds = %s", path, router["thresholds"])
+    return data

@@ -1,0 +1,91 @@
+"""Routing and escalation over time, from query-log records (`tierserve report`)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import pandas as pd
+
+from router.querylog import QueryRecord
+
+
+def records_frame(records: Sequence[QueryRecord]) -> pd.DataFrame:
+    """One row per record with the columns the report and `train-router` use."""
+    return pd.DataFrame(
+        {
+            "time": pd.to_datetime([r.timestamp for r in records], unit="s", utc=True),
+            "router": [r.router for r in records],
+            "tier": [r.tier for r in records],
+            "first_tier": [r.tier_chain[0] if r.tier_chain else r.tier for r in records],
+            "score": [np.nan if r.score is None else r.score for r in records],
+            "escalated": [r.escalated for r in records],
+            "latency_ms": [r.latency_ms for r in records],
+            "tokens": [r.prompt_tokens + r.completion_tokens for r in records],
+            "status": [r.status for r in records],
+        }
+    )
+
+
+def routing_over_time(records: Sequence[QueryRecord], bucket: str = "1h") -> pd.DataFrame:
+    """Per time bucket: requests, share served by each tier, escalation and error rates, score and latency.
+
+    `bucket` is a pandas frequency ("15min", "1h", "1D"). Empty buckets are left out.
+    """
+    if not records:
+        return pd.DataFrame(columns=["requests", "escalation_rate", "error_rate", "mean_score", "p50_latency_ms",
+                                     "p95_latency_ms"])
+    df = records_frame(records).set_index("time")
+    grouped = df.groupby(pd.Grouper(freq=bucket))
+    table = pd.DataFrame(
+        {
+            "requests": grouped.size(),
+            "escalation_rate": grouped["escalated"].mean(),
+            "error_rate": grouped["status"].agg(lambda s: float((s != "ok").mean()) if len(s) else np.nan),
+            "mean_score": grouped["score"].mean(),
+            "p50_latency_ms": grouped["latency_ms"].median(),
+            "p95_latency_ms": grouped["latency_ms"].quantile(0.95),
+        }
+    )
+    shares = pd.crosstab(df.index.floor(bucket), df["tier"], normalize="index")
+    shares.columns = [f"share_{c}" for c in shares.columns]
+    table = table.join(shares)
+    return table[table["requests"] > 0]
+
+
+def format_report(table: pd.DataFrame) -> str:
+    """Fixed-width text of `routing_over_time`."""
+    if table.empty:
+        return "no query-log records in that window"
+    shown = table.copy()
+    for col in shown.columns:
+        if col.endswith("_rate") or col.startswith("share_"):
+            shown[col] = (shown[col] * 100).map(lambda v: f"{v:.1f}%")
+        elif col != "requests":
+            shown[col] = shown[col].map(lambda v: f"{v:.2f}" if pd.notna(v) else "-")
+    shown.index = shown.index.strftime("%Y-%m-%d %H:%M")
+    return shown.to_string()
+
+
+def labelled_rows(records: Sequence[QueryRecord], *, small_tier: str | None = None) -> tuple[list[str], np.ndarray]:
+    """(prompts, difficulty labels) usable to train the classifier from the log.
+
+    A record counts when it stored its prompt and either carries an explicit `label`, or started on the
+    cheapest tier (`small_tier`, default: the most common first tier) and the cascade decided: escalated
+    means the small tier's answer was not good enough (label 1), accepted means it was (label 0).
+    Requests routed straight to a bigger tier say nothing about the small one and are skipped.
+    """
+    firsts = [r.tier_chain[0] for r in records if r.tier_chain]
+    if small_tier is None and firsts:
+        small_tier = max(set(firsts), key=firsts.count)
+    prompts, labels = [], []
+    for r in records:
+        if not r.prompt or r.status != "ok":
+            continue
+        if r.label is not None:
+            prompts.append(r.prompt)
+            labels.append(float(r.label))
+        elif r.tier_chain and r.tier_chain[0] == small_tier:
+            prompts.append(r.prompt)
+            labels.append(1.0 if r.escalated else 0.0)
+    return prompts, np.asarray(labels, dtype=float)

@@ -1,0 +1,116 @@
+"""Loaders on the real shared files: row counts after decontamination and the README's baselines."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from router.eval.datasets import default_data_dir, describe, hash_split, load_dataset, load_table
+
+DATA = default_data_dir()
+needs_data = pytest.mark.skipif(
+    not (DATA / "routellm").is_dir(), reason=f"shared routing data not found at {DATA} (set TIERSERVE_EVAL_DATA)"
+)
+
+
+def _pct(series: pd.Series) -> float:
+    return round(float(series.mean()) * 100, 2)
+
+
+@needs_data
+def test_mmlu_decontaminated_rows_and_baselines():
+    ds = load_dataset("mmlu", DATA)
+    f = ds.frame
+    assert len(f) == 14_037
+    assert f["group"].nunique() == 57
+    assert _pct(f["strong"]) == 80.59 and _pct(f["weak"]) == 68.09
+    assert _pct((f["strong"] == 1) & (f["weak"] == 0)) == 17.78
+    contaminated = set(pd.read_json(DATA / "routellm/mmlu/contaminated_prompts.jsonl", lines=True)["eval_prompt"])
+    assert not contaminated & set(f["prompt"])
+
+
+@needs_data
+def test_gsm8k_decontaminated_rows_and_baselines():
+    f = load_dataset("gsm8k", DATA).frame
+    assert len(f) == 1_307
+    assert _pct(f["strong"]) == 85.77 and _pct(f["weak"]) == 63.73
+    assert _pct((f["strong"] == 1) & (f["weak"] == 0)) == pytest.approx(29.2, abs=0.05)
+
+
+@needs_data
+def test_mt_bench_turn_one_and_judge_means():
+    ds = load_dataset("mt-bench", DATA)
+    f = ds.frame
+    assert len(f) == 72
+    assert round(f["strong"].mean() * 10, 3) == 9.212 and round(f["weak"].mean() * 10, 3) == 8.281
+    assert f["prompt"].str.startswith("Compose an engaging travel blog post").sum() == 0  # contaminated turn 1
+    assert ds.quality == "judge score / 10"
+
+
+@needs_data
+@pytest.mark.parametrize(
+    ("name", "n_train", "n_test"),
+    [("arc-challenge", 1_039, 445), ("mbpp", 299, 128), ("winogrande", 887, 380)],
+)
+def test_routerbench_uses_its_own_splits(name, n_train, n_test):
+    ds = load_dataset(name, DATA)
+    train, test = ds.train, ds.test
+    assert n_train - 10 <= len(train) <= n_train and n_test - 10 <= len(test) <= n_test  # ARC drops a few NaNs
+    assert ds.strong_model == "gpt-4-1106-preview" and ds.weak_model == "mistralai/mixtral-8x7b-chat"
+    assert ds.frame["strong"].mean() > ds.frame["weak"].mean()
+    assert 0.0 < ds.cost_ratio() < 0.2  # Mixtral costs a small fraction of GPT-4
+
+
+@needs_data
+def test_routerbench_other_model_columns_and_a_clear_error():
+    ds = load_dataset("mbpp", DATA, strong_model="meta/llama-2-70b-chat", weak_model="mistralai/mistral-7b-chat")
+    assert ds.weak_model == "mistralai/mistral-7b-chat"
+    with pytest.raises(ValueError, match="choose one of"):
+        load_dataset("mbpp", DATA, strong_model="gpt-5")
+
+
+@needs_data
+def test_hash_split_is_deterministic_and_never_straddles():
+    ds = load_dataset("mmlu", DATA)
+    again = load_dataset("mmlu", DATA)
+    assert (ds.frame["split"] == again.frame["split"]).all()
+    train, test = set(ds.train["prompt"]), set(ds.test["prompt"])
+    assert not train & test  # duplicated MMLU prompts land on one side
+    assert 0.48 < len(ds.test) / len(ds.frame) < 0.52
+    info = describe(ds)
+    assert info["train"]["n"] + info["test"]["n"] == 14_037
+
+
+def test_hash_split_depends_on_seed_and_fraction():
+    prompts = [f"q{i}" for i in range(2000)]
+    a, b = hash_split(prompts, 0.3, seed=0), hash_split(prompts, 0.3, seed=1)
+    assert (a == hash_split(list(reversed(prompts)), 0.3, seed=0)[::-1]).all()  # order-independent
+    assert (a != b).any()
+    assert 0.26 < np.mean(a == "test") < 0.34
+    with pytest.raises(ValueError):
+        hash_split(prompts, 1.0)
+
+
+def test_generic_table_with_split_column_and_score_scale(tmp_path):
+    path = tmp_path / "mine.csv"
+    pd.DataFrame(
+        {"text": ["a", "b", "c", "d"], "big": [10, 8, 9, 10], "small": [5, 8, 2, 10], "part": ["train", "test"] * 2}
+    ).to_csv(path, index=False)
+    ds = load_table(path, prompt_col="text", strong_col="big", weak_col="small", split_col="part", score_max=10)
+    assert ds.train["prompt"].tolist() == ["a", "c"]
+    assert ds.frame["strong"].tolist() == [1.0, 0.8, 0.9, 1.0]
+    with pytest.raises(ValueError, match="score_max"):
+        load_table(path, prompt_col="text", strong_col="big", weak_col="small")
+    with pytest.raises(ValueError, match="missing columns"):
+        load_table(path)
+
+
+def test_generic_jsonl_gets_a_hash_split(tmp_path):
+    path = tmp_path / "log.jsonl"
+    rows = pd.DataFrame({"prompt": [f"p{i}" for i in range(200)], "strong": 1, "weak": [i % 2 for i in range(200)]})
+    rows.to_json(path, orient="records", lines=True)
+    ds = load_dataset(str(path), DATA)
+    assert set(ds.frame["split"]) == {"train", "test"} and ds.name == "log"
+    with pytest.raises(FileNotFoundError, match="not one of"):
+        load_dataset("no-such-set", DATA)
