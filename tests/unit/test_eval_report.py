@@ -1,0 +1,50 @@
+"""Query-log report: per-bucket routing and escalation, and which log rows can train the classifier."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+import pytest
+
+from router.eval.report import format_report, labelled_rows, routing_over_time
+from router.querylog import QueryRecord
+
+T0 = datetime(2025, 3, 1, 12, tzinfo=UTC).timestamp()
+
+
+def _rec(i, *, hour, chain=("small",), tier=None, escalated=False, prompt=None, label=None, status="ok"):
+    return QueryRecord(request_id=str(i), router="knn", tier=tier or chain[-1], score=0.1 * (i % 10),
+                       tier_chain=chain, escalated=escalated, latency_ms=10.0 * (i + 1), prompt=prompt,
+                       label=label, status=status, timestamp=T0 + hour * 3600 + i)
+
+
+def test_escalation_drift_shows_per_hour():
+    records = [_rec(i, hour=0) for i in range(8)]
+    records += [_rec(10 + i, hour=0, chain=("small", "large"), escalated=True) for i in range(2)]
+    records += [_rec(20 + i, hour=1, chain=("small", "large"), escalated=True) for i in range(5)]
+    records += [_rec(30 + i, hour=1, chain=("large",)) for i in range(5)]
+    table = routing_over_time(records, "1h")
+    assert table["requests"].tolist() == [10, 10]
+    assert table["escalation_rate"].tolist() == pytest.approx([0.2, 0.5])
+    assert table["share_large"].tolist() == pytest.approx([0.2, 1.0])
+    assert table["share_small"].tolist() == pytest.approx([0.8, 0.0])
+    text = format_report(table)
+    assert "2025-03-01 13:00" in text and "50.0%" in text
+
+
+def test_empty_log_reports_nothing():
+    assert format_report(routing_over_time([], "1h")) == "no query-log records in that window"
+
+
+def test_labelled_rows_from_cascade_outcomes_and_explicit_labels():
+    records = [
+        _rec(1, hour=0, prompt="easy one"),
+        _rec(2, hour=0, chain=("small", "large"), escalated=True, prompt="hard one"),
+        _rec(3, hour=0, chain=("large",), prompt="went straight to large"),  # says nothing about small
+        _rec(4, hour=0, chain=("large",), prompt="graded offline", label=0.8),
+        _rec(5, hour=0, prompt=None),  # prompt not stored
+        _rec(6, hour=0, prompt="failed", status="error"),
+    ]
+    prompts, labels = labelled_rows(records, small_tier="small")
+    assert prompts == ["easy one", "hard one", "graded offline"]
+    assert labels.tolist() == [0.0, 1.0, 0.8]
