@@ -52,13 +52,31 @@ def build_app(config: AppConfig) -> Application:
         deployment = serve.deployment(TierServer).options(**_tier_deployment_options(config, tier))
         tier_apps[tier.name] = deployment.bind(tier, str(model_path), config.device)
 
+    router_app = None
+    if config.router.default_router != "cheapest":
+        from router.deployment import RouterDeployment
+
+        router_app = (
+            serve.deployment(RouterDeployment)
+            .options(
+                name="router",
+                num_replicas=1,  # embedded Qdrant allows one process per folder; scale with router.store.url
+                max_ongoing_requests=1024,
+                ray_actor_options={
+                    "num_cpus": config.ingress.num_cpus,
+                    "runtime_env": {"env_vars": {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}},
+                },
+            )
+            .bind(config.router, config.tier_names, str(config.resolved_data_dir()))
+        )
+
     ingress = serve.deployment(Ingress).options(
         name="ingress",
         num_replicas=config.ingress.num_replicas,
         max_ongoing_requests=config.ingress.max_ongoing_requests,
         ray_actor_options={"num_cpus": config.ingress.num_cpus},
     )
-    return ingress.bind(config, tier_apps)
+    return ingress.bind(config, tier_apps, router_app)
 
 
 def app_builder(args: dict[str, Any]) -> Application:

@@ -14,6 +14,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from router.config import RouterConfig
+from router.querylog import QueryLogConfig
 from serving.capacity.config import CapacityConfig
 from serving.cascade.config import CascadeConfig
 
@@ -128,6 +129,8 @@ class IngressConfig(_Strict):
     num_replicas: int = Field(default=1, ge=1)
     num_cpus: float = Field(default=0.1, ge=0.0)
     max_ongoing_requests: int = Field(default=256, ge=1)
+    router_timeout_s: float = Field(default=2.0, gt=0)
+    """Longest wait for the router deployment; past it the ingress routes with the heuristic."""
 
 
 class RayConfig(_Strict):
@@ -153,6 +156,7 @@ class AppConfig(_Strict):
     router: RouterConfig = RouterConfig()
     cascade: CascadeConfig = CascadeConfig()
     capacity: CapacityConfig = CapacityConfig()
+    query_log: QueryLogConfig = QueryLogConfig()
 
     @model_validator(mode="after")
     def _check_tiers(self) -> AppConfig:
@@ -177,7 +181,22 @@ class AppConfig(_Strict):
                     f"tiers[{tier.name}].resources.num_gpus must be > 0 on device 'gpu' "
                     "(use a fraction such as 0.5 to share a GPU)."
                 )
+        self.cascade.check_tiers(names)
+        self.capacity.check_tiers(
+            names, serve_capacity=self._serve_capacity(), ingress_replicas=self.ingress.num_replicas
+        )
         return self
+
+    def _serve_capacity(self) -> dict[str, int]:
+        """Requests Ray Serve holds per tier before it rejects (omits unbounded queues)."""
+        result = {}
+        for t in self.tiers:
+            d = t.deployment
+            if d.max_queued_requests < 0:
+                continue
+            replicas = d.autoscaling.max_replicas if d.autoscaling else d.num_replicas
+            result[t.name] = replicas * d.max_ongoing_requests + d.max_queued_requests
+        return result
 
     def tier(self, name: str) -> TierConfig:
         for t in self.tiers:

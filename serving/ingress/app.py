@@ -16,10 +16,13 @@ from pydantic import ValidationError
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
+from router.types import Exemplar
 from serving.config import AppConfig
 from serving.errors import InvalidRequest, TierserveError, Unauthorized, to_envelope
 from serving.ingress.pipeline import Outcome, Pipeline
 from serving.ingress.protocol import (
+    SEED_LABELS,
+    AddExemplarsRequest,
     ChatCompletionRequest,
     CompletionRequest,
     chat_response,
@@ -69,10 +72,13 @@ async def _parse(request: Request, model: type) -> Any:
 class Ingress:
     """Parses, authorizes and answers; the decisions live in `Pipeline`."""
 
-    def __init__(self, config: AppConfig, tier_handles: dict[str, DeploymentHandle], router: Any = None) -> None:
+    def __init__(
+        self, config: AppConfig, tier_handles: dict[str, DeploymentHandle], router: DeploymentHandle | None = None
+    ) -> None:
         self.config = config
         self.metrics = Metrics()
         self.tiers = TierClient(tier_handles, poll_interval_s=0.25)
+        self.router = router
         self.pipeline = Pipeline(config, self.tiers, self.metrics, router)
         self.api_keys = config.api_keys()
 
@@ -137,6 +143,40 @@ class Ingress:
     async def completions(self, request: Request) -> Response:
         return await self._complete(request, "completion")
 
+    @api.post("/v1/route")
+    async def route(self, request: Request) -> JSONResponse:
+        """The routing decision for a chat or completion request, without generating."""
+        try:
+            self._authorize(request)
+            raw = await request.json() if await request.body() else {}
+            kind = ChatCompletionRequest if isinstance(raw, dict) and "messages" in raw else CompletionRequest
+            body = await _parse(request, kind)
+            outcome = Outcome(plan=await self.pipeline.plan(body.model, body.routing_text(), body.options))
+            return JSONResponse({"object": "tierserve.route", **outcome.meta()}, headers=outcome.headers())
+        except Exception as exc:
+            return error_response(exc)
+
+    @api.post("/admin/exemplars")
+    async def add_exemplars(self, request: Request) -> JSONResponse:
+        """Add labelled exemplars at runtime: {"exemplars": [{"text": ..., "tier": ...}, ...]}."""
+        try:
+            self._authorize(request)
+            body = await _parse(request, AddExemplarsRequest)
+            unknown = sorted({e.tier for e in body.exemplars} - set(self.config.tier_names) - SEED_LABELS)
+            if unknown:
+                raise InvalidRequest(
+                    f"exemplars name unknown tiers {unknown}; use one of {self.config.tier_names}.",
+                    param="exemplars.tier",
+                )
+            if self.router is None:
+                raise InvalidRequest("no router deployment is configured", param="model")
+            exemplars = [Exemplar(text=e.text, tier=e.tier, source=e.source) for e in body.exemplars]
+            written = await self.router.add_exemplars.remote(exemplars)
+            total = await self.router.count.remote()
+            return JSONResponse({"object": "tierserve.exemplars", "written": written, "count": total})
+        except Exception as exc:
+            return error_response(exc)
+
     # ---- the request path -----------------------------------------------------------------------
 
     async def _complete(self, http: Request, kind: str) -> Response:
@@ -144,6 +184,7 @@ class Ingress:
         self.tiers.start_polling()
         endpoint = "chat" if kind == "chat" else "completions"
         outcome: Outcome | None = None
+        request_id = ""
         try:
             self._authorize(http)
             body = await _parse(http, ChatCompletionRequest if kind == "chat" else CompletionRequest)
@@ -162,12 +203,14 @@ class Ingress:
             result = await self.pipeline.generate(gen_request, outcome)
             build = chat_response if kind == "chat" else completion_response
             payload = build(request_id, body.model, result, logprobs, outcome.meta())
-            self.pipeline.record(endpoint, outcome, 200, started, result)
+            self.pipeline.record(
+                endpoint, outcome, 200, started, result, request_id=request_id, routing_text=body.routing_text()
+            )
             return JSONResponse(payload, headers=outcome.headers())
         except Exception as exc:
             status, _, _ = to_envelope(exc)
             if outcome is not None:
-                self.pipeline.record(endpoint, outcome, status, started)
+                self.pipeline.record(endpoint, outcome, status, started, request_id=request_id)
             else:
                 self.metrics.requests.labels(endpoint, "none", str(status)).inc()
             return error_response(exc, outcome.headers() if outcome else None)
@@ -214,13 +257,14 @@ class Ingress:
         try:
             async for payload in encode_stream(chained(), encoder, meta):
                 yield payload
-            self.pipeline.record(endpoint, outcome, 200, started, last)
+            self.pipeline.record(endpoint, outcome, 200, started, last, request_id=encoder.request_id)
         except (asyncio.CancelledError, GeneratorExit):
             self.metrics.aborts.labels(outcome.tier).inc()
+            self.pipeline.record(endpoint, outcome, 499, started, last, request_id=encoder.request_id)
             await rest.aclose()
             raise
         except Exception as exc:  # headers are gone: report in-band, then end the stream
             status, envelope, _ = to_envelope(exc)
-            self.pipeline.record(endpoint, outcome, status, started, last)
+            self.pipeline.record(endpoint, outcome, status, started, last, request_id=encoder.request_id)
             yield sse(envelope)
             yield sse("[DONE]")

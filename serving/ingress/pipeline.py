@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from router.heuristic import HeuristicScorer
+from router.querylog import QueryLog, QueryRecord
+from router.scoring import tier_for_score, with_threshold
+from router.types import RouteDecision, RouteInput, parse_router_model
 from serving.config import AppConfig
 from serving.errors import ModelNotFound
 from serving.ingress.tiers import TierClient
@@ -25,7 +30,7 @@ class RoutePlan:
     router: str
     """'explicit' (model named a tier), 'forced' (tierserve.tier), 'cheapest', or the router's name."""
     score: float | None = None
-    threshold: float | None = None
+    thresholds: tuple[float, ...] = ()
     reason: str = ""
     overhead_ms: float = 0.0
     fallback: bool = False
@@ -51,7 +56,7 @@ class Outcome:
             "tier": self.tier,
             "router": plan["router"],
             "score": plan["score"],
-            "threshold": plan["threshold"],
+            "thresholds": list(plan["thresholds"]),
             "reason": plan["reason"],
             "overhead_ms": round(plan["overhead_ms"], 3),
             "fallback": plan["fallback"],
@@ -64,7 +69,7 @@ class Outcome:
     def headers(self) -> dict[str, str]:
         h = {
             "x-tierserve-tier": self.tier,
-            "x-tierserve-router": self.plan.router,
+            "x-tierserve-router": self.plan.router + ("-fallback" if self.plan.fallback else ""),
             "x-tierserve-overhead-ms": f"{self.plan.overhead_ms:.3f}",
             "x-tierserve-tier-chain": ",".join(self.tier_chain or [self.plan.tier]),
             "x-tierserve-escalated": "true" if self.escalated else "false",
@@ -86,6 +91,12 @@ class Pipeline:
         self.tiers = tiers
         self.metrics = metrics
         self.router = router
+        """The router deployment's handle (None: `auto` means the cheapest tier)."""
+        self.query_log = (
+            QueryLog.from_config(config.query_log, config.resolved_data_dir()) if config.query_log.enabled else None
+        )
+        self._heuristic = HeuristicScorer(config.router.heuristic)
+        self._thresholds = config.router.thresholds_for(len(config.tiers))
 
     async def plan(self, model: str, routing_text: str, options: Any) -> RoutePlan:
         """Pick the entry tier from `model` and the per-request options."""
@@ -109,8 +120,54 @@ class Pipeline:
         )
 
     async def _route(self, model: str, routing_text: str, options: Any) -> RoutePlan:
-        # Replaced by the router deployment when one is configured.
-        return RoutePlan(tier=self.config.tier_names[0], router="cheapest", reason="no router configured")
+        kind, threshold = None, None
+        if model != "auto":
+            try:
+                kind, threshold = parse_router_model(model)
+            except ValueError as exc:
+                raise ModelNotFound(str(exc), param="model", code="model_not_found") from None
+        if options.threshold is not None:
+            threshold = options.threshold
+        route_input = RouteInput(text=routing_text, threshold=threshold, router=kind)
+        started = time.perf_counter()
+        if self.router is None:
+            decision = self._local_heuristic(route_input, "no router deployment")
+        else:
+            try:
+                decision = await asyncio.wait_for(
+                    self.router.route.remote(route_input), self.config.ingress.router_timeout_s
+                )
+            except Exception as exc:  # the router deployment is down or slow: never a 5xx for that
+                logger.warning("router deployment failed (%s); heuristic fallback", exc)
+                decision = self._local_heuristic(route_input, f"router deployment: {type(exc).__name__}")
+        overhead_ms = (time.perf_counter() - started) * 1000
+        self.metrics.routing.labels(decision.router, decision.tier).inc()
+        self.metrics.routing_overhead.labels(decision.router).observe(overhead_ms / 1000)
+        if decision.fallback:
+            self.metrics.router_fallbacks.labels(decision.reason.split(";")[0][:60]).inc()
+        return RoutePlan(
+            tier=decision.tier,
+            router=decision.router,
+            score=decision.score,
+            thresholds=decision.thresholds,
+            reason=decision.reason,
+            overhead_ms=overhead_ms,
+            fallback=decision.fallback,
+        )
+
+    def _local_heuristic(self, item: RouteInput, cause: str) -> RouteDecision:
+        result = self._heuristic.score(item.text)
+        thresholds = self._thresholds if item.threshold is None else with_threshold(self._thresholds, item.threshold)
+        index = tier_for_score(result.score, thresholds)
+        return RouteDecision(
+            tier=self.config.tier_names[index],
+            tier_index=index,
+            router="heuristic",
+            score=result.score,
+            thresholds=thresholds,
+            reason=f"knn unavailable ({cause}); {result.reason}",
+            fallback=True,
+        )
 
     def _served_names(self) -> dict[str, str]:
         return {(t.served_model_name or t.name): t.name for t in self.config.tiers}
@@ -130,10 +187,52 @@ class Pipeline:
         outcome.tier_chain.append(tier)
         return self.tiers.stream(tier, request)
 
-    def record(self, endpoint: str, outcome: Outcome, status: int, started: float, last: Any = None) -> None:
+    def record(
+        self,
+        endpoint: str,
+        outcome: Outcome,
+        status: int,
+        started: float,
+        last: Any = None,
+        *,
+        request_id: str = "",
+        routing_text: str | None = None,
+    ) -> None:
+        """Metrics and the query log for one finished request (any status)."""
         tier = outcome.tier
+        latency_s = time.perf_counter() - started
         self.metrics.requests.labels(endpoint, tier, str(status)).inc()
-        self.metrics.latency.labels(endpoint, tier).observe(time.perf_counter() - started)
+        self.metrics.latency.labels(endpoint, tier).observe(latency_s)
         if last is not None:
             self.metrics.tokens.labels(tier, "prompt").inc(last.prompt_tokens)
             self.metrics.tokens.labels(tier, "completion").inc(last.completion_tokens)
+        if self.query_log is None:
+            return
+        plan = outcome.plan
+        self.query_log.append(
+            QueryRecord(
+                request_id=request_id,
+                router=plan.router if plan.router not in ("explicit", "forced") else "none",
+                tier=tier,
+                score=plan.score,
+                threshold=plan.thresholds[-1] if plan.thresholds else None,
+                tier_chain=tuple(outcome.tier_chain or [plan.tier]),
+                escalated=outcome.escalated,
+                confidences=tuple(outcome.confidences),
+                latency_ms=latency_s * 1000,
+                prompt_tokens=getattr(last, "prompt_tokens", 0),
+                completion_tokens=getattr(last, "completion_tokens", 0),
+                status=_status_word(status),
+                prompt=routing_text,
+            )
+        )
+
+
+def _status_word(status: int) -> str:
+    if status < 400:
+        return "ok"
+    if status in (429, 503):
+        return "rejected"
+    if status == 499:
+        return "cancelled"
+    return "error"

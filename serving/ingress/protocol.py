@@ -157,6 +157,24 @@ class CompletionRequest(_Request):
         return self.prompt_text()
 
 
+SEED_LABELS = frozenset({"small", "medium", "large"})
+"""Labels of the shipped exemplar set; the router maps them onto the configured tiers."""
+
+
+class _NewExemplar(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    text: str = Field(min_length=1, max_length=20_000)
+    tier: str = Field(min_length=1)
+    source: str = "admin-api"
+
+
+class AddExemplarsRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    exemplars: list[_NewExemplar] = Field(min_length=1, max_length=10_000)
+
+
 # ---- responses ---------------------------------------------------------------------------------
 
 
