@@ -1,0 +1,139 @@
+"""`model="auto"` goes through the router deployment (real MiniLM + Qdrant local mode + shipped exemplars)."""
+
+from __future__ import annotations
+
+import time
+
+import httpx
+import openai
+import pytest
+import ray
+
+from tests.e2e.conftest import API_KEY
+
+pytestmark = pytest.mark.e2e
+AUTH = {"Authorization": f"Bearer {API_KEY}"}
+
+# Written for this test, not taken from the shipped exemplars.
+ROUTINE = [
+    "Pull the phone number out of this line: 'Call Dana at 555-0142 after lunch.'",
+    "Is 'jane.doe@@example.org' a valid email address? Answer yes or no.",
+    "Convert 'twelve thousand five hundred' to digits.",
+]
+HARD = [
+    "A patient on warfarin starts amiodarone and has a new INR of 5.8 with mild gum bleeding; weigh the options "
+    "for reversal against thrombotic risk and justify a management plan step by step.",
+    "Compare the enforceability of a non-compete clause under California, New York and German law for a remote "
+    "engineer, and advise the employer on drafting risks.",
+    "Design and implement a lock-free multi-producer multi-consumer queue in C++ with hazard-pointer memory "
+    "reclamation, then prove it is linearizable.",
+]
+
+
+def _route(base_url: str, body: dict) -> dict:
+    r = httpx.post(base_url + "/v1/route", json=body, headers=AUTH, timeout=30)
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+@pytest.mark.parametrize(("prompt", "tier"), [(p, "small") for p in ROUTINE] + [(p, "large") for p in HARD])
+def test_auto_routes_by_difficulty_with_visible_decision(client: openai.OpenAI, prompt: str, tier: str) -> None:
+    raw = client.chat.completions.with_raw_response.create(
+        model="auto", messages=[{"role": "user", "content": prompt}], max_tokens=3
+    )
+    assert raw.headers["x-tierserve-tier"] == tier
+    assert raw.headers["x-tierserve-router"] == "knn"
+    score = float(raw.headers["x-tierserve-score"])
+    assert (score >= 0.5) == (tier == "large")
+    assert float(raw.headers["x-tierserve-overhead-ms"]) > 0
+    meta = raw.parse().model_extra["tierserve"]
+    assert meta["tier"] == tier and meta["router"] == "knn" and not meta["fallback"]
+    assert meta["score"] == pytest.approx(score, abs=1e-4)
+
+
+def test_every_sse_chunk_carries_the_decision(client: openai.OpenAI) -> None:
+    chunks = list(
+        client.chat.completions.create(
+            model="auto", messages=[{"role": "user", "content": HARD[0]}], max_tokens=5, stream=True
+        )
+    )
+    assert chunks
+    assert all(c.model_extra["tierserve"]["tier"] == "large" for c in chunks)
+    assert all(c.model_extra["tierserve"]["router"] == "knn" for c in chunks)
+
+
+def test_threshold_in_model_name_moves_the_boundary(base_url: str) -> None:
+    msg = [{"role": "user", "content": HARD[1]}]
+    assert _route(base_url, {"model": "auto", "messages": msg})["tier"] == "large"
+    lenient = _route(base_url, {"model": "router-knn-1.0", "messages": msg})
+    assert lenient["tier"] == "small" and lenient["thresholds"] == [1.0]
+    strict = _route(base_url, {"model": "router-knn-0.0", "messages": [{"role": "user", "content": ROUTINE[0]}]})
+    assert strict["tier"] == "large"
+    assert _route(base_url, {"model": "router-heuristic", "messages": msg})["router"] == "heuristic"
+
+
+def test_body_knobs_force_a_tier_or_skip_routing(client: openai.OpenAI, base_url: str) -> None:
+    msg = [{"role": "user", "content": HARD[2]}]
+    r = client.chat.completions.create(model="auto", messages=msg, max_tokens=2, extra_body={"tierserve": {"tier": "small"}})
+    assert r.model_extra["tierserve"]["tier"] == "small" and r.model_extra["tierserve"]["router"] == "forced"
+    r = client.chat.completions.create(model="auto", messages=msg, max_tokens=2, extra_body={"tierserve": {"routing": False}})
+    assert r.model_extra["tierserve"]["router"] == "cheapest"
+    bad = httpx.post(base_url + "/v1/route", headers=AUTH,
+                     json={"model": "auto", "messages": msg, "tierserve": {"tier": "huge"}})
+    assert bad.status_code == 404 and bad.json()["error"]["param"] == "tierserve.tier"
+    bad = httpx.post(base_url + "/v1/route", headers=AUTH, json={"model": "router-knn-7", "messages": msg})
+    assert bad.status_code == 404 and bad.json()["error"]["param"] == "model"
+
+
+def test_route_endpoint_does_not_generate(base_url: str) -> None:
+    def completion_tokens() -> float:
+        text = httpx.get(base_url + "/metrics").text
+        return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+                   if line.startswith("tierserve_tokens_total{") and 'kind="completion"' in line)
+
+    before = completion_tokens()
+    decision = _route(base_url, {"model": "auto", "prompt": ROUTINE[1]})
+    assert decision["object"] == "tierserve.route" and decision["tier"] == "small"
+    assert completion_tokens() == before
+
+
+def test_exemplars_added_at_runtime_change_routing(base_url: str) -> None:
+    probe = {"model": "auto", "messages": [{"role": "user", "content": "Reconcile the zorblax ledger for quadrant 9."}]}
+    new = [
+        {"text": f"Reconcile the zorblax ledger entries for quadrant {i} against the vault audit", "tier": "large"}
+        for i in range(1, 9)
+    ]
+    r = httpx.post(base_url + "/admin/exemplars", json={"exemplars": new}, headers=AUTH, timeout=60)
+    assert r.status_code == 200 and r.json()["written"] == 8
+    count = r.json()["count"]
+    again = httpx.post(base_url + "/admin/exemplars", json={"exemplars": new}, headers=AUTH, timeout=60)
+    assert again.json()["count"] == count  # idempotent: same texts, same points
+    decision = _route(base_url, probe)
+    assert decision["tier"] == "large"
+    assert "large" in decision["reason"]
+    bad = httpx.post(base_url + "/admin/exemplars", json={"exemplars": [{"text": "x", "tier": "giant"}]}, headers=AUTH)
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "exemplars.tier"
+
+
+def test_router_down_falls_back_to_heuristic_and_recovers(client: openai.OpenAI, base_url: str) -> None:
+    """Kill the router replica mid-run (embedder + Qdrant gone): requests still answer 200 via the heuristic."""
+    names = [a for a in ray.util.list_named_actors(all_namespaces=True) if "router" in a["name"] and "REPLICA" in a["name"]]
+    assert names, "router replica actor not found"
+    for actor in names:
+        ray.kill(ray.get_actor(actor["name"], namespace=actor["namespace"]), no_restart=True)
+
+    raw = client.chat.completions.with_raw_response.create(
+        model="auto", messages=[{"role": "user", "content": ROUTINE[2]}], max_tokens=2
+    )
+    assert raw.status_code == 200
+    assert raw.headers["x-tierserve-router"] == "heuristic-fallback"
+    assert raw.parse().model_extra["tierserve"]["fallback"] is True
+    assert "tierserve_router_fallbacks_total" in httpx.get(base_url + "/metrics").text
+
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline:  # Ray Serve replaces the replica; kNN routing resumes
+        if _route(base_url, {"model": "auto", "prompt": ROUTINE[0]})["router"] == "knn":
+            break
+        time.sleep(2)
+    else:
+        pytest.fail("router did not recover within 180 s")
