@@ -147,7 +147,7 @@ class Router:
                 )
 
         elapsed_ms = (time.perf_counter() - start) * 1000
-        return [_timed(d, elapsed_ms, embed_ms) for d in decisions if d is not None]
+        return [_timed(d, elapsed_ms, embed_ms, len(inputs)) for d in decisions if d is not None]
 
     # -- exemplars ------------------------------------------------------------------------------------------
 
@@ -294,5 +294,10 @@ def _knn_reason(neighbors: tuple[Neighbor, ...], weighting: str) -> str:
     return f"knn ({weighting}) over {len(neighbors)} exemplars: {tally}{nearest}"
 
 
-def _timed(decision: RouteDecision, overhead_ms: float, embed_ms: float) -> RouteDecision:
-    return replace(decision, overhead_ms=overhead_ms, embed_ms=embed_ms if decision.router == "knn" else 0.0)
+def _timed(decision: RouteDecision, overhead_ms: float, embed_ms: float, batch_size: int) -> RouteDecision:
+    return replace(
+        decision,
+        overhead_ms=overhead_ms,
+        embed_ms=embed_ms if decision.router == "knn" else 0.0,
+        batch_size=batch_size,
+    )

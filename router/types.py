@@ -120,6 +120,8 @@ class RouteDecision:
     """Time spent deciding, including the wait for a batch."""
     embed_ms: float = 0.0
     """Share of the decision spent embedding (the batch's embedding time)."""
+    batch_size: int = 1
+    """Requests decided together with this one (one embedding pass and one kNN query)."""
     neighbors: tuple[Neighbor, ...] = ()
     """The nearest exemplars (kNN only), most similar first."""
 
