@@ -28,6 +28,7 @@ def _tier_deployment_options(config: AppConfig, tier: TierConfig) -> dict[str, A
         "health_check_period_s": 10,
         "health_check_timeout_s": 30,
         "graceful_shutdown_timeout_s": 10,
+        "logging_config": {"enable_access_log": False},  # the ingress polls load 4x a second
     }
     if d.autoscaling is not None:
         a = d.autoscaling

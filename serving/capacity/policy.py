@@ -136,9 +136,11 @@ def choose_tier(
     load = loads.get(planned)
     if not cfg.enabled:
         return result("keep", planned_tier_index, "disabled", None)
-    if not is_known(load, cfg, now=now):
+    # A tier at its admission limit is full whatever its (possibly stale) engine stats say.
+    at_limit = inflight is not None and inflight.get(planned, 0) >= cfg.limits_for(planned).max_inflight
+    if not at_limit and not is_known(load, cfg, now=now):
         return result("keep", planned_tier_index, "unknown_load", None)
-    sat = saturation(load, cfg)
+    sat = max(saturation(load, cfg) if is_known(load, cfg, now=now) else 0.0, 1.0 if at_limit else 0.0)
     if sat < 1.0:
         return result("keep", planned_tier_index, "headroom", sat)
 

@@ -77,7 +77,7 @@ class Ingress:
     ) -> None:
         self.config = config
         self.metrics = Metrics()
-        self.tiers = TierClient(tier_handles, poll_interval_s=0.25)
+        self.tiers = TierClient(tier_handles, poll_interval_s=config.capacity.poll_interval_s)
         self.router = router
         self.pipeline = Pipeline(config, self.tiers, self.metrics, router)
         self.api_keys = config.api_keys()
@@ -200,7 +200,7 @@ class Ingress:
             logprobs = gen_request.sampling.logprobs
             if body.stream:
                 return await self._stream(endpoint, kind, body, gen_request, outcome, started)
-            result = await self.pipeline.generate(gen_request, outcome)
+            result = await self.pipeline.generate(gen_request, outcome, body.options)
             build = chat_response if kind == "chat" else completion_response
             payload = build(request_id, body.model, result, logprobs, outcome.meta())
             self.pipeline.record(
@@ -218,7 +218,7 @@ class Ingress:
     async def _stream(
         self, endpoint: str, kind: str, body: Any, gen_request: GenerationRequest, outcome: Outcome, started: float
     ) -> Response:
-        chunks = await self.pipeline.stream(gen_request, outcome)
+        chunks = await self.pipeline.stream(gen_request, outcome, body.options)
         # Pull the first chunk before answering so errors (context length, overload) get a real status.
         first = await anext(chunks)
         self.metrics.ttft.labels(outcome.tier).observe(time.perf_counter() - started)

@@ -6,15 +6,18 @@ import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 from router.heuristic import HeuristicScorer
 from router.querylog import QueryLog, QueryRecord
 from router.scoring import tier_for_score, with_threshold
 from router.types import RouteDecision, RouteInput, parse_router_model
+from serving.cascade import CascadeOverride, CascadePolicy, TierAttempt, cascade_policy
 from serving.config import AppConfig
 from serving.errors import ModelNotFound
+from serving.ingress.admission import CapacityController
+from serving.ingress.cascade_run import CascadeRunner, strip_logprobs
 from serving.ingress.tiers import TierClient
 from serving.metrics import Metrics
 from serving.types import GenerationChunk, GenerationRequest, GenerationResult
@@ -45,6 +48,9 @@ class Outcome:
     confidences: list[float] = field(default_factory=list)
     escalated: bool = False
     capacity: str | None = None
+    """How load moved the request (e.g. `spill_up:spill_up`), None when it stayed on its routed tier."""
+    cascade_reason: str | None = None
+    wasted_tokens: dict[str, int] = field(default_factory=dict)
 
     @property
     def tier(self) -> str:
@@ -63,6 +69,8 @@ class Outcome:
             "tier_chain": list(self.tier_chain or [self.plan.tier]),
             "confidences": [round(c, 6) for c in self.confidences],
             "escalated": self.escalated,
+            "cascade_reason": self.cascade_reason,
+            "wasted_tokens": dict(self.wasted_tokens),
             "capacity": self.capacity,
         }
 
@@ -95,6 +103,8 @@ class Pipeline:
         self.query_log = (
             QueryLog.from_config(config.query_log, config.resolved_data_dir()) if config.query_log.enabled else None
         )
+        self.capacity = CapacityController(config.capacity, config.tier_names, tiers, metrics)
+        self.cascade = CascadeRunner(config.tier_names, self._generate_on, self._stream_on)
         self._heuristic = HeuristicScorer(config.router.heuristic)
         self._thresholds = config.router.thresholds_for(len(config.tiers))
 
@@ -177,15 +187,85 @@ class Pipeline:
 
     # ---- generation ---------------------------------------------------------------------------
 
-    async def generate(self, request: GenerationRequest, outcome: Outcome) -> GenerationResult:
-        tier = outcome.plan.tier
-        outcome.tier_chain.append(tier)
-        return await self.tiers.generate(tier, request)
+    async def _generate_on(self, tier: str, request: GenerationRequest) -> GenerationResult:
+        async with self.capacity.slot(tier):
+            return await self.tiers.generate(tier, request)
 
-    async def stream(self, request: GenerationRequest, outcome: Outcome) -> AsyncIterator[GenerationChunk]:
-        tier = outcome.plan.tier
-        outcome.tier_chain.append(tier)
-        return self.tiers.stream(tier, request)
+    async def _stream_on(self, tier: str, request: GenerationRequest) -> AsyncIterator[GenerationChunk]:
+        async with self.capacity.slot(tier):
+            async for chunk in self.tiers.stream(tier, request):
+                yield chunk
+
+    def _entry_index(self, outcome: Outcome) -> int:
+        """The routed tier, or a neighbour when load says so (only for routed requests)."""
+        plan = outcome.plan
+        if plan.router in ("explicit", "forced"):
+            return self.config.tier_names.index(plan.tier)
+        decision = self.capacity.place(plan.tier, plan.score, plan.thresholds)
+        if decision.action != "keep":
+            outcome.capacity = f"{decision.action}:{decision.reason}"
+            self.metrics.capacity_moves.labels(plan.tier, decision.tier).inc()
+        return decision.tier_index
+
+    def _policy(self, outcome: Outcome, options: Any) -> CascadePolicy | None:
+        override = None
+        if options.cascade is not None or options.cascade_method or options.cascade_threshold is not None:
+            override = CascadeOverride(
+                enabled=options.cascade, method=options.cascade_method, threshold=options.cascade_threshold
+            )
+        routed = outcome.plan.router not in ("explicit", "forced")
+        return cascade_policy(self.config.cascade, self.config.tier_names, routed=routed, override=override)
+
+    def _trace(self, outcome: Outcome, attempts: list[TierAttempt], reason: str | None, final: bool) -> None:
+        outcome.tier_chain = [a.tier for a in attempts]
+        outcome.confidences = [a.confidence for a in attempts if a.confidence is not None]
+        outcome.escalated = any(a.escalated for a in attempts)
+        outcome.cascade_reason = reason
+        if not final:
+            return
+        for a, nxt in zip(attempts, attempts[1:], strict=False):
+            if a.escalated:
+                wasted = a.prompt_tokens + a.completion_tokens + a.scoring_tokens
+                outcome.wasted_tokens[a.tier] = outcome.wasted_tokens.get(a.tier, 0) + wasted
+                self.metrics.escalations.labels(a.tier, nxt.tier).inc()
+                self.metrics.wasted_tokens.labels(a.tier).inc(wasted)
+
+    async def generate(self, request: GenerationRequest, outcome: Outcome, options: Any) -> GenerationResult:
+        """A whole answer: entry tier by route and load, then the cascade if the request has one."""
+        index = self._entry_index(outcome)
+        policy = self._policy(outcome, options)
+        if policy is None:
+            tier = self.config.tier_names[index]
+            outcome.tier_chain.append(tier)
+            return await self._generate_on(tier, request)
+        result, attempts, reason = await self.cascade.run(request, policy, index)
+        self._trace(outcome, attempts, reason, final=True)
+        return strip_logprobs(result, request.sampling)
+
+    async def stream(
+        self, request: GenerationRequest, outcome: Outcome, options: Any
+    ) -> AsyncIterator[GenerationChunk]:
+        """A chunk stream whose first chunk arrives only once the answering tier is decided."""
+        index = self._entry_index(outcome)
+        policy = self._policy(outcome, options)
+        if policy is None:
+            tier = self.config.tier_names[index]
+            outcome.tier_chain.append(tier)
+            return self._stream_on(tier, request)
+        return self._cascade_stream(request, policy, index, outcome)
+
+    async def _cascade_stream(
+        self, request: GenerationRequest, policy: CascadePolicy, index: int, outcome: Outcome
+    ) -> AsyncIterator[GenerationChunk]:
+        attempts: list[TierAttempt] = []
+        inner = self.cascade.stream(request, policy, index, attempts)
+        try:
+            async for chunk in inner:
+                self._trace(outcome, attempts, None, final=False)
+                yield chunk if request.sampling.logprobs else replace(chunk, token_logprobs=())
+        finally:
+            await inner.aclose()
+            self._trace(outcome, attempts, "escalated" if outcome.escalated else "accepted", final=True)
 
     def record(
         self,

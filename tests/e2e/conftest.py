@@ -22,6 +22,15 @@ def e2e_config_dict(data_dir: Path) -> dict:
     cfg = yaml.safe_load((REPO / "deploy" / "cpu.yaml").read_text())
     cfg["data_dir"] = str(data_dir)
     cfg["http"] = {"host": "127.0.0.1", "port": PORT, "api_keys": [API_KEY]}
+    # A narrow small tier so a burst saturates it; capacity routing on, with admission limits per tier.
+    cfg["tiers"][0]["engine"]["max_num_seqs"] = 8
+    cfg["capacity"] = {
+        "enabled": True,
+        "poll_interval_s": 0.2,
+        "stats_max_age_s": 1.0,
+        "defaults": {"max_waiting": 2, "max_inflight": 24},
+        "reject_status": 503,
+    }
     return cfg
 
 
@@ -30,9 +39,12 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
     import os
 
     data_dir = Path(os.environ["TIERSERVE_DATA_DIR"])
-    generate_tiny_models(data_dir / "models")
     raw = e2e_config_dict(data_dir)
     config = parse_config(raw, "e2e")
+    if os.environ.get("TIERSERVE_TEST_URL"):  # iterate against a stack already started with this config
+        yield {"url": os.environ["TIERSERVE_TEST_URL"], "config": config, "raw": raw}
+        return
+    generate_tiny_models(data_dir / "models")
     url = launch.start(config, wait_s=900)
     try:
         yield {"url": url, "config": config, "raw": raw}

@@ -1,0 +1,83 @@
+"""Capacity state at the ingress: in-flight counts, recent throughput, and the calls into the pure policy."""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+
+from serving.capacity import CapacityDecision, admit, choose_tier
+from serving.capacity.config import CapacityConfig
+from serving.errors import Overloaded
+from serving.ingress.tiers import TierClient
+from serving.metrics import Metrics
+
+
+class CapacityController:
+    """Holds per-tier in-flight counts; every tier call runs inside `slot(tier)`."""
+
+    def __init__(self, cfg: CapacityConfig, tier_names: Sequence[str], tiers: TierClient, metrics: Metrics) -> None:
+        self.cfg = cfg
+        self.tier_names = list(tier_names)
+        self.tiers = tiers
+        self.metrics = metrics
+        self.inflight = {name: 0 for name in tier_names}
+        self._done: dict[str, deque[float]] = {name: deque() for name in tier_names}
+
+    def place(self, tier: str, score: float | None, thresholds: Sequence[float]) -> CapacityDecision:
+        """Keep the routed tier or move it by load (pure policy on the cached load view)."""
+        loads = self.tiers.loads(max_age_s=self.cfg.stats_max_age_s)
+        return choose_tier(
+            self.tier_names.index(tier),
+            0.5 if score is None else score,
+            thresholds if len(thresholds) == len(self.tier_names) - 1 else self._default_thresholds(),
+            loads,
+            self.tier_names,
+            self.cfg,
+            now=time.time(),
+            inflight=self.inflight,
+        )
+
+    def _default_thresholds(self) -> tuple[float, ...]:
+        n = len(self.tier_names)
+        return tuple((i + 1) / n for i in range(n - 1))
+
+    def throughput_rps(self, tier: str) -> float | None:
+        window = self.cfg.stats_window_s
+        done = self._done[tier]
+        now = time.monotonic()
+        while done and now - done[0] > window:
+            done.popleft()
+        return len(done) / window if done else None
+
+    def check(self, tier: str) -> None:
+        """Raise Overloaded (429/503 + Retry-After) when the tier is at its admission limit."""
+        verdict = admit(
+            self.inflight,
+            tier,
+            self.cfg,
+            load=self.tiers.loads(max_age_s=self.cfg.stats_max_age_s).get(tier),
+            throughput_rps=self.throughput_rps(tier),
+        )
+        if not verdict.admitted:
+            self.metrics.rejections.labels(tier, str(verdict.status)).inc()
+            raise Overloaded.make(
+                f"Tier '{tier}' is at its limit of {verdict.limit} requests in flight; retry after "
+                f"{verdict.retry_after_s} s.",
+                retry_after_s=verdict.retry_after_s or self.cfg.retry_after_default_s,
+                status_code=verdict.status or self.cfg.reject_status,
+            )
+
+    @asynccontextmanager
+    async def slot(self, tier: str) -> AsyncIterator[None]:
+        """Admit one call to `tier` for the duration of the block (or raise Overloaded)."""
+        self.check(tier)
+        self.inflight[tier] += 1
+        self.metrics.inflight.labels(tier).set(self.inflight[tier])
+        try:
+            yield
+        finally:
+            self.inflight[tier] -= 1
+            self.metrics.inflight.labels(tier).set(self.inflight[tier])
+            self._done[tier].append(time.monotonic())
