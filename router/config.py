@@ -198,9 +198,10 @@ class RouterConfig(_Strict):
     seed_default_exemplars: bool = True
     """On start, load the shipped default exemplar set if the collection is empty."""
     batch_max_size: int = Field(default=64, ge=1, le=1024)
-    """Most concurrent route requests the router deployment embeds in one batch."""
-    batch_wait_timeout_s: float = Field(default=0.002, ge=0.0, le=1.0)
-    """How long the first request of a batch waits for more to arrive; adds directly to latency when idle."""
+    """Most concurrent route requests the router embeds in one batch."""
+    batch_wait_timeout_s: float = Field(default=0.0, ge=0.0, le=1.0)
+    """Extra time a batch waits for company after its first request. 0: a batch starts as soon as the
+    previous one finishes, with everything that queued meanwhile (no added latency when idle)."""
     num_replicas: int = Field(default=1, ge=1)
     """Router deployment replicas. Embedded Qdrant (no `store.url`) allows only one."""
     num_cpus: float = Field(default=1.0, ge=0.0)

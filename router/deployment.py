@@ -1,7 +1,9 @@
 """`RouterDeployment`: the router as a Ray Serve deployment (`serve.deployment(...)` is applied in build_app).
 
-Concurrent `route()` calls are gathered by `@serve.batch` so one embedding pass and one kNN query serve a
-whole batch; the batch runs in a worker thread so the replica's event loop keeps accepting requests.
+Concurrent `route()` calls are gathered by an `AdaptiveBatcher` so one embedding pass and one kNN query serve a
+whole batch; the batch runs in a worker thread so the replica's event loop keeps accepting requests. (Not
+`@serve.batch`: see router/batching.py for why.) The class needs no Ray to run, so tests and the benchmark use it
+in-process too.
 """
 
 from __future__ import annotations
@@ -13,8 +15,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import replace
 from pathlib import Path
 
-from ray import serve
-
+from router.batching import AdaptiveBatcher
 from router.config import RouterConfig
 from router.core import FallbackCause, Router
 from router.embedder import Embedder
@@ -38,21 +39,24 @@ class RouterDeployment:
         self._router = Router.build(
             router_config, tier_names, Path(data_dir), embedder=embedder, on_fallback=on_fallback
         )
-        # The batch queue belongs to the decorated method, so these apply to every instance in the process
-        # (one replica per process under Ray Serve).
-        self._route_batch.set_max_batch_size(router_config.batch_max_size)
-        self._route_batch.set_batch_wait_timeout_s(router_config.batch_wait_timeout_s)
+        self._batcher = AdaptiveBatcher(
+            self._router.route_inputs,
+            max_size=router_config.batch_max_size,
+            wait_s=router_config.batch_wait_timeout_s,
+        )
         self._admin_lock = asyncio.Lock()
 
     async def route(self, request: RouteInput) -> RouteDecision:
         """The decision for one request; `overhead_ms` covers the wait for its batch and the batch itself."""
         start = time.perf_counter()
-        decision = await self._route_batch(request)
+        decision = await self._batcher.submit(request)
         return replace(decision, overhead_ms=(time.perf_counter() - start) * 1000)
 
-    @serve.batch(max_batch_size=64, batch_wait_timeout_s=0.002)
-    async def _route_batch(self, requests: list[RouteInput]) -> list[RouteDecision]:
-        return await asyncio.to_thread(self._router.route_inputs, requests)
+    def set_max_batch_size(self, max_size: int) -> None:
+        self._batcher.max_size = max_size
+
+    def set_batch_wait_timeout_s(self, wait_s: float) -> None:
+        self._batcher.wait_s = wait_s
 
     async def add_exemplars(self, exemplars: Sequence[Exemplar]) -> int:
         """Embed and store exemplars at runtime (the admin endpoint); returns how many were written."""
@@ -72,3 +76,8 @@ class RouterDeployment:
         """Healthy while it can route; a missing store only degrades routing to the heuristic, so it passes."""
         if self._router.store is None:
             logger.warning("router is healthy but degraded: exemplar store unavailable, heuristic routing")
+
+    def close(self) -> None:
+        """Stop batching and release the store's folder lock."""
+        self._batcher.close()
+        self._router.close()

@@ -203,3 +203,24 @@ def test_cli_import_count_and_locked_folder(tmp_path, capsys, monkeypatch):
         assert "in use by another process" in err and "router.store.url" in err
     finally:
         held.close()
+
+
+def test_deployment_class_batches_concurrent_requests_in_process(tmp_path, embedder):
+    import asyncio
+
+    from router.deployment import RouterDeployment
+    from router.types import RouteInput
+
+    deployment = RouterDeployment(RouterConfig(), TIERS, str(tmp_path), embedder=embedder)
+    texts = NEAR_SMALL + NEAR_LARGE
+
+    async def main():
+        return await asyncio.gather(*(deployment.route(RouteInput(t)) for t in texts))
+
+    try:
+        decisions = asyncio.run(main())
+    finally:
+        deployment.close()
+    assert [d.tier for d in decisions] == ["small"] * len(NEAR_SMALL) + ["large"] * len(NEAR_LARGE)
+    # All are queued in one event-loop tick, before the batch worker first runs: one embedding pass serves all.
+    assert {d.batch_size for d in decisions} == {len(texts)}

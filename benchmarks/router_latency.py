@@ -1,0 +1,188 @@
+"""Routing-decision latency and throughput: embed + kNN + policy, at 1 and 64 concurrent requests.
+
+Runs in-process: `RouterDeployment` (the class Ray Serve deploys: adaptive batching, one batch at a time in a
+worker thread) over an embedded Qdrant store, called by asyncio clients in closed loops. Exemplar vectors
+beyond the shipped set are synthetic (random unit vectors, random labels); every query embedding is real (the
+bundled MiniLM). Latency is measured around `RouterDeployment.route` (no Ray hop).
+
+    .venv/bin/python benchmarks/router_latency.py                 # 1k and 10k exemplars, c=1 and c=64
+    .venv/bin/python benchmarks/router_latency.py --sizes 10000 --requests 300 --threads 1
+
+Prints figures; asserts nothing. Numbers depend on what else runs on the cores (vLLM, other tests).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import statistics
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import numpy as np  # noqa: E402
+
+from router.config import EmbedderConfig, KnnConfig, RouterConfig  # noqa: E402
+from router.deployment import RouterDeployment  # noqa: E402
+from router.embedder import Embedder, build_embedder  # noqa: E402
+from router.exemplars import load_default_exemplars  # noqa: E402
+from router.store import ExemplarStore  # noqa: E402
+from router.types import Exemplar, RouteInput  # noqa: E402
+
+TIERS = ["small", "large"]
+
+
+@dataclass
+class Run:
+    latencies_ms: list[float]
+    embed_ms: list[float]
+    batch_sizes: list[int]
+    wall_s: float
+
+    def line(self, label: str) -> str:
+        lat = np.array(self.latencies_ms)
+        emb = np.array(self.embed_ms)
+        rest = lat - emb
+        return (
+            f"{label:<22} n={len(lat):>5}  decision p50 {np.percentile(lat, 50):6.2f} ms  p95 "
+            f"{np.percentile(lat, 95):6.2f} ms | embed p50 {np.percentile(emb, 50):6.2f} ms | rest p50 "
+            f"{np.percentile(rest, 50):5.2f} ms p95 {np.percentile(rest, 95):5.2f} ms | mean batch "
+            f"{statistics.mean(self.batch_sizes):5.1f} | {len(lat) / self.wall_s:7.1f} decisions/s"
+        )
+
+
+def query_texts(n: int) -> list[str]:
+    base = [ex.text for ex in load_default_exemplars()]
+    rng = np.random.default_rng(1)
+    # Real prompts, altered so no query is an exact exemplar (its nearest neighbour is a near-duplicate).
+    return [f"{base[i % len(base)]} Please answer for case {rng.integers(1_000_000)}." for i in range(n)]
+
+
+def fill_store(store: ExemplarStore, embedder: Embedder, size: int) -> None:
+    defaults = load_default_exemplars()
+    store.upsert(defaults, embedder.embed([ex.text for ex in defaults]))
+    rng = np.random.default_rng(0)
+    missing = size - len(defaults)
+    for start in range(0, missing, 2000):
+        count = min(2000, missing - start)
+        vectors = rng.normal(size=(count, embedder.dim)).astype(np.float32)
+        vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+        labels = rng.choice(TIERS, size=count)
+        synthetic = [Exemplar(f"synthetic exemplar {start + i}", str(labels[i]), source="bench") for i in range(count)]
+        store.upsert(synthetic, vectors)
+
+
+async def closed_loop(deployment: RouterDeployment, texts: list[str], concurrency: int) -> Run:
+    latencies, embeds, sizes = [], [], []
+    pending = iter(texts)
+
+    async def client() -> None:
+        for text in pending:
+            start = time.perf_counter()
+            decision = await deployment.route(RouteInput(text))
+            latencies.append((time.perf_counter() - start) * 1000)
+            embeds.append(decision.embed_ms)
+            sizes.append(decision.batch_size)
+
+    start = time.perf_counter()
+    await asyncio.gather(*(client() for _ in range(concurrency)))
+    return Run(latencies, embeds, sizes, time.perf_counter() - start)
+
+
+def embedder_figures(embedder: Embedder, texts: list[str], batch: int, repeats: int) -> tuple[float, float]:
+    """(single-text p50 ms, texts/s when embedding `batch` texts at a time)."""
+    embedder.embed(texts[:batch])
+    singles = []
+    for text in texts[:repeats]:
+        t0 = time.perf_counter()
+        embedder.embed([text])
+        singles.append((time.perf_counter() - t0) * 1000)
+    chunks = [texts[i : i + batch] for i in range(0, min(len(texts), batch * repeats // 4 + batch), batch)]
+    t0 = time.perf_counter()
+    done = sum(len(embedder.embed(chunk)) for chunk in chunks)
+    return float(np.median(singles)), done / (time.perf_counter() - t0)
+
+
+def knn_figures(store: ExemplarStore, embedder: Embedder, texts: list[str], k: int) -> str:
+    single = embedder.embed(texts[:1])
+    many = embedder.embed(texts[:64])
+    times = {}
+    for label, queries, repeats in (("1 query", single, 50), ("64 queries", many, 10)):
+        samples = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            store.query(queries, k)
+            samples.append((time.perf_counter() - t0) * 1000)
+        times[label] = float(np.median(samples))
+    return ", ".join(f"{label} {ms:.2f} ms" for label, ms in times.items())
+
+
+async def bench_size(args: argparse.Namespace, embedder: Embedder, size: int, texts: list[str]) -> None:
+    with tempfile.TemporaryDirectory() as data_dir:
+        cfg = RouterConfig(
+            knn=KnnConfig(k=args.k),
+            embedder=EmbedderConfig(num_threads=args.threads),
+            batch_max_size=args.batch_max,
+            batch_wait_timeout_s=args.wait_ms / 1000,
+        )
+        path = Path(data_dir) / "qdrant"
+        store = ExemplarStore(collection=cfg.store.collection, dim=embedder.dim, path=path)
+        t0 = time.perf_counter()
+        fill_store(store, embedder, size)
+        print(f"\n== {store.count()} exemplars (filled in {time.perf_counter() - t0:.1f} s)")
+        print(f"kNN alone, in-memory matrix search:    {knn_figures(store, embedder, texts, args.k)}")
+        store.close()
+        if args.qdrant_knn:
+            store = ExemplarStore(collection=cfg.store.collection, dim=embedder.dim, path=path, local_search="qdrant")
+            print(f"kNN alone, qdrant-client local search: {knn_figures(store, embedder, texts, args.k)}")
+            store.close()
+
+        deployment = RouterDeployment(cfg, TIERS, data_dir, embedder=embedder)
+        try:
+            await closed_loop(deployment, texts[:16], 1)  # warm-up
+            one = await closed_loop(deployment, texts[: args.requests], 1)
+            print(one.line("concurrency 1"))
+            many = await closed_loop(deployment, texts[: args.requests * 4], 64)
+            print(many.line("concurrency 64"))
+            fallbacks = await deployment.fallbacks()
+            assert not fallbacks, fallbacks
+        finally:
+            deployment.close()
+        _, embed_tput = embedder_figures(embedder, texts, args.batch_max, 32)
+        decisions_per_s = len(many.latencies_ms) / many.wall_s
+        print(
+            f"at 64 concurrent: {decisions_per_s:.1f} decisions/s vs embedder alone {embed_tput:.1f} texts/s "
+            f"(batches of {args.batch_max}, measured right after) -> {100 * decisions_per_s / embed_tput:.0f}%"
+        )
+
+
+async def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--sizes", type=int, nargs="+", default=[1000, 10000])
+    parser.add_argument("--requests", type=int, default=200, help="requests at concurrency 1 (x4 at 64)")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads for the embedder")
+    parser.add_argument("--batch-max", type=int, default=64)
+    parser.add_argument("--wait-ms", type=float, default=RouterConfig().batch_wait_timeout_s * 1000)
+    parser.add_argument("--k", type=int, default=10)
+    parser.add_argument("--qdrant-knn", action="store_true", help="also time qdrant-client's own local search")
+    args = parser.parse_args()
+
+    embedder = build_embedder(EmbedderConfig(num_threads=args.threads))
+    texts = query_texts(max(args.requests * 4, 256))
+    single_ms, tput = embedder_figures(embedder, texts, args.batch_max, 32)
+    print(
+        f"embedder {embedder.name}, {args.threads} thread(s): single text p50 {single_ms:.2f} ms; "
+        f"batched {tput:.1f} texts/s (batches of {args.batch_max}); "
+        f"batch wait {args.wait_ms:.1f} ms; load average {os.getloadavg()[0]:.2f} on {os.cpu_count()} cores"
+    )
+    for size in args.sizes:
+        await bench_size(args, embedder, size, texts)
+
+
+if __name__ == "__main__":
+    asyncio.run(main())

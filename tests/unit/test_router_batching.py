@@ -1,0 +1,90 @@
+"""AdaptiveBatcher: batches grow with the backlog, lone requests do not wait, errors reach every caller."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+
+import pytest
+
+from router.batching import AdaptiveBatcher
+
+
+class Recorder:
+    """A batched function that doubles its inputs, records batch sizes, and can block the first batch."""
+
+    def __init__(self, first_call_s: float = 0.0, fail_on: int | None = None) -> None:
+        self.sizes: list[int] = []
+        self.first_call_s = first_call_s
+        self.fail_on = fail_on
+        self.threads: set[int] = set()
+
+    def __call__(self, items: list[int]) -> list[int]:
+        self.threads.add(threading.get_ident())
+        self.sizes.append(len(items))
+        if len(self.sizes) == 1 and self.first_call_s:
+            time.sleep(self.first_call_s)
+        if self.fail_on is not None and self.fail_on in items:
+            raise ValueError(f"bad item {self.fail_on}")
+        return [2 * i for i in items]
+
+
+def test_requests_arriving_during_a_batch_form_the_next_batch():
+    fn = Recorder(first_call_s=0.2)
+    batcher = AdaptiveBatcher(fn, max_size=64)
+
+    async def main():
+        first = asyncio.create_task(batcher.submit(0))
+        await asyncio.sleep(0.05)  # the first batch is running now
+        rest = await asyncio.gather(*(batcher.submit(i) for i in range(1, 11)))
+        return [await first, *rest]
+
+    assert asyncio.run(main()) == [2 * i for i in range(11)]
+    assert fn.sizes == [1, 10]
+    assert threading.get_ident() not in fn.threads  # ran off the event loop
+
+
+def test_max_size_caps_batches_and_order_is_kept():
+    fn = Recorder()
+    batcher = AdaptiveBatcher(fn, max_size=8)
+
+    async def main():
+        return await asyncio.gather(*(batcher.submit(i) for i in range(30)))
+
+    assert asyncio.run(main()) == [2 * i for i in range(30)]
+    assert max(fn.sizes) == 8 and sum(fn.sizes) == 30
+
+
+def test_a_failing_batch_fails_its_callers_and_the_next_batch_still_runs():
+    fn = Recorder(fail_on=3)
+    batcher = AdaptiveBatcher(fn, max_size=64)
+
+    async def main():
+        failed = await asyncio.gather(*(batcher.submit(i) for i in range(5)), return_exceptions=True)
+        later = await batcher.submit(7)
+        return failed, later
+
+    failed, later = asyncio.run(main())
+    assert all(isinstance(r, ValueError) and "bad item 3" in str(r) for r in failed)
+    assert later == 14
+
+
+def test_wait_gathers_staggered_arrivals():
+    fn = Recorder()
+    batcher = AdaptiveBatcher(fn, max_size=64, wait_s=0.3)
+
+    async def main():
+        async def late(i: int) -> int:
+            await asyncio.sleep(0.02 * i)
+            return await batcher.submit(i)
+
+        return await asyncio.gather(*(late(i) for i in range(5)))
+
+    assert asyncio.run(main()) == [0, 2, 4, 6, 8]
+    assert fn.sizes == [5]
+
+
+def test_max_size_must_be_positive():
+    with pytest.raises(ValueError, match=r"max_size \(0\)"):
+        AdaptiveBatcher(lambda items: items, max_size=0)
