@@ -172,3 +172,23 @@ class TestAdmit:
         assert retry_after(1000, cfg, throughput_rps=1.0) == 30
         assert retry_after(5, cfg, throughput_rps=0.0) == 2
         assert retry_after(5, cfg, throughput_rps=math.nan) == 2
+
+
+class TestAdmissionLimitCountsAsSaturated:
+    """A tier at its in-flight limit is full even when its engine stats look idle or are stale."""
+
+    def test_at_limit_with_idle_stats_spills_up(self):
+        cfg = CapacityConfig(enabled=True, defaults={"max_inflight": 4})
+        d = choose(0, 0.1, IDLE, cfg, inflight={"small": 4, "large": 0})
+        assert (d.action, d.tier) == ("spill_up", "large")
+
+    def test_at_limit_with_unknown_stats_spills_up(self):
+        cfg = CapacityConfig(enabled=True, defaults={"max_inflight": 4})
+        loads = {"large": load("large")}  # small never reported
+        d = choose(0, 0.1, loads, cfg, inflight={"small": 4})
+        assert d.action == "spill_up"
+
+    def test_below_limit_with_unknown_stats_keeps(self):
+        cfg = CapacityConfig(enabled=True, defaults={"max_inflight": 4})
+        d = choose(0, 0.1, {"large": load("large")}, cfg, inflight={"small": 3})
+        assert (d.action, d.reason) == ("keep", "unknown_load")
