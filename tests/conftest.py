@@ -11,3 +11,8 @@ REPO = Path(__file__).resolve().parent.parent
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TIERSERVE_DATA_DIR", str(REPO / ".tierserve" / "test-data"))
+
+
+def pytest_collection_modifyitems(config, items) -> None:  # noqa: ANN001
+    """End-to-end tests last: their session-wide stack holds the Ray cluster until the session ends."""
+    items.sort(key=lambda item: "tests/e2e/" in str(item.fspath).replace("\\", "/"))

@@ -60,6 +60,7 @@ class Outcome:
         plan = asdict(self.plan)
         return {
             "tier": self.tier,
+            "routed_tier": plan["tier"],
             "router": plan["router"],
             "score": plan["score"],
             "thresholds": list(plan["thresholds"]),
@@ -189,12 +190,18 @@ class Pipeline:
 
     async def _generate_on(self, tier: str, request: GenerationRequest) -> GenerationResult:
         async with self.capacity.slot(tier):
-            return await self.tiers.generate(tier, request)
+            try:
+                return await self.tiers.generate(tier, request)
+            finally:
+                self.tiers.refresh_soon(tier)
 
     async def _stream_on(self, tier: str, request: GenerationRequest) -> AsyncIterator[GenerationChunk]:
         async with self.capacity.slot(tier):
-            async for chunk in self.tiers.stream(tier, request):
-                yield chunk
+            try:
+                async for chunk in self.tiers.stream(tier, request):
+                    yield chunk
+            finally:
+                self.tiers.refresh_soon(tier)
 
     def _entry_index(self, outcome: Outcome) -> int:
         """The routed tier, or a neighbour when load says so (only for routed requests)."""

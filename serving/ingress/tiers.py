@@ -23,6 +23,7 @@ class TierClient:
         self.poll_interval_s = poll_interval_s
         self._loads: dict[str, dict[str, EngineLoad]] = {name: {} for name in self.names}
         self._poller: asyncio.Task | None = None
+        self._refreshing: set[str] = set()
         self.infos: dict[str, TierInfo] = {}
 
     async def stream(self, tier: str, request: GenerationRequest) -> AsyncIterator[GenerationChunk]:
@@ -59,6 +60,23 @@ class TierClient:
         while True:
             await asyncio.gather(*(self._poll(name) for name in self.names), return_exceptions=True)
             await asyncio.sleep(self.poll_interval_s)
+
+    def refresh_soon(self, tier: str) -> None:
+        """Re-poll a tier after a request on it ends, so a drained tier stops looking busy at once.
+
+        Off the request path (a background task), and at most one refresh per tier at a time.
+        """
+        if tier in self._refreshing:
+            return
+        self._refreshing.add(tier)
+
+        async def refresh() -> None:
+            try:
+                await self._poll(tier)
+            finally:
+                self._refreshing.discard(tier)
+
+        asyncio.get_running_loop().create_task(refresh())
 
     async def _poll(self, tier: str) -> None:
         try:

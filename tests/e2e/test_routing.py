@@ -41,13 +41,14 @@ def test_auto_routes_by_difficulty_with_visible_decision(client: openai.OpenAI, 
     raw = client.chat.completions.with_raw_response.create(
         model="auto", messages=[{"role": "user", "content": prompt}], max_tokens=3
     )
-    assert raw.headers["x-tierserve-tier"] == tier
+    if "x-tierserve-capacity" not in raw.headers:  # load may move it; the router's pick is in routed_tier
+        assert raw.headers["x-tierserve-tier"] == tier
     assert raw.headers["x-tierserve-router"] == "knn"
     score = float(raw.headers["x-tierserve-score"])
     assert (score >= 0.5) == (tier == "large")
     assert float(raw.headers["x-tierserve-overhead-ms"]) > 0
     meta = raw.parse().model_extra["tierserve"]
-    assert meta["tier"] == tier and meta["router"] == "knn" and not meta["fallback"]
+    assert meta["routed_tier"] == tier and meta["router"] == "knn" and not meta["fallback"]
     assert meta["score"] == pytest.approx(score, abs=1e-4)
 
 
