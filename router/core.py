@@ -29,8 +29,6 @@ logger = logging.getLogger(__name__)
 FallbackCause = str
 """`embedder`, `store`, `store_unavailable` or `no_exemplars`."""
 
-_STORE_RETRY_S = 10.0
-
 
 class Router:
     """Decides the tier for batches of texts. Thread-compatible: call it from one thread at a time."""
@@ -44,9 +42,10 @@ class Router:
         store: ExemplarStore | None,
         open_store: Callable[[], ExemplarStore] | None = None,
         on_fallback: Callable[[FallbackCause], None] | None = None,
+        store_retry_s: float = 10.0,
     ) -> None:
-        """`store=None` starts without exemplars; `open_store`, if given, is retried every 10 s to get one,
-        and a store it opens is seeded with the default exemplars when empty."""
+        """`store=None` starts without exemplars; `open_store`, if given, is retried every `store_retry_s` to get
+        one, and a store it opens is seeded with the default exemplars when empty."""
         self.cfg = cfg
         self.tier_names = list(tier_names)
         self.thresholds = cfg.thresholds_for(len(self.tier_names))
@@ -56,6 +55,7 @@ class Router:
         self._store = store
         self._open_store = open_store
         self._next_store_attempt = 0.0
+        self._store_retry_s = store_retry_s
         self._on_fallback = on_fallback
         self._heuristic = HeuristicScorer(cfg.heuristic)
         self._label_cache: dict[str, float] = {}
@@ -69,6 +69,7 @@ class Router:
         *,
         embedder: Embedder | None = None,
         on_fallback: Callable[[FallbackCause], None] | None = None,
+        store_retry_s: float = 10.0,
     ) -> Router:
         """Load the embedder, open the store (seeding the default exemplars into an empty one).
 
@@ -83,6 +84,7 @@ class Router:
             store=None,
             open_store=lambda: ExemplarStore.open(cfg.store, dim=embedder.dim, data_dir=data_dir),
             on_fallback=on_fallback,
+            store_retry_s=store_retry_s,
         )
         router._current_store()
         return router
@@ -212,6 +214,8 @@ class Router:
             neighbors = store.query(vectors, self.cfg.knn.k)
         except Exception:
             logger.exception("exemplar store query failed; routing %d texts with the heuristic", len(texts))
+            if store.closed:  # reopen it later; a server client reconnects on its own
+                self._store = None
             return _KnnOutcome.failed("store", embed_ms)
         k = self.cfg.knn.k
         sims = np.full((len(texts), k), np.nan)
@@ -227,7 +231,7 @@ class Router:
 
     def _current_store(self) -> ExemplarStore | None:
         if self._store is None and self._open_store is not None and time.monotonic() >= self._next_store_attempt:
-            self._next_store_attempt = time.monotonic() + _STORE_RETRY_S
+            self._next_store_attempt = time.monotonic() + self._store_retry_s
             try:
                 store = self._open_store()
                 self.seed_defaults(store)

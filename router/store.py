@@ -63,6 +63,7 @@ class ExemplarStore:
         self.is_local = path is not None
         self._local_max_points = local_max_points
         self._warned_large = False
+        self.closed = False
         self._lock = threading.RLock()
         self._client = _connect(path=path, url=url, api_key=api_key, timeout_s=timeout_s)
         self._ensure_collection()
@@ -157,6 +158,8 @@ class ExemplarStore:
         if len(vectors) == 0:
             return []
         with self._lock:
+            if self.closed:
+                raise StoreError(f"the exemplar store at {self.location} is closed.")
             if self._matrix is not None:
                 return self._matrix.query(vectors, k)
             responses = self._client.query_batch_points(
@@ -207,7 +210,10 @@ class ExemplarStore:
                 return
 
     def close(self) -> None:
+        """Release the client (and local mode's folder lock); later calls fail."""
         with self._lock:
+            self.closed = True
+            self._matrix = None
             self._client.close()
 
     # -- internals ------------------------------------------------------------------------------------------
@@ -289,7 +295,7 @@ class _VectorMatrix:
             return [[] for _ in queries]
         k = min(k, n)
         sims = _unit(queries) @ self._vectors.T
-        top = np.argpartition(-sims, k - 1, axis=1)[:, :k] if k < n else np.tile(np.arange(n), (len(queries), 1))
+        top = np.argpartition(sims, n - k, axis=1)[:, n - k :] if k < n else np.tile(np.arange(n), (len(queries), 1))
         top_sims = np.take_along_axis(sims, top, axis=1)
         order = np.argsort(-top_sims, axis=1, kind="stable")
         top = np.take_along_axis(top, order, axis=1)

@@ -157,13 +157,28 @@ def test_store_failure_falls_back_to_heuristic_and_is_counted(tmp_path, embedder
     router = Router(RouterConfig(), TIERS, embedder=embedder, store=store, on_fallback=causes.append)
     router.add_exemplars(load_default_exemplars()[:50])
     store.close()  # Qdrant goes away under the router: every query now raises
-    store._matrix = None  # force the query through the closed Qdrant client
     decisions = router.route([NEAR_LARGE[1], NEAR_SMALL[0]])
     assert [d.router for d in decisions] == ["heuristic", "heuristic"]
     assert all(d.fallback for d in decisions)
     assert "knn unavailable (store)" in decisions[0].reason
     assert router.fallbacks["store"] == 2 and causes == ["store", "store"]
     assert decisions[0].tier == "large"  # the heuristic sees legal + analysis keywords
+    [later] = router.route([NEAR_SMALL[0]])
+    assert later.fallback and router.fallbacks["store_unavailable"] == 1
+
+
+def test_router_reopens_a_lost_store_and_recovers(tmp_path, embedder):
+    router = Router.build(
+        RouterConfig(seed_default_exemplars=False), TIERS, tmp_path, embedder=embedder, store_retry_s=0.0
+    )
+    router.add_exemplars(load_default_exemplars()[:60])
+    router.store.close()
+    [lost] = router.route([NEAR_SMALL[0]])
+    assert lost.fallback and router.fallbacks == {"store": 1}
+    [back] = router.route([NEAR_SMALL[0]])  # reopened from disk, exemplars intact
+    assert back.router == "knn" and not back.fallback and back.tier == "small"
+    assert router.store.count() == 60
+    router.close()
 
 
 def test_empty_store_falls_back_with_its_own_cause(tmp_path, embedder):
