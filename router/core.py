@@ -9,9 +9,10 @@ from __future__ import annotations
 import logging
 import time
 from collections import Counter
-from dataclasses import dataclass, field, replace
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 
@@ -26,12 +27,16 @@ from serving.errors import InvalidRequest
 
 logger = logging.getLogger(__name__)
 
-FallbackCause = str
-"""`embedder`, `store`, `store_unavailable` or `no_exemplars`."""
+FallbackCause = Literal["embedder", "store", "store_unavailable", "no_exemplars"]
+"""Why kNN could not decide: the embedder raised, the store query raised, no store is open, or it is empty."""
 
 
 class Router:
-    """Decides the tier for batches of texts. Thread-compatible: call it from one thread at a time."""
+    """Decides the tier for batches of texts.
+
+    Call `route_inputs` from one thread at a time; `add_exemplars` may run alongside it (the store and the
+    tokenizer take their own locks).
+    """
 
     def __init__(
         self,
