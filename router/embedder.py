@@ -41,7 +41,9 @@ class FlagEmbedder(Embedder):
     """Dense embeddings from a model loaded by FlagEmbedding's `BGEM3FlagModel`.
 
     Works for the real BGE-M3 (`pooling="cls"`) and for sentence-transformers encoders such as the bundled MiniLM
-    (`pooling="mean"`). `num_threads` sets torch's intra-op threads for the whole process.
+    (`pooling="mean"`). `num_threads` sets torch's intra-op threads and numpy's BLAS threads (the kNN matrix
+    product) for the whole process: the router's compute runs one batch at a time, and spare threads only
+    contend with vLLM for the cores.
     """
 
     def __init__(
@@ -61,7 +63,10 @@ class FlagEmbedder(Embedder):
         from FlagEmbedding import BGEM3FlagModel
 
         path = _check_model_dir(Path(model_path).expanduser(), require_m3_heads=require_m3_heads)
+        from threadpoolctl import threadpool_limits
+
         torch.set_num_threads(num_threads)
+        threadpool_limits(limits=num_threads, user_api="blas")
         # For plain encoders FlagEmbedding logs that it initialized the (unused) M3 heads; that is expected.
         runner_log = logging.getLogger("FlagEmbedding.finetune.embedder.encoder_only.m3.runner")
         quiet, runner_log.disabled = runner_log.disabled, not require_m3_heads

@@ -66,13 +66,17 @@ class ExemplarStore:
         self.closed = False
         self._lock = threading.RLock()
         self._client = _connect(path=path, url=url, api_key=api_key, timeout_s=timeout_s)
-        self._ensure_collection()
         # The in-memory copy is exact only while this client is the sole writer, which local mode guarantees.
         self._matrix: _VectorMatrix | None = None
-        if self.is_local and local_search == "matrix":
-            self._matrix = _VectorMatrix(dim)
-            for ids, vectors, tiers in self._scan_vectors():
-                self._matrix.put(ids, vectors, tiers)
+        try:
+            self._ensure_collection()
+            if self.is_local and local_search == "matrix":
+                self._matrix = _VectorMatrix(dim)
+                for ids, vectors, tiers in self._scan_vectors():
+                    self._matrix.put(ids, vectors, tiers)
+        except BaseException:
+            self._client.close()  # release local mode's folder lock
+            raise
         self._warn_if_large()
 
     @classmethod
@@ -107,16 +111,17 @@ class ExemplarStore:
         with self._lock:
             for start in range(0, len(exemplars), _UPSERT_CHUNK):
                 chunk = exemplars[start : start + _UPSERT_CHUNK]
+                chunk_vectors = vectors[start : start + _UPSERT_CHUNK]
                 self._client.upsert(
                     self.collection,
                     points=[
                         models.PointStruct(id=ex.id, vector=vec.tolist(), payload=_payload(ex))
-                        for ex, vec in zip(chunk, vectors[start : start + _UPSERT_CHUNK])
+                        for ex, vec in zip(chunk, chunk_vectors)
                     ],
                     wait=True,
                 )
-            if self._matrix is not None:
-                self._matrix.put([ex.id for ex in exemplars], vectors, [ex.tier for ex in exemplars])
+                if self._matrix is not None:  # mirror only what Qdrant accepted
+                    self._matrix.put([ex.id for ex in chunk], chunk_vectors, [ex.tier for ex in chunk])
         self._warn_if_large()
         return len(exemplars)
 

@@ -239,3 +239,12 @@ def test_deployment_class_batches_concurrent_requests_in_process(tmp_path, embed
     assert [d.tier for d in decisions] == ["small"] * len(NEAR_SMALL) + ["large"] * len(NEAR_LARGE)
     # All are queued in one event-loop tick, before the batch worker first runs: one embedding pass serves all.
     assert {d.batch_size for d in decisions} == {len(texts)}
+
+
+def test_embedder_change_is_refused_and_releases_the_folder(tmp_path, embedder):
+    from router.store import StoreError
+
+    ExemplarStore(collection="c", dim=embedder.dim, path=tmp_path / "q").close()
+    with pytest.raises(StoreError, match=r"holds 384-d vectors but the embedder makes 1024-d"):
+        ExemplarStore(collection="c", dim=1024, path=tmp_path / "q")
+    ExemplarStore(collection="c", dim=embedder.dim, path=tmp_path / "q").close()  # not left locked
