@@ -58,11 +58,12 @@ def _ttft(url: str, repeats: int, max_tokens: int) -> list[float]:
         for _ in range(repeats):
             started = time.perf_counter()
             with client.stream("POST", url + "/v1/chat/completions", json=body) as r:
-                for line in r.iter_lines():
+                lines = r.iter_lines()
+                for line in lines:
                     if line.startswith("data: {") and '"content":"' in line:
                         times.append(time.perf_counter() - started)
                         break
-                for _ in r.iter_lines():
+                for _ in lines:  # drain the rest of the answer
                     pass
     return times
 
