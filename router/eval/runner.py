@@ -96,7 +96,7 @@ def build_routers(
             knn_cfg, tuned = tune_knn(vectors, labels, strong, weak, progress=progress, **grid)
             routers[name] = KnnRouter(embed, vectors, labels, knn_cfg)
             train_scores[name] = tuned.oof_scores
-            settings[name] = {**tuned.params, "cv_apgr": round(tuned.cv_apgr, 4)}
+            settings[name] = {**tuned.params, "cv_apgr": round(float(tuned.cv_apgr), 4)}
         elif name == "classifier":
             grid = {"models": tuple(classifier_models)} if tune else {"cs": (1.0,), "text_features": (True,)}
             fit_kw, tuned = tune_classifier(
@@ -108,7 +108,7 @@ def build_routers(
             )
             routers[name] = ClassifierRouter(embed, clf)
             train_scores[name] = tuned.oof_scores
-            settings[name] = {**tuned.params, "cv_apgr": round(tuned.cv_apgr, 4)}
+            settings[name] = {**tuned.params, "cv_apgr": round(float(tuned.cv_apgr), 4)}
     return TrainedRouters(routers, train_scores, settings)
 
 
@@ -130,6 +130,12 @@ def evaluate(
     if learned and len(train) < 10:
         raise ValueError(f"{ds.name}: {len(train)} train rows are too few for {sorted(learned)}")
     trained = build_routers(train, names, cache, tune=tune, progress=progress, classifier_models=classifier_models)
+    return score_routers(ds, trained, num_bins=num_bins)
+
+
+def score_routers(ds: LabelledSet, trained: TrainedRouters, *, num_bins: int = 10) -> EvalReport:
+    """Score already-trained routers on the test split of `ds`."""
+    train, test = ds.train, ds.test
     strong, weak = test["strong"].to_numpy(float), test["weak"].to_numpy(float)
     s_acc, w_acc = strong.mean() * 100, weak.mean() * 100
     ratio = ds.cost_ratio(test)

@@ -21,8 +21,9 @@ from router.scoring import difficulty_from_neighbors
 
 logger = logging.getLogger(__name__)
 
-KNN_KS = (5, 10, 20, 50, 100, 200)
-KNN_WEIGHTINGS = (("uniform", 1.0), ("similarity", 1.0), ("softmax", 0.02), ("softmax", 0.05), ("softmax", 0.1))
+KNN_KS = (10, 20, 50, 100, 200, 256)
+"""Up to the live router's limit (router.knn.k <= 256); on MMLU, APGR still rises slowly towards k=256."""
+KNN_WEIGHTINGS = (("uniform", 1.0), ("similarity", 1.0), ("softmax", 0.05), ("softmax", 0.1))
 CLASSIFIER_CS = (0.01, 0.03, 0.1, 0.3, 1.0, 3.0)
 
 
