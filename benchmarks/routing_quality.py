@@ -109,8 +109,8 @@ def _markdown(summary, sections) -> str:
         "",
         "## Summary (test splits)",
         "",
-        "| dataset | n test | router chosen on train (CV APGR) | its CPT(50%) | its APGR | CPT(50%) random | APGR random | "
-        "calibration 30% → test |",
+        "| dataset | n test | router chosen on train (CV APGR) | its CPT(50%) | its APGR | CPT(50%) random "
+        "| APGR random | calibration 30% → test |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for report, best, cal in summary:

@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 ROUTER_CHOICES = ("random", "heuristic", "knn", "classifier")
+EVAL_CHOICES = (*ROUTER_CHOICES, "judge")
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -17,7 +18,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     ev = sub.add_parser("eval", help="score routers on labelled data with RouteLLM's metrics")
     _dataset_args(ev)
     ev.add_argument("--routers", default="random,heuristic,knn,classifier",
-                    help="comma-separated, from: " + ", ".join(ROUTER_CHOICES))
+                    help="comma-separated, from: " + ", ".join(EVAL_CHOICES))
+    ev.add_argument("--judge-url", help="judge: OpenAI-compatible server of the small tier, e.g. http://127.0.0.1:8000")
+    ev.add_argument("--judge-model", help="judge: model name to send (the small tier's name)")
     ev.add_argument("--out", required=True, help="folder for results.json and cost_quality.png")
     ev.add_argument("--no-tune", action="store_true", help="skip cross-validated tuning on train (fast, worse)")
     ev.add_argument("--classifier-models", default="logreg", help="models the classifier tuning tries: logreg,mlp")
@@ -103,13 +106,22 @@ def _eval(args) -> int:
     from router.eval.runner import evaluate as run_eval
 
     names = [n.strip() for n in args.routers.split(",") if n.strip()]
-    bad = [n for n in names if n not in ROUTER_CHOICES]
+    bad = [n for n in names if n not in EVAL_CHOICES]
     if bad:
-        raise ValueError(f"--routers: unknown {bad}; choose from {', '.join(ROUTER_CHOICES)}")
+        raise ValueError(f"--routers: unknown {bad}; choose from {', '.join(EVAL_CHOICES)}")
+    extra = {}
+    if "judge" in names:
+        if not (args.judge_url and args.judge_model):
+            raise ValueError("--routers judge needs --judge-url and --judge-model (a served small tier)")
+        from router.eval.routers import JudgeEvalRouter, openai_complete
+
+        extra["judge"] = JudgeEvalRouter(openai_complete(args.judge_url, args.judge_model,
+                                                         api_key=os.environ.get("TIERSERVE_API_KEY")))
     ds = _load(args)
     cache = _cache(args) if {"knn", "classifier"} & set(names) else None
     models = [m.strip() for m in args.classifier_models.split(",") if m.strip()]
-    report = run_eval(ds, names, cache, tune=not args.no_tune, progress=not args.quiet, classifier_models=models)
+    report = run_eval(ds, names, cache, tune=not args.no_tune, progress=not args.quiet, classifier_models=models,
+                      extra=extra)
     json_path, png_path = write_report(report, args.out)
     print(format_table(report))
     print(f"\nwrote {json_path} and {png_path}")

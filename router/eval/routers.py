@@ -17,6 +17,7 @@ import numpy as np
 from router.classifier import DifficultyClassifier
 from router.config import HeuristicConfig, KnnConfig
 from router.heuristic import HeuristicScorer
+from router.judge import Complete, JudgeRouter
 from router.scoring import difficulty_from_neighbors
 
 Embed = Callable[[Sequence[str]], np.ndarray]
@@ -111,3 +112,37 @@ class ClassifierRouter:
 
     def score(self, prompts: Sequence[str]) -> np.ndarray:
         return self.classifier.predict_difficulty(self.embed(prompts), texts=prompts)
+
+
+@dataclass
+class JudgeEvalRouter:
+    """The LLM-as-judge router over an async `complete` (e.g. `openai_complete` against the small tier)."""
+
+    complete: Complete
+    concurrency: int = 8
+    name: str = "judge"
+
+    def score(self, prompts: Sequence[str]) -> np.ndarray:
+        import asyncio
+
+        return asyncio.run(JudgeRouter(self.complete).score_many(prompts, concurrency=self.concurrency))
+
+
+def openai_complete(base_url: str, model: str, *, api_key: str | None = None, top_logprobs: int = 20,
+                    timeout_s: float = 60.0, transport=None) -> Complete:
+    """A `Complete` that asks an OpenAI-compatible `/v1/completions` endpoint for one token at temperature 0
+    and returns the top alternatives of that token (the legacy `logprobs.top_logprobs[0]` mapping)."""
+    import httpx
+
+    url = base_url.rstrip("/") + "/v1/completions"
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+
+    async def complete(prompt: str) -> list[tuple[str, float]]:
+        body = {"model": model, "prompt": prompt, "max_tokens": 1, "temperature": 0.0, "logprobs": top_logprobs}
+        async with httpx.AsyncClient(timeout=timeout_s, transport=transport) as client:
+            response = await client.post(url, json=body, headers=headers)
+        response.raise_for_status()
+        top = response.json()["choices"][0]["logprobs"]["top_logprobs"][0]
+        return list(top.items())
+
+    return complete

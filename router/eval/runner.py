@@ -27,6 +27,7 @@ from router.eval.tuning import tune_classifier, tune_knn
 logger = logging.getLogger(__name__)
 
 ROUTERS = ("random", "heuristic", "knn", "classifier")
+"""Routers built from data alone; `judge` also needs a served small tier (`extra` routers)."""
 NEEDS_EMBEDDINGS = {"knn", "classifier"}
 
 
@@ -68,9 +69,12 @@ class TrainedRouters:
 
 def build_routers(
     train, names: Sequence[str], cache: EmbeddingCache | None, *, tune: bool = True, progress: bool = True,
-    classifier_models: Sequence[str] = ("logreg",),
+    classifier_models: Sequence[str] = ("logreg",), extra: dict[str, EvalRouter] | None = None,
 ) -> TrainedRouters:
-    """Fit every named router on `train` (a frame with prompt/weak/strong). Only train rows are read."""
+    """Fit every named router on `train` (a frame with prompt/weak/strong). Only train rows are read.
+    `extra` adds ready-made routers (e.g. the judge) that need no training."""
+    extra = extra or {}
+    names = [n for n in names if n not in extra]
     unknown = [n for n in names if n not in ROUTERS]
     if unknown:
         raise ValueError(f"unknown routers {unknown}; choose from {', '.join(ROUTERS)}")
@@ -109,6 +113,7 @@ def build_routers(
             routers[name] = ClassifierRouter(embed, clf)
             train_scores[name] = tuned.oof_scores
             settings[name] = {**tuned.params, "cv_apgr": round(float(tuned.cv_apgr), 4)}
+    routers.update(extra)
     return TrainedRouters(routers, train_scores, settings)
 
 
@@ -121,6 +126,7 @@ def evaluate(
     progress: bool = True,
     num_bins: int = 10,
     classifier_models: Sequence[str] = ("logreg",),
+    extra: dict[str, EvalRouter] | None = None,
 ) -> EvalReport:
     """Score `names` on the test split of `ds`, with learned routers fitted on its train split."""
     train, test = ds.train, ds.test
@@ -129,7 +135,8 @@ def evaluate(
     learned = NEEDS_EMBEDDINGS & set(names)
     if learned and len(train) < 10:
         raise ValueError(f"{ds.name}: {len(train)} train rows are too few for {sorted(learned)}")
-    trained = build_routers(train, names, cache, tune=tune, progress=progress, classifier_models=classifier_models)
+    trained = build_routers(train, names, cache, tune=tune, progress=progress,
+                            classifier_models=classifier_models, extra=extra)
     return score_routers(ds, trained, num_bins=num_bins)
 
 

@@ -62,3 +62,21 @@ def test_fallback_must_be_a_probability():
 
     with pytest.raises(ValueError, match="fallback"):
         JudgeRouter(complete, fallback=1.5)
+
+
+def test_eval_judge_over_an_openai_completions_endpoint():
+    import httpx
+
+    from router.eval.routers import JudgeEvalRouter, openai_complete
+
+    bodies = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        bodies.append(request.read())
+        top = {" Yes": math.log(0.3), " No": math.log(0.6), " Maybe": math.log(0.1)}
+        return httpx.Response(200, json={"choices": [{"text": " No", "logprobs": {"top_logprobs": [top]}}]})
+
+    complete = openai_complete("http://small:8000/", "small", transport=httpx.MockTransport(handler))
+    scores = JudgeEvalRouter(complete).score(["What is 2+2?", "Prove Fermat's last theorem."])
+    assert scores.tolist() == pytest.approx([1 / 3, 1 / 3])
+    assert len(bodies) == 2 and b'"max_tokens":1' in bodies[0].replace(b" ", b"")
