@@ -177,6 +177,59 @@ async def bench_size(args: argparse.Namespace, embedder: Embedder, size: int, te
         )
 
 
+async def bench_serve(args: argparse.Namespace, embedder: Embedder, size: int, texts: list[str]) -> None:
+    """The same deployment behind a real local Ray Serve, called through a DeploymentHandle (adds the Ray hop)."""
+    import ray
+    from ray import serve
+
+    with tempfile.TemporaryDirectory() as data_dir:
+        cfg = RouterConfig(
+            knn=KnnConfig(k=args.k),
+            embedder=EmbedderConfig(num_threads=args.threads),
+            batch_max_size=args.batch_max,
+            batch_wait_timeout_s=args.wait_ms / 1000,
+        )
+        store = ExemplarStore(collection=cfg.store.collection, dim=embedder.dim, path=Path(data_dir) / "qdrant")
+        fill_store(store, embedder, size)
+        store.close()
+        env = {k: os.environ[k] for k in ("HF_HUB_OFFLINE", "TOKENIZERS_PARALLELISM")}
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, runtime_env={"env_vars": env})
+        try:
+            serve.start(proxy_location="Disabled")
+            app = serve.deployment(RouterDeployment, max_ongoing_requests=256).bind(cfg, TIERS, data_dir)
+            handle = serve.run(app, name="router-bench", route_prefix=None)
+
+            async def call(text: str) -> tuple[float, float, float, int]:
+                start = time.perf_counter()
+                decision = await handle.route.remote(RouteInput(text))
+                total = (time.perf_counter() - start) * 1000
+                return total, decision.overhead_ms, decision.embed_ms, decision.batch_size
+
+            for text in texts[:16]:
+                await call(text)
+            print(f"\n== Ray Serve, {size} exemplars (caller-side latency; in-replica part; Ray hop = the rest)")
+            for concurrency, count in ((1, args.requests), (64, args.requests * 4)):
+                pending, results = iter(texts[:count]), []
+
+                async def client() -> None:
+                    for text in pending:
+                        results.append(await call(text))
+
+                t0 = time.perf_counter()
+                await asyncio.gather(*(client() for _ in range(concurrency)))
+                wall = time.perf_counter() - t0
+                total, inside, embed, batch = (np.array(col) for col in zip(*results))
+                print(
+                    f"concurrency {concurrency:<3} n={len(total):>5}  caller p50 {np.percentile(total, 50):7.2f} ms "
+                    f"p95 {np.percentile(total, 95):7.2f} | in replica p50 {np.percentile(inside, 50):7.2f} | embed "
+                    f"p50 {np.percentile(embed, 50):7.2f} | hop p50 {np.percentile(total - inside, 50):5.2f} ms | "
+                    f"mean batch {batch.mean():5.1f} | {len(total) / wall:6.1f} decisions/s"
+                )
+        finally:
+            serve.shutdown()
+            ray.shutdown()
+
+
 async def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sizes", type=int, nargs="+", default=[1000, 10000])
@@ -186,6 +239,7 @@ async def main() -> None:
     parser.add_argument("--wait-ms", type=float, default=RouterConfig().batch_wait_timeout_s * 1000)
     parser.add_argument("--k", type=int, default=10)
     parser.add_argument("--rounds", type=int, default=8, help="interleaved throughput rounds of 64")
+    parser.add_argument("--serve", action="store_true", help="also run through a local Ray Serve (largest size)")
     parser.add_argument("--qdrant-knn", action="store_true", help="also time qdrant-client's own local search")
     args = parser.parse_args()
 
@@ -199,6 +253,8 @@ async def main() -> None:
     )
     for size in args.sizes:
         await bench_size(args, embedder, size, texts)
+    if args.serve:
+        await bench_serve(args, embedder, max(args.sizes), texts)
 
 
 if __name__ == "__main__":

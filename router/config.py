@@ -11,8 +11,7 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-RouterName = Literal["knn", "heuristic", "cheapest"]
-"""`knn`: nearest exemplars decide; `heuristic`: length/keyword rules; `cheapest`: always the first tier."""
+from router.types import RouterKind
 
 Weighting = Literal["uniform", "similarity", "softmax"]
 
@@ -186,8 +185,9 @@ class HeuristicConfig(_Strict):
 class RouterConfig(_Strict):
     """How `model="auto"` requests pick a tier."""
 
-    default_router: RouterName = "knn"
-    """Router used for `model="auto"`; `model="router-<name>-<threshold>"` picks another per request."""
+    default_router: RouterKind = "knn"
+    """Router used for `model="auto"`: `knn` (nearest exemplars decide), `heuristic` (length and keyword rules)
+    or `cheapest` (always the first tier). `model="router-<name>-<threshold>"` picks another per request."""
     thresholds: list[Annotated[float, Field(ge=0.0, le=1.0)]] = []
     """Difficulty boundaries between tiers (tiers in cost order): a score at or above thresholds[i] goes to
     tier i+1 or higher. Two tiers: one value (e.g. [0.5]); N tiers: N-1 ascending values.

@@ -23,6 +23,7 @@ def handle(tmp_path_factory):
     env = {k: os.environ[k] for k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE") if k in os.environ}
     ray.init(num_cpus=2, include_dashboard=False, runtime_env={"env_vars": env}, log_to_driver=False)
     try:
+        serve.start(proxy_location="Disabled")  # handles only: no HTTP port to clash with a running stack
         cfg = RouterConfig(batch_wait_timeout_s=0.05, batch_max_size=32)
         app = serve.deployment(RouterDeployment, max_ongoing_requests=64, ray_actor_options={"num_cpus": 1}).bind(
             cfg, TIERS, str(tmp_path_factory.mktemp("data"))
