@@ -11,6 +11,7 @@ the same split on every machine and duplicates never straddle train and test.
 
 from __future__ import annotations
 
+import ast
 import hashlib
 import os
 from collections.abc import Sequence
@@ -148,10 +149,33 @@ def load_mt_bench(
     return LabelledSet("mt-bench", frame, "judge score / 10", ROUTELLM_STRONG, ROUTELLM_WEAK)
 
 
+def _routerbench_text(raw: str) -> str:
+    """RouterBench stores each prompt as a Python list literal of strings; join the parts."""
+    try:
+        value = ast.literal_eval(raw)
+    except (ValueError, SyntaxError):
+        return raw
+    return "\n".join(map(str, value)) if isinstance(value, list) else str(value)
+
+
+def strip_shared_shots(prompts: pd.Series, min_chars: int = 200) -> pd.Series:
+    """Drop a few-shot header every prompt shares (cut after its last blank line), keeping the question.
+
+    RouterBench's ARC-C and Winogrande prompts repeat the same ~1,500 characters of examples before each
+    question; a 256-token embedder would see only those, and every prompt would embed alike.
+    """
+    prefix = os.path.commonprefix(prompts.tolist())
+    cut = prefix.rfind("\n\n")
+    if len(prefix) < min_chars or cut < 0:
+        return prompts
+    return prompts.str.slice(cut + 2)
+
+
 def load_routerbench(
     data_dir: Path, name: str, *, strong_model: str = ROUTERBENCH_STRONG, weak_model: str = ROUTERBENCH_WEAK
 ) -> LabelledSet:
-    """A RouterBench subset with its own train/test files; any two of its 11 models as strong/weak."""
+    """A RouterBench subset with its own train/test files; any two of its 11 models as strong/weak.
+    Prompts are decoded from their list literals and stripped of the few-shot header they all share."""
     stem = _ROUTERBENCH_FILES[name]
     parts = []
     for split in ("train", "test"):
@@ -172,7 +196,9 @@ def load_routerbench(
         if all(c in raw.columns for c in costs):
             part["weak_cost"], part["strong_cost"] = raw[costs[0]], raw[costs[1]]
         parts.append(part)
-    frame = _finish(pd.concat(parts, ignore_index=True), DEFAULT_TEST_FRACTION, DEFAULT_SPLIT_SEED)
+    frame = pd.concat(parts, ignore_index=True)
+    frame["prompt"] = strip_shared_shots(frame["prompt"].astype(str).map(_routerbench_text))
+    frame = _finish(frame, DEFAULT_TEST_FRACTION, DEFAULT_SPLIT_SEED)
     return LabelledSet(name, frame, "accuracy", strong_model, weak_model)
 
 

@@ -126,6 +126,8 @@ def auc(curve: Curve) -> float:
 def apgr(curve: Curve, strong_quality: float, weak_quality: float) -> float:
     """(AUC − weak AUC) / (strong AUC − weak AUC), both baselines integrated over the curve's own span."""
     span = (curve.strong_pct[-1] - curve.strong_pct[0]) / 100.0
+    if span == 0 or strong_quality == weak_quality:
+        return float("nan")  # a single point (all scores equal) or no gap: nothing to average
     weak_auc, strong_auc = weak_quality * span, strong_quality * span
     return (auc(curve) - weak_auc) / (strong_auc - weak_auc)
 

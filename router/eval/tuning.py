@@ -30,7 +30,8 @@ CLASSIFIER_CS = (0.01, 0.03, 0.1, 0.3, 1.0, 3.0)
 def train_apgr(scores: np.ndarray, strong: np.ndarray, weak: np.ndarray) -> float:
     """APGR of scores on labelled rows (quality baselines from the same rows)."""
     curve = metrics.threshold_sweep(scores, strong, weak)
-    return metrics.apgr(curve, float(np.mean(strong)) * 100, float(np.mean(weak)) * 100)
+    value = metrics.apgr(curve, float(np.mean(strong)) * 100, float(np.mean(weak)) * 100)
+    return value if np.isfinite(value) else float("-inf")  # constant scores trace no curve
 
 
 @dataclass(frozen=True)

@@ -60,6 +60,10 @@ def test_routerbench_uses_its_own_splits(name, n_train, n_test):
     assert ds.strong_model == "gpt-4-1106-preview" and ds.weak_model == "mistralai/mixtral-8x7b-chat"
     assert ds.frame["strong"].mean() > ds.frame["weak"].mean()
     assert 0.0 < ds.cost_ratio() < 0.2  # Mixtral costs a small fraction of GPT-4
+    prompts = ds.frame["prompt"]
+    assert not prompts.str.startswith("['").any()  # list literals decoded
+    assert prompts.str.len().mean() < 400  # the shared few-shot header is gone, the questions differ
+    assert prompts.nunique() > 0.95 * len(prompts)
 
 
 @needs_data
@@ -90,6 +94,16 @@ def test_hash_split_depends_on_seed_and_fraction():
     assert 0.26 < np.mean(a == "test") < 0.34
     with pytest.raises(ValueError):
         hash_split(prompts, 1.0)
+
+
+def test_strip_shared_shots_keeps_each_question():
+    from router.eval.datasets import strip_shared_shots
+
+    shots = "Q: 1+1?\nA: 2\n\n" * 20
+    prompts = pd.Series([shots + "Q: capital of France?", shots + "Q: 7*6?"])
+    assert strip_shared_shots(prompts).tolist() == ["Q: capital of France?", "Q: 7*6?"]
+    short = pd.Series(["Write a function to sort", "Write a function to add"])
+    assert strip_shared_shots(short).tolist() == short.tolist()
 
 
 def test_generic_table_with_split_column_and_score_scale(tmp_path):

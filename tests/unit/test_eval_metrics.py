@@ -113,3 +113,9 @@ def test_duplicate_scores_drop_bins_instead_of_failing():
     curve = m.threshold_sweep(scores, np.ones(10), np.zeros(10))
     assert curve.points()[0] == [0.0, 0.0] and curve.points()[-1] == [100.0, 100.0]
     assert len(curve.strong_pct) < 11
+
+
+def test_constant_scores_give_one_point_and_no_apgr():
+    curve = m.threshold_sweep(np.full(5, 0.5), np.ones(5), np.zeros(5))
+    assert len(curve.strong_pct) == 1
+    assert np.isnan(m.apgr(curve, 100.0, 0.0))
