@@ -196,6 +196,9 @@ class RouterConfig(_Strict):
     store: StoreConfig = StoreConfig()
     knn: KnnConfig = KnnConfig()
     heuristic: HeuristicConfig = HeuristicConfig()
+    classifier_path: str | None = None
+    """Folder of a classifier saved by `tierserve train-router` (relative paths resolve against data_dir).
+    Enables `default_router: classifier` and `model="router-classifier[-<threshold>]"`."""
     seed_default_exemplars: bool = True
     """On start, load the shipped default exemplar set if the collection is empty."""
     batch_max_size: int = Field(default=64, ge=1, le=1024)
@@ -214,6 +217,11 @@ class RouterConfig(_Strict):
             raise ValueError(
                 f"thresholds ({self.thresholds}) must be strictly ascending, one per boundary between "
                 "tiers in cost order; sort them."
+            )
+        if self.default_router == "classifier" and self.classifier_path is None:
+            raise ValueError(
+                "default_router 'classifier' needs classifier_path: the folder `tierserve train-router` wrote "
+                "(e.g. classifiers/mmlu); or choose default_router 'knn'."
             )
         if self.num_replicas > 1 and self.store.url is None:
             raise ValueError(

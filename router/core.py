@@ -16,6 +16,7 @@ from typing import Literal
 
 import numpy as np
 
+from router.classifier import DifficultyClassifier
 from router.config import RouterConfig
 from router.embedder import Embedder, build_embedder
 from router.exemplars import load_default_exemplars
@@ -27,7 +28,7 @@ from serving.errors import InvalidRequest
 
 logger = logging.getLogger(__name__)
 
-FallbackCause = Literal["embedder", "store", "store_unavailable", "no_exemplars"]
+FallbackCause = Literal["embedder", "store", "store_unavailable", "no_exemplars", "classifier"]
 """Why kNN could not decide: the embedder raised, the store query raised, no store is open, or it is empty."""
 
 
@@ -64,6 +65,8 @@ class Router:
         self._on_fallback = on_fallback
         self._heuristic = HeuristicScorer(cfg.heuristic)
         self._label_cache: dict[str, float] = {}
+        self.classifier: DifficultyClassifier | None = None
+        """The trained classifier for `router: classifier` (loaded by `build` from `classifier_path`)."""
 
     @classmethod
     def build(
@@ -91,6 +94,11 @@ class Router:
             on_fallback=on_fallback,
             store_retry_s=store_retry_s,
         )
+        if cfg.classifier_path:
+            path = Path(cfg.classifier_path).expanduser()
+            path = path if path.is_absolute() else Path(data_dir).expanduser() / path
+            # A classifier trained on another embedder's vectors is refused here, at start, not per request.
+            router.classifier = DifficultyClassifier.load(path, embedder_name=embedder.name, dim=embedder.dim)
         router._current_store()
         return router
 
@@ -110,7 +118,8 @@ class Router:
         """Decide a tier for each input; one embedding pass and one kNN query for all kNN-routed inputs."""
         start = time.perf_counter()
         decisions: list[RouteDecision | None] = [None] * len(inputs)
-        knn_rows = []
+        knn_rows: list[int] = []
+        classifier_rows: list[int] = []
         for i, item in enumerate(inputs):
             kind = item.router or self.cfg.default_router
             if kind == "cheapest":
@@ -124,8 +133,13 @@ class Router:
                 )
             elif kind == "heuristic":
                 decisions[i] = self._heuristic_decision(item, fallback=False)
+            elif kind == "classifier":
+                classifier_rows.append(i)
             else:
                 knn_rows.append(i)
+
+        for i, decision in zip(classifier_rows, self._classified([inputs[i] for i in classifier_rows]), strict=True):
+            decisions[i] = decision
 
         embed_ms = 0.0
         if knn_rows:
@@ -155,6 +169,47 @@ class Router:
 
         elapsed_ms = (time.perf_counter() - start) * 1000
         return [_timed(d, elapsed_ms, embed_ms, len(inputs)) for d in decisions if d is not None]
+
+    def _classified(self, items: Sequence[RouteInput]) -> list[RouteDecision]:
+        """Decisions of the trained classifier (heuristic fallback if it is missing or fails)."""
+        if not items:
+            return []
+        texts = [item.text for item in items]
+        try:
+            if self.classifier is None:
+                raise LookupError("router.classifier_path is not set")
+            scores = self.classifier.predict_difficulty(self.embedder.embed(texts), texts=texts)
+        except Exception as exc:
+            logger.warning("classifier routing failed (%s); heuristic fallback", exc)
+            for _ in items:
+                self._count_fallback("classifier")
+            return [self._heuristic_decision(item, fallback=True, cause="classifier") for item in items]
+        decisions = []
+        for item, score in zip(items, scores, strict=True):
+            thresholds = self._thresholds(item)
+            index = tier_for_score(float(score), thresholds)
+            decisions.append(
+                RouteDecision(
+                    tier=self.tier_names[index],
+                    tier_index=index,
+                    router="classifier",
+                    score=float(score),
+                    thresholds=thresholds,
+                    reason=f"classifier P(strong needed) {float(score):.3f}",
+                )
+            )
+        return decisions
+
+    def release_store(self, seconds: float) -> None:
+        """Close the exemplar store and keep it closed for `seconds` (the heuristic routes meanwhile).
+
+        Embedded Qdrant allows one process per folder: this lets `tierserve exemplars import` write to it
+        while the stack serves. The store reopens by itself afterwards.
+        """
+        if self._store is not None:
+            self._store.close()
+            self._store = None
+        self._next_store_attempt = time.monotonic() + seconds
 
     # -- exemplars ------------------------------------------------------------------------------------------
 

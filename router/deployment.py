@@ -77,6 +77,11 @@ class RouterDeployment:
         if self._router.store is None:
             logger.warning("router is healthy but degraded: exemplar store unavailable, heuristic routing")
 
+    async def release_store(self, seconds: float) -> None:
+        """Close the exemplar store for `seconds` (heuristic routing meanwhile); it reopens by itself."""
+        async with self._admin_lock:
+            await asyncio.to_thread(self._router.release_store, seconds)
+
     def close(self) -> None:
         """Stop batching and release the store's folder lock."""
         self._batcher.close()

@@ -11,9 +11,9 @@ import uuid
 from dataclasses import dataclass
 from typing import Literal
 
-RouterKind = Literal["knn", "heuristic", "cheapest"]
+RouterKind = Literal["knn", "classifier", "judge", "heuristic", "cheapest"]
 """`knn`: nearest exemplars decide; `heuristic`: length/keyword rules; `cheapest`: always the first tier."""
-ROUTER_KINDS: tuple[RouterKind, ...] = ("knn", "heuristic", "cheapest")
+ROUTER_KINDS: tuple[RouterKind, ...] = ("knn", "classifier", "judge", "heuristic", "cheapest")
 
 _ID_NAMESPACE = uuid.UUID("6f0b6f3e-3c1e-5d2a-9a57-1d2b7c9e0a41")
 """Fixed namespace so the same text always gets the same point id, on every machine."""

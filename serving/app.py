@@ -61,10 +61,11 @@ def build_app(config: AppConfig) -> Application:
             serve.deployment(RouterDeployment)
             .options(
                 name="router",
-                num_replicas=1,  # embedded Qdrant allows one process per folder; scale with router.store.url
+                num_replicas=config.router.num_replicas,  # >1 needs router.store.url (checked in config)
                 max_ongoing_requests=1024,
+                logging_config={"enable_access_log": False},
                 ray_actor_options={
-                    "num_cpus": config.ingress.num_cpus,
+                    "num_cpus": config.router.num_cpus,
                     "runtime_env": {"env_vars": {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}},
                 },
             )

@@ -23,6 +23,7 @@ from serving.ingress.pipeline import Outcome, Pipeline
 from serving.ingress.protocol import (
     SEED_LABELS,
     AddExemplarsRequest,
+    ReleaseStoreRequest,
     ChatCompletionRequest,
     CompletionRequest,
     chat_response,
@@ -174,6 +175,20 @@ class Ingress:
             written = await self.router.add_exemplars.remote(exemplars)
             total = await self.router.count.remote()
             return JSONResponse({"object": "tierserve.exemplars", "written": written, "count": total})
+        except Exception as exc:
+            return error_response(exc)
+
+    @api.post("/admin/router/release-store")
+    async def release_store(self, request: Request) -> JSONResponse:
+        """Close the router's exemplar store for `seconds` (heuristic routing meanwhile), e.g. so that
+        `tierserve exemplars import` can write to an embedded Qdrant folder while the stack serves."""
+        try:
+            self._authorize(request)
+            body = await _parse(request, ReleaseStoreRequest)
+            if self.router is None:
+                raise InvalidRequest("no router deployment is configured", param="model")
+            await self.router.release_store.remote(body.seconds)
+            return JSONResponse({"object": "tierserve.store", "released_for_s": body.seconds})
         except Exception as exc:
             return error_response(exc)
 

@@ -10,6 +10,7 @@ from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 from router.heuristic import HeuristicScorer
+from router.judge import JudgeRouter
 from router.querylog import QueryLog, QueryRecord
 from router.scoring import tier_for_score, with_threshold
 from router.types import RouteDecision, RouteInput, parse_router_model
@@ -20,7 +21,7 @@ from serving.ingress.admission import CapacityController
 from serving.ingress.cascade_run import CascadeRunner, strip_logprobs
 from serving.ingress.tiers import TierClient
 from serving.metrics import Metrics
-from serving.types import GenerationChunk, GenerationRequest, GenerationResult
+from serving.types import ChatMessage, GenerationChunk, GenerationRequest, GenerationResult, SamplingOptions
 
 logger = logging.getLogger(__name__)
 
@@ -106,6 +107,7 @@ class Pipeline:
         )
         self.capacity = CapacityController(config.capacity, config.tier_names, tiers, metrics)
         self.cascade = CascadeRunner(config.tier_names, self._generate_on, self._stream_on)
+        self._judge = JudgeRouter(self._judge_complete)
         self._heuristic = HeuristicScorer(config.router.heuristic)
         self._thresholds = config.router.thresholds_for(len(config.tiers))
 
@@ -141,7 +143,9 @@ class Pipeline:
             threshold = options.threshold
         route_input = RouteInput(text=routing_text, threshold=threshold, router=kind)
         started = time.perf_counter()
-        if self.router is None:
+        if (kind or self.config.router.default_router) == "judge":
+            decision = await self._judge_decision(route_input)
+        elif self.router is None:
             decision = self._local_heuristic(route_input, "no router deployment")
         else:
             try:
@@ -164,6 +168,31 @@ class Pipeline:
             reason=decision.reason,
             overhead_ms=overhead_ms,
             fallback=decision.fallback,
+        )
+
+    async def _judge_complete(self, prompt: str) -> list[tuple[str, float]]:
+        """The LLM-judge call: one greedy token from the cheapest tier, with its top alternatives."""
+        request = GenerationRequest(
+            request_id=f"judge-{time.monotonic_ns()}",
+            sampling=SamplingOptions(max_tokens=1, temperature=0.0, logprobs=True, top_logprobs=20),
+            messages=(ChatMessage(role="user", content=prompt),),
+        )
+        result = await self._generate_on(self.config.tier_names[0], request)
+        first = result.token_logprobs[0]
+        return [(first.token, first.logprob), *first.top]
+
+    async def _judge_decision(self, item: RouteInput) -> RouteDecision:
+        verdict = await self._judge.verdict(item.text)
+        thresholds = self._thresholds if item.threshold is None else with_threshold(self._thresholds, item.threshold)
+        index = tier_for_score(verdict.p_hard, thresholds)
+        return RouteDecision(
+            tier=self.config.tier_names[index],
+            tier_index=index,
+            router="judge",
+            score=verdict.p_hard,
+            thresholds=thresholds,
+            reason=f"judge: P(hard) {verdict.p_hard:.3f} from the {self.config.tier_names[0]} tier "
+            f"(yes/no mass {verdict.answer_mass:.3f})",
         )
 
     def _local_heuristic(self, item: RouteInput, cause: str) -> RouteDecision:

@@ -175,6 +175,13 @@ class AddExemplarsRequest(BaseModel):
     exemplars: list[_NewExemplar] = Field(min_length=1, max_length=10_000)
 
 
+class ReleaseStoreRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    seconds: float = Field(default=30.0, gt=0, le=3600)
+    """How long the store stays closed before the router reopens it."""
+
+
 # ---- responses ---------------------------------------------------------------------------------
 
 

@@ -116,6 +116,33 @@ def test_exemplars_added_at_runtime_change_routing(base_url: str) -> None:
     assert bad.status_code == 400 and bad.json()["error"]["param"] == "exemplars.tier"
 
 
+def test_llm_judge_router_asks_the_small_tier(client: openai.OpenAI, base_url: str) -> None:
+    before = httpx.get(base_url + "/metrics").text.count('tier="small"')
+    decision = _route(base_url, {"model": "router-judge", "messages": [{"role": "user", "content": HARD[0]}]})
+    assert decision["router"] == "judge" and 0.0 <= decision["score"] <= 1.0
+    assert "from the small tier" in decision["reason"]
+    strict = _route(base_url, {"model": "router-judge-0.0", "prompt": ROUTINE[0]})
+    assert strict["tier"] == "large"  # P(hard) >= 0 always: the threshold applies to the judge's score
+    assert httpx.get(base_url + "/metrics").text.count('tier="small"') >= before
+
+
+def test_qdrant_unavailable_mid_run_falls_back_then_recovers(client: openai.OpenAI, base_url: str) -> None:
+    """The exemplar store closes (as a Qdrant outage would): 200s via the heuristic, then kNN again."""
+    r = httpx.post(base_url + "/admin/router/release-store", json={"seconds": 4}, headers=AUTH, timeout=30)
+    assert r.status_code == 200 and r.json()["released_for_s"] == 4
+    raw = client.chat.completions.with_raw_response.create(
+        model="auto", messages=[{"role": "user", "content": HARD[1]}], max_tokens=2
+    )
+    assert raw.status_code == 200
+    assert raw.headers["x-tierserve-router"] == "heuristic-fallback"
+    meta = raw.parse().model_extra["tierserve"]
+    assert meta["fallback"] is True and "store" in meta["reason"]
+    time.sleep(4.5)
+    assert _route(base_url, {"model": "auto", "prompt": HARD[1]})["router"] == "knn"
+    bad = httpx.post(base_url + "/admin/router/release-store", json={"seconds": -1}, headers=AUTH)
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "seconds"
+
+
 def test_router_down_falls_back_to_heuristic_and_recovers(client: openai.OpenAI, base_url: str) -> None:
     """Kill the router replica mid-run (embedder + Qdrant gone): requests still answer 200 via the heuristic."""
     names = [a for a in ray.util.list_named_actors(all_namespaces=True) if "router" in a["name"] and "REPLICA" in a["name"]]
