@@ -26,8 +26,7 @@ from serving.ingress.protocol import (
     ReleaseStoreRequest,
     ChatCompletionRequest,
     CompletionRequest,
-    chat_response,
-    completion_response,
+    response,
 )
 from serving.ingress.streaming import ChunkEncoder, encode_stream, sse
 from serving.ingress.tiers import TierClient
@@ -216,8 +215,7 @@ class Ingress:
             if body.stream:
                 return await self._stream(endpoint, kind, body, gen_request, outcome, started)
             result = await self.pipeline.generate(gen_request, outcome, body.options)
-            build = chat_response if kind == "chat" else completion_response
-            payload = build(request_id, body.model, result, logprobs, outcome.meta())
+            payload = response(kind, request_id, body.model, result, logprobs, outcome.meta())
             self.pipeline.record(
                 endpoint, outcome, 200, started, result, request_id=request_id, routing_text=body.routing_text()
             )

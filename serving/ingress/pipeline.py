@@ -183,30 +183,26 @@ class Pipeline:
 
     async def _judge_decision(self, item: RouteInput) -> RouteDecision:
         verdict = await self._judge.verdict(item.text)
-        thresholds = self._thresholds if item.threshold is None else with_threshold(self._thresholds, item.threshold)
-        index = tier_for_score(verdict.p_hard, thresholds)
-        return RouteDecision(
-            tier=self.config.tier_names[index],
-            tier_index=index,
-            router="judge",
-            score=verdict.p_hard,
-            thresholds=thresholds,
-            reason=f"judge: P(hard) {verdict.p_hard:.3f} from the {self.config.tier_names[0]} tier "
-            f"(yes/no mass {verdict.answer_mass:.3f})",
-        )
+        cheapest = self.config.tier_names[0]
+        reason = f"judge: P(hard) {verdict.p_hard:.3f} from the {cheapest} tier (yes/no mass {verdict.answer_mass:.3f})"
+        return self._decision(item, verdict.p_hard, "judge", reason)
 
     def _local_heuristic(self, item: RouteInput, cause: str) -> RouteDecision:
         result = self._heuristic.score(item.text)
+        return self._decision(item, result.score, "heuristic", f"knn unavailable ({cause}); {result.reason}", True)
+
+    def _decision(self, item: RouteInput, score: float, router: Any, reason: str, fallback: bool = False) -> RouteDecision:
+        """A routing decision made here in the ingress (judge, fallback), with the request's threshold."""
         thresholds = self._thresholds if item.threshold is None else with_threshold(self._thresholds, item.threshold)
-        index = tier_for_score(result.score, thresholds)
+        index = tier_for_score(score, thresholds)
         return RouteDecision(
             tier=self.config.tier_names[index],
             tier_index=index,
-            router="heuristic",
-            score=result.score,
+            router=router,
+            score=score,
             thresholds=thresholds,
-            reason=f"knn unavailable ({cause}); {result.reason}",
-            fallback=True,
+            reason=reason,
+            fallback=fallback,
         )
 
     def _served_names(self) -> dict[str, str]:

@@ -224,43 +224,31 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
     }
 
 
-def chat_response(
-    request_id: str, model: str, result: GenerationResult, logprobs: bool, meta: dict[str, Any]
+def response(
+    kind: Literal["chat", "completion"],
+    request_id: str,
+    model: str,
+    result: GenerationResult,
+    logprobs: bool,
+    meta: dict[str, Any],
 ) -> dict[str, Any]:
+    """A whole chat.completion or text_completion body, with the `tierserve` decision object."""
+    if kind == "chat":
+        choice: dict[str, Any] = {
+            "message": {"role": "assistant", "content": result.text},
+            "logprobs": chat_logprobs(result.token_logprobs) if logprobs else None,
+        }
+    else:
+        choice = {
+            "text": result.text,
+            "logprobs": completion_logprobs(result.token_logprobs) if logprobs else None,
+        }
     return {
         "id": request_id,
-        "object": "chat.completion",
+        "object": "chat.completion" if kind == "chat" else "text_completion",
         "created": int(time.time()),
         "model": model,
-        "choices": [
-            {
-                "index": 0,
-                "message": {"role": "assistant", "content": result.text},
-                "logprobs": chat_logprobs(result.token_logprobs) if logprobs else None,
-                "finish_reason": result.finish_reason,
-            }
-        ],
-        "usage": usage(result.prompt_tokens, result.completion_tokens),
-        "tierserve": meta,
-    }
-
-
-def completion_response(
-    request_id: str, model: str, result: GenerationResult, logprobs: bool, meta: dict[str, Any]
-) -> dict[str, Any]:
-    return {
-        "id": request_id,
-        "object": "text_completion",
-        "created": int(time.time()),
-        "model": model,
-        "choices": [
-            {
-                "index": 0,
-                "text": result.text,
-                "logprobs": completion_logprobs(result.token_logprobs) if logprobs else None,
-                "finish_reason": result.finish_reason,
-            }
-        ],
+        "choices": [{"index": 0, **choice, "finish_reason": result.finish_reason}],
         "usage": usage(result.prompt_tokens, result.completion_tokens),
         "tierserve": meta,
     }

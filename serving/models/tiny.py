@@ -12,6 +12,7 @@ import json
 import logging
 import shutil
 import tempfile
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -58,16 +59,19 @@ MAX_POSITIONS = 2048
 
 def _corpus() -> list[str]:
     """Local English text: docstrings of stdlib modules and their public members."""
-    texts: list[str] = []
-    for name in _CORPUS_MODULES:
-        module = importlib.import_module(name)
-        if module.__doc__:
-            texts.append(module.__doc__)
-        for attr in sorted(dir(module)):
-            doc = getattr(getattr(module, attr, None), "__doc__", None)
-            if isinstance(doc, str) and not attr.startswith("_"):
-                texts.append(doc)
-    return texts
+    with warnings.catch_warnings():  # touching deprecated aliases (typing.io) warns; only the text is read
+        warnings.simplefilter("ignore", DeprecationWarning)
+        return [doc for name in _CORPUS_MODULES for doc in _module_docs(name)]
+
+
+def _module_docs(name: str) -> list[str]:
+    module = importlib.import_module(name)
+    docs = [module.__doc__] if module.__doc__ else []
+    for attr in sorted(dir(module)):
+        doc = getattr(getattr(module, attr, None), "__doc__", None)
+        if isinstance(doc, str) and not attr.startswith("_"):
+            docs.append(doc)
+    return docs
 
 
 def train_tokenizer(out_dir: Path) -> None:
