@@ -181,6 +181,18 @@ class AppConfig(_Strict):
                     f"tiers[{tier.name}].resources.num_gpus must be > 0 on device 'gpu' "
                     "(use a fraction such as 0.5 to share a GPU)."
                 )
+            elif engine.tensor_parallel_size > 1 and tier.resources.num_gpus != engine.tensor_parallel_size:
+                raise ValueError(
+                    f"tiers[{tier.name}].resources.num_gpus ({tier.resources.num_gpus}) must equal "
+                    f"engine.tensor_parallel_size ({engine.tensor_parallel_size}): a sharded engine needs whole "
+                    "GPUs (Ray cannot give one replica fractions of several GPUs)."
+                )
+            elif tier.resources.num_gpus > 1 and engine.tensor_parallel_size == 1:
+                raise ValueError(
+                    f"tiers[{tier.name}].resources.num_gpus ({tier.resources.num_gpus}) > 1 with "
+                    "tensor_parallel_size 1 would reserve GPUs the engine never uses; set "
+                    "tensor_parallel_size to the GPU count or num_gpus to at most 1."
+                )
         self.cascade.check_tiers(names)
         self.capacity.check_tiers(
             names, serve_capacity=self._serve_capacity(), ingress_replicas=self.ingress.num_replicas

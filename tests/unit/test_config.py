@@ -92,6 +92,17 @@ def test_gpu_tier_needs_a_gpu_share() -> None:
     assert "num_gpus must be > 0 on device 'gpu'" in _error(cfg)
 
 
+def test_tensor_parallel_needs_whole_gpus() -> None:
+    cfg = yaml.safe_load((REPO / "deploy" / "gpu-7b-34b.yaml").read_text())
+    cfg["tiers"][1]["engine"]["tensor_parallel_size"] = 2
+    assert "must equal engine.tensor_parallel_size (2)" in _error(cfg)
+    cfg["tiers"][1]["resources"]["num_gpus"] = 2
+    cfg["tiers"][1]["engine"]["gpu_memory_utilization"] = 0.9
+    assert parse_config(cfg).tier("large").resources.num_gpus == 2
+    cfg["tiers"][1]["engine"]["tensor_parallel_size"] = 1
+    assert "would reserve GPUs the engine never uses" in _error(cfg)
+
+
 def test_every_problem_is_listed_at_once() -> None:
     cfg = _with("http.port", 0)
     cfg["tiers"][1]["engine"]["max_model_len"] = 1
