@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from serving.config import TierConfig
-from serving.errors import EngineError, InvalidRequest, PromptTooLong
+from serving.errors import EngineError, InvalidRequest, prompt_too_long
 from serving.types import EngineLoad, GenerationChunk, GenerationRequest, TierInfo, TokenLogprob
 
 logger = logging.getLogger(__name__)
@@ -157,7 +157,7 @@ class VllmEngine:
         limit = self.tier.engine.max_model_len
         max_tokens = s.max_tokens if s.max_tokens is not None else limit - prompt_len
         if prompt_len + max_tokens > limit or max_tokens < 1:
-            raise PromptTooLong(prompt_len, max(max_tokens, 1), limit, self.tier.name)
+            raise prompt_too_long(prompt_len, max(max_tokens, 1), limit, self.tier.name)
         if s.top_logprobs > 20:
             raise InvalidRequest("top_logprobs must be at most 20.", param="top_logprobs")
         return SamplingParams(

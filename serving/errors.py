@@ -58,25 +58,15 @@ class InvalidRequest(ClientError):
     pass
 
 
-class PromptTooLong(InvalidRequest):
-    def __init__(self, prompt_tokens: int, max_tokens: int, max_model_len: int, tier: str, **kw: Any) -> None:
-        if "message" in kw:  # rebuilt after crossing a process boundary
-            super().__init__(kw.pop("message"), **kw)
-            return
-        super().__init__(
-            f"This model's maximum context length is {max_model_len} tokens (tier '{tier}'). However, you "
-            f"requested {prompt_tokens + max_tokens} tokens ({prompt_tokens} in the messages, {max_tokens} in "
-            "the completion). Please reduce the length of the messages or completion.",
-            param="messages",
-            code="context_length_exceeded",
-        )
-
-    def __reduce__(self) -> tuple[Any, ...]:
-        return (_rebuild_prompt_too_long, (self.message, self.param, self.code))
-
-
-def _rebuild_prompt_too_long(message: str, param: str | None, code: str | None) -> PromptTooLong:
-    return PromptTooLong(0, 0, 0, "", message=message, param=param, code=code)
+def prompt_too_long(prompt_tokens: int, max_tokens: int, max_model_len: int, tier: str) -> InvalidRequest:
+    """OpenAI's context-length error, naming both numbers."""
+    return InvalidRequest(
+        f"This model's maximum context length is {max_model_len} tokens (tier '{tier}'). However, you "
+        f"requested {prompt_tokens + max_tokens} tokens ({prompt_tokens} in the messages, {max_tokens} in "
+        "the completion). Please reduce the length of the messages or completion.",
+        param="messages",
+        code="context_length_exceeded",
+    )
 
 
 class Unauthorized(ClientError):
