@@ -61,6 +61,15 @@ class EngineConfig(_Strict):
     seed: int = 0
     """Engine RNG seed."""
 
+    @model_validator(mode="after")
+    def _batch_fits_sequences(self) -> EngineConfig:
+        if self.max_num_batched_tokens < self.max_num_seqs:
+            raise ValueError(
+                f"max_num_batched_tokens ({self.max_num_batched_tokens}) must be at least max_num_seqs "
+                f"({self.max_num_seqs}): every running sequence needs a token per step; raise it or lower max_num_seqs."
+            )
+        return self
+
 
 class ResourcesConfig(_Strict):
     """Ray resources of one engine replica."""
@@ -164,8 +173,14 @@ class AppConfig(_Strict):
         dupes = sorted({n for n in names if names.count(n) > 1})
         if dupes:
             raise ValueError(f"tier names must be unique; {dupes} appear more than once.")
-        if "auto" in names or any(n.startswith("router-") for n in names):
-            raise ValueError("tier names 'auto' and 'router-*' are reserved for routing; rename the tier.")
+        aliases = [t.served_model_name for t in self.tiers if t.served_model_name and t.served_model_name != t.name]
+        clash = sorted({a for a in aliases if aliases.count(a) > 1 or a in names})
+        if clash:
+            raise ValueError(f"served_model_name {clash} clashes with another tier's name or alias; rename it.")
+        if any(n == "auto" or n.startswith("router-") for n in names + aliases):
+            raise ValueError(
+                "tier names and served_model_name 'auto' and 'router-*' are reserved for routing; rename the tier."
+            )
         for tier in self.tiers:
             engine = tier.engine
             if self.device == "cpu":
@@ -180,6 +195,12 @@ class AppConfig(_Strict):
                 raise ValueError(
                     f"tiers[{tier.name}].resources.num_gpus must be > 0 on device 'gpu' "
                     "(use a fraction such as 0.5 to share a GPU)."
+                )
+            elif tier.resources.num_gpus < 1 and engine.gpu_memory_utilization is None:
+                raise ValueError(
+                    f"tiers[{tier.name}].engine.gpu_memory_utilization is required when the tier shares a GPU "
+                    f"(num_gpus {tier.resources.num_gpus} < 1): vLLM would otherwise claim 0.9 of it; "
+                    f"e.g. set it to {tier.resources.num_gpus}."
                 )
             elif engine.tensor_parallel_size > 1 and tier.resources.num_gpus != engine.tensor_parallel_size:
                 raise ValueError(
@@ -206,7 +227,8 @@ class AppConfig(_Strict):
             d = t.deployment
             if d.max_queued_requests < 0:
                 continue
-            replicas = d.autoscaling.max_replicas if d.autoscaling else d.num_replicas
+            # Autoscaled tiers may run at min_replicas: admission must fit what is there for sure.
+            replicas = max(1, d.autoscaling.min_replicas) if d.autoscaling else d.num_replicas
             result[t.name] = replicas * d.max_ongoing_requests + d.max_queued_requests
         return result
 

@@ -103,9 +103,16 @@ class EngineError(TierserveError):
     error_type = "server_error"
 
 
+_RAY_OVERLOAD = ("BackPressureError", "DeploymentUnavailableError")
+"""Ray Serve's own refusals (queue full, no replica): overload, not a server bug. Matched by name so this
+module does not import Ray."""
+
+
 def to_envelope(exc: BaseException) -> tuple[int, dict[str, Any], dict[str, str]]:
     """Any exception -> (status, OpenAI error body, headers). Unknown errors become a 500."""
     err = find_tierserve_error(exc)
+    if err is None and type(exc).__name__ in _RAY_OVERLOAD:
+        err = Overloaded.make(f"Overloaded: {exc}", retry_after_s=2, status_code=503)
     if err is None:
         err = EngineError(f"internal error: {type(exc).__name__}: {exc}")
     return err.status_code, err.envelope(), err.headers

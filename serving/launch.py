@@ -45,7 +45,13 @@ def start(config: AppConfig, *, wait_s: float = 600.0) -> str:
                 include_dashboard=False,
                 log_to_driver=True,
             )
-    serve.start(http_options={"host": config.http.host, "port": config.http.port})
+    serve.start(
+        http_options={
+            "host": config.http.host,
+            "port": config.http.port,
+            "request_timeout_s": config.http.request_timeout_s,
+        }
+    )
     serve.run(build_app(config), name="tierserve", route_prefix="/", blocking=False)
     host = "127.0.0.1" if config.http.host in ("0.0.0.0", "::") else config.http.host
     url = f"http://{host}:{config.http.port}"

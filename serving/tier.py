@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import AsyncIterator
+from contextlib import aclosing
 from pathlib import Path
 
 from ray import serve
@@ -24,8 +25,10 @@ class TierServer:
         self.replica_id = serve.get_replica_context().replica_id.unique_id
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationChunk]:
-        async for chunk in self.engine.generate(request):
-            yield chunk
+        # aclosing: a cancelled call aborts the engine request at once, not when the generator is collected.
+        async with aclosing(self.engine.generate(request)) as chunks:
+            async for chunk in chunks:
+                yield chunk
 
     async def load(self) -> tuple[str, EngineLoad]:
         return self.replica_id, self.engine.load()

@@ -51,6 +51,10 @@ class CapacityController:
             done.popleft()
         return len(done) / window if done else None
 
+    def has_room(self, tier: str) -> bool:
+        """Whether `tier` would admit one more request now (no side effects)."""
+        return self.inflight[tier] < self.cfg.limits_for(tier).max_inflight
+
     def check(self, tier: str) -> None:
         """Raise Overloaded (429/503 + Retry-After) when the tier is at its admission limit."""
         verdict = admit(

@@ -18,7 +18,7 @@ from ray.serve.handle import DeploymentHandle
 
 from router.types import Exemplar
 from serving.config import AppConfig
-from serving.errors import InvalidRequest, TierserveError, Unauthorized, to_envelope
+from serving.errors import EngineError, InvalidRequest, TierserveError, Unauthorized, to_envelope
 from serving.ingress.pipeline import Outcome, Pipeline
 from serving.ingress.protocol import (
     SEED_LABELS,
@@ -55,13 +55,16 @@ def _validation_error(exc: ValidationError) -> InvalidRequest:
     return InvalidRequest(f"Invalid request: {problems}", param=param)
 
 
-async def _parse(request: Request, model: type) -> Any:
+async def _parse(request: Request, model: type, without_messages: type | None = None) -> Any:
+    """Validate the JSON body as `model` (as `without_messages` when given and the body has no messages)."""
     try:
         body = await request.json()
     except (json.JSONDecodeError, UnicodeDecodeError):
         raise InvalidRequest("The request body is not valid JSON.", param="body") from None
     if not isinstance(body, dict):
         raise InvalidRequest("The request body must be a JSON object.", param="body")
+    if without_messages is not None and "messages" not in body:
+        model = without_messages
     try:
         return model.model_validate(body)
     except ValidationError as exc:
@@ -148,9 +151,7 @@ class Ingress:
         """The routing decision for a chat or completion request, without generating."""
         try:
             self._authorize(request)
-            raw = await request.json() if await request.body() else {}
-            kind = ChatCompletionRequest if isinstance(raw, dict) and "messages" in raw else CompletionRequest
-            body = await _parse(request, kind)
+            body = await _parse(request, ChatCompletionRequest, CompletionRequest)
             outcome = Outcome(plan=await self.pipeline.plan(body.model, body.routing_text(), body.options))
             return JSONResponse({"object": "tierserve.route", **outcome.meta()}, headers=outcome.headers())
         except Exception as exc:
@@ -220,6 +221,11 @@ class Ingress:
                 endpoint, outcome, 200, started, result, request_id=request_id, routing_text=body.routing_text()
             )
             return JSONResponse(payload, headers=outcome.headers())
+        except asyncio.CancelledError:  # the client went away; the tier call was cancelled with us
+            if outcome is not None:
+                self.metrics.aborts.labels(outcome.tier).inc()
+                self.pipeline.record(endpoint, outcome, 499, started, request_id=request_id)
+            raise
         except Exception as exc:
             status, _, _ = to_envelope(exc)
             if outcome is not None:
@@ -233,7 +239,9 @@ class Ingress:
     ) -> Response:
         chunks = await self.pipeline.stream(gen_request, outcome, body.options)
         # Pull the first chunk before answering so errors (context length, overload) get a real status.
-        first = await anext(chunks)
+        first = await anext(chunks, None)
+        if first is None:
+            raise EngineError(f"tier '{outcome.tier}' ended the stream without output")
         self.metrics.ttft.labels(outcome.tier).observe(time.perf_counter() - started)
         encoder = ChunkEncoder(
             kind=kind,

@@ -54,10 +54,13 @@ def strip_logprobs(result: GenerationResult, wanted: SamplingOptions) -> Generat
 class CascadeRunner:
     """Runs one request through the tiers in cost order, starting at `start_index`."""
 
-    def __init__(self, tier_names: list[str], generate: Generate, stream: Stream) -> None:
+    def __init__(
+        self, tier_names: list[str], generate: Generate, stream: Stream, has_room: Callable[[str], bool]
+    ) -> None:
         self.tier_names = tier_names
         self._generate = generate
         self._stream = stream
+        self._has_room = has_room
 
     async def _measure(
         self, tier: str, request: GenerationRequest, result: GenerationResult, policy: CascadePolicy
@@ -70,7 +73,7 @@ class CascadeRunner:
                 self._generate(tier, _with_sampling(request, consistency_sampling(request.sampling, policy, i), f"s{i}"))
                 for i in range(policy.consistency.n - 1)
             ]
-            samples = await asyncio.gather(*extra)
+            samples = await _all_or_nothing(extra)
             confidence = measure(result, policy, samples=[s.text for s in samples])
             index, _ = modal_answer([result.text, *(s.text for s in samples)], normalize=policy.consistency.normalize)
             chosen = result if index == 0 else samples[index - 1]
@@ -107,7 +110,12 @@ class CascadeRunner:
             if index == len(self.tier_names) - 1:
                 attempts.append(TierAttempt(tier, result.prompt_tokens, result.completion_tokens, None, False))
                 return result, attempts, "->".join([*reasons, "top_tier"])
-            confidence, chosen, cost = await self._measure(tier, request, result, policy)
+            try:
+                confidence, chosen, cost = await self._measure(tier, request, result, policy)
+            except Overloaded:
+                # The scoring calls (extra samples, verification) were refused: keep the answer we have.
+                attempts.append(TierAttempt(tier, result.prompt_tokens, result.completion_tokens, None, False))
+                return result, attempts, "->".join([*reasons, "scoring_rejected"])
             decision = decide(confidence, policy, tier_index=index, escalations=escalations)
             attempts.append(
                 TierAttempt(tier, result.prompt_tokens, result.completion_tokens, confidence.value, decision.escalate, cost)
@@ -150,7 +158,8 @@ class CascadeRunner:
                     if verdict.action == "hold":
                         continue
                     confidence = verdict.decision.confidence if verdict.decision else None
-                    if verdict.action == "escalate":
+                    next_tier = self.tier_names[min(index + 1, len(self.tier_names) - 1)]
+                    if verdict.action == "escalate" and self._has_room(next_tier):
                         attempts.append(
                             TierAttempt(tier, chunk.prompt_tokens, chunk.completion_tokens, confidence, True)
                         )
@@ -171,6 +180,16 @@ class CascadeRunner:
                 return
             index += 1
             escalations += 1
+
+
+async def _all_or_nothing(calls: list[Awaitable[GenerationResult]]) -> list[GenerationResult]:
+    """Run the calls concurrently; if one fails the others are cancelled (no orphaned generations)."""
+    try:
+        async with asyncio.TaskGroup() as group:
+            tasks = [group.create_task(call) for call in calls]
+    except* Exception as group:  # the first failure, as itself (Overloaded stays a 429/503)
+        raise group.exceptions[0] from None
+    return [t.result() for t in tasks]
 
 
 def _as_chunk(result: GenerationResult) -> GenerationChunk:

@@ -6,6 +6,7 @@ import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator
+from contextlib import aclosing
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
@@ -106,7 +107,7 @@ class Pipeline:
             QueryLog.from_config(config.query_log, config.resolved_data_dir()) if config.query_log.enabled else None
         )
         self.capacity = CapacityController(config.capacity, config.tier_names, tiers, metrics)
-        self.cascade = CascadeRunner(config.tier_names, self._generate_on, self._stream_on)
+        self.cascade = CascadeRunner(config.tier_names, self._generate_on, self._stream_on, self.capacity.has_room)
         self._judge = JudgeRouter(self._judge_complete)
         self._heuristic = HeuristicScorer(config.router.heuristic)
         self._thresholds = config.router.thresholds_for(len(config.tiers))
@@ -143,8 +144,20 @@ class Pipeline:
             threshold = options.threshold
         route_input = RouteInput(text=routing_text, threshold=threshold, router=kind)
         started = time.perf_counter()
-        if (kind or self.config.router.default_router) == "judge":
-            decision = await self._judge_decision(route_input)
+        kind = kind or self.config.router.default_router
+        if kind == "cheapest":
+            decision = self._decision(route_input, 0.0, "cheapest", "cheapest router: always the first tier")
+            decision = replace(decision, tier=self.config.tier_names[0], tier_index=0)
+        elif kind == "heuristic":
+            result = self._heuristic.score(routing_text)
+            decision = self._decision(route_input, result.score, "heuristic", result.reason)
+        elif kind == "judge":
+            try:
+                decision = await asyncio.wait_for(
+                    self._judge_decision(route_input), self.config.ingress.router_timeout_s
+                )
+            except TimeoutError:
+                decision = self._local_heuristic(route_input, "judge timed out")
         elif self.router is None:
             decision = self._local_heuristic(route_input, "no router deployment")
         else:
@@ -223,8 +236,10 @@ class Pipeline:
     async def _stream_on(self, tier: str, request: GenerationRequest) -> AsyncIterator[GenerationChunk]:
         async with self.capacity.slot(tier):
             try:
-                async for chunk in self.tiers.stream(tier, request):
-                    yield chunk
+                # aclosing: an early exit cancels the tier call (and aborts the engine) now, not at GC time.
+                async with aclosing(self.tiers.stream(tier, request)) as chunks:
+                    async for chunk in chunks:
+                        yield chunk
             finally:
                 self.tiers.refresh_soon(tier)
 
@@ -290,13 +305,12 @@ class Pipeline:
         self, request: GenerationRequest, policy: CascadePolicy, index: int, outcome: Outcome
     ) -> AsyncIterator[GenerationChunk]:
         attempts: list[TierAttempt] = []
-        inner = self.cascade.stream(request, policy, index, attempts)
         try:
-            async for chunk in inner:
-                self._trace(outcome, attempts, None, final=False)
-                yield chunk if request.sampling.logprobs else replace(chunk, token_logprobs=())
+            async with aclosing(self.cascade.stream(request, policy, index, attempts)) as inner:
+                async for chunk in inner:
+                    self._trace(outcome, attempts, None, final=False)
+                    yield chunk if request.sampling.logprobs else replace(chunk, token_logprobs=())
         finally:
-            await inner.aclose()
             self._trace(outcome, attempts, "escalated" if outcome.escalated else "accepted", final=True)
 
     def record(

@@ -45,7 +45,7 @@ class TierClient:
         """The tier's info, or None while it has no ready replica."""
         try:
             info = await asyncio.wait_for(self.handles[tier].info.remote(), timeout_s)
-        except (TimeoutError, asyncio.TimeoutError):
+        except Exception:  # starting, restarting or gone: not ready
             return None
         self.infos[tier] = info
         return info
@@ -84,7 +84,9 @@ class TierClient:
         except Exception as exc:  # a replica starting or restarting: keep the last view, it ages out
             logger.debug("load poll of %s failed: %s", tier, exc)
             return
-        self._loads[tier][replica_id] = load
+        held = self._loads[tier].get(replica_id)
+        if held is None or load.timestamp >= held.timestamp:  # a slow reply never overwrites a newer one
+            self._loads[tier][replica_id] = load
 
     def loads(self, max_age_s: float = 5.0) -> dict[str, EngineLoad]:
         """Per tier, the sum over its replicas reported within max_age_s (None-free: missing tiers omitted)."""

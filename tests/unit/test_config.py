@@ -144,3 +144,20 @@ def test_app_builder_builds_the_whole_graph() -> None:
     assert isinstance(app, Application)
     with pytest.raises(ValueError, match="args.config"):
         app_builder({})
+
+
+def test_engine_step_budget_covers_every_sequence() -> None:
+    cfg = _with("tiers.0.engine.max_num_batched_tokens", 16)
+    assert "max_num_batched_tokens (16) must be at least max_num_seqs (32)" in _error(cfg)
+
+
+@pytest.mark.parametrize("alias", ["auto", "router-x", "large"])
+def test_served_model_name_cannot_shadow_routing_or_tiers(alias: str) -> None:
+    message = _error(_with("tiers.0.served_model_name", alias))
+    assert "reserved for routing" in message or "clashes" in message
+
+
+def test_shared_gpu_needs_an_explicit_memory_share() -> None:
+    cfg = yaml.safe_load((REPO / "deploy" / "gpu-7b-34b.yaml").read_text())
+    del cfg["tiers"][0]["engine"]["gpu_memory_utilization"]
+    assert "gpu_memory_utilization is required when the tier shares a GPU" in _error(cfg)
