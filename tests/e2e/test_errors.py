@@ -55,8 +55,9 @@ def test_invalid_field_is_400_naming_it(base_url: str, body: dict, param: str) -
     assert param.split(".")[0] in err["message"]
 
 
-def test_malformed_json_is_400(base_url: str) -> None:
-    r = _post(base_url, "/v1/completions", "{not json")
+@pytest.mark.parametrize("path", ["/v1/completions", "/v1/chat/completions", "/v1/route"])
+def test_malformed_json_is_400(base_url: str, path: str) -> None:
+    r = _post(base_url, path, "{not json")
     assert r.status_code == 400
     assert _envelope(r)["param"] == "body"
 

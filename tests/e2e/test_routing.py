@@ -70,7 +70,10 @@ def test_threshold_in_model_name_moves_the_boundary(base_url: str) -> None:
     assert lenient["tier"] == "small" and lenient["thresholds"] == [1.0]
     strict = _route(base_url, {"model": "router-knn-0.0", "messages": [{"role": "user", "content": ROUTINE[0]}]})
     assert strict["tier"] == "large"
-    assert _route(base_url, {"model": "router-heuristic", "messages": msg})["router"] == "heuristic"
+    heuristic = _route(base_url, {"model": "router-heuristic", "messages": msg})
+    assert heuristic["router"] == "heuristic" and heuristic["fallback"] is False
+    cheapest = _route(base_url, {"model": "router-cheapest", "messages": msg})
+    assert (cheapest["tier"], cheapest["router"], cheapest["fallback"]) == ("small", "cheapest", False)
 
 
 def test_body_knobs_force_a_tier_or_skip_routing(client: openai.OpenAI, base_url: str) -> None:
