@@ -139,14 +139,18 @@ def knn_figures(store: ExemplarStore, embedder: Embedder, texts: list[str], k: i
     return ", ".join(f"{label} {ms:.2f} ms" for label, ms in times.items())
 
 
+def bench_config(args: argparse.Namespace) -> RouterConfig:
+    return RouterConfig(
+        knn=KnnConfig(k=args.k),
+        embedder=EmbedderConfig(num_threads=args.threads),
+        batch_max_size=args.batch_max,
+        batch_wait_timeout_s=args.wait_ms / 1000,
+    )
+
+
 async def bench_size(args: argparse.Namespace, embedder: Embedder, size: int, texts: list[str]) -> None:
     with tempfile.TemporaryDirectory() as data_dir:
-        cfg = RouterConfig(
-            knn=KnnConfig(k=args.k),
-            embedder=EmbedderConfig(num_threads=args.threads),
-            batch_max_size=args.batch_max,
-            batch_wait_timeout_s=args.wait_ms / 1000,
-        )
+        cfg = bench_config(args)
         path = Path(data_dir) / "qdrant"
         store = ExemplarStore(collection=cfg.store.collection, dim=embedder.dim, path=path)
         t0 = time.perf_counter()
@@ -183,12 +187,7 @@ async def bench_serve(args: argparse.Namespace, embedder: Embedder, size: int, t
     from ray import serve
 
     with tempfile.TemporaryDirectory() as data_dir:
-        cfg = RouterConfig(
-            knn=KnnConfig(k=args.k),
-            embedder=EmbedderConfig(num_threads=args.threads),
-            batch_max_size=args.batch_max,
-            batch_wait_timeout_s=args.wait_ms / 1000,
-        )
+        cfg = bench_config(args)
         store = ExemplarStore(collection=cfg.store.collection, dim=embedder.dim, path=Path(data_dir) / "qdrant")
         fill_store(store, embedder, size)
         store.close()

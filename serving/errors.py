@@ -87,10 +87,9 @@ class Overloaded(TierserveError):
 
     @classmethod
     def make(cls, message: str, *, retry_after_s: float, status_code: int = 429) -> Overloaded:
-        err = (ServiceUnavailable if status_code == 503 else cls)(
+        return (ServiceUnavailable if status_code == 503 else cls)(
             message, code="overloaded", headers={"Retry-After": str(max(1, round(retry_after_s)))}
         )
-        return err
 
 
 class ServiceUnavailable(Overloaded):

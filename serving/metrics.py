@@ -71,7 +71,7 @@ class Metrics:
             labelnames=("tier",), registry=r,
         )
         self.engine_kv_usage = Gauge(
-            "tierserve_engine_kv_cache_usage_ratio", "KV-cache blocks in use (0..1), max over the tier's replicas.",
+            "tierserve_engine_kv_cache_usage_ratio", "KV-cache blocks in use (0..1), mean over the tier's replicas.",
             labelnames=("tier",), registry=r,
         )
         self.inflight = Gauge(

@@ -5,7 +5,7 @@ Plain frozen dataclasses (picklable across Ray) so nothing outside `serving.engi
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Literal
 
 FinishReason = Literal["stop", "length", "abort"]
@@ -118,4 +118,3 @@ class TierInfo:
     served_model_name: str
     max_model_len: int
     ready: bool = True
-    extra: dict[str, str] = field(default_factory=dict)

@@ -7,7 +7,7 @@ import logging
 import time
 from collections.abc import AsyncIterator
 from contextlib import aclosing
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from router.heuristic import HeuristicScorer
@@ -59,17 +59,17 @@ class Outcome:
         return self.tier_chain[-1] if self.tier_chain else self.plan.tier
 
     def meta(self) -> dict[str, Any]:
-        plan = asdict(self.plan)
+        plan = self.plan
         return {
             "tier": self.tier,
-            "routed_tier": plan["tier"],
-            "router": plan["router"],
-            "score": plan["score"],
-            "thresholds": list(plan["thresholds"]),
-            "reason": plan["reason"],
-            "overhead_ms": round(plan["overhead_ms"], 3),
-            "fallback": plan["fallback"],
-            "tier_chain": list(self.tier_chain or [self.plan.tier]),
+            "routed_tier": plan.tier,
+            "router": plan.router,
+            "score": plan.score,
+            "thresholds": list(plan.thresholds),
+            "reason": plan.reason,
+            "overhead_ms": round(plan.overhead_ms, 3),
+            "fallback": plan.fallback,
+            "tier_chain": list(self.tier_chain or [plan.tier]),
             "confidences": [round(c, 6) for c in self.confidences],
             "escalated": self.escalated,
             "cascade_reason": self.cascade_reason,

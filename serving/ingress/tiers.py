@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator, Mapping
 
 from ray.serve.handle import DeploymentHandle
 
+from serving.capacity import combine_loads
 from serving.types import EngineLoad, GenerationChunk, GenerationRequest, GenerationResult, TierInfo
 
 logger = logging.getLogger(__name__)
@@ -24,7 +25,6 @@ class TierClient:
         self._loads: dict[str, dict[str, EngineLoad]] = {name: {} for name in self.names}
         self._poller: asyncio.Task | None = None
         self._refreshing: set[str] = set()
-        self.infos: dict[str, TierInfo] = {}
 
     async def stream(self, tier: str, request: GenerationRequest) -> AsyncIterator[GenerationChunk]:
         """Stream a tier's chunks; leaving early cancels the call, which aborts the engine request."""
@@ -47,7 +47,6 @@ class TierClient:
             info = await asyncio.wait_for(self.handles[tier].info.remote(), timeout_s)
         except Exception:  # starting, restarting or gone: not ready
             return None
-        self.infos[tier] = info
         return info
 
     # ---- load -------------------------------------------------------------------------------
@@ -89,20 +88,11 @@ class TierClient:
             self._loads[tier][replica_id] = load
 
     def loads(self, max_age_s: float = 5.0) -> dict[str, EngineLoad]:
-        """Per tier, the sum over its replicas reported within max_age_s (None-free: missing tiers omitted)."""
+        """Per tier, its replicas' loads reported within max_age_s, combined (tiers with none omitted)."""
         now = time.time()
         result = {}
         for tier, by_replica in self._loads.items():
             fresh = [ld for ld in by_replica.values() if now - ld.timestamp <= max_age_s]
-            if not fresh:
-                continue
-            result[tier] = EngineLoad(
-                tier=tier,
-                running=sum(ld.running for ld in fresh),
-                waiting=sum(ld.waiting for ld in fresh),
-                kv_cache_usage=max(ld.kv_cache_usage for ld in fresh),
-                max_num_seqs=sum(ld.max_num_seqs for ld in fresh),
-                ongoing=sum(ld.ongoing for ld in fresh),
-                timestamp=min(ld.timestamp for ld in fresh),
-            )
+            if fresh:
+                result[tier] = combine_loads(fresh)
         return result
