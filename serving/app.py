@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import logging
+import secrets
 from typing import Any
 
 from ray import serve
 from ray.serve import Application
 
 from serving.config import AppConfig, TierConfig, load_config
-from serving.engine import engine_env
+from serving.engines.base import Engine
+from serving.engines.vllm import engine_env
 
 logger = logging.getLogger(__name__)
 
@@ -28,7 +30,7 @@ def _tier_deployment_options(config: AppConfig, tier: TierConfig) -> dict[str, A
         "health_check_period_s": 10,
         "health_check_timeout_s": 30,
         "graceful_shutdown_timeout_s": 10,
-        "logging_config": {"enable_access_log": False},  # the ingress polls load 4x a second
+        "logging_config": {"enable_access_log": False},  # the ingress polls status 4x a second
     }
     if d.autoscaling is not None:
         a = d.autoscaling
@@ -42,16 +44,23 @@ def _tier_deployment_options(config: AppConfig, tier: TierConfig) -> dict[str, A
     return options
 
 
-def build_app(config: AppConfig) -> Application:
-    """Tier deployments (one per tier) and the ingress that routes between them."""
+def build_app(config: AppConfig, *, engine_cls: type[Engine] | None = None) -> Application:
+    """Tier deployments (one per tier) and the ingress that routes between them.
+
+    `engine_cls` replaces vLLM in every tier (e.g. `ScriptedEngine` to measure the plumbing alone).
+    """
+    from serving.engines.vllm import VllmEngine
     from serving.ingress.app import Ingress
     from serving.tier import TierServer
 
+    wire_token = secrets.token_hex(16)  # the tier replicas' data ports answer only this app's ingress
     tier_apps = {}
     for tier in config.tiers:
         model_path = config.model_path(tier)
         deployment = serve.deployment(TierServer).options(**_tier_deployment_options(config, tier))
-        tier_apps[tier.name] = deployment.bind(tier, str(model_path), config.device)
+        tier_apps[tier.name] = deployment.bind(
+            tier, str(model_path), config.device, wire_token, engine_cls=engine_cls or VllmEngine
+        )
 
     router_app = None
     if config.router.default_router != "cheapest":
@@ -78,7 +87,7 @@ def build_app(config: AppConfig) -> Application:
         max_ongoing_requests=config.ingress.max_ongoing_requests,
         ray_actor_options={"num_cpus": config.ingress.num_cpus},
     )
-    return ingress.bind(config, tier_apps, router_app)
+    return ingress.bind(config, tier_apps, router_app, wire_token=wire_token)
 
 
 def app_builder(args: dict[str, Any]) -> Application:

@@ -9,6 +9,7 @@ import sys
 from router import cli as router_cli
 from router.eval import cli as eval_cli
 from serving import cli_serve
+from serving.bench import cli as bench_cli
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -18,6 +19,7 @@ def build_parser() -> argparse.ArgumentParser:
     cli_serve.register(sub)
     router_cli.register(sub)
     eval_cli.register(sub)
+    bench_cli.register(sub)
     return parser
 
 

@@ -38,7 +38,7 @@ def cmd_models_tiny(args: argparse.Namespace) -> int:
     return 0
 
 
-def _ensure_tiny_models(config) -> None:  # noqa: ANN001
+def ensure_tiny_models(config) -> None:  # noqa: ANN001
     """Generate the tiny models a config points at (paths named tiny-small / tiny-large) if missing."""
     from serving.models.tiny import TINY_MODELS, generate_tiny_models, is_complete
 
@@ -56,7 +56,7 @@ def cmd_up(args: argparse.Namespace) -> int:
 
     config = load_config(args.config)
     if not args.no_tiny:
-        _ensure_tiny_models(config)
+        ensure_tiny_models(config)
     started = time.perf_counter()
     print(f"starting tierserve ({len(config.tiers)} tiers: {', '.join(config.tier_names)}) ...", flush=True)
     url = launch.start(config)

@@ -132,6 +132,14 @@ class HttpConfig(_Strict):
     """Bearer keys accepted on /v1/*. Empty means no auth. TIERSERVE_API_KEYS (comma-separated) adds more."""
     request_timeout_s: float = Field(default=300.0, gt=0)
     """Upper bound on one request end to end."""
+    proxy: bool = False
+    """False: each ingress replica serves host:port itself (SO_REUSEPORT), with no hop between the HTTP
+    server and the ingress, as bare vLLM's server. True: Ray Serve's HTTP proxy serves the port and forwards
+    every request and streamed chunk to an ingress replica (one more process hop per chunk)."""
+    keep_alive_s: float = Field(default=5.0, ge=1)
+    """Idle keep-alive of client connections (direct serving)."""
+    drain_s: float = Field(default=10.0, ge=0)
+    """On shutdown, how long open requests may finish before they are cut (direct serving)."""
 
 
 class IngressConfig(_Strict):

@@ -102,6 +102,24 @@ class EngineError(TierserveError):
     error_type = "server_error"
 
 
+class StartupError(TierserveError):
+    """The stack (or a benchmark's server) could not start: a missing model, a server that never got ready."""
+
+
+def error_from_dict(d: dict[str, Any]) -> TierserveError:
+    """Rebuild an error sent over the wire (`serving.wire`) by class name; unknown names become a 500."""
+    classes = {c.__name__: c for c in _all_subclasses(TierserveError)}
+    cls = classes.get(d.get("class", ""), EngineError)
+    return cls(d.get("message", "error"), param=d.get("param"), code=d.get("code"), headers=d.get("headers"))
+
+
+def _all_subclasses(cls: type) -> list[type]:
+    found = [cls]
+    for sub in cls.__subclasses__():
+        found += _all_subclasses(sub)
+    return found
+
+
 _RAY_OVERLOAD = ("BackPressureError", "DeploymentUnavailableError")
 """Ray Serve's own refusals (queue full, no replica): overload, not a server bug. Matched by name so this
 module does not import Ray."""

@@ -8,13 +8,10 @@ import time
 import httpx
 
 from serving.config import AppConfig
-from serving.errors import TierserveError
+from serving.engines.base import Engine
+from serving.errors import StartupError
 
 logger = logging.getLogger(__name__)
-
-
-class StartupError(TierserveError):
-    pass
 
 
 def check_models(config: AppConfig) -> None:
@@ -27,14 +24,15 @@ def check_models(config: AppConfig) -> None:
             )
 
 
-def start(config: AppConfig, *, wait_s: float = 600.0) -> str:
+def start(config: AppConfig, *, wait_s: float = 600.0, engine_cls: type[Engine] | None = None) -> str:
     """Deploy the app; return its base URL once /health says every tier is ready."""
     import ray
     from ray import serve
 
     from serving.app import build_app
 
-    check_models(config)
+    if engine_cls is None:
+        check_models(config)
     if not ray.is_initialized():
         if config.ray.address:
             ray.init(address=config.ray.address)
@@ -44,15 +42,19 @@ def start(config: AppConfig, *, wait_s: float = 600.0) -> str:
                 object_store_memory=config.ray.object_store_memory_bytes,
                 include_dashboard=False,
                 log_to_driver=True,
+                # A one-machine cluster talks over loopback (the tier replicas' data ports included).
+                _node_ip_address="127.0.0.1",
             )
     serve.start(
+        # http.proxy false: the ingress replicas serve the port themselves, no proxy actors.
+        proxy_location="EveryNode" if config.http.proxy else "Disabled",
         http_options={
             "host": config.http.host,
             "port": config.http.port,
             "request_timeout_s": config.http.request_timeout_s,
-        }
+        },
     )
-    serve.run(build_app(config), name="tierserve", route_prefix="/", blocking=False)
+    serve.run(build_app(config, engine_cls=engine_cls), name="tierserve", route_prefix="/", blocking=False)
     host = "127.0.0.1" if config.http.host in ("0.0.0.0", "::") else config.http.host
     url = f"http://{host}:{config.http.port}"
     wait_ready(url, wait_s)

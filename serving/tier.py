@@ -1,37 +1,43 @@
-"""The Ray Serve deployment hosting one tier's vLLM engine."""
+"""The Ray Serve deployment hosting one tier's engine.
+
+Ray Serve owns the replica's life (placement, health checks, restarts, scaling); the tokens leave
+through the replica's own data-plane port (`serving.wire`), whose address the ingress learns from
+`status()`.
+"""
 
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator
-from contextlib import aclosing
 from pathlib import Path
 
+import ray
 from ray import serve
 
 from serving.config import TierConfig
-from serving.engine import VllmEngine
-from serving.types import EngineLoad, GenerationChunk, GenerationRequest, TierInfo
+from serving.engines.base import Engine
+from serving.engines.vllm import VllmEngine
+from serving.types import ReplicaStatus, TierInfo
+from serving.wire import WireServer
 
 logger = logging.getLogger(__name__)
 
 
 class TierServer:
-    """One replica of one tier. The ingress streams from `generate` and polls `load`."""
+    """One replica of one tier: an engine (`engine_cls`, vLLM by default) behind a wire server."""
 
-    async def __init__(self, tier: TierConfig, model_path: str, device: str) -> None:
-        self.engine = VllmEngine(tier, Path(model_path), device)
+    async def __init__(
+        self, tier: TierConfig, model_path: str, device: str, wire_token: str, *, engine_cls: type[Engine] = VllmEngine
+    ) -> None:
+        self.engine = engine_cls(tier, Path(model_path), device)
         self.engine.start()
         self.replica_id = serve.get_replica_context().replica_id.unique_id
+        self.wire = WireServer(self.engine, wire_token)
+        self.address = await self.wire.start(ray.util.get_node_ip_address())
+        logger.info("tier %s: replica %s serves its data plane on %s", tier.name, self.replica_id, self.address)
 
-    async def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationChunk]:
-        # aclosing: a cancelled call aborts the engine request at once, not when the generator is collected.
-        async with aclosing(self.engine.generate(request)) as chunks:
-            async for chunk in chunks:
-                yield chunk
-
-    async def load(self) -> tuple[str, EngineLoad]:
-        return self.replica_id, self.engine.load()
+    async def status(self) -> ReplicaStatus:
+        """Where to reach this replica's data plane, and its live load (polled by the ingress)."""
+        return ReplicaStatus(replica_id=self.replica_id, address=self.address, load=self.engine.load())
 
     async def info(self) -> TierInfo:
         return self.engine.info()
@@ -41,6 +47,9 @@ class TierServer:
         await self.engine.check_health()
 
     def __del__(self) -> None:
+        wire = getattr(self, "wire", None)
+        if wire is not None:
+            wire.close()
         engine = getattr(self, "engine", None)
         if engine is not None:
             engine.shutdown()

@@ -1,6 +1,6 @@
 """Typed values passed between the ingress, the tier deployments and the decision functions.
 
-Plain frozen dataclasses (picklable across Ray) so nothing outside `serving.engine` needs vLLM.
+Plain frozen dataclasses (picklable across Ray) so nothing outside `serving.engines.vllm` needs vLLM.
 """
 
 from __future__ import annotations
@@ -108,6 +108,16 @@ class EngineLoad:
     """Requests inside this replica's handler (includes ones not yet in the engine)."""
     timestamp: float = 0.0
     """time.time() when the engine last reported stats."""
+
+
+@dataclass(frozen=True)
+class ReplicaStatus:
+    """What a tier replica reports to the ingress's poller."""
+
+    replica_id: str
+    address: str
+    """host:port of the replica's data plane (`serving.wire`)."""
+    load: EngineLoad
 
 
 @dataclass(frozen=True)

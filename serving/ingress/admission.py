@@ -73,15 +73,22 @@ class CapacityController:
                 status_code=verdict.status or self.cfg.reject_status,
             )
 
-    @asynccontextmanager
-    async def slot(self, tier: str) -> AsyncIterator[None]:
-        """Admit one call to `tier` for the duration of the block (or raise Overloaded)."""
+    def acquire(self, tier: str) -> None:
+        """Admit one call to `tier` (or raise Overloaded); pair with `release`."""
         self.check(tier)
         self.inflight[tier] += 1
         self.metrics.inflight.labels(tier).set(self.inflight[tier])
+
+    def release(self, tier: str) -> None:
+        self.inflight[tier] -= 1
+        self.metrics.inflight.labels(tier).set(self.inflight[tier])
+        self._done[tier].append(time.monotonic())
+
+    @asynccontextmanager
+    async def slot(self, tier: str) -> AsyncIterator[None]:
+        """Admit one call to `tier` for the duration of the block (or raise Overloaded)."""
+        self.acquire(tier)
         try:
             yield
         finally:
-            self.inflight[tier] -= 1
-            self.metrics.inflight.labels(tier).set(self.inflight[tier])
-            self._done[tier].append(time.monotonic())
+            self.release(tier)

@@ -10,32 +10,31 @@ import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
-from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi import Request
+from fastapi.responses import JSONResponse, Response
 from pydantic import ValidationError
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
 from router.types import Exemplar
 from serving.config import AppConfig
-from serving.errors import EngineError, InvalidRequest, TierserveError, Unauthorized, to_envelope
-from serving.ingress.pipeline import Outcome, Pipeline
+from serving.errors import InvalidRequest, TierserveError, Unauthorized, to_envelope
+from serving.ingress.pipeline import Outcome, Pipeline, StreamFormat
 from serving.ingress.protocol import (
     SEED_LABELS,
     AddExemplarsRequest,
-    ReleaseStoreRequest,
     ChatCompletionRequest,
     CompletionRequest,
-    response,
+    ReleaseStoreRequest,
 )
-from serving.ingress.streaming import ChunkEncoder, encode_stream, sse
-from serving.ingress.tiers import TierClient
+from serving.ingress.http import IngressApp, SseResponse, unless_disconnected
+from serving.ingress.server import DirectServer
+from serving.ingress.tiers import SseRelay, TierClient
 from serving.metrics import Metrics
-from serving.types import GenerationChunk, GenerationRequest
+from serving.responses import DONE, response, sse
+from serving.types import GenerationRequest
 
 logger = logging.getLogger(__name__)
-
-api = FastAPI(title="tierserve", description="OpenAI-compatible, tier-routing LLM gateway")
 
 
 def error_response(exc: BaseException, extra_headers: dict[str, str] | None = None) -> JSONResponse:
@@ -71,19 +70,43 @@ async def _parse(request: Request, model: type, without_messages: type | None = 
         raise _validation_error(exc) from None
 
 
-@serve.ingress(api)
+@serve.ingress()
 class Ingress:
-    """Parses, authorizes and answers; the decisions live in `Pipeline`."""
+    """Parses, authorizes and answers; the decisions live in `Pipeline`.
 
-    def __init__(
-        self, config: AppConfig, tier_handles: dict[str, DeploymentHandle], router: DeploymentHandle | None = None
+    With `http.proxy: false` (the default) each ingress replica serves `http.host:port` itself
+    (`serving.ingress.server`, SO_REUSEPORT across replicas on a node), as bare vLLM's server does; with
+    `http.proxy: true` Ray Serve's HTTP proxy serves it and forwards every request and chunk here.
+    """
+
+    async def __init__(
+        self,
+        config: AppConfig,
+        tier_handles: dict[str, DeploymentHandle],
+        router: DeploymentHandle | None = None,
+        *,
+        wire_token: str,
     ) -> None:
         self.config = config
         self.metrics = Metrics()
-        self.tiers = TierClient(tier_handles, poll_interval_s=config.capacity.poll_interval_s)
+        self.tiers = TierClient(tier_handles, wire_token=wire_token, poll_interval_s=config.capacity.poll_interval_s)
         self.router = router
         self.pipeline = Pipeline(config, self.tiers, self.metrics, router)
         self.api_keys = config.api_keys()
+        self.http_app = IngressApp(self)
+        self.server: DirectServer | None = None
+        if not config.http.proxy:
+            self.server = await DirectServer.start(self.http_app, config.http.host, config.http.port,
+                                                   timeout_keep_alive_s=config.http.keep_alive_s)
+        self.tiers.start_polling()
+
+    def __serve_build_asgi_app__(self) -> IngressApp:
+        """The app Ray Serve's proxy forwards to (with `http.proxy: true`); the same one served directly."""
+        return self.http_app
+
+    async def __del__(self) -> None:
+        if self.server is not None:
+            await self.server.stop(self.config.http.drain_s)
 
     # ---- plumbing -----------------------------------------------------------------------------
 
@@ -99,25 +122,20 @@ class Ingress:
 
     # ---- routes -------------------------------------------------------------------------------
 
-    @api.get("/health")
     async def health(self) -> JSONResponse:
         """Ready only when every tier's engine answers."""
-        self.tiers.start_polling()
         infos = await asyncio.gather(*(self.tiers.info(name) for name in self.tiers.names))
         tiers = {name: bool(info and info.ready) for name, info in zip(self.tiers.names, infos, strict=True)}
         ready = all(tiers.values())
         return JSONResponse({"status": "ready" if ready else "starting", "tiers": tiers}, status_code=200 if ready else 503)
 
-    @api.get("/metrics")
-    async def metrics(self) -> Response:
-        self.tiers.start_polling()
+    async def render_metrics(self) -> Response:
         for tier, load in self.tiers.loads().items():
             self.metrics.engine_running.labels(tier).set(load.running)
             self.metrics.engine_waiting.labels(tier).set(load.waiting)
             self.metrics.engine_kv_usage.labels(tier).set(load.kv_cache_usage)
         return Response(self.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
 
-    @api.get("/v1/models")
     async def models(self, request: Request) -> JSONResponse:
         try:
             self._authorize(request)
@@ -138,15 +156,6 @@ class Ingress:
             )
         return JSONResponse({"object": "list", "data": data})
 
-    @api.post("/v1/chat/completions")
-    async def chat_completions(self, request: Request) -> Response:
-        return await self._complete(request, "chat")
-
-    @api.post("/v1/completions")
-    async def completions(self, request: Request) -> Response:
-        return await self._complete(request, "completion")
-
-    @api.post("/v1/route")
     async def route(self, request: Request) -> JSONResponse:
         """The routing decision for a chat or completion request, without generating."""
         try:
@@ -157,7 +166,6 @@ class Ingress:
         except Exception as exc:
             return error_response(exc)
 
-    @api.post("/admin/exemplars")
     async def add_exemplars(self, request: Request) -> JSONResponse:
         """Add labelled exemplars at runtime: {"exemplars": [{"text": ..., "tier": ...}, ...]}."""
         try:
@@ -178,7 +186,6 @@ class Ingress:
         except Exception as exc:
             return error_response(exc)
 
-    @api.post("/admin/router/release-store")
     async def release_store(self, request: Request) -> JSONResponse:
         """Close the router's exemplar store for `seconds` (heuristic routing meanwhile), e.g. so that
         `tierserve exemplars import` can write to an embedded Qdrant folder while the stack serves."""
@@ -194,9 +201,8 @@ class Ingress:
 
     # ---- the request path -----------------------------------------------------------------------
 
-    async def _complete(self, http: Request, kind: str) -> Response:
+    async def complete(self, http: Request, kind: str) -> Response:
         started = time.perf_counter()
-        self.tiers.start_polling()
         endpoint = "chat" if kind == "chat" else "completions"
         outcome: Outcome | None = None
         request_id = ""
@@ -214,8 +220,11 @@ class Ingress:
             outcome = Outcome(plan=plan)
             logprobs = gen_request.sampling.logprobs
             if body.stream:
-                return await self._stream(endpoint, kind, body, gen_request, outcome, started)
-            result = await self.pipeline.generate(gen_request, outcome, body.options)
+                fmt = StreamFormat(kind=kind, model=body.model, include_usage=body.include_usage)
+                relay = await self.pipeline.stream(gen_request, outcome, body.options, fmt)
+                self.metrics.ttft.labels(outcome.tier).observe(time.perf_counter() - started)
+                return SseResponse(self._sse(endpoint, relay, outcome, started, request_id), outcome.headers())
+            result = await unless_disconnected(http, self.pipeline.generate(gen_request, outcome, body.options))
             payload = response(kind, request_id, body.model, result, logprobs, outcome.meta())
             self.pipeline.record(
                 endpoint, outcome, 200, started, result, request_id=request_id, routing_text=body.routing_text()
@@ -234,58 +243,22 @@ class Ingress:
                 self.metrics.requests.labels(endpoint, "none", str(status)).inc()
             return error_response(exc, outcome.headers() if outcome else None)
 
-    async def _stream(
-        self, endpoint: str, kind: str, body: Any, gen_request: GenerationRequest, outcome: Outcome, started: float
-    ) -> Response:
-        chunks = await self.pipeline.stream(gen_request, outcome, body.options)
-        # Pull the first chunk before answering so errors (context length, overload) get a real status.
-        first = await anext(chunks, None)
-        if first is None:
-            raise EngineError(f"tier '{outcome.tier}' ended the stream without output")
-        self.metrics.ttft.labels(outcome.tier).observe(time.perf_counter() - started)
-        encoder = ChunkEncoder(
-            kind=kind,
-            request_id=gen_request.request_id,
-            model=body.model,
-            logprobs=gen_request.sampling.logprobs,
-            include_usage=body.include_usage,
-        )
-        return StreamingResponse(
-            self._sse(endpoint, first, chunks, encoder, outcome, started),
-            media_type="text/event-stream",
-            headers={**outcome.headers(), "Cache-Control": "no-cache"},
-        )
-
     async def _sse(
-        self,
-        endpoint: str,
-        first: GenerationChunk,
-        rest: AsyncIterator[GenerationChunk],
-        encoder: ChunkEncoder,
-        outcome: Outcome,
-        started: float,
+        self, endpoint: str, relay: SseRelay, outcome: Outcome, started: float, request_id: str
     ) -> AsyncIterator[bytes]:
-        last = first
-        meta = outcome.meta()
-
-        async def chained() -> AsyncIterator[GenerationChunk]:
-            nonlocal last
-            yield first
-            async for chunk in rest:
-                last = chunk
-                yield chunk
-
         try:
-            async for payload in encode_stream(chained(), encoder, meta):
-                yield payload
-            self.pipeline.record(endpoint, outcome, 200, started, last, request_id=encoder.request_id)
+            yield relay.first
+            async for data in relay:
+                yield data
+            self.pipeline.record(endpoint, outcome, 200, started, relay.summary, request_id=request_id)
         except (asyncio.CancelledError, GeneratorExit):
             self.metrics.aborts.labels(outcome.tier).inc()
-            self.pipeline.record(endpoint, outcome, 499, started, last, request_id=encoder.request_id)
-            await rest.aclose()
+            self.pipeline.record(endpoint, outcome, 499, started, relay.summary, request_id=request_id)
             raise
         except Exception as exc:  # headers are gone: report in-band, then end the stream
             status, envelope, _ = to_envelope(exc)
-            self.pipeline.record(endpoint, outcome, status, started, last, request_id=encoder.request_id)
+            self.pipeline.record(endpoint, outcome, status, started, relay.summary, request_id=request_id)
             yield sse(envelope)
-            yield sse("[DONE]")
+            yield DONE
+        finally:
+            await relay.aclose()

@@ -21,7 +21,10 @@ from serving.errors import ModelNotFound
 from serving.ingress.admission import CapacityController
 from serving.ingress.cascade_run import CascadeRunner, strip_logprobs
 from serving.ingress.tiers import TierClient
+from serving.ingress.tiers import SseRelay
 from serving.metrics import Metrics
+from serving.responses import ChunkEncoder, Kind, encode_stream
+from serving.wire import SseOptions
 from serving.types import ChatMessage, GenerationChunk, GenerationRequest, GenerationResult, SamplingOptions
 
 logger = logging.getLogger(__name__)
@@ -290,16 +293,37 @@ class Pipeline:
         return strip_logprobs(result, request.sampling)
 
     async def stream(
-        self, request: GenerationRequest, outcome: Outcome, options: Any
-    ) -> AsyncIterator[GenerationChunk]:
-        """A chunk stream whose first chunk arrives only once the answering tier is decided."""
+        self, request: GenerationRequest, outcome: Outcome, options: Any, fmt: StreamFormat
+    ) -> SseRelay:
+        """The SSE body, its first event already read (so errors get a real status).
+
+        A plain stream is encoded by the tier replica and relayed as bytes; a cascade's stream is held
+        back and judged here, so the ingress encodes it.
+        """
         index = self._entry_index(outcome)
         policy = self._policy(outcome, options)
         if policy is None:
             tier = self.config.tier_names[index]
             outcome.tier_chain.append(tier)
-            return self._stream_on(tier, request)
-        return self._cascade_stream(request, policy, index, outcome)
+            options_ = SseOptions(kind=fmt.kind, model=fmt.model, logprobs=request.sampling.logprobs,
+                                  include_usage=fmt.include_usage, meta=outcome.meta())
+            self.capacity.acquire(tier)
+            try:
+                relay = await self.tiers.relay(tier, request, options_)
+            except BaseException:
+                self._release(tier)
+                raise
+            relay.on_close(lambda: self._release(tier))
+            return relay
+        encoder = ChunkEncoder(kind=fmt.kind, request_id=request.request_id, model=fmt.model,
+                               logprobs=request.sampling.logprobs, include_usage=fmt.include_usage)
+        relay = SseRelay()
+        chunks = _last_into(self._cascade_stream(request, policy, index, outcome), relay)
+        return await relay.start(encode_stream(chunks, encoder, outcome.meta))
+
+    def _release(self, tier: str) -> None:
+        self.capacity.release(tier)
+        self.tiers.refresh_soon(tier)
 
     async def _cascade_stream(
         self, request: GenerationRequest, policy: CascadePolicy, index: int, outcome: Outcome
@@ -352,6 +376,23 @@ class Pipeline:
                 prompt=routing_text,
             )
         )
+
+
+@dataclass(frozen=True)
+class StreamFormat:
+    """What a stream's SSE events look like, from the client's request."""
+
+    kind: Kind
+    model: str
+    include_usage: bool
+
+
+async def _last_into(chunks: AsyncIterator[GenerationChunk], relay: SseRelay) -> AsyncIterator[GenerationChunk]:
+    """Pass chunks through, keeping the last one as the relay's summary (token counts for the log)."""
+    async with aclosing(chunks) as inner:
+        async for chunk in inner:
+            relay.summary = chunk
+            yield chunk
 
 
 def _status_word(status: int) -> str:

@@ -1,13 +1,12 @@
-"""OpenAI wire models: what clients send (validated) and the response shapes we build."""
+"""OpenAI wire models: what clients send, validated. The response shapes are in `serving.responses`."""
 
 from __future__ import annotations
 
-import time
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from serving.types import ChatMessage, GenerationResult, SamplingOptions, TokenLogprob
+from serving.types import ChatMessage, SamplingOptions
 
 
 class TierserveOptions(BaseModel):
@@ -180,75 +179,3 @@ class ReleaseStoreRequest(BaseModel):
 
     seconds: float = Field(default=30.0, gt=0, le=3600)
     """How long the store stays closed before the router reopens it."""
-
-
-# ---- responses ---------------------------------------------------------------------------------
-
-
-def _bytes(token: str) -> list[int]:
-    return list(token.encode("utf-8", errors="replace"))
-
-
-def chat_logprobs(lps: tuple[TokenLogprob, ...]) -> dict[str, Any]:
-    return {
-        "content": [
-            {
-                "token": lp.token,
-                "logprob": lp.logprob,
-                "bytes": _bytes(lp.token),
-                "top_logprobs": [{"token": t, "logprob": v, "bytes": _bytes(t)} for t, v in lp.top],
-            }
-            for lp in lps
-        ]
-    }
-
-
-def completion_logprobs(lps: tuple[TokenLogprob, ...], text_offset0: int = 0) -> dict[str, Any]:
-    offsets, pos = [], text_offset0
-    for lp in lps:
-        offsets.append(pos)
-        pos += len(lp.token)
-    return {
-        "tokens": [lp.token for lp in lps],
-        "token_logprobs": [lp.logprob for lp in lps],
-        "top_logprobs": [dict(lp.top) for lp in lps],
-        "text_offset": offsets,
-    }
-
-
-def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
-    return {
-        "prompt_tokens": prompt_tokens,
-        "completion_tokens": completion_tokens,
-        "total_tokens": prompt_tokens + completion_tokens,
-    }
-
-
-def response(
-    kind: Literal["chat", "completion"],
-    request_id: str,
-    model: str,
-    result: GenerationResult,
-    logprobs: bool,
-    meta: dict[str, Any],
-) -> dict[str, Any]:
-    """A whole chat.completion or text_completion body, with the `tierserve` decision object."""
-    if kind == "chat":
-        choice: dict[str, Any] = {
-            "message": {"role": "assistant", "content": result.text},
-            "logprobs": chat_logprobs(result.token_logprobs) if logprobs else None,
-        }
-    else:
-        choice = {
-            "text": result.text,
-            "logprobs": completion_logprobs(result.token_logprobs) if logprobs else None,
-        }
-    return {
-        "id": request_id,
-        "object": "chat.completion" if kind == "chat" else "text_completion",
-        "created": int(time.time()),
-        "model": model,
-        "choices": [{"index": 0, **choice, "finish_reason": result.finish_reason}],
-        "usage": usage(result.prompt_tokens, result.completion_tokens),
-        "tierserve": meta,
-    }

@@ -1,55 +1,191 @@
-"""The ingress's view of the tier deployments: streaming calls, readiness and a cached load view."""
+"""The ingress's view of the tier deployments: the data-plane calls, readiness and a cached load view.
+
+Tokens travel over each replica's wire port (`serving.wire`); Ray handles carry only the control plane:
+`status()` polls (address + load, in the background, never per request) and `info()` for /health.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import time
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
+from contextlib import aclosing
 
 from ray.serve.handle import DeploymentHandle
 
 from serving.capacity import combine_loads
-from serving.types import EngineLoad, GenerationChunk, GenerationRequest, GenerationResult, TierInfo
+from serving.errors import EngineError, ServiceUnavailable
+from serving.types import EngineLoad, GenerationChunk, GenerationRequest, GenerationResult, ReplicaStatus, TierInfo
+from serving.wire import CHUNK, END, RESULT, SSE, SseOptions, WireRequest, WireStream, chunk_from, open_stream, result_from
 
 logger = logging.getLogger(__name__)
 
+_ADDRESS_MAX_AGE_S = 10.0
+"""A replica not heard from for this long is not sent new requests (its poll keeps failing)."""
+
+
+class SseRelay:
+    """A replica-encoded SSE stream: `first` is already read (errors surface before the headers go out),
+    iterate for the rest; `summary` holds the token counts once the stream has ended."""
+
+    def __init__(self) -> None:
+        self.first = b""
+        self._rest: AsyncIterator[bytes] | None = None
+        self.summary: GenerationChunk | None = None
+        self._on_close: list[Callable[[], None]] = []
+
+    def on_close(self, callback: Callable[[], None]) -> None:
+        """Run `callback` once the stream has ended, however it ends."""
+        self._on_close.append(callback)
+
+    async def _closing(self, body: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+        try:
+            async with aclosing(body) as inner:
+                async for data in inner:
+                    yield data
+        finally:
+            for callback in self._on_close:
+                callback()
+
+    async def start(self, body: AsyncIterator[bytes]) -> SseRelay:
+        """Read the first event of `body` (raising its error, if any); the rest is read by iterating."""
+        body = self._rest = self._closing(body)
+        try:
+            self.first = await anext(body)
+        except StopAsyncIteration:
+            raise EngineError("the tier ended the stream without output") from None
+        except BaseException:
+            await body.aclose()
+            raise
+        return self
+
+    def __aiter__(self) -> AsyncIterator[bytes]:
+        assert self._rest is not None, "start() first"
+        return self._rest
+
+    async def aclose(self) -> None:
+        if self._rest is not None:
+            await self._rest.aclose()
+
 
 class TierClient:
-    """Calls into the tier deployments. Load is polled in the background, never per request."""
+    """Calls into the tier deployments. Picks the replica with the fewest requests in flight from here."""
 
-    def __init__(self, handles: Mapping[str, DeploymentHandle], *, poll_interval_s: float = 0.25) -> None:
+    def __init__(
+        self, handles: Mapping[str, DeploymentHandle], *, wire_token: str, poll_interval_s: float = 0.25
+    ) -> None:
         self.handles = dict(handles)
         self.names = list(handles)
+        self.wire_token = wire_token
         self.poll_interval_s = poll_interval_s
-        self._loads: dict[str, dict[str, EngineLoad]] = {name: {} for name in self.names}
+        self._replicas: dict[str, dict[str, tuple[ReplicaStatus, float]]] = {name: {} for name in self.names}
+        self._inflight: dict[str, int] = {}
         self._poller: asyncio.Task | None = None
         self._refreshing: set[str] = set()
 
-    async def stream(self, tier: str, request: GenerationRequest) -> AsyncIterator[GenerationChunk]:
-        """Stream a tier's chunks; leaving early cancels the call, which aborts the engine request."""
-        gen = self.handles[tier].options(stream=True).generate.remote(request)
-        done = False
+    # ---- the data plane ---------------------------------------------------------------------
+
+    async def _open(self, tier: str, wire: WireRequest) -> tuple[str, WireStream]:
+        """Connect to a replica of `tier`; one retry on another replica if a known one went away."""
+        for attempt in range(2):
+            address = self._pick(tier)
+            if address is None:
+                await self._poll(tier)
+                address = self._pick(tier)
+            if address is None:
+                raise ServiceUnavailable.make(
+                    f"tier '{tier}' has no ready replica yet; retry shortly.", retry_after_s=2, status_code=503
+                )
+            try:
+                return address, await open_stream(address, self.wire_token, wire, tier=tier)
+            except ServiceUnavailable:
+                self._forget(tier, address)
+                if attempt:
+                    raise
+        raise AssertionError("unreachable")
+
+    async def _frames(self, tier: str, wire: WireRequest) -> AsyncIterator[list[tuple[bytes, bytes]]]:
+        """Frames of one call, a batch per socket read; closing early aborts the engine request."""
+        address, stream = await self._open(tier, wire)
+        self._inflight[address] = self._inflight.get(address, 0) + 1
         try:
-            async for chunk in gen:
-                yield chunk
-            done = True
+            async for batch in stream.batches():
+                yield batch
+        except ConnectionError:
+            raise EngineError(f"tier '{tier}': its replica went away mid-request") from None
         finally:
-            if not done:
-                gen.cancel()
+            self._inflight[address] -= 1
+            stream.close()
+
+    async def stream(self, tier: str, request: GenerationRequest) -> AsyncIterator[GenerationChunk]:
+        """Typed chunks (for the cascade's hold-back); leaving early aborts the engine request."""
+        frames = self._frames(tier, WireRequest(request, "chunks"))
+        try:
+            async for batch in frames:
+                for kind, payload in batch:
+                    if kind == CHUNK:
+                        chunk = chunk_from(json.loads(payload))
+                        yield chunk
+                        if chunk.finish_reason is not None:
+                            return
+        finally:
+            await frames.aclose()
 
     async def generate(self, tier: str, request: GenerationRequest) -> GenerationResult:
-        return GenerationResult.from_chunks([c async for c in self.stream(tier, request)])
+        frames = self._frames(tier, WireRequest(request, "result"))
+        try:
+            async for batch in frames:
+                for kind, payload in batch:
+                    if kind == RESULT:
+                        return result_from(json.loads(payload))
+        finally:
+            await frames.aclose()
+        raise EngineError(f"tier '{tier}' ended the request without a result")
+
+    async def relay(self, tier: str, request: GenerationRequest, options: SseOptions) -> SseRelay:
+        """A stream the replica encodes itself: the ingress forwards its bytes, a write per socket read."""
+        frames = self._frames(tier, WireRequest(request, "sse", options))
+        relay = SseRelay()
+
+        async def rest() -> AsyncIterator[bytes]:
+            try:
+                async for batch in frames:
+                    data = b"".join(p for k, p in batch if k == SSE)
+                    if data:
+                        yield data
+                    for kind, payload in batch:
+                        if kind == END:
+                            s = json.loads(payload)
+                            relay.summary = GenerationChunk(
+                                text="", finish_reason=s["finish_reason"], prompt_tokens=s["prompt_tokens"],
+                                completion_tokens=s["completion_tokens"],
+                            )
+                            return
+            finally:
+                await frames.aclose()
+
+        return await relay.start(rest())
 
     async def info(self, tier: str, timeout_s: float = 2.0) -> TierInfo | None:
         """The tier's info, or None while it has no ready replica."""
         try:
-            info = await asyncio.wait_for(self.handles[tier].info.remote(), timeout_s)
+            return await asyncio.wait_for(self.handles[tier].info.remote(), timeout_s)
         except Exception:  # starting, restarting or gone: not ready
             return None
-        return info
 
-    # ---- load -------------------------------------------------------------------------------
+    # ---- replicas and load --------------------------------------------------------------------
+
+    def _pick(self, tier: str) -> str | None:
+        now = time.monotonic()
+        live = [s.address for s, seen in self._replicas[tier].values() if now - seen <= _ADDRESS_MAX_AGE_S]
+        return min(live, key=lambda a: self._inflight.get(a, 0), default=None)
+
+    def _forget(self, tier: str, address: str) -> None:
+        for replica_id, (status, _) in list(self._replicas[tier].items()):
+            if status.address == address:
+                del self._replicas[tier][replica_id]
 
     def start_polling(self) -> None:
         if self._poller is None:
@@ -79,20 +215,21 @@ class TierClient:
 
     async def _poll(self, tier: str) -> None:
         try:
-            replica_id, load = await asyncio.wait_for(self.handles[tier].load.remote(), 2.0)
+            status: ReplicaStatus = await asyncio.wait_for(self.handles[tier].status.remote(), 2.0)
         except Exception as exc:  # a replica starting or restarting: keep the last view, it ages out
-            logger.debug("load poll of %s failed: %s", tier, exc)
+            logger.debug("status poll of %s failed: %s", tier, exc)
             return
-        held = self._loads[tier].get(replica_id)
-        if held is None or load.timestamp >= held.timestamp:  # a slow reply never overwrites a newer one
-            self._loads[tier][replica_id] = load
+        held = self._replicas[tier].get(status.replica_id)
+        if held is None or status.load.timestamp >= held[0].load.timestamp:  # a slow reply never wins
+            self._replicas[tier][status.replica_id] = (status, time.monotonic())
 
     def loads(self, max_age_s: float = 5.0) -> dict[str, EngineLoad]:
         """Per tier, its replicas' loads reported within max_age_s, combined (tiers with none omitted)."""
         now = time.time()
         result = {}
-        for tier, by_replica in self._loads.items():
-            fresh = [ld for ld in by_replica.values() if now - ld.timestamp <= max_age_s]
+        for tier, by_replica in self._replicas.items():
+            fresh = [s.load for s, _ in by_replica.values() if now - s.load.timestamp <= max_age_s]
             if fresh:
                 result[tier] = combine_loads(fresh)
         return result
+

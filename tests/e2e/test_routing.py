@@ -52,15 +52,18 @@ def test_auto_routes_by_difficulty_with_visible_decision(client: openai.OpenAI, 
     assert meta["score"] == pytest.approx(score, abs=1e-4)
 
 
-def test_every_sse_chunk_carries_the_decision(client: openai.OpenAI) -> None:
-    chunks = list(
-        client.chat.completions.create(
-            model="auto", messages=[{"role": "user", "content": HARD[0]}], max_tokens=5, stream=True
-        )
+def test_first_and_last_sse_chunk_carry_the_decision(client: openai.OpenAI) -> None:
+    raw = client.chat.completions.with_raw_response.create(
+        model="auto", messages=[{"role": "user", "content": HARD[0]}], max_tokens=5, stream=True
     )
-    assert chunks
-    assert all(c.model_extra["tierserve"]["tier"] == "large" for c in chunks)
-    assert all(c.model_extra["tierserve"]["router"] == "knn" for c in chunks)
+    assert raw.headers["x-tierserve-tier"] == "large"
+    chunks = list(raw.parse())
+    assert len(chunks) >= 3
+    for edge in (chunks[0], chunks[-1]):
+        assert edge.model_extra["tierserve"]["tier"] == "large"
+        assert edge.model_extra["tierserve"]["router"] == "knn"
+    assert chunks[-1].choices[0].finish_reason == "length"
+    assert all("tierserve" not in c.model_extra for c in chunks[1:-1])  # not repeated on every token
 
 
 def test_threshold_in_model_name_moves_the_boundary(base_url: str) -> None:

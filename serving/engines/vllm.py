@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from serving.config import TierConfig
+from serving.engines.base import Engine
 from serving.errors import EngineError, InvalidRequest, prompt_too_long
 from serving.types import EngineLoad, GenerationChunk, GenerationRequest, TierInfo, TokenLogprob
 
@@ -87,13 +88,11 @@ class _LoadTracker:
         return _Logger(vllm_config, engine_index)
 
 
-class VllmEngine:
+class VllmEngine(Engine):
     """One vLLM engine serving one tier, producing typed chunks."""
 
     def __init__(self, tier: TierConfig, model_path: Path, device: str) -> None:
-        self.tier = tier
-        self.model_path = model_path
-        self.device = device
+        super().__init__(tier, model_path, device)
         self._engine: Any = None
         self._tokenizer: Any = None
         self._load = _LoadTracker()

@@ -1,0 +1,80 @@
+"""`tierserve bench`: throughput and latency through tierserve, next to bare vLLM, on vLLM's own benchmark."""
+
+from __future__ import annotations
+
+import argparse
+import signal
+from pathlib import Path
+
+DEFAULT_CONFIG = "deploy/cpu.yaml"
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "bench",
+        help="serving benchmark (vLLM's benchmark module): tierserve vs bare vLLM, or the plumbing alone",
+        description="Runs vLLM's serving benchmark (random dataset, greedy, ignore_eos) against tierserve started "
+        "from --config, and with --side-by-side against bare vLLM's OpenAI server started from the same tier config "
+        "(same engine arguments, same core binding), one at a time, alternating for --rounds rounds. Writes "
+        "results.json, results.md and throughput.png to --out.",
+    )
+    p.add_argument("--config", default=DEFAULT_CONFIG, help=f"tierserve YAML (default: {DEFAULT_CONFIG})")
+    p.add_argument("--tier", default=None, help="tier to load (default: the cheapest)")
+    p.add_argument("--side-by-side", action="store_true", help="also run bare vLLM for the tier and print ratios")
+    p.add_argument("--auto", action="store_true",
+                   help="also load model=auto (the router decides; threshold 1.0 keeps every request on the "
+                        "cheapest tier, so the difference is the routing decision alone)")
+    p.add_argument("--plumbing", action="store_true",
+                   help="load tierserve on the scripted engine instead (1,000 tokens/s per stream offered): "
+                        "the tokens/s and requests/s the path around an engine can carry")
+    p.add_argument("--rounds", type=int, default=2, help="alternating rounds (default 2)")
+    p.add_argument("--concurrency", default="32,128", help="comma-separated concurrency levels (default 32,128)")
+    p.add_argument("--modes", default="stream,unary", help="stream, unary or both (default both)")
+    p.add_argument("--num-prompts", type=int, default=160, help="prompts per run (at least 2x concurrency)")
+    p.add_argument("--input-len", type=int, default=64)
+    p.add_argument("--output-len", type=int, default=64)
+    p.add_argument("--port", type=int, default=8011, help="port for the servers under test (default 8011)")
+    p.add_argument("--out", default="benchmarks/out/bench", help="output folder (default benchmarks/out/bench)")
+    p.set_defaults(func=cmd_bench)
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from serving.bench import report as report_mod
+    from serving.bench.sidebyside import Target, loads_for, run_bench
+    from serving.cli_serve import ensure_tiny_models
+    from serving.config import load_config, parse_config
+
+    # SIGTERM ends the run like Ctrl-C, so every server under test is stopped (no orphaned engines).
+    signal.signal(signal.SIGTERM, _interrupt)
+    base = load_config(args.config)
+    raw = base.model_dump(mode="json")
+    raw["http"] = {**raw["http"], "host": "127.0.0.1", "port": args.port}
+    raw["query_log"] = {**raw["query_log"], "enabled": False}
+    config = parse_config(raw, args.config)
+    ensure_tiny_models(config)
+    tier = args.tier or config.tier_names[0]
+    if tier not in config.tier_names:
+        raise ValueError(f"--tier {tier!r} is not a tier of {args.config}; choose one of {config.tier_names}.")
+    modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+    if not set(modes) <= {"stream", "unary"} or not modes:
+        raise ValueError(f"--modes {args.modes!r}: use stream, unary or stream,unary.")
+    concurrency = [int(c) for c in args.concurrency.split(",")]
+    if args.plumbing:
+        targets = [Target("plumbing", tier)]
+    else:
+        targets = [Target("tierserve", tier)]
+        if args.auto:
+            targets.append(Target("tierserve-auto", "auto", {"tierserve": {"threshold": 1.0}}))
+        if args.side_by_side:
+            targets.insert(0, Target("bare", config.tier(tier).served_model_name or tier))
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    specs = loads_for(concurrency, modes, args.num_prompts, args.input_len, args.output_len)
+    result = run_bench(config, tier, targets, specs, rounds=args.rounds, port=args.port, log_dir=out)
+    print(report_mod.write(result, out))
+    print(f"wrote {out}/results.json, results.md, throughput.png")
+    return 0
+
+
+def _interrupt(*_: object) -> None:
+    raise KeyboardInterrupt

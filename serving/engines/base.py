@@ -1,0 +1,50 @@
+"""The engine seam: what a tier replica needs from an inference engine.
+
+`VllmEngine` (serving.engines.vllm) is the real one; `ScriptedEngine` (serving.engines.scripted) emits
+tokens at a fixed rate without a model, so benchmarks can measure the plumbing's own ceiling and
+integration tests can drive the real Serve app below the e2e level. A tier deployment takes the class
+as `engine_cls=`, as Ray Serve LLM's `LLMServer` does.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+from serving.config import TierConfig
+from serving.types import EngineLoad, GenerationChunk, GenerationRequest, TierInfo
+
+
+class Engine(ABC):
+    """One engine serving one tier inside one replica."""
+
+    def __init__(self, tier: TierConfig, model_path: Path, device: str) -> None:
+        self.tier = tier
+        self.model_path = model_path
+        self.device = device
+
+    @abstractmethod
+    def start(self) -> None:
+        """Load the model; raise a TierserveError naming the problem if it cannot."""
+
+    @abstractmethod
+    def info(self) -> TierInfo: ...
+
+    @abstractmethod
+    def load(self) -> EngineLoad:
+        """Live load (running, waiting, KV-cache use) for capacity routing."""
+
+    @abstractmethod
+    async def check_health(self) -> None:
+        """Raise if the engine is dead (Ray Serve then restarts the replica)."""
+
+    @abstractmethod
+    def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationChunk]:
+        """Stream typed deltas; the last has `finish_reason`. Closing the iterator early aborts the request.
+
+        Raises a `ClientError` (before the first chunk) for a request the engine refuses.
+        """
+
+    @abstractmethod
+    def shutdown(self) -> None: ...
