@@ -368,6 +368,7 @@ def test_configmap_holds_a_valid_tierserve_config(render, name: str) -> None:
 @pytest.mark.parametrize("name", ["default", "config-file"])
 def test_default_config_is_deploy_gpu_7b_34b(render, name: str) -> None:
     expected = yaml.safe_load(GPU_CONFIG.read_text())
+    expected["http"]["proxy"] = True  # the chart's one addition: KubeRay's serve Service needs the Serve proxy
     assert _without_store(_tierserve_yaml(render(*SCENARIOS[name]))) == expected
 
 

@@ -91,6 +91,13 @@ app.kubernetes.io/component: qdrant
 {{- $_ := set $router "store" $store }}
 {{- $_ := set $cfg "router" $router }}
 {{- end }}
+{{- /* KubeRay's serve Service selects the pods whose Serve HTTP proxy is healthy, so on Kubernetes the
+proxy serves the port (one more hop per streamed chunk than the ingress serving it directly). */}}
+{{- $http := $cfg.http | default dict }}
+{{- if not (hasKey $http "proxy") }}
+{{- $_ := set $http "proxy" true }}
+{{- end }}
+{{- $_ := set $cfg "http" $http }}
 {{- toYaml $cfg }}
 {{- end }}
 

@@ -1,0 +1,186 @@
+"""The data plane between ingress and tier replicas, over a real loopback socket, with the scripted engine.
+
+No Ray here: `WireServer` serves an `Engine`, `open_stream` is what the ingress's TierClient calls.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+
+import pytest
+from openai.types.chat import ChatCompletionChunk
+
+from serving.config import EngineConfig, TierConfig
+from serving.engines.scripted import ScriptedEngine
+from serving.errors import InvalidRequest, ServiceUnavailable, Unauthorized, error_from_dict
+from serving.types import ChatMessage, GenerationRequest, SamplingOptions, TokenLogprob
+from serving.wire import (
+    CHUNK,
+    END,
+    RESULT,
+    SSE,
+    SseOptions,
+    WireRequest,
+    WireServer,
+    chunk_from,
+    decode_request,
+    encode_request,
+    error_frame,
+    open_stream,
+    result_from,
+)
+
+TIER = TierConfig(name="small", model="unused", engine=EngineConfig(max_model_len=256, max_num_seqs=8))
+META = {"tier": "small", "router": "explicit"}
+
+
+class FastEngine(ScriptedEngine):
+    tokens_per_s = 2000.0
+    answer_tokens = 5
+
+
+def chat_request(request_id: str = "chatcmpl-1", **sampling: object) -> GenerationRequest:
+    return GenerationRequest(
+        request_id=request_id,
+        sampling=SamplingOptions(**{"max_tokens": 5, "temperature": 0.0, **sampling}),
+        messages=(ChatMessage(role="system", content="be brief"), ChatMessage(role="user", content="hi there")),
+    )
+
+
+def test_request_round_trips_through_json() -> None:
+    request = chat_request(stop=("a", "b"), logprobs=True, top_logprobs=3, seed=7)
+    wire = WireRequest(request, "sse", SseOptions(kind="chat", model="m", logprobs=True, include_usage=True,
+                                                   meta=META))
+    frame = encode_request("tok", wire)
+    token, back = decode_request(frame[5:])
+    assert token == "tok" and back == wire
+
+
+def test_errors_keep_their_class_status_param_and_headers() -> None:
+    for exc in (InvalidRequest("stop: bad", param="stop"),
+                ServiceUnavailable.make("full", retry_after_s=3, status_code=503)):
+        frame = error_frame(exc)
+        back = error_from_dict(json.loads(frame[5:]))
+        assert type(back) is type(exc) and back.status_code == exc.status_code
+        assert (back.message, back.param, back.headers) == (exc.message, exc.param, exc.headers)
+    assert error_from_dict({"class": "NoSuchError", "message": "x"}).status_code == 500
+
+
+async def _serve(engine_cls: type[ScriptedEngine] = FastEngine) -> tuple[ScriptedEngine, WireServer, str]:
+    engine = engine_cls(TIER, Path("unused"), "cpu")
+    engine.start()
+    server = WireServer(engine, "secret")
+    return engine, server, await server.start("127.0.0.1")
+
+
+async def _frames(address: str, wire: WireRequest, token: str = "secret") -> list[tuple[bytes, bytes]]:
+    stream = await open_stream(address, token, wire, tier="small")
+    got: list[tuple[bytes, bytes]] = []
+    try:
+        async for batch in stream.batches():
+            got += batch
+            if got[-1][0] in (END, RESULT) or (got[-1][0] == CHUNK and json.loads(got[-1][1])["finish_reason"]):
+                return got
+    finally:
+        stream.close()
+    return got
+
+
+def test_sse_mode_sends_openai_chunks_with_the_decision_on_first_and_last() -> None:
+    async def main() -> list[tuple[bytes, bytes]]:
+        _, server, address = await _serve()
+        opts = SseOptions(kind="chat", model="small", logprobs=False, include_usage=True, meta=META)
+        try:
+            return await _frames(address, WireRequest(chat_request(), "sse", opts))
+        finally:
+            server.close()
+
+    frames = asyncio.run(main())
+    assert frames[-1][0] == END
+    summary = json.loads(frames[-1][1])
+    assert summary == {"prompt_tokens": summary["prompt_tokens"], "completion_tokens": 5, "finish_reason": "length"}
+    body = b"".join(p for k, p in frames if k == SSE).decode()
+    events = [e.removeprefix("data: ") for e in body.split("\n\n") if e]
+    assert events[-1] == "[DONE]"
+    chunks = [ChatCompletionChunk.model_validate_json(e) for e in events[:-1]]
+    text_chunks = [c for c in chunks if c.choices]
+    assert [c.choices[0].delta.content for c in text_chunks] == ["alpha ", "beta ", "gamma ", "delta ", "epsilon "]
+    assert text_chunks[0].choices[0].delta.role == "assistant"
+    assert text_chunks[-1].choices[0].finish_reason == "length"
+    with_meta = [i for i, c in enumerate(chunks) if c.model_extra.get("tierserve")]
+    assert with_meta == [0, len(text_chunks) - 1, len(chunks) - 1]  # first, last text chunk, usage chunk
+    assert chunks[-1].usage.completion_tokens == 5 and chunks[-1].choices == []
+
+
+def test_result_and_chunk_modes_return_typed_values_with_logprobs() -> None:
+    async def main() -> tuple[list, list]:
+        _, server, address = await _serve()
+        request = chat_request(logprobs=True, top_logprobs=2)
+        try:
+            result = await _frames(address, WireRequest(request, "result"))
+            chunks = await _frames(address, WireRequest(request, "chunks"))
+            return result, chunks
+        finally:
+            server.close()
+
+    result_frames, chunk_frames = asyncio.run(main())
+    result = result_from(json.loads(result_frames[0][1]))
+    assert result.text == "alpha beta gamma delta epsilon " and result.completion_tokens == 5
+    assert result.token_logprobs[0] == TokenLogprob("alpha ", -0.05, (("alpha ", -0.05), ("beta ", -1.05)))
+    chunks = [chunk_from(json.loads(p)) for k, p in chunk_frames if k == CHUNK]
+    assert "".join(c.text for c in chunks) == result.text
+    assert tuple(lp for c in chunks for lp in c.token_logprobs) == result.token_logprobs
+
+
+def test_engine_refusals_come_back_as_their_client_error() -> None:
+    async def main() -> None:
+        _, server, address = await _serve()
+        try:
+            with pytest.raises(InvalidRequest) as err:
+                await _frames(address, WireRequest(chat_request(stop=("fail",)), "result"))
+            assert err.value.param == "stop" and err.value.status_code == 400
+            with pytest.raises(Unauthorized):
+                await _frames(address, WireRequest(chat_request(), "result"), token="wrong")
+        finally:
+            server.close()
+
+    asyncio.run(main())
+
+
+def test_closing_the_connection_mid_stream_aborts_the_engine_request() -> None:
+    class Slow(ScriptedEngine):
+        tokens_per_s = 50.0
+        answer_tokens = 200
+
+    async def main() -> None:
+        engine, server, address = await _serve(Slow)
+        try:
+            stream = await open_stream(address, "secret", WireRequest(chat_request(max_tokens=None), "chunks"),
+                                       tier="small")
+            async for _ in stream.batches():
+                break
+            assert engine.load().ongoing == 1
+            stream.close()
+            for _ in range(100):
+                if engine.load().ongoing == 0:
+                    break
+                await asyncio.sleep(0.01)
+            assert engine.load().ongoing == 0
+        finally:
+            server.close()
+
+    asyncio.run(main())
+
+
+def test_a_replica_that_is_gone_is_a_503_with_retry_after() -> None:
+    async def main() -> None:
+        _, server, address = await _serve()
+        server.close()
+        await asyncio.sleep(0.05)
+        with pytest.raises(ServiceUnavailable) as err:
+            await open_stream(address, "secret", WireRequest(chat_request(), "result"), tier="small")
+        assert err.value.status_code == 503 and err.value.headers["Retry-After"] == "2"
+
+    asyncio.run(main())
