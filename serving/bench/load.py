@@ -83,11 +83,13 @@ def _register_nonstream_backend() -> None:
             "stream": False,
         }
         erf._update_payload_common(payload, func_input)
+        headers = erf._get_headers()
+        erf._update_headers_common(headers, func_input)
         output = erf.RequestFuncOutput(prompt_len=func_input.prompt_len)
         started = time.perf_counter()
         output.start_time = started
         try:
-            async with session.post(func_input.api_url, json=payload) as response:
+            async with session.post(func_input.api_url, json=payload, headers=headers) as response:
                 body = await response.read()
                 if response.status == 200:
                     data = json.loads(body)

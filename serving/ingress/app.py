@@ -20,6 +20,7 @@ from router.types import Exemplar
 from serving.config import AppConfig
 from serving.errors import InvalidRequest, TierserveError, Unauthorized, to_envelope
 from serving.ingress.pipeline import Outcome, Pipeline, StreamFormat
+from serving.ingress.router_calls import router_calls
 from serving.ingress.protocol import (
     SEED_LABELS,
     AddExemplarsRequest,
@@ -90,7 +91,7 @@ class Ingress:
         self.config = config
         self.metrics = Metrics()
         self.tiers = TierClient(tier_handles, wire_token=wire_token, poll_interval_s=config.capacity.poll_interval_s)
-        self.router = router
+        self.router = router_calls(config, router)
         self.pipeline = Pipeline(config, self.tiers, self.metrics, router)
         self.api_keys = config.api_keys()
         self.http_app = IngressApp(self)
@@ -107,6 +108,9 @@ class Ingress:
     async def __del__(self) -> None:
         if self.server is not None:
             await self.server.stop(self.config.http.drain_s)
+        close = getattr(self.router, "close", None)  # an in-process router holds the store's folder lock
+        if close is not None:
+            close()
 
     # ---- plumbing -----------------------------------------------------------------------------
 
@@ -180,8 +184,8 @@ class Ingress:
             if self.router is None:
                 raise InvalidRequest("no router deployment is configured", param="model")
             exemplars = [Exemplar(text=e.text, tier=e.tier, source=e.source) for e in body.exemplars]
-            written = await self.router.add_exemplars.remote(exemplars)
-            total = await self.router.count.remote()
+            written = await self.router.add_exemplars(exemplars)
+            total = await self.router.count()
             return JSONResponse({"object": "tierserve.exemplars", "written": written, "count": total})
         except Exception as exc:
             return error_response(exc)
@@ -194,7 +198,7 @@ class Ingress:
             body = await _parse(request, ReleaseStoreRequest)
             if self.router is None:
                 raise InvalidRequest("no router deployment is configured", param="model")
-            await self.router.release_store.remote(body.seconds)
+            await self.router.release_store(body.seconds)
             return JSONResponse({"object": "tierserve.store", "released_for_s": body.seconds})
         except Exception as exc:
             return error_response(exc)

@@ -20,6 +20,7 @@ from serving.config import AppConfig
 from serving.errors import ModelNotFound
 from serving.ingress.admission import CapacityController
 from serving.ingress.cascade_run import CascadeRunner, strip_logprobs
+from serving.ingress.router_calls import RouterCalls
 from serving.ingress.tiers import TierClient
 from serving.ingress.tiers import SseRelay
 from serving.metrics import Metrics
@@ -100,12 +101,14 @@ class Outcome:
 class Pipeline:
     """The decisions and calls for one request; the HTTP layer only parses and encodes."""
 
-    def __init__(self, config: AppConfig, tiers: TierClient, metrics: Metrics, router: Any = None) -> None:
+    def __init__(
+        self, config: AppConfig, tiers: TierClient, metrics: Metrics, router: RouterCalls | None = None
+    ) -> None:
         self.config = config
         self.tiers = tiers
         self.metrics = metrics
         self.router = router
-        """The router deployment's handle (None: `auto` means the cheapest tier)."""
+        """The router, in this process or behind its deployment's handle (None: the heuristic decides)."""
         self.query_log = (
             QueryLog.from_config(config.query_log, config.resolved_data_dir()) if config.query_log.enabled else None
         )
@@ -166,7 +169,7 @@ class Pipeline:
         else:
             try:
                 decision = await asyncio.wait_for(
-                    self.router.route.remote(route_input), self.config.ingress.router_timeout_s
+                    self.router.route(route_input), self.config.ingress.router_timeout_s
                 )
             except Exception as exc:  # the router deployment is down or slow: never a 5xx for that
                 logger.warning("router deployment failed (%s); heuristic fallback", exc)

@@ -1,0 +1,53 @@
+"""The router as the ingress calls it: in this process, or behind its own deployment's handle."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Protocol
+
+from ray.serve.handle import DeploymentHandle
+
+from router.types import Exemplar, RouteDecision, RouteInput
+from serving.config import AppConfig
+
+
+class RouterCalls(Protocol):
+    """What the ingress needs from the router (`router.deployment.RouterDeployment` has exactly these)."""
+
+    async def route(self, request: RouteInput) -> RouteDecision: ...
+
+    async def add_exemplars(self, exemplars: Sequence[Exemplar]) -> int: ...
+
+    async def count(self) -> int: ...
+
+    async def release_store(self, seconds: float) -> None: ...
+
+
+class HandleRouter:
+    """`RouterCalls` over the router deployment's Ray Serve handle."""
+
+    def __init__(self, handle: DeploymentHandle) -> None:
+        self._handle = handle
+
+    async def route(self, request: RouteInput) -> RouteDecision:
+        return await self._handle.route.remote(request)
+
+    async def add_exemplars(self, exemplars: Sequence[Exemplar]) -> int:
+        return await self._handle.add_exemplars.remote(list(exemplars))
+
+    async def count(self) -> int:
+        return await self._handle.count.remote()
+
+    async def release_store(self, seconds: float) -> None:
+        await self._handle.release_store.remote(seconds)
+
+
+def router_calls(config: AppConfig, handle: DeploymentHandle | None) -> RouterCalls | None:
+    """The router per `router.placement`: its deployment's handle, or a router built in this process."""
+    if config.router.default_router == "cheapest":
+        return None
+    if config.router.placement == "ingress":
+        from router.deployment import RouterDeployment
+
+        return RouterDeployment(config.router, config.tier_names, str(config.resolved_data_dir()))
+    return HandleRouter(handle) if handle is not None else None
