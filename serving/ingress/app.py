@@ -92,7 +92,7 @@ class Ingress:
         self.metrics = Metrics()
         self.tiers = TierClient(tier_handles, wire_token=wire_token, poll_interval_s=config.capacity.poll_interval_s)
         self.router = router_calls(config, router)
-        self.pipeline = Pipeline(config, self.tiers, self.metrics, router)
+        self.pipeline = Pipeline(config, self.tiers, self.metrics, self.router)
         self.api_keys = config.api_keys()
         self.http_app = IngressApp(self)
         self.server: DirectServer | None = None
