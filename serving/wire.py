@@ -167,11 +167,12 @@ class WireServer:
     async def _serve(self, wire: WireRequest, writer: asyncio.StreamWriter) -> None:
         request = wire.request
         try:
+            if wire.mode == "result":
+                result = await self.engine.complete(request)
+                writer.write(frame(RESULT, _dump(asdict(result))))
+                return
             async with aclosing(self.engine.generate(request)) as chunks:
-                if wire.mode == "result":
-                    result = GenerationResult.from_chunks([c async for c in chunks])
-                    writer.write(frame(RESULT, _dump(asdict(result))))
-                elif wire.mode == "chunks":
+                if wire.mode == "chunks":
                     async for chunk in chunks:
                         await _send(writer, frame(CHUNK, _dump(asdict(chunk))))
                 else:

@@ -10,10 +10,11 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator
+from contextlib import aclosing
 from pathlib import Path
 
 from serving.config import TierConfig
-from serving.types import EngineLoad, GenerationChunk, GenerationRequest, TierInfo
+from serving.types import EngineLoad, GenerationChunk, GenerationRequest, GenerationResult, TierInfo
 
 
 class Engine(ABC):
@@ -45,6 +46,11 @@ class Engine(ABC):
 
         Raises a `ClientError` (before the first chunk) for a request the engine refuses.
         """
+
+    async def complete(self, request: GenerationRequest) -> GenerationResult:
+        """The whole answer (engines that can produce it in one piece override this)."""
+        async with aclosing(self.generate(request)) as chunks:
+            return GenerationResult.from_chunks([c async for c in chunks])
 
     @abstractmethod
     def shutdown(self) -> None: ...

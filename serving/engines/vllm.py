@@ -14,13 +14,14 @@ import logging
 import os
 import time
 from collections.abc import AsyncIterator
+from contextlib import aclosing
 from pathlib import Path
 from typing import Any
 
 from serving.config import TierConfig
 from serving.engines.base import Engine
 from serving.errors import EngineError, InvalidRequest, prompt_too_long
-from serving.types import EngineLoad, GenerationChunk, GenerationRequest, TierInfo, TokenLogprob
+from serving.types import EngineLoad, GenerationChunk, GenerationRequest, GenerationResult, TierInfo, TokenLogprob
 
 logger = logging.getLogger(__name__)
 
@@ -148,7 +149,7 @@ class VllmEngine(Engine):
             return list(ids)
         return list(self._tokenizer.encode(request.prompt or "", add_special_tokens=True))
 
-    def _sampling_params(self, request: GenerationRequest, prompt_len: int) -> Any:
+    def _sampling_params(self, request: GenerationRequest, prompt_len: int, *, whole: bool = False) -> Any:
         from vllm import SamplingParams
         from vllm.sampling_params import RequestOutputKind
 
@@ -169,15 +170,22 @@ class VllmEngine(Engine):
             frequency_penalty=s.frequency_penalty,
             logprobs=s.top_logprobs if s.logprobs else None,
             ignore_eos=s.ignore_eos,
-            output_kind=RequestOutputKind.DELTA,
+            # A whole answer is detokenized once at the end, as vLLM's own server does for non-streaming
+            # requests (deltas joined can differ where a token splits a multi-byte character).
+            output_kind=RequestOutputKind.FINAL_ONLY if whole else RequestOutputKind.DELTA,
         )
 
-    async def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationChunk]:
-        """Stream typed deltas; a cancelled consumer aborts the engine request."""
+    async def complete(self, request: GenerationRequest) -> GenerationResult:
+        """The whole answer from one final engine output."""
+        async with aclosing(self.generate(request, whole=True)) as chunks:
+            return GenerationResult.from_chunks([c async for c in chunks])
+
+    async def generate(self, request: GenerationRequest, *, whole: bool = False) -> AsyncIterator[GenerationChunk]:
+        """Stream typed deltas (one chunk at the end with `whole`); a cancelled consumer aborts the request."""
         from vllm.inputs import TokensPrompt
 
         ids = self.prompt_token_ids(request)
-        params = self._sampling_params(request, len(ids))
+        params = self._sampling_params(request, len(ids), whole=whole)
         want_logprobs = request.sampling.logprobs
         top_n = request.sampling.top_logprobs
         completion_tokens = 0

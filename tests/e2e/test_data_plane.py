@@ -22,35 +22,37 @@ def bare_url(stack: dict):  # noqa: ANN201
         yield url
 
 
-def _tokens(stream_body: str) -> list[tuple[str, float]]:
-    out = []
-    for event in stream_body.split("\n\n"):
+def _stream(url: str, body: dict, headers: dict | None = None) -> tuple[str, list[float]]:
+    """A completion stream's text and token logprobs, joined from its events."""
+    raw = httpx.post(url + "/v1/completions", json={**body, "stream": True}, headers=headers, timeout=60).text
+    text, logprobs = "", []
+    for event in raw.split("\n\n"):
         data = event.removeprefix("data: ")
         if not data or data == "[DONE]":
             continue
         for choice in json.loads(data)["choices"]:
-            lp = choice["logprobs"]
-            out += list(zip(lp["tokens"], lp["token_logprobs"], strict=True))
-    return out
+            text += choice["text"]
+            logprobs += choice["logprobs"]["token_logprobs"]
+    return text, logprobs
 
 
 def test_greedy_output_is_token_for_token_bare_vllms(base_url: str, bare_url: str) -> None:
     for prompt in PROMPTS:
         body = {"model": "small", "prompt": prompt, "max_tokens": 24, "temperature": 0, "logprobs": 1}
-        bare_body = httpx.post(bare_url + "/v1/completions", json=body, timeout=60).json()
-        bare = bare_body["choices"][0]
+        bare = httpx.post(bare_url + "/v1/completions", json=body, timeout=60).json()
         ours = httpx.post(base_url + "/v1/completions", json=body, headers=AUTH, timeout=60).json()
-        assert ours["choices"][0]["text"] == bare["text"]
-        assert ours["choices"][0]["logprobs"]["tokens"] == bare["logprobs"]["tokens"]
+        assert ours["choices"][0]["text"] == bare["choices"][0]["text"]
+        assert ours["choices"][0]["logprobs"]["tokens"] == bare["choices"][0]["logprobs"]["tokens"]
         assert ours["choices"][0]["logprobs"]["token_logprobs"] == pytest.approx(
-            bare["logprobs"]["token_logprobs"], abs=1e-3
+            bare["choices"][0]["logprobs"]["token_logprobs"], abs=1e-3
         )
-        assert ours["usage"] == {k: bare_body["usage"][k] for k in ("prompt_tokens", "completion_tokens", "total_tokens")}
-        # The stream, encoded by the tier replica, carries the same tokens and logprobs.
-        streamed = httpx.post(base_url + "/v1/completions", json={**body, "stream": True}, headers=AUTH,
-                              timeout=60).text
-        assert "".join(t for t, _ in _tokens(streamed)) == bare["text"]
-        assert [lp for _, lp in _tokens(streamed)] == pytest.approx(bare["logprobs"]["token_logprobs"], abs=1e-3)
+        usage = ("prompt_tokens", "completion_tokens", "total_tokens")
+        assert ours["usage"] == {k: bare["usage"][k] for k in usage}
+        # Streamed, through the tier replica's own encoder: the same events' text and logprobs as vLLM's stream.
+        ours_text, ours_lps = _stream(base_url, body, AUTH)
+        bare_text, bare_lps = _stream(bare_url, body)
+        assert ours_text == bare_text and len(ours_lps) == 24
+        assert ours_lps == pytest.approx(bare_lps, abs=1e-3)
 
 
 def test_greedy_chat_matches_bare_vllm(base_url: str, bare_url: str) -> None:

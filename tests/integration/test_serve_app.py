@@ -153,13 +153,14 @@ def test_client_disconnect_aborts_the_engine_request(app: str) -> None:
                 assert await running_soon()
                 call.cancel()
         left = time.monotonic()
-        while await asyncio.to_thread(_running, "small") and time.monotonic() - left < 5:
+        zeros = 0
+        while zeros < 4 and time.monotonic() - left < 5:  # both ingress replicas' views agree
+            zeros = zeros + 1 if await asyncio.to_thread(_running, "small") == 0 else 0
             await asyncio.sleep(0.05)
         return time.monotonic() - left
 
     for stream in (True, False):
-        assert asyncio.run(hang_up(stream)) < 1.0  # aborted, not run to the end (that takes 2 s)
-        assert _running("small") == 0
+        assert asyncio.run(hang_up(stream)) < 1.5  # aborted, not run to the end (that takes 2 s)
 
 
 def test_two_ingress_replicas_share_the_port(app: str) -> None:
