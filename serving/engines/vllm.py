@@ -59,7 +59,7 @@ def engine_kwargs(tier: TierConfig, model_path: Path, device: str) -> dict[str, 
 
 
 class _LoadTracker:
-    """Receives vLLM scheduler stats after every engine step (a vLLM stat logger)."""
+    """Receives vLLM's scheduler stats after every engine step (running, waiting, KV-cache use)."""
 
     def __init__(self) -> None:
         self.running = 0
@@ -67,14 +67,20 @@ class _LoadTracker:
         self.kv_cache_usage = 0.0
         self.timestamp = 0.0
 
-    def factory(self, vllm_config: Any, engine_index: int = 0) -> Any:
-        from vllm.v1.metrics.loggers import StatLoggerBase
+    def logger_class(self) -> type:
+        """The engine's only stat logger.
+
+        It subclasses vLLM's PrometheusStatLogger without its metrics: vLLM adds a Prometheus logger unless one
+        is given, and that one observes histograms for every token of every request (measured: the largest
+        per-token cost in the tier replica after the data plane). The console logger is left out too.
+        """
+        from vllm.v1.metrics.loggers import PrometheusStatLogger
 
         tracker = self
 
-        class _Logger(StatLoggerBase):
-            def __init__(self, vllm_config: Any, engine_index: int = 0) -> None:
-                pass
+        class _Logger(PrometheusStatLogger):
+            def __init__(self, vllm_config: Any, engine_indexes: list[int] | None = None) -> None:
+                pass  # no Prometheus metrics: only the load view below
 
             def record(self, scheduler_stats, iteration_stats, mm_cache_stats=None, engine_idx=0):  # noqa: ANN001
                 if scheduler_stats is not None:
@@ -83,10 +89,19 @@ class _LoadTracker:
                     tracker.kv_cache_usage = float(scheduler_stats.kv_cache_usage)
                     tracker.timestamp = time.time()
 
+            def record_admission_rejection(self, reason: str) -> None:
+                pass
+
+            def record_sleep_state(self, sleep: int = 0, level: int = 0) -> None:
+                pass
+
             def log_engine_initialized(self) -> None:
                 pass
 
-        return _Logger(vllm_config, engine_index)
+            def log(self) -> None:
+                pass
+
+        return _Logger
 
 
 class VllmEngine(Engine):
@@ -111,7 +126,9 @@ class VllmEngine(Engine):
         os.environ.update(engine_env(self.tier, self.device))
         args = AsyncEngineArgs(**engine_kwargs(self.tier, self.model_path, self.device))
         started = time.perf_counter()
-        self._engine = AsyncLLM.from_engine_args(args, stat_loggers=[self._load.factory])
+        # vLLM's console stats logger is added at INFO level; the load tracker is all tierserve needs.
+        logging.getLogger("vllm.v1.metrics.loggers").setLevel(logging.WARNING)
+        self._engine = AsyncLLM.from_engine_args(args, stat_loggers=[self._load.logger_class()])
         self._tokenizer = self._engine.get_tokenizer()
         logger.info("tier %s: vLLM engine ready in %.1f s", self.tier.name, time.perf_counter() - started)
 
