@@ -201,8 +201,13 @@ class VllmEngine(Engine):
         """Stream typed deltas (one chunk at the end with `whole`); a cancelled consumer aborts the request."""
         from vllm.inputs import TokensPrompt
 
+        from vllm.exceptions import VLLMClientError
+
         ids = self.prompt_token_ids(request)
-        params = self._sampling_params(request, len(ids), whole=whole)
+        try:
+            params = self._sampling_params(request, len(ids), whole=whole)
+        except VLLMClientError as exc:
+            raise _client_error(exc) from None
         want_logprobs = request.sampling.logprobs
         top_n = request.sampling.top_logprobs
         completion_tokens = 0
@@ -221,6 +226,8 @@ class VllmEngine(Engine):
                     prompt_tokens=len(ids),
                     completion_tokens=completion_tokens,
                 )
+        except VLLMClientError as exc:  # refused by the engine: the client's fault, a 400 naming the field
+            raise _client_error(exc) from None
         except (asyncio.CancelledError, GeneratorExit):
             if not finished:
                 await self._engine.abort(request.request_id)
@@ -233,6 +240,17 @@ class VllmEngine(Engine):
         if self._engine is not None:
             self._engine.shutdown()
             self._engine = None
+
+
+_FIELDS = ("max_tokens", "temperature", "top_p", "seed", "stop", "presence_penalty", "frequency_penalty",
+           "logprobs", "top_logprobs", "prompt", "messages")
+
+
+def _client_error(exc: Exception) -> InvalidRequest:
+    """vLLM's request validation error as tierserve's 400, naming the field when vLLM does or its message starts with it."""
+    message = str(exc)
+    param = getattr(exc, "parameter", None) or next((f for f in _FIELDS if message.startswith(f)), None)
+    return InvalidRequest(message, param=param)
 
 
 def _finish_reason(reason: str | None) -> str:

@@ -45,6 +45,14 @@ class _Request(BaseModel):
     """vLLM extension: keep generating past end-of-sequence (benchmarks)."""
     tierserve: TierserveOptions | None = None
 
+    @field_validator("stop")
+    @classmethod
+    def _stop_words(cls, stop: str | list[str] | None) -> str | list[str] | None:
+        words = [stop] if isinstance(stop, str) else stop or []
+        if any(w == "" for w in words):
+            raise ValueError("stop strings must not be empty; remove the empty string")
+        return stop
+
     def stop_tuple(self) -> tuple[str, ...]:
         if self.stop is None:
             return ()

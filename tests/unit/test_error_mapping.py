@@ -55,3 +55,25 @@ def test_unknown_errors_become_500_and_wrapped_ones_are_found() -> None:
     inner = ModelNotFound("gone", param="model")
     assert find_tierserve_error(Wrapper(inner)) is inner
     assert to_envelope(Wrapper(inner))[0] == 404
+
+
+def test_vllm_validation_errors_become_400s_naming_the_field() -> None:
+    from vllm.exceptions import VLLMValidationError
+
+    from serving.engines.vllm import _client_error
+
+    err = _client_error(VLLMValidationError("stop cannot contain an empty string."))
+    assert (err.status_code, err.param) == (400, "stop") and "empty string" in err.message
+    err = _client_error(VLLMValidationError("must be positive", parameter="seed", value=-1))
+    assert err.param == "seed"
+
+
+def test_an_empty_stop_string_is_refused_before_any_engine_work() -> None:
+    import pydantic
+
+    from serving.ingress.protocol import CompletionRequest
+
+    for stop in ("", ["ok", ""]):
+        with pytest.raises(pydantic.ValidationError, match="stop strings must not be empty"):
+            CompletionRequest.model_validate({"model": "small", "prompt": "x", "stop": stop})
+    assert CompletionRequest.model_validate({"model": "small", "prompt": "x", "stop": ["a"]}).stop_tuple() == ("a",)
