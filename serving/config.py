@@ -148,6 +148,9 @@ class IngressConfig(_Strict):
     max_ongoing_requests: int = Field(default=256, ge=1)
     router_timeout_s: float = Field(default=2.0, gt=0)
     """Longest wait for the router deployment; past it the ingress routes with the heuristic."""
+    cpu_affinity: str | None = Field(default=None, pattern=r"^\d+(-\d+)?(,\d+(-\d+)?)*$")
+    """CPU only: cores the ingress replicas run on, e.g. "1" or "2-3"; keep them off the busiest engine's
+    `cpu_threads_bind` cores (tier replicas move off their own engine's cores by themselves)."""
 
 
 class RayConfig(_Strict):

@@ -13,6 +13,7 @@ from pathlib import Path
 import ray
 from ray import serve
 
+from serving.affinity import pin_off_engine_cores
 from serving.config import TierConfig
 from serving.engines.base import Engine
 from serving.engines.vllm import VllmEngine
@@ -30,6 +31,8 @@ class TierServer:
     ) -> None:
         self.engine = engine_cls(tier, Path(model_path), device)
         self.engine.start()
+        if device == "cpu" and tier.engine.cpu_threads_bind:  # after start: the engine's processes keep theirs
+            pin_off_engine_cores(tier.engine.cpu_threads_bind, f"tier {tier.name} replica")
         self.replica_id = serve.get_replica_context().replica_id.unique_id
         self.wire = WireServer(self.engine, wire_token)
         self.address = await self.wire.start(ray.util.get_node_ip_address())

@@ -50,6 +50,15 @@ def cmd_bench(args: argparse.Namespace) -> int:
     raw = base.model_dump(mode="json")
     raw["http"] = {**raw["http"], "host": "127.0.0.1", "port": args.port}
     raw["query_log"] = {**raw["query_log"], "enabled": False}
+    concurrency = [int(c) for c in args.concurrency.split(",")]
+    # Bare vLLM queues every request; tierserve's admission control would answer 429/503 past max_inflight.
+    # For a throughput comparison both must queue the same load: admit up to the highest concurrency
+    # (tierserve's refusals are measured by benchmarks/capacity_cascade.py).
+    for limits in [raw["capacity"]["defaults"], *raw["capacity"]["tiers"].values()]:
+        limits["max_inflight"] = max(limits["max_inflight"], *concurrency)
+    for tier_raw in raw["tiers"]:
+        d = tier_raw["deployment"]
+        d["max_queued_requests"] = max(d["max_queued_requests"], max(concurrency))
     config = parse_config(raw, args.config)
     ensure_tiny_models(config)
     tier = args.tier or config.tier_names[0]
@@ -58,7 +67,6 @@ def cmd_bench(args: argparse.Namespace) -> int:
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
     if not set(modes) <= {"stream", "unary"} or not modes:
         raise ValueError(f"--modes {args.modes!r}: use stream, unary or stream,unary.")
-    concurrency = [int(c) for c in args.concurrency.split(",")]
     if args.plumbing:
         targets = [Target("plumbing", tier)]
     else:

@@ -31,8 +31,9 @@ def markdown(report: BenchReport) -> str:
         f"Tier `{report.tier}`, vLLM's serving benchmark (random dataset, greedy, ignore_eos); medians of "
         f"{len({r.round for r in report.runs})} alternating round(s).",
         "",
-        "| load | path | output tok/s | vs bare | TTFT p50 ms | TTFT p99 ms | TPOT p50 ms | vs bare | ITL p50 ms |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| load | path | output tok/s | vs bare | TTFT p50 ms | TTFT p99 ms | TPOT p50 ms | vs bare | ITL p50 ms "
+        "| failed |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for spec in _specs(report):
         load = f"{spec.input_len}/{spec.output_len} tok, c={spec.concurrency}, {'stream' if spec.stream else 'unary'}"
@@ -52,9 +53,15 @@ def markdown(report: BenchReport) -> str:
             lines.append(
                 f"| {load} | {target} | {tps:,.0f} | {ratio} | {ttft:.1f} | "
                 f"{report.median(target, spec, 'ttft_p99_ms'):.1f} | {tpot:.2f} | {tpot_ratio} | "
-                f"{report.median(target, spec, 'itl_p50_ms'):.2f} |"
+                f"{report.median(target, spec, 'itl_p50_ms'):.2f} | {_failed(report, target, spec)} |"
             )
     return "\n".join(lines) + "\n"
+
+
+def _failed(report: BenchReport, target: str, spec: LoadSpec) -> str:
+    """Failed requests over all rounds, out of those sent (a throughput with failures is not comparable)."""
+    runs = [r for r in report.runs if r.target == target and r.spec == spec]
+    return f"{sum(r.result.failed for r in runs)}/{sum(r.result.completed + r.result.failed for r in runs)}"
 
 
 def plot(report: BenchReport, path: Path) -> None:

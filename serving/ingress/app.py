@@ -17,6 +17,7 @@ from ray import serve
 from ray.serve.handle import DeploymentHandle
 
 from router.types import Exemplar
+from serving.affinity import parse_cpus, pin_this_process
 from serving.config import AppConfig
 from serving.errors import InvalidRequest, TierserveError, Unauthorized, to_envelope
 from serving.ingress.pipeline import Outcome, Pipeline, StreamFormat
@@ -89,6 +90,8 @@ class Ingress:
         wire_token: str,
     ) -> None:
         self.config = config
+        if config.device == "cpu" and config.ingress.cpu_affinity:
+            pin_this_process(parse_cpus(config.ingress.cpu_affinity), "ingress")
         self.metrics = Metrics()
         self.tiers = TierClient(tier_handles, wire_token=wire_token, poll_interval_s=config.capacity.poll_interval_s)
         self.router = router_calls(config, router)
