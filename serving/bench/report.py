@@ -10,19 +10,12 @@ from serving.bench.sidebyside import BenchReport
 
 
 def _specs(report: BenchReport) -> list[LoadSpec]:
-    seen: list[LoadSpec] = []
-    for r in report.runs:
-        if r.spec not in seen:
-            seen.append(r.spec)
-    return seen
+    """The loads in the order they ran (LoadSpec is hashable: dict keys keep first-seen order)."""
+    return list(dict.fromkeys(r.spec for r in report.runs))
 
 
 def _targets(report: BenchReport) -> list[str]:
-    seen: list[str] = []
-    for r in report.runs:
-        if r.target not in seen:
-            seen.append(r.target)
-    return seen
+    return list(dict.fromkeys(r.target for r in report.runs))
 
 
 def markdown(report: BenchReport) -> str:
