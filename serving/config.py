@@ -131,7 +131,7 @@ class HttpConfig(_Strict):
     api_keys: list[str] = []
     """Bearer keys accepted on /v1/*. Empty means no auth. TIERSERVE_API_KEYS (comma-separated) adds more."""
     request_timeout_s: float = Field(default=300.0, gt=0)
-    """Upper bound on one request end to end."""
+    """Upper bound on one request end to end: past it a 504 (in-band for a stream) and the engine work stops."""
     proxy: bool = False
     """False: each ingress replica serves host:port itself (SO_REUSEPORT), with no hop between the HTTP
     server and the ingress, as bare vLLM's server. True: Ray Serve's HTTP proxy serves the port and forwards

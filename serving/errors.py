@@ -102,6 +102,13 @@ class EngineError(TierserveError):
     error_type = "server_error"
 
 
+class RequestTimeout(TierserveError):
+    """A request ran past `http.request_timeout_s`; its engine work was aborted."""
+
+    status_code = 504
+    error_type = "timeout_error"
+
+
 class StartupError(TierserveError):
     """The stack (or a benchmark's server) could not start: a missing model, a server that never got ready."""
 

@@ -8,6 +8,7 @@ import logging
 import time
 import uuid
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from typing import Any
 
 from fastapi import Request
@@ -19,7 +20,7 @@ from ray.serve.handle import DeploymentHandle
 from router.types import Exemplar
 from serving.affinity import parse_cpus, pin_this_process
 from serving.config import AppConfig
-from serving.errors import InvalidRequest, TierserveError, Unauthorized, to_envelope
+from serving.errors import InvalidRequest, RequestTimeout, TierserveError, Unauthorized, to_envelope
 from serving.ingress.pipeline import Outcome, Pipeline, StreamFormat
 from serving.ingress.router_calls import router_calls
 from serving.ingress.protocol import (
@@ -37,6 +38,19 @@ from serving.responses import DONE, response, sse
 from serving.types import GenerationRequest
 
 logger = logging.getLogger(__name__)
+
+
+@asynccontextmanager
+async def _deadline(when: float) -> AsyncIterator[None]:
+    """`http.request_timeout_s`, as a 504 naming the setting (the cancelled call aborts its engine work)."""
+    try:
+        async with asyncio.timeout_at(when):
+            yield
+    except TimeoutError:
+        raise RequestTimeout(
+            "The request ran past http.request_timeout_s and was stopped; raise that setting or ask for fewer "
+            "tokens (max_tokens).", param="max_tokens", code="timeout",
+        ) from None
 
 
 def error_response(exc: BaseException, extra_headers: dict[str, str] | None = None) -> JSONResponse:
@@ -226,12 +240,18 @@ class Ingress:
             plan = await self.pipeline.plan(body.model, body.routing_text(), body.options)
             outcome = Outcome(plan=plan)
             logprobs = gen_request.sampling.logprobs
+            deadline = asyncio.get_running_loop().time() + self.config.http.request_timeout_s
             if body.stream:
                 fmt = StreamFormat(kind=kind, model=body.model, include_usage=body.include_usage)
-                relay = await self.pipeline.stream(gen_request, outcome, body.options, fmt)
+                async with _deadline(deadline):
+                    relay = await self.pipeline.stream(gen_request, outcome, body.options, fmt)
                 self.metrics.ttft.labels(outcome.tier).observe(time.perf_counter() - started)
-                return SseResponse(self._sse(endpoint, relay, outcome, started, request_id), outcome.headers())
-            result = await unless_disconnected(http, self.pipeline.generate(gen_request, outcome, body.options))
+                body_bytes = self._sse(endpoint, relay, outcome, started, request_id, deadline)
+                return SseResponse(body_bytes, outcome.headers())
+            async with _deadline(deadline):
+                result = await unless_disconnected(
+                    http, self.pipeline.generate(gen_request, outcome, body.options)
+                )
             payload = response(kind, request_id, body.model, result, logprobs, outcome.meta())
             self.pipeline.record(
                 endpoint, outcome, 200, started, result, request_id=request_id, routing_text=body.routing_text()
@@ -251,11 +271,16 @@ class Ingress:
             return error_response(exc, outcome.headers() if outcome else None)
 
     async def _sse(
-        self, endpoint: str, relay: SseRelay, outcome: Outcome, started: float, request_id: str
+        self, endpoint: str, relay: SseRelay, outcome: Outcome, started: float, request_id: str, deadline: float
     ) -> AsyncIterator[bytes]:
         try:
             yield relay.first
-            async for data in relay:
+            stream = aiter(relay)
+            while True:
+                async with _deadline(deadline):
+                    data = await anext(stream, None)
+                if data is None:
+                    break
                 yield data
             self.pipeline.record(endpoint, outcome, 200, started, relay.summary, request_id=request_id)
         except (asyncio.CancelledError, GeneratorExit):

@@ -41,7 +41,7 @@ def _config() -> dict:
             "resources": {"num_cpus": 0.1}, "deployment": {"max_ongoing_requests": 64}}
     return {
         "tiers": [{"name": "small", "model": "scripted-small", **tier}, {"name": "large", "model": "scripted-large", **tier}],
-        "http": {"host": "127.0.0.1", "port": PORT},
+        "http": {"host": "127.0.0.1", "port": PORT, "request_timeout_s": 1.5},
         "ingress": {"num_replicas": 2, "num_cpus": 0.1},  # two replicas share the port (SO_REUSEPORT)
         "ray": {"num_cpus": 4},
         "router": {"default_router": "cheapest"},
@@ -179,3 +179,17 @@ def test_two_ingress_replicas_share_the_port(app: str) -> None:
                      if line.startswith('tierserve_requests_total{endpoint="completions"'))
         totals.add(served)
     assert len(totals) >= 2  # two registries, i.e. two replicas answered
+
+
+def test_request_timeout_is_a_504_and_stops_the_engine_work(app: str) -> None:
+    body = {"model": "small", "prompt": "go", "max_tokens": 480, "ignore_eos": True}  # 2.4 s of tokens
+    r = httpx.post(app + "/v1/completions", json=body, timeout=30)
+    assert r.status_code == 504 and "request_timeout_s" in r.json()["error"]["message"]
+    with httpx.stream("POST", app + "/v1/completions", json={**body, "stream": True}, timeout=30) as s:
+        assert s.status_code == 200
+        raw = b"".join(s.iter_bytes()).decode()
+    assert '"type":"timeout_error"' in raw and raw.endswith("data: [DONE]\n\n")
+    deadline = time.monotonic() + 3
+    while _running("small") and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert _running("small") == 0
