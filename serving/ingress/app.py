@@ -40,6 +40,13 @@ from serving.types import GenerationRequest
 logger = logging.getLogger(__name__)
 
 
+def _timeout_error() -> RequestTimeout:
+    return RequestTimeout(
+        "The request ran past http.request_timeout_s and was stopped; raise that setting or ask for fewer "
+        "tokens (max_tokens).", param="max_tokens", code="timeout",
+    )
+
+
 @asynccontextmanager
 async def _deadline(when: float) -> AsyncIterator[None]:
     """`http.request_timeout_s`, as a 504 naming the setting (the cancelled call aborts its engine work)."""
@@ -47,10 +54,7 @@ async def _deadline(when: float) -> AsyncIterator[None]:
         async with asyncio.timeout_at(when):
             yield
     except TimeoutError:
-        raise RequestTimeout(
-            "The request ran past http.request_timeout_s and was stopped; raise that setting or ask for fewer "
-            "tokens (max_tokens).", param="max_tokens", code="timeout",
-        ) from None
+        raise _timeout_error() from None
 
 
 def error_response(exc: BaseException, extra_headers: dict[str, str] | None = None) -> JSONResponse:
@@ -273,24 +277,46 @@ class Ingress:
     async def _sse(
         self, endpoint: str, relay: SseRelay, outcome: Outcome, started: float, request_id: str, deadline: float
     ) -> AsyncIterator[bytes]:
+        # One timer per stream for http.request_timeout_s (not a timeout context per chunk: 5 us each).
+        task = asyncio.current_task()
+        expired = False
+
+        def expire() -> None:
+            nonlocal expired
+            expired = True
+            if task is not None:
+                task.cancel()
+
+        timer = asyncio.get_running_loop().call_at(deadline, expire)
         try:
             yield relay.first
-            stream = aiter(relay)
-            while True:
-                async with _deadline(deadline):
-                    data = await anext(stream, None)
-                if data is None:
-                    break
+            async for data in relay:
                 yield data
             self.pipeline.record(endpoint, outcome, 200, started, relay.summary, request_id=request_id)
-        except (asyncio.CancelledError, GeneratorExit):
+        except asyncio.CancelledError:
+            if not expired or task is None:
+                self.metrics.aborts.labels(outcome.tier).inc()
+                self.pipeline.record(endpoint, outcome, 499, started, relay.summary, request_id=request_id)
+                raise
+            task.uncancel()  # our own deadline: end the stream with the error, in-band
+            await relay.aclose()
+            async for event in self._stream_error(endpoint, outcome, started, relay, request_id, _timeout_error()):
+                yield event
+        except GeneratorExit:
             self.metrics.aborts.labels(outcome.tier).inc()
             self.pipeline.record(endpoint, outcome, 499, started, relay.summary, request_id=request_id)
             raise
         except Exception as exc:  # headers are gone: report in-band, then end the stream
-            status, envelope, _ = to_envelope(exc)
-            self.pipeline.record(endpoint, outcome, status, started, relay.summary, request_id=request_id)
-            yield sse(envelope)
-            yield DONE
+            async for event in self._stream_error(endpoint, outcome, started, relay, request_id, exc):
+                yield event
         finally:
+            timer.cancel()
             await relay.aclose()
+
+    async def _stream_error(
+        self, endpoint: str, outcome: Outcome, started: float, relay: SseRelay, request_id: str, exc: BaseException
+    ) -> AsyncIterator[bytes]:
+        status, envelope, _ = to_envelope(exc)
+        self.pipeline.record(endpoint, outcome, status, started, relay.summary, request_id=request_id)
+        yield sse(envelope)
+        yield DONE
