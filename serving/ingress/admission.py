@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Sequence
-from contextlib import asynccontextmanager
+from collections.abc import Sequence
 
 from serving.capacity import CapacityDecision, admit, choose_tier
 from serving.capacity.config import CapacityConfig
@@ -15,7 +14,7 @@ from serving.metrics import Metrics
 
 
 class CapacityController:
-    """Holds per-tier in-flight counts; every tier call runs inside `slot(tier)`."""
+    """Holds per-tier in-flight counts; every tier call runs between `acquire(tier)` and `release(tier)`."""
 
     def __init__(self, cfg: CapacityConfig, tier_names: Sequence[str], tiers: TierClient, metrics: Metrics) -> None:
         self.cfg = cfg
@@ -83,12 +82,3 @@ class CapacityController:
         self.inflight[tier] -= 1
         self.metrics.inflight.labels(tier).set(self.inflight[tier])
         self._done[tier].append(time.monotonic())
-
-    @asynccontextmanager
-    async def slot(self, tier: str) -> AsyncIterator[None]:
-        """Admit one call to `tier` for the duration of the block (or raise Overloaded)."""
-        self.acquire(tier)
-        try:
-            yield
-        finally:
-            self.release(tier)

@@ -1,4 +1,4 @@
-"""The OpenAI-compatible HTTP ingress (FastAPI under `@serve.ingress`)."""
+"""The OpenAI-compatible ingress: authorize, parse, plan, answer (HTTP routing lives in `serving.ingress.http`)."""
 
 from __future__ import annotations
 

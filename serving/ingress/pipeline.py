@@ -233,21 +233,21 @@ class Pipeline:
     # ---- generation ---------------------------------------------------------------------------
 
     async def _generate_on(self, tier: str, request: GenerationRequest) -> GenerationResult:
-        async with self.capacity.slot(tier):
-            try:
-                return await self.tiers.generate(tier, request)
-            finally:
-                self.tiers.refresh_soon(tier)
+        self.capacity.acquire(tier)
+        try:
+            return await self.tiers.generate(tier, request)
+        finally:
+            self._release(tier)
 
     async def _stream_on(self, tier: str, request: GenerationRequest) -> AsyncIterator[GenerationChunk]:
-        async with self.capacity.slot(tier):
-            try:
-                # aclosing: an early exit cancels the tier call (and aborts the engine) now, not at GC time.
-                async with aclosing(self.tiers.stream(tier, request)) as chunks:
-                    async for chunk in chunks:
-                        yield chunk
-            finally:
-                self.tiers.refresh_soon(tier)
+        self.capacity.acquire(tier)
+        try:
+            # aclosing: an early exit cancels the tier call (and aborts the engine) now, not at GC time.
+            async with aclosing(self.tiers.stream(tier, request)) as chunks:
+                async for chunk in chunks:
+                    yield chunk
+        finally:
+            self._release(tier)
 
     def _entry_index(self, outcome: Outcome) -> int:
         """The routed tier, or a neighbour when load says so (only for routed requests)."""
@@ -325,6 +325,7 @@ class Pipeline:
         return await relay.start(encode_stream(chunks, encoder, outcome.meta))
 
     def _release(self, tier: str) -> None:
+        """The end of every tier call (pairs with `capacity.acquire`): free the slot, re-poll the tier's load."""
         self.capacity.release(tier)
         self.tiers.refresh_soon(tier)
 
