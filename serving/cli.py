@@ -8,7 +8,7 @@ import sys
 
 from router import cli as router_cli
 from router.eval import cli as eval_cli
-from serving import cli_serve
+from serving import cli_plan, cli_serve
 from serving.bench import cli as bench_cli
 
 
@@ -20,6 +20,7 @@ def build_parser() -> argparse.ArgumentParser:
     router_cli.register(sub)
     eval_cli.register(sub)
     bench_cli.register(sub)
+    cli_plan.register(sub)
     return parser
 
 

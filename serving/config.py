@@ -125,11 +125,37 @@ class TierConfig(_Strict):
     deployment: DeploymentConfig = DeploymentConfig()
 
 
+class LimitsConfig(_Strict):
+    """Refused with a 400 (413 for the body) naming the field, before any engine work."""
+
+    max_body_bytes: int = Field(default=4 * 1024 * 1024, ge=1024)
+    """Largest request body, in bytes."""
+    max_messages: int = Field(default=1024, ge=1)
+    """Most messages in one chat request."""
+    max_tokens: int = Field(default=32768, ge=1)
+    """Largest `max_tokens` / `max_completion_tokens` a request may ask for (the tier's context caps it too)."""
+    max_stop: int = Field(default=16, ge=1)
+    """Most stop strings in one request."""
+    max_stop_chars: int = Field(default=512, ge=1)
+    """Longest stop string, in characters."""
+
+
 class HttpConfig(_Strict):
     host: str = "127.0.0.1"
     port: int = Field(default=8000, ge=1, le=65535)
     api_keys: list[str] = []
-    """Bearer keys accepted on /v1/*. Empty means no auth. TIERSERVE_API_KEYS (comma-separated) adds more."""
+    """Bearer keys accepted on /v1/*. No key anywhere (config, env, file, admin keys) means no auth.
+    TIERSERVE_API_KEYS (comma-separated) adds more; so does `api_keys_file`."""
+    api_keys_file: str | None = None
+    """A file of data-plane keys, one per line (e.g. a mounted Kubernetes Secret); read at start."""
+    admin_keys: list[str] = []
+    """Bearer keys for /admin/* (they work on /v1/* too); TIERSERVE_ADMIN_KEYS and `admin_keys_file` add
+    more. A data-plane key on /admin/* gets 403; with data-plane keys but no admin key, /admin/* is closed."""
+    admin_keys_file: str | None = None
+    """A file of admin keys, one per line."""
+    metrics_auth: bool = False
+    """True: /metrics needs a key (data-plane or admin) like /v1/*. /health is always open."""
+    limits: LimitsConfig = LimitsConfig()
     request_timeout_s: float = Field(default=300.0, gt=0)
     """Upper bound on one request end to end: past it a 504 (in-band for a stream) and the engine work stops."""
     proxy: bool = False
@@ -267,8 +293,24 @@ class AppConfig(_Strict):
         return path if path.is_absolute() else self.resolved_data_dir() / path
 
     def api_keys(self) -> set[str]:
-        env = os.environ.get("TIERSERVE_API_KEYS", "")
-        return set(self.http.api_keys) | {k.strip() for k in env.split(",") if k.strip()}
+        """Data-plane keys: config, TIERSERVE_API_KEYS, `http.api_keys_file`."""
+        return _keys(self.http.api_keys, "TIERSERVE_API_KEYS", self.http.api_keys_file, "http.api_keys_file")
+
+    def admin_keys(self) -> set[str]:
+        """Admin keys: config, TIERSERVE_ADMIN_KEYS, `http.admin_keys_file`."""
+        return _keys(self.http.admin_keys, "TIERSERVE_ADMIN_KEYS", self.http.admin_keys_file, "http.admin_keys_file")
+
+
+def _keys(listed: list[str], env_var: str, file: str | None, field: str) -> set[str]:
+    keys = {k.strip() for k in listed if k.strip()}
+    keys |= {k.strip() for k in os.environ.get(env_var, "").split(",") if k.strip()}
+    if file:
+        path = Path(file).expanduser()
+        try:
+            keys |= {line.strip() for line in path.read_text().splitlines() if line.strip()}
+        except OSError as exc:
+            raise ConfigError(f"{field}: cannot read {path} ({exc.strerror}); mount the key file there or unset {field}.") from None
+    return keys
 
 
 def _format_error(err: dict) -> str:

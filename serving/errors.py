@@ -74,6 +74,17 @@ class Unauthorized(ClientError):
     error_type = "authentication_error"
 
 
+class Forbidden(ClientError):
+    """A valid key without the scope the endpoint needs (a data-plane key on /admin/*)."""
+
+    status_code = 403
+    error_type = "permission_error"
+
+
+class PayloadTooLarge(ClientError):
+    status_code = 413
+
+
 class ModelNotFound(ClientError):
     status_code = 404
     error_type = "not_found_error"

@@ -17,6 +17,7 @@ from serving.affinity import pin_off_engine_cores
 from serving.config import TierConfig
 from serving.engines.base import Engine
 from serving.engines.vllm import VllmEngine
+from serving.reaper import EngineReaper
 from serving.types import ReplicaStatus, TierInfo
 from serving.wire import WireServer
 
@@ -29,8 +30,10 @@ class TierServer:
     async def __init__(
         self, tier: TierConfig, model_path: str, device: str, wire_token: str, *, engine_cls: type[Engine] = VllmEngine
     ) -> None:
+        self.reaper = EngineReaper()  # the engine's processes die with this replica, however it dies
         self.engine = engine_cls(tier, Path(model_path), device)
         self.engine.start()
+        self.reaper.watch()
         if device == "cpu" and tier.engine.cpu_threads_bind:  # after start: the engine's processes keep theirs
             pin_off_engine_cores(tier.engine.cpu_threads_bind, f"tier {tier.name} replica")
         self.replica_id = serve.get_replica_context().replica_id.unique_id
@@ -56,3 +59,6 @@ class TierServer:
         engine = getattr(self, "engine", None)
         if engine is not None:
             engine.shutdown()
+        reaper = getattr(self, "reaper", None)
+        if reaper is not None:
+            reaper.close()

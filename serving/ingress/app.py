@@ -20,7 +20,8 @@ from ray.serve.handle import DeploymentHandle
 from router.types import Exemplar
 from serving.affinity import parse_cpus, pin_this_process
 from serving.config import AppConfig
-from serving.errors import InvalidRequest, RequestTimeout, TierserveError, Unauthorized, to_envelope
+from serving.errors import InvalidRequest, PayloadTooLarge, RequestTimeout, TierserveError, to_envelope
+from serving.ingress.auth import Keys, Scope
 from serving.ingress.pipeline import Outcome, Pipeline, StreamFormat
 from serving.ingress.router_calls import router_calls
 from serving.ingress.protocol import (
@@ -29,6 +30,7 @@ from serving.ingress.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
     ReleaseStoreRequest,
+    check_limits,
 )
 from serving.ingress.http import IngressApp, SseResponse, unless_disconnected
 from serving.ingress.server import DirectServer
@@ -74,10 +76,11 @@ def _validation_error(exc: ValidationError) -> InvalidRequest:
     return InvalidRequest(f"Invalid request: {problems}", param=param)
 
 
-async def _parse(request: Request, model: type, without_messages: type | None = None) -> Any:
-    """Validate the JSON body as `model` (as `without_messages` when given and the body has no messages)."""
+async def _parse(request: Request, model: type, without_messages: type | None = None, *, limit: int) -> Any:
+    """Validate the JSON body as `model` (as `without_messages` when given and the body has no messages);
+    a body over `limit` bytes is refused (413) before it is read in full."""
     try:
-        body = await request.json()
+        body = json.loads(await _read_body(request, limit))
     except (json.JSONDecodeError, UnicodeDecodeError):
         raise InvalidRequest("The request body is not valid JSON.", param="body") from None
     if not isinstance(body, dict):
@@ -88,6 +91,26 @@ async def _parse(request: Request, model: type, without_messages: type | None = 
         return model.model_validate(body)
     except ValidationError as exc:
         raise _validation_error(exc) from None
+
+
+async def _read_body(request: Request, limit: int) -> bytes:
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise _too_large(int(declared), limit)
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise _too_large(size, limit)
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _too_large(size: int, limit: int) -> PayloadTooLarge:
+    return PayloadTooLarge(
+        f"The request body is {size:,} bytes or more; the limit is {limit:,} (http.limits.max_body_bytes).",
+        param="body", code="body_too_large",
+    )
 
 
 @serve.ingress()
@@ -114,7 +137,7 @@ class Ingress:
         self.tiers = TierClient(tier_handles, wire_token=wire_token, poll_interval_s=config.capacity.poll_interval_s)
         self.router = router_calls(config, router)
         self.pipeline = Pipeline(config, self.tiers, self.metrics, self.router)
-        self.api_keys = config.api_keys()
+        self.keys = Keys(config.api_keys(), config.admin_keys())
         self.http_app = IngressApp(self)
         self.server: DirectServer | None = None
         if not config.http.proxy:
@@ -127,23 +150,17 @@ class Ingress:
         return self.http_app
 
     async def __del__(self) -> None:
-        if self.server is not None:
-            await self.server.stop(self.config.http.drain_s)
-        close = getattr(self.router, "close", None)  # an in-process router holds the store's folder lock
+        server = getattr(self, "server", None)  # absent when __init__ failed
+        if server is not None:
+            await server.stop(self.config.http.drain_s)
+        close = getattr(getattr(self, "router", None), "close", None)  # an in-process router holds the store's folder lock
         if close is not None:
             close()
 
     # ---- plumbing -----------------------------------------------------------------------------
 
-    def _authorize(self, request: Request) -> None:
-        if not self.api_keys:
-            return
-        auth = request.headers.get("authorization", "")
-        scheme, _, key = auth.partition(" ")
-        if scheme.lower() != "bearer" or key.strip() not in self.api_keys:
-            raise Unauthorized(
-                "Incorrect or missing API key. Send it as 'Authorization: Bearer <key>'.", code="invalid_api_key"
-            )
+    def _authorize(self, request: Request, scope: Scope = Scope.DATA) -> None:
+        self.keys.check(request.headers.get("authorization"), scope)
 
     # ---- routes -------------------------------------------------------------------------------
 
@@ -154,7 +171,12 @@ class Ingress:
         ready = all(tiers.values())
         return JSONResponse({"status": "ready" if ready else "starting", "tiers": tiers}, status_code=200 if ready else 503)
 
-    async def render_metrics(self) -> Response:
+    async def render_metrics(self, request: Request) -> Response:
+        if self.config.http.metrics_auth:
+            try:
+                self._authorize(request)
+            except TierserveError as exc:
+                return error_response(exc)
         for tier, load in self.tiers.loads().items():
             self.metrics.engine_running.labels(tier).set(load.running)
             self.metrics.engine_waiting.labels(tier).set(load.waiting)
@@ -185,7 +207,9 @@ class Ingress:
         """The routing decision for a chat or completion request, without generating."""
         try:
             self._authorize(request)
-            body = await _parse(request, ChatCompletionRequest, CompletionRequest)
+            body = await _parse(request, ChatCompletionRequest, CompletionRequest,
+                                limit=self.config.http.limits.max_body_bytes)
+            check_limits(body, self.config.http.limits)
             outcome = Outcome(plan=await self.pipeline.plan(body.model, body.routing_text(), body.options))
             return JSONResponse({"object": "tierserve.route", **outcome.meta()}, headers=outcome.headers())
         except Exception as exc:
@@ -194,8 +218,8 @@ class Ingress:
     async def add_exemplars(self, request: Request) -> JSONResponse:
         """Add labelled exemplars at runtime: {"exemplars": [{"text": ..., "tier": ...}, ...]}."""
         try:
-            self._authorize(request)
-            body = await _parse(request, AddExemplarsRequest)
+            self._authorize(request, Scope.ADMIN)
+            body = await _parse(request, AddExemplarsRequest, limit=self.config.http.limits.max_body_bytes)
             unknown = sorted({e.tier for e in body.exemplars} - set(self.config.tier_names) - SEED_LABELS)
             if unknown:
                 raise InvalidRequest(
@@ -215,8 +239,8 @@ class Ingress:
         """Close the router's exemplar store for `seconds` (heuristic routing meanwhile), e.g. so that
         `tierserve exemplars import` can write to an embedded Qdrant folder while the stack serves."""
         try:
-            self._authorize(request)
-            body = await _parse(request, ReleaseStoreRequest)
+            self._authorize(request, Scope.ADMIN)
+            body = await _parse(request, ReleaseStoreRequest, limit=self.config.http.limits.max_body_bytes)
             if self.router is None:
                 raise InvalidRequest("no router deployment is configured", param="model")
             await self.router.release_store(body.seconds)
@@ -233,7 +257,9 @@ class Ingress:
         request_id = ""
         try:
             self._authorize(http)
-            body = await _parse(http, ChatCompletionRequest if kind == "chat" else CompletionRequest)
+            body = await _parse(http, ChatCompletionRequest if kind == "chat" else CompletionRequest,
+                                limit=self.config.http.limits.max_body_bytes)
+            check_limits(body, self.config.http.limits)
             request_id = f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex}"
             gen_request = GenerationRequest(
                 request_id=request_id,

@@ -15,6 +15,8 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from fastapi import FastAPI, Request
 from fastapi.responses import Response
 
+from serving.ingress.openapi import document
+
 if TYPE_CHECKING:
     from serving.ingress.app import Ingress
 
@@ -115,8 +117,9 @@ def build_fastapi(ingress: Ingress) -> FastAPI:
         return await ingress.health()
 
     @api.get("/metrics")
-    async def metrics() -> Response:
-        return await ingress.render_metrics()
+    async def metrics(request: Request) -> Response:
+        """Prometheus metrics (open unless `http.metrics_auth`)."""
+        return await ingress.render_metrics(request)
 
     @api.get("/v1/models")
     async def models(request: Request) -> Response:
@@ -145,4 +148,5 @@ def build_fastapi(ingress: Ingress) -> FastAPI:
         """Close the router's exemplar store for `seconds` (heuristic routing meanwhile)."""
         return await ingress.release_store(request)
 
+    document(api)
     return api

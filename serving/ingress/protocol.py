@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from serving.errors import InvalidRequest
 from serving.types import ChatMessage, SamplingOptions
+
+if TYPE_CHECKING:
+    from serving.config import LimitsConfig
 
 
 class TierserveOptions(BaseModel):
@@ -162,6 +166,30 @@ class CompletionRequest(_Request):
 
     def routing_text(self) -> str:
         return self.prompt_text()
+
+
+def check_limits(body: ChatCompletionRequest | CompletionRequest, limits: LimitsConfig) -> None:
+    """The configured request limits (`http.limits`), each refused with a 400 naming the field."""
+    messages = getattr(body, "messages", None)
+    if messages is not None and len(messages) > limits.max_messages:
+        raise InvalidRequest(
+            f"messages has {len(messages)} entries; the limit is {limits.max_messages} (http.limits.max_messages).",
+            param="messages",
+        )
+    for field in ("max_tokens", "max_completion_tokens"):
+        value = getattr(body, field, None)
+        if value is not None and value > limits.max_tokens:
+            raise InvalidRequest(
+                f"{field} is {value}; the limit is {limits.max_tokens} (http.limits.max_tokens).", param=field
+            )
+    stops = body.stop_tuple()
+    if len(stops) > limits.max_stop:
+        raise InvalidRequest(f"stop has {len(stops)} strings; the limit is {limits.max_stop}.", param="stop")
+    longest = max((len(s) for s in stops), default=0)
+    if longest > limits.max_stop_chars:
+        raise InvalidRequest(
+            f"a stop string has {longest} characters; the limit is {limits.max_stop_chars}.", param="stop"
+        )
 
 
 SEED_LABELS = frozenset({"small", "medium", "large"})

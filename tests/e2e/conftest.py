@@ -15,13 +15,14 @@ from serving.models.tiny import generate_tiny_models
 
 REPO = Path(__file__).resolve().parents[2]
 API_KEY = "sk-tierserve-test"
+ADMIN_KEY = "sk-tierserve-admin"
 PORT = 8765
 
 
 def e2e_config_dict(data_dir: Path) -> dict:
     cfg = yaml.safe_load((REPO / "deploy" / "cpu.yaml").read_text())
     cfg["data_dir"] = str(data_dir)
-    cfg["http"] = {"host": "127.0.0.1", "port": PORT, "api_keys": [API_KEY]}
+    cfg["http"] = {"host": "127.0.0.1", "port": PORT, "api_keys": [API_KEY], "admin_keys": [ADMIN_KEY]}
     # A narrow small tier so a burst saturates it; capacity routing on, with admission limits per tier.
     cfg["tiers"][0]["engine"]["max_num_seqs"] = 8
     cfg["capacity"] = {

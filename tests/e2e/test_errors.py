@@ -6,7 +6,7 @@ import httpx
 import openai
 import pytest
 
-from tests.e2e.conftest import API_KEY
+from tests.e2e.conftest import ADMIN_KEY, API_KEY
 
 pytestmark = pytest.mark.e2e
 MSG = [{"role": "user", "content": "hi"}]
@@ -84,6 +84,43 @@ def test_missing_or_wrong_api_key_is_401(base_url: str, key: str | None) -> None
     assert r.status_code == 401
     assert _envelope(r)["type"] == "authentication_error"
     assert httpx.get(base_url + "/v1/models").status_code == 401
+
+
+@pytest.mark.parametrize("path", ["/admin/exemplars", "/admin/router/release-store"])
+def test_admin_endpoints_need_an_admin_key(base_url: str, path: str) -> None:
+    body = {"exemplars": [{"text": "x", "tier": "giant"}]} if path == "/admin/exemplars" else {"seconds": -1}
+    assert _post(base_url, path, body, key=None).status_code == 401
+    data_key = _post(base_url, path, body, key=API_KEY)
+    assert data_key.status_code == 403
+    err = _envelope(data_key)
+    assert err["type"] == "permission_error" and "admin" in err["message"]
+    # The admin key passes authorization and reaches validation (this body is invalid on purpose).
+    assert _post(base_url, path, body, key=ADMIN_KEY).status_code == 400
+    # It also works on the data plane; /health stays open and /metrics is open by default.
+    assert httpx.get(base_url + "/v1/models", headers={"Authorization": f"Bearer {ADMIN_KEY}"}).status_code == 200
+    assert httpx.get(base_url + "/health").status_code == 200
+    assert httpx.get(base_url + "/metrics").status_code == 200
+
+
+@pytest.mark.parametrize(
+    ("body", "param", "status"),
+    [
+        ({"model": "small", "messages": [{"role": "user", "content": "x" * (4 * 1024 * 1024)}]}, "body", 413),
+        ({"model": "small", "messages": MSG * 1025}, "messages", 400),
+        ({"model": "small", "messages": MSG, "max_tokens": 10**6}, "max_tokens", 400),
+        ({"model": "small", "messages": MSG, "max_completion_tokens": 10**6}, "max_completion_tokens", 400),
+        ({"model": "small", "messages": MSG, "stop": [f"s{i}" for i in range(17)]}, "stop", 400),
+        ({"model": "small", "messages": MSG, "stop": "x" * 513}, "stop", 400),
+        ({"model": "small", "messages": MSG, "stop": ""}, "stop", 400),
+        ({"model": "small", "messages": MSG, "top_logprobs": 21, "logprobs": True}, "top_logprobs", 400),
+    ],
+)
+def test_limits_are_refused_before_engine_work(base_url: str, body: dict, param: str, status: int) -> None:
+    r = _post(base_url, "/v1/chat/completions", body)
+    assert r.status_code == status, r.text[:300]
+    err = _envelope(r)
+    assert err["param"] == param
+    assert param.split(".")[0] in err["message"] or status == 413
 
 
 def test_metrics_count_requests_by_tier_and_status(base_url: str, client: openai.OpenAI) -> None:

@@ -9,10 +9,11 @@ import openai
 import pytest
 import ray
 
-from tests.e2e.conftest import API_KEY
+from tests.e2e.conftest import ADMIN_KEY, API_KEY
 
 pytestmark = pytest.mark.e2e
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
+ADMIN = {"Authorization": f"Bearer {ADMIN_KEY}"}
 
 # Written for this test, not taken from the shipped exemplars.
 ROUTINE = [
@@ -110,15 +111,15 @@ def test_exemplars_added_at_runtime_change_routing(base_url: str) -> None:
         {"text": f"Reconcile the zorblax ledger entries for quadrant {i} against the vault audit", "tier": "large"}
         for i in range(1, 9)
     ]
-    r = httpx.post(base_url + "/admin/exemplars", json={"exemplars": new}, headers=AUTH, timeout=60)
+    r = httpx.post(base_url + "/admin/exemplars", json={"exemplars": new}, headers=ADMIN, timeout=60)
     assert r.status_code == 200 and r.json()["written"] == 8
     count = r.json()["count"]
-    again = httpx.post(base_url + "/admin/exemplars", json={"exemplars": new}, headers=AUTH, timeout=60)
+    again = httpx.post(base_url + "/admin/exemplars", json={"exemplars": new}, headers=ADMIN, timeout=60)
     assert again.json()["count"] == count  # idempotent: same texts, same points
     decision = _route(base_url, probe)
     assert decision["tier"] == "large"
     assert "large" in decision["reason"]
-    bad = httpx.post(base_url + "/admin/exemplars", json={"exemplars": [{"text": "x", "tier": "giant"}]}, headers=AUTH)
+    bad = httpx.post(base_url + "/admin/exemplars", json={"exemplars": [{"text": "x", "tier": "giant"}]}, headers=ADMIN)
     assert bad.status_code == 400 and bad.json()["error"]["param"] == "exemplars.tier"
 
 
@@ -134,7 +135,7 @@ def test_llm_judge_router_asks_the_small_tier(client: openai.OpenAI, base_url: s
 
 def test_qdrant_unavailable_mid_run_falls_back_then_recovers(client: openai.OpenAI, base_url: str) -> None:
     """The exemplar store closes (as a Qdrant outage would): 200s via the heuristic, then kNN again."""
-    r = httpx.post(base_url + "/admin/router/release-store", json={"seconds": 4}, headers=AUTH, timeout=30)
+    r = httpx.post(base_url + "/admin/router/release-store", json={"seconds": 4}, headers=ADMIN, timeout=30)
     assert r.status_code == 200 and r.json()["released_for_s"] == 4
     raw = client.chat.completions.with_raw_response.create(
         model="auto", messages=[{"role": "user", "content": HARD[1]}], max_tokens=2
@@ -145,7 +146,7 @@ def test_qdrant_unavailable_mid_run_falls_back_then_recovers(client: openai.Open
     assert meta["fallback"] is True and "store" in meta["reason"]
     time.sleep(4.5)
     assert _route(base_url, {"model": "auto", "prompt": HARD[1]})["router"] == "knn"
-    bad = httpx.post(base_url + "/admin/router/release-store", json={"seconds": -1}, headers=AUTH)
+    bad = httpx.post(base_url + "/admin/router/release-store", json={"seconds": -1}, headers=ADMIN)
     assert bad.status_code == 400 and bad.json()["error"]["param"] == "seconds"
 
 
