@@ -1,10 +1,14 @@
 """Routing quality on every labelled dataset; writes benchmarks/routing_quality.md and results/routing/*.
 
-    .venv/bin/python benchmarks/routing_quality.py [--data-dir DIR] [--datasets mmlu,gsm8k,...]
+    .venv/bin/python benchmarks/routing_quality.py [--data-dir DIR] [--datasets mmlu,gsm8k,...,plaut-msp]
 
-Every learned router is tuned and trained on the dataset's train split only and scored on its test split.
-Also checks calibration: a threshold for a 30% strong share chosen on train (out-of-sample train scores),
-measured on test.
+Every learned router and cascade policy is tuned and trained on the dataset's train split only and scored on
+its test split. Also checks calibration: a threshold for a 30% strong share chosen on train (out-of-sample
+train scores), measured on test; on data with the weak model's confidence, the cascade threshold for a 30%
+escalation rate likewise, plus a hand computation of the cascade's CPT(50%) with plain numpy.
+
+Each run rewrites the named datasets' results; the markdown is rendered from every results folder present,
+so `--datasets plaut-msp` refreshes one section and keeps the others.
 """
 
 from __future__ import annotations
@@ -23,14 +27,18 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from router.embedder import default_embedder  # noqa: E402
-from router.eval.calibrate import threshold_for_share  # noqa: E402
-from router.eval.datasets import BUILTIN, default_data_dir, load_dataset  # noqa: E402
+from router.eval.calibrate import confidence_threshold_for_rate, threshold_for_share  # noqa: E402
+from router.eval.datasets import BUILTIN, CASCADE_BUILTIN, default_data_dir, load_dataset  # noqa: E402
 from router.eval.embcache import EmbeddingCache  # noqa: E402
 from router.eval.runner import ROUTERS, build_routers, format_table, score_routers, write_report  # noqa: E402
 
 OUT = ROOT / "benchmarks" / "results" / "routing"
 MD = ROOT / "benchmarks" / "routing_quality.md"
 CALIBRATION_TARGET = 0.30
+CASCADES = ("cascade", "cascade+heuristic", "cascade+knn", "cascade+classifier", "cascade-learned")
+COST_RATIO = {"plaut-msp": 1 / 8.75}
+"""Weak/strong cost per call where the data has no costs: Llama-3 8B vs 70B parameters (the README's proxy)."""
+ORDER = (*BUILTIN, *CASCADE_BUILTIN)
 
 
 def calibration_check(ds, trained, router: str) -> dict:
@@ -41,91 +49,191 @@ def calibration_check(ds, trained, router: str) -> dict:
             "test_share": round(float(np.mean(test_scores >= cal.threshold)) * 100, 2)}
 
 
+def cascade_calibration_check(ds) -> dict:
+    """Cascade threshold for CALIBRATION_TARGET escalations on train confidences; the rate it gives on test."""
+    cal = confidence_threshold_for_rate(ds.train["weak_confidence"], CALIBRATION_TARGET)
+    test_rate = float(np.mean(ds.test["weak_confidence"].to_numpy(float) < cal.threshold))
+    return {"threshold": round(cal.threshold, 6), "train_rate": round(cal.escalation_rate * 100, 2),
+            "test_rate": round(test_rate * 100, 2)}
+
+
+def hand_cpt50(ds) -> float:
+    """CPT(50%) of the confidence-only cascade on test, written out with numpy alone (no harness code)."""
+    test = ds.test
+    score = 1.0 - test["weak_confidence"].to_numpy(float)
+    strong, weak = test["strong"].to_numpy(float), test["weak"].to_numpy(float)
+    edges = np.unique(np.quantile(score, np.linspace(0, 1, 11)))
+    pts = sorted((np.mean(score > t if i == len(edges) - 1 else score >= t) * 100,
+                  np.where(score > t if i == len(edges) - 1 else score >= t, strong, weak).mean() * 100)
+                 for i, t in enumerate(edges))
+    x, y = np.array(pts).T
+    target = (weak.mean() + 0.5 * (strong.mean() - weak.mean())) * 100
+    j = int(np.flatnonzero((y[:-1] < target) & (y[1:] >= target))[0])
+    return float(x[j] + (target - y[j]) * (x[j + 1] - x[j]) / (y[j + 1] - y[j]))
+
+
+def run(name: str, data_dir: Path, cache: EmbeddingCache) -> None:
+    started = time.time()
+    ds = load_dataset(name, data_dir)
+    names = [*ROUTERS, *(CASCADES if ds.has_confidence else ())]
+    trained = build_routers(ds.train, names, cache, progress=True)
+    report = score_routers(ds, trained, cost_ratio=COST_RATIO.get(name))
+    write_report(report, OUT / name)
+    choice = trained.choice(ds.train)  # picked on train, like everything else
+    cal = calibration_check(ds, trained, choice.router)
+    cal["choice"] = choice.to_json()
+    if ds.has_confidence:
+        cal["cascade"] = cascade_calibration_check(ds)
+        cal["hand_check"] = {"numpy_cpt50": round(hand_cpt50(ds), 4),
+                             "harness_cpt50": round(report.routers["cascade"].cpt50, 4)}
+    (OUT / name / "calibration.json").write_text(json.dumps(cal, indent=2) + "\n")
+    print(format_table(report), f"\ncalibration: {cal}\n({time.time() - started:.0f} s)\n", flush=True)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data-dir", type=Path, default=default_data_dir())
-    parser.add_argument("--datasets", default=",".join(BUILTIN))
+    parser.add_argument("--datasets", default=",".join(ORDER))
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     cache = EmbeddingCache(default_embedder())
-    sections, summary = [], []
     for name in args.datasets.split(","):
-        started = time.time()
-        ds = load_dataset(name, args.data_dir)
-        trained = build_routers(ds.train, ROUTERS, cache, progress=True)
-        report = score_routers(ds, trained)
-        write_report(report, OUT / name)
-        # the router to calibrate is picked on train (cross-validated APGR), like everything else
-        best = max(trained.settings, key=lambda r: trained.settings[r]["cv_apgr"])
-        cal = calibration_check(ds, trained, best)
-        (OUT / name / "calibration.json").write_text(json.dumps(cal, indent=2) + "\n")
-        print(format_table(report), f"\ncalibration: {cal}\n({time.time() - started:.0f} s)\n", flush=True)
-        summary.append((report, best, cal))
-        sections.append(_section(report, cal))
-    MD.write_text(_markdown(summary, sections))
+        run(name, args.data_dir, cache)
+    MD.write_text(render())
     print(f"wrote {MD}")
     return 0
 
 
-def _section(report, cal) -> str:
-    rows = ["| router | CPT(20%) | CPT(50%) | CPT(80%) | AUC | APGR | strong calls at 95% of strong quality |"
-            " settings chosen on train |", "|---|---|---|---|---|---|---|---|"]
-    for name, m in [*report.routers.items(), ("oracle", report.oracle)]:
-        s = report.settings.get(name)
+def _load(name: str) -> tuple[dict, dict] | None:
+    folder = OUT / name
+    if not (folder / "results.json").is_file():
+        return None
+    cal = folder / "calibration.json"
+    return json.loads((folder / "results.json").read_text()), json.loads(cal.read_text()) if cal.is_file() else {}
+
+
+def _ci(m: dict, key: str, fmt: str) -> str:
+    pair = (m.get("ci95") or {}).get(key)
+    return f" [{pair[0]:{fmt}}, {pair[1]:{fmt}}]" if pair else ""
+
+
+def _chosen(results: dict, cal: dict) -> str:
+    if cal.get("router"):
+        return cal["router"]
+    learned = {k: v["cv_apgr"] for k, v in results["settings"].items() if "cv_apgr" in v and k in ROUTERS}
+    return max(learned, key=learned.get)
+
+
+def _section(results: dict, cal: dict) -> str:
+    cascade = any(m.get("kind") == "cascade" for m in results["routers"].values())
+    rows = ["| policy | CPT(20%) | CPT(50%) [95% CI] | CPT(80%) | AUC | APGR [95% CI] | total cost at CPT(50%) "
+            "| strong calls at 95% of strong quality | settings chosen on train |",
+            "|---|---|---|---|---|---|---|---|---|"]
+    for name, m in [*results["routers"].items(), ("oracle", results["oracle"])]:
+        s = results["settings"].get(name)
         chosen = ", ".join(f"{k}={v}" for k, v in s.items() if k not in ("seed",)) if s else ""
-        flag = " (non-monotone curve)" if not m.monotone else ""
-        rows.append(f"| {name}{flag} | {m.cpt20:.1f}% | {m.cpt50:.1f}% | {m.cpt80:.1f}% | {m.auc:.2f} | "
-                    f"{m.apgr:.3f} | {m.strong_pct_at_95:.1f}% | {chosen} |")
-    png = f"results/routing/{report.dataset}/cost_quality.png"
-    return "\n".join([
-        f"### {report.dataset}",
+        flags = [] if m["monotone"] else ["non-monotone curve"]
+        if m.get("like_random") and name != "random":
+            flags.append("not distinguishable from random")
+        label = name + (f" ({'; '.join(flags)})" if flags else "")
+        cost = f"{m['cost_at_cpt50']:.1f}%" if m.get("cost_at_cpt50") is not None else "-"
+        rows.append(f"| {label} | {m['cpt20']:.1f}% | {m['cpt50']:.1f}%{_ci(m, 'cpt50', '.1f')} | {m['cpt80']:.1f}% "
+                    f"| {m['auc']:.2f} | {m['apgr']:.3f}{_ci(m, 'apgr', '.3f')} | {cost} "
+                    f"| {m['strong_pct_at_95']:.1f}% | {chosen} |")
+    name = results["dataset"]
+    lines = [
+        f"### {name}",
         "",
-        f"Train {report.n_train} / test {report.n_test} prompts; on test the strong model scores "
-        f"{report.strong_acc:.2f} and the weak {report.weak_acc:.2f} ({report.quality}, %).",
+        f"Train {results['n_train']} / test {results['n_test']} prompts; on test the strong model scores "
+        f"{results['strong_acc']:.2f} and the weak {results['weak_acc']:.2f} ({results['quality']}, %)."
+        + (f" Cost: {results['cost_basis']}." if results.get("cost_basis") else ""),
         "",
         *rows,
         "",
-        f"Calibration ({cal['router']}): threshold {cal['threshold']} chosen for {CALIBRATION_TARGET:.0%} strong "
-        f"calls on train gives {cal['test_share']:.1f}% on test.",
-        "",
-        f"![{report.dataset}]({png})",
-        "",
-    ])
+    ]
+    for label, c in (results.get("comparisons") or {}).items():
+        lo, hi = c["ci95"]
+        verdict = "better" if lo > 0 else ("worse" if hi < 0 else "not distinguishable")
+        lines.append(f"- {label}: APGR {c['apgr']:+.3f} (paired 95% CI {lo:+.3f} to {hi:+.3f}: {verdict})")
+    if results.get("comparisons"):
+        lines.append("")
+    if cal:
+        choice = cal.get("choice")
+        lines.append(f"Calibration ({cal['router']}): threshold {cal['threshold']} chosen for "
+                     f"{CALIBRATION_TARGET:.0%} strong calls on train gives {cal['test_share']:.1f}% on test."
+                     + (f" Router chosen on train: {choice['router']} ({choice['reason']})." if choice else ""))
+    if cascade and cal.get("cascade"):
+        c, h = cal["cascade"], cal["hand_check"]
+        lines += ["", f"Cascade calibration: confidence threshold {c['threshold']} chosen for "
+                      f"{CALIBRATION_TARGET:.0%} escalations on train ({c['train_rate']:.1f}%) escalates "
+                      f"{c['test_rate']:.1f}% of test.",
+                  "", f"Hand check: CPT(50%) of the confidence-only cascade computed with plain numpy from the test "
+                      f"rows is {h['numpy_cpt50']:.2f}%; the harness reports {h['harness_cpt50']:.2f}% "
+                      "(`tests/unit/test_cascade_eval.py` asserts they agree)."]
+    lines += ["", f"![{name}](results/routing/{name}/cost_quality.png)", ""]
+    return "\n".join(lines)
 
 
-def _markdown(summary, sections) -> str:
+def render() -> str:
+    """The markdown, from every dataset's stored results."""
+    loaded = [(name, got) for name in ORDER if (got := _load(name))]
     head = [
         "# Routing quality",
         "",
         "Generated by `benchmarks/routing_quality.py`; do not edit by hand.",
         f"Embedder: bundled MiniLM (`minilm:model`, 384-d). Python {platform.python_version()}.",
         "",
-        "Metrics as RouteLLM defines them: thresholds at the deciles of each router's test scores, strong when "
+        "Metrics as RouteLLM defines them: thresholds at the deciles of each policy's test scores, strong when "
         "`score >= t`; CPT(x) = strong-model calls needed to recover x of the weak→strong quality gap "
         "(first crossing on a non-monotone curve); APGR = (AUC − weak)/(strong − weak), random ≈ 0.5. "
-        "Learned routers (kNN, classifier) are tuned by leave-one-out / 5-fold APGR on the train split and "
-        "never see test. Datasets without a split (MMLU, GSM8K, MT-Bench) use a 50/50 hash split of the prompt; "
-        "GSM8K has outcomes only for its 1,319 test questions, so its train split is half of those.",
+        "Brackets are 95% bootstrap intervals over the test rows (200 resamples); a policy whose APGR interval "
+        "holds 0.5 is marked not distinguishable from random. "
+        "Learned routers (kNN, classifier) and cascade policies are tuned by leave-one-out / 5-fold APGR on the "
+        "train split and never see test. Datasets without a split (MMLU, GSM8K, MT-Bench) use a 50/50 hash "
+        "split of the prompt; GSM8K has outcomes only for its 1,319 test questions, so its train split is half "
+        "of those.",
+        "",
+        "Cascades (datasets with the weak model's confidence): `cascade` escalates the least confident weak "
+        "answers first; `cascade+<router>` sends the router's clearly hard queries straight to the strong model, "
+        "keeps its clearly easy ones on the weak model and cascades the band between (two cut-offs tuned on "
+        "train); `cascade-learned` is a logistic escalation model on [prompt embedding, confidence features]. "
+        "The x axis stays RouteLLM's strong-call share; total cost counts the weak call a cascade makes on every "
+        "query it does not send straight up.",
         "",
         "## Summary (test splits)",
         "",
-        "| dataset | n test | router chosen on train (CV APGR) | its CPT(50%) | its APGR | CPT(50%) random "
+        "| dataset | n test | router chosen on train | its CPT(50%) | its APGR | CPT(50%) random "
         "| APGR random | calibration 30% → test |",
         "|---|---|---|---|---|---|---|---|",
     ]
-    for report, best, cal in summary:
-        b, r = report.routers[best], report.routers["random"]
-        head.append(f"| {report.dataset} | {report.n_test} | {best} | {b.cpt50:.1f}% | {b.apgr:.3f} | "
-                    f"{r.cpt50:.1f}% | {r.apgr:.3f} | {cal['test_share']:.1f}% |")
+    for _, (results, cal) in loaded:
+        best = _chosen(results, cal)
+        b, r = results["routers"][best], results["routers"]["random"]
+        head.append(f"| {results['dataset']} | {results['n_test']} | {best} | {b['cpt50']:.1f}% | {b['apgr']:.3f} | "
+                    f"{r['cpt50']:.1f}% | {r['apgr']:.3f} | {cal.get('test_share', float('nan')):.1f}% |")
+    cascades = [(results, cal) for _, (results, cal) in loaded
+                if any(m.get("kind") == "cascade" for m in results["routers"].values())]
+    if cascades:
+        head += ["", "Cascades:", "", "| dataset | policy | CPT(50%) [95% CI] | APGR [95% CI] | vs `cascade` (paired "
+                 "95% CI) | total cost at CPT(50%) |", "|---|---|---|---|---|---|"]
+        for results, _ in cascades:
+            for name, m in results["routers"].items():
+                if m.get("kind") != "cascade":
+                    continue
+                diff = (results.get("comparisons") or {}).get(f"{name} vs cascade")
+                vs = f"{diff['apgr']:+.3f} [{diff['ci95'][0]:+.3f}, {diff['ci95'][1]:+.3f}]" if diff else "-"
+                cost = f"{m['cost_at_cpt50']:.1f}%" if m.get("cost_at_cpt50") is not None else "-"
+                head.append(f"| {results['dataset']} | {name} | {m['cpt50']:.1f}%{_ci(m, 'cpt50', '.1f')} | "
+                            f"{m['apgr']:.3f}{_ci(m, 'apgr', '.3f')} | {vs} | {cost} |")
     notes = [
         "",
         "Reading these numbers: a test split of n prompts moves a strong-call share by about "
         "±100·sqrt(0.3·0.7/n) points by chance alone (±2.5 at n=670, ±7.5 at n=37), so MT-Bench and MBPP rows "
-        "are indicative only, and calibration can only be judged on MMLU. The routers learn *which topics* "
-        "the weak model gets wrong; where its failures are not topical (ARC-C, where it is already right 86% "
-        "of the time, and Winogrande) they do no better than random.",
+        "are indicative only, and calibration can only be judged on MMLU and plaut-msp. The routers learn "
+        "*which topics* the weak model gets wrong; where its failures are not topical (ARC-C, where it is "
+        "already right 86% of the time, and Winogrande) they do no better than random.",
     ]
-    return "\n".join([*head, *notes, "", "## Per dataset", "", *sections])
+    return "\n".join([*head, *notes, "", "## Per dataset", "", *(_section(*got) for _, got in loaded)])
 
 
 if __name__ == "__main__":

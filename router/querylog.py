@@ -66,7 +66,10 @@ class QueryRecord:
     """Tiers tried in order; more than one means the cascade escalated."""
     escalated: bool = False
     confidences: tuple[float, ...] = ()
-    """Cascade confidence of each tier's answer, in `tier_chain` order."""
+    """Cascade confidence of each scored answer, in `tier_chain` order (the top tier's is not scored)."""
+    cascade_thresholds: tuple[float, ...] = ()
+    """Threshold each confidence was compared with (same order): answer i escalated iff confidences[i] <
+    cascade_thresholds[i], barring a format failure or a full tier above."""
     latency_ms: float = 0.0
     prompt_tokens: int = 0
     completion_tokens: int = 0
@@ -81,13 +84,34 @@ class QueryRecord:
     def to_json(self) -> str:
         return json.dumps(asdict(self), separators=(",", ":"), ensure_ascii=False)
 
+    def cascade_decisions(self) -> list[CascadeDecisionRecord]:
+        """One entry per scored answer: the tier, its confidence, the threshold and whether it escalated."""
+        out = []
+        for i, confidence in enumerate(self.confidences):
+            if i >= len(self.tier_chain):
+                break
+            threshold = self.cascade_thresholds[i] if i < len(self.cascade_thresholds) else None
+            out.append(CascadeDecisionRecord(self.tier_chain[i], confidence, threshold, i < len(self.tier_chain) - 1))
+        return out
+
     @staticmethod
     def from_dict(data: dict) -> QueryRecord:
         known = {f.name for f in fields(QueryRecord)}
         values = {k: v for k, v in data.items() if k in known}
-        for name in ("tier_chain", "confidences"):
+        for name in ("tier_chain", "confidences", "cascade_thresholds"):
             values[name] = tuple(values.get(name) or ())
         return QueryRecord(**values)
+
+
+@dataclass(frozen=True)
+class CascadeDecisionRecord:
+    """One cascade decision read back from a `QueryRecord`."""
+
+    tier: str
+    confidence: float
+    threshold: float | None
+    """None in records written before thresholds were logged."""
+    escalated: bool
 
 
 def _day_file(directory: Path, ts: float) -> Path:

@@ -3,13 +3,26 @@
 Heavy pieces (embedder, scikit-learn, matplotlib) are imported by the modules that use them, not here.
 """
 
-from router.eval.calibrate import Calibration, threshold_for_pgr, threshold_for_share, write_threshold
+from router.eval.calibrate import (
+    CascadeCalibration,
+    Calibration,
+    confidence_threshold_for_pgr,
+    confidence_threshold_for_rate,
+    threshold_for_pgr,
+    threshold_for_share,
+    write_cascade_threshold,
+    write_threshold,
+)
 from router.eval.datasets import BUILTIN, LabelledSet, default_data_dir, load_dataset
 from router.eval.metrics import Curve, RouterMetrics, summarize, threshold_sweep
 
 __all__ = [
     "BUILTIN",
     "Calibration",
+    "CascadeCalibration",
+    "confidence_threshold_for_pgr",
+    "confidence_threshold_for_rate",
+    "write_cascade_threshold",
     "Curve",
     "LabelledSet",
     "RouterMetrics",

@@ -47,8 +47,29 @@ def threshold_for_share(scores: Sequence[float], target_share: float) -> Calibra
     s = np.sort(np.asarray(scores, dtype=float))[::-1]
     if len(s) == 0:
         raise ValueError("no scores to calibrate on")
-    t = _cut(s, int(round(target_share * len(s))))
+    t = _cut(s, _nearest_cut(s, int(round(target_share * len(s)))))
     return Calibration(t, float(np.mean(s >= t)))
+
+
+def _nearest_cut(sorted_desc: np.ndarray, k: int) -> int:
+    """The number of top scores a threshold can select that is closest to k: with ties, a threshold selects
+    a whole tied group or none of it."""
+    cuttable = np.flatnonzero(np.r_[True, sorted_desc[1:] < sorted_desc[:-1], True])
+    return int(cuttable[np.argmin(np.abs(cuttable - k))])
+
+
+TOLERANCE = 0.02
+"""How far (as a share) the achieved rate may fall from its target before calibration warns."""
+
+
+def discreteness_warning(achieved: float, target: float, scores: Sequence[float]) -> str | None:
+    """A message when ties in the scores keep the achieved share more than TOLERANCE from the target."""
+    if abs(achieved - target) <= TOLERANCE:
+        return None
+    values, counts = np.unique(np.asarray(scores, dtype=float), return_counts=True)
+    return (f"the scores are too discrete to hit {target:.1%}: the nearest threshold gives {achieved:.1%} "
+            f"({len(values)} distinct values; the largest tie holds {counts.max() / counts.sum():.1%} of them). "
+            "Use finer scores (kNN: weighting similarity or softmax, or a larger k) or accept this share")
 
 
 def threshold_for_pgr(
@@ -73,6 +94,78 @@ def threshold_for_pgr(
     t = _cut(s, k)
     chosen = np.mean(scores >= t)
     return Calibration(t, float(chosen), float(pgr[int(round(chosen * len(s)))]))
+
+
+@dataclass(frozen=True)
+class CascadeCalibration:
+    threshold: float
+    """Escalate an answer when its confidence < threshold; within [0, 1]."""
+    escalation_rate: float
+    """Share of the calibration answers below the threshold."""
+    pgr: float | None = None
+    """Fraction of the quality gap recovered on the calibration rows (labelled data only)."""
+
+
+def _confidence_cut(sorted_asc: np.ndarray, k: int) -> float:
+    """Threshold escalating the k lowest confidences: midway between the k-th and k+1-th (strict `<`)."""
+    n = len(sorted_asc)
+    if k <= 0:
+        return float(max(0.0, sorted_asc[0]))
+    if k >= n:
+        return float(min(1.0, np.nextafter(sorted_asc[-1], np.inf)))
+    return float((sorted_asc[k - 1] + sorted_asc[k]) / 2.0)
+
+
+def confidence_threshold_for_rate(confidence: Sequence[float], target_rate: float) -> CascadeCalibration:
+    """Cascade threshold that escalates `target_rate` (0..1) of these answers (the least confident)."""
+    if not 0.0 <= target_rate <= 1.0:
+        raise ValueError(f"target escalation rate must be within [0, 1], got {target_rate}")
+    c = np.sort(np.asarray(confidence, dtype=float))
+    if len(c) == 0:
+        raise ValueError("no confidences to calibrate on")
+    # ascending confidences are descending scores 1 - c: reuse the tie-aware cut
+    k = _nearest_cut(1.0 - c, int(round(target_rate * len(c))))
+    t = _confidence_cut(c, k)
+    return CascadeCalibration(t, float(np.mean(c < t)))
+
+
+def confidence_threshold_for_pgr(confidence: Sequence[float], strong: Sequence[float], weak: Sequence[float],
+                                 target_pgr: float) -> CascadeCalibration:
+    """Lowest escalation rate whose threshold recovers at least `target_pgr` of the gap on these rows."""
+    c = np.asarray(confidence, dtype=float)
+    cal = threshold_for_pgr(1.0 - c, strong, weak, target_pgr)
+    k = int(round(cal.strong_share * len(c)))
+    t = _confidence_cut(np.sort(c), k)
+    escalated = c < t
+    strong, weak = np.asarray(strong, dtype=float), np.asarray(weak, dtype=float)
+    pgr = (np.where(escalated, strong, weak).mean() - weak.mean()) / (strong.mean() - weak.mean())
+    return CascadeCalibration(t, float(escalated.mean()), float(pgr))
+
+
+def write_cascade_threshold(config_path: str | Path, tier: str, threshold: float, target_rate: float, *,
+                            backup: bool = True) -> dict:
+    """Set `cascade.tier_thresholds[tier]` and `cascade.tier_target_escalation_rates[tier]` in a YAML config.
+
+    The file is validated before it is replaced; the old one is kept as `.bak`. Comments are not preserved.
+    """
+    from serving.config import parse_config
+
+    path = Path(config_path)
+    data = yaml.safe_load(path.read_text()) or {}
+    names = [t.get("name") for t in data.get("tiers") or [] if isinstance(t, dict)]
+    if tier not in names[:-1]:
+        raise ValueError(f"{path}: --tier {tier!r} must be a tier below the top one, one of {names[:-1]}")
+    cascade = dict(data.get("cascade") or {})
+    cascade["tier_thresholds"] = {**(cascade.get("tier_thresholds") or {}), tier: round(float(threshold), 6)}
+    cascade["tier_target_escalation_rates"] = {**(cascade.get("tier_target_escalation_rates") or {}),
+                                               tier: round(float(target_rate), 4)}
+    data["cascade"] = cascade
+    parse_config(data, str(path))
+    if backup:
+        shutil.copyfile(path, path.with_name(path.name + ".bak"))
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    logger.info("%s: cascade.tier_thresholds[%s] = %s", path, tier, cascade["tier_thresholds"][tier])
+    return data
 
 
 def write_threshold(config_path: str | Path, threshold: float, *, backup: bool = True) -> dict:

@@ -11,6 +11,7 @@ from pathlib import Path
 
 ROUTER_CHOICES = ("random", "heuristic", "knn", "classifier")
 EVAL_CHOICES = (*ROUTER_CHOICES, "judge")
+CASCADE_CHOICES = ("cascade", *(f"cascade+{r}" for r in ROUTER_CHOICES if r != "random"), "cascade-learned")
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -18,7 +19,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     ev = sub.add_parser("eval", help="score routers on labelled data with RouteLLM's metrics")
     _dataset_args(ev)
     ev.add_argument("--routers", default="random,heuristic,knn,classifier",
-                    help="comma-separated, from: " + ", ".join(EVAL_CHOICES))
+                    help="comma-separated, from: " + ", ".join(EVAL_CHOICES) + "; with --weak-confidence-col also "
+                         + ", ".join(CASCADE_CHOICES) + " (cascades: the weak call first, escalated below a "
+                         "confidence threshold)")
     ev.add_argument("--judge-url", help="judge: OpenAI-compatible server of the small tier, e.g. http://127.0.0.1:8000")
     ev.add_argument("--judge-model", help="judge: model name to send (the small tier's name)")
     ev.add_argument("--out", required=True, help="folder for results.json and cost_quality.png")
@@ -26,15 +29,25 @@ def register(sub: argparse._SubParsersAction) -> None:
     ev.add_argument("--classifier-models", default="logreg", help="models the classifier tuning tries: logreg,mlp")
     ev.set_defaults(func=_eval)
 
-    cal = sub.add_parser("calibrate", help="pick the router threshold for a target strong share or quality")
+    cal = sub.add_parser("calibrate", help="pick the router (or cascade) threshold for a target share or quality")
     _dataset_args(cal, required=False)
     cal.add_argument("--router", default="knn", choices=ROUTER_CHOICES)
-    cal.add_argument("--from-querylog", metavar="DIR", help="calibrate on the router scores in this query log")
+    cal.add_argument("--cascade", action="store_true",
+                     help="calibrate the cascade's confidence threshold (cascade.tier_thresholds[--tier]) instead")
+    cal.add_argument("--tier", help="--cascade: the tier whose answers are scored (default: the cheapest in --config)")
+    cal.add_argument("--from-querylog", metavar="DIR",
+                     help="calibrate on the router scores (or, with --cascade, the confidences) in this query log")
     cal.add_argument("--since", help="query-log window start: 24h, 7d or an ISO date")
+    cal.add_argument("--holdout", type=float, default=0.3,
+                     help="query log: the latest share of records kept out of calibration to check it (0.3)")
     target = cal.add_mutually_exclusive_group(required=True)
     target.add_argument("--target-strong-share", type=float, help="share of requests for the strong tier, 0..1")
+    target.add_argument("--target-escalation-rate", type=float,
+                        help="--cascade: share of the tier's answers to escalate, 0..1")
     target.add_argument("--target-pgr", type=float, help="fraction of the quality gap to recover, 0..1")
-    cal.add_argument("--write", action="store_true", help="write the threshold into --config's router.thresholds")
+    cal.add_argument("--write", action="store_true",
+                     help="write the threshold into --config (router.thresholds, or with --cascade "
+                          "cascade.tier_thresholds and cascade.tier_target_escalation_rates); the old file is kept as .bak")
     cal.set_defaults(func=_calibrate)
 
     tr = sub.add_parser("train-router", help="train the classifier router and save it")
@@ -53,6 +66,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     rep.add_argument("--since", help="window start: 24h, 7d or an ISO date")
     rep.add_argument("--bucket", default="1h", help="pandas frequency of a row: 15min, 1h, 1D (default 1h)")
     rep.add_argument("--png", help="also write a plot here")
+    rep.add_argument("--tier", help="cascade section: the tier whose answers are scored (default: the most frequent)")
+    rep.add_argument("--target", type=float,
+                     help="cascade section: escalation-rate target (default: cascade.target_escalation_rate from "
+                          "--config)")
     rep.set_defaults(func=_report)
 
 
@@ -73,6 +90,13 @@ def _dataset_args(p: argparse.ArgumentParser, *, required: bool = True) -> None:
     p.add_argument("--strong-cost-col")
     p.add_argument("--weak-cost-col")
     p.add_argument("--score-max", type=float, default=1.0, help="generic file: divide scores by this")
+    p.add_argument("--weak-confidence-col",
+                   help="generic file: column of the weak model's confidence in its answer (enables cascades)")
+    p.add_argument("--weak-confidence-kind", choices=("prob", "logprob"),
+                   help="what --weak-confidence-col holds: a probability or a log-probability (default: inferred)")
+    p.add_argument("--cost-ratio", type=float,
+                   help="weak/strong cost of one call, for data without cost columns (e.g. 0.114 for 8B vs 70B); "
+                        "without it and without cost columns only strong calls are counted")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
@@ -85,7 +109,16 @@ def _load(args):
         strong_model=args.strong_model, weak_model=args.weak_model, prompt_col=args.prompt_col,
         strong_col=args.strong_col, weak_col=args.weak_col, split_col=args.split_col,
         strong_cost_col=args.strong_cost_col, weak_cost_col=args.weak_cost_col, score_max=args.score_max,
+        weak_confidence_col=args.weak_confidence_col, weak_confidence_kind=args.weak_confidence_kind,
     )
+
+
+def _load_noting(args):
+    """Load the dataset and print, on stderr, everything the loader decided on its own."""
+    ds = _load(args)
+    for note in ds.notices:
+        print(f"note: {note}", file=sys.stderr)
+    return ds
 
 
 def _cache(args):
@@ -106,9 +139,9 @@ def _eval(args) -> int:
     from router.eval.runner import evaluate as run_eval
 
     names = [n.strip() for n in args.routers.split(",") if n.strip()]
-    bad = [n for n in names if n not in EVAL_CHOICES]
+    bad = [n for n in names if n not in EVAL_CHOICES and n not in CASCADE_CHOICES]
     if bad:
-        raise ValueError(f"--routers: unknown {bad}; choose from {', '.join(EVAL_CHOICES)}")
+        raise ValueError(f"--routers: unknown {bad}; choose from {', '.join(EVAL_CHOICES + CASCADE_CHOICES)}")
     extra = {}
     if "judge" in names:
         if not (args.judge_url and args.judge_model):
@@ -117,11 +150,16 @@ def _eval(args) -> int:
 
         extra["judge"] = JudgeEvalRouter(openai_complete(args.judge_url, args.judge_model,
                                                          api_key=os.environ.get("TIERSERVE_API_KEY")))
-    ds = _load(args)
-    cache = _cache(args) if {"knn", "classifier"} & set(names) else None
+    ds = _load_noting(args)
+    cascades = [n for n in names if n in CASCADE_CHOICES]
+    if cascades and not ds.has_confidence:
+        raise ValueError(f"--routers {','.join(cascades)} needs the weak model's confidence per query: "
+                         "pass --weak-confidence-col COLUMN (and --weak-confidence-kind prob|logprob)")
+    embedded = {"knn", "classifier", "cascade+knn", "cascade+classifier", "cascade-learned"}
+    cache = _cache(args) if embedded & set(names) else None
     models = [m.strip() for m in args.classifier_models.split(",") if m.strip()]
     report = run_eval(ds, names, cache, tune=not args.no_tune, progress=not args.quiet, classifier_models=models,
-                      extra=extra)
+                      extra=extra, cost_ratio=args.cost_ratio)
     json_path, png_path = write_report(report, args.out)
     print(format_table(report))
     print(f"\nwrote {json_path} and {png_path}")
@@ -132,7 +170,13 @@ def _calibrate(args) -> int:
     from router.eval import calibrate
 
     if args.write and not args.config:
-        raise ValueError("--write needs --config FILE to write router.thresholds into")
+        raise ValueError("--write needs --config FILE to write the threshold into")
+    if args.cascade:
+        from router.eval.cascade_calibrate import run_cascade_calibration
+
+        return run_cascade_calibration(args, _load_noting, _since)
+    if args.target_escalation_rate is not None:
+        raise ValueError("--target-escalation-rate is for --cascade; a router takes --target-strong-share")
     if args.from_querylog:
         if args.target_pgr is not None:
             raise ValueError("--target-pgr needs labelled data (--dataset); the query log has no correctness labels")
@@ -145,6 +189,7 @@ def _calibrate(args) -> int:
         result = calibrate.threshold_for_share(scores, args.target_strong_share)
         print(f"{args.router} on {len(scores)} logged requests: threshold {result.threshold:.6f} "
               f"→ {result.strong_share:.1%} strong")
+        _warn_discrete(result.strong_share, args.target_strong_share, scores)
     elif args.dataset:
         result = _calibrate_labelled(args, calibrate)
     else:
@@ -161,7 +206,7 @@ def _calibrate_labelled(args, calibrate):
 
     from router.eval.runner import build_routers
 
-    ds = _load(args)
+    ds = _load_noting(args)
     cache = _cache(args) if args.router in ("knn", "classifier") else None
     trained = build_routers(ds.train, [args.router], cache, progress=not args.quiet)
     train_scores = trained.train_scores[args.router]  # out-of-sample for learned routers
@@ -172,6 +217,8 @@ def _calibrate_labelled(args, calibrate):
         result = calibrate.threshold_for_pgr(train_scores, train["strong"], train["weak"], args.target_pgr)
     print(f"{args.router} on {ds.name} train ({len(train)}): threshold {result.threshold:.6f} → "
           f"{result.strong_share:.1%} strong" + (f", PGR {result.pgr:.3f}" if result.pgr is not None else ""))
+    if args.target_strong_share is not None:
+        _warn_discrete(result.strong_share, args.target_strong_share, train_scores)
     test = ds.test
     if len(test):
         scores = trained.routers[args.router].score(test["prompt"].tolist())
@@ -181,6 +228,15 @@ def _calibrate_labelled(args, calibrate):
         pgr = (quality - weak.mean()) / (strong.mean() - weak.mean())
         print(f"check on test ({len(test)}): {chosen.mean():.1%} strong, PGR {pgr:.3f}")
     return result
+
+
+def _warn_discrete(achieved: float, target: float, scores) -> None:
+    """Say so when ties in the scores keep the share from the target (e.g. kNN with uniform weights)."""
+    from router.eval.calibrate import discreteness_warning
+
+    message = discreteness_warning(achieved, target, scores)
+    if message:
+        print(f"warning: {message}", file=sys.stderr)
 
 
 def _warn_router_mismatch(config_path: str, router: str) -> None:
@@ -207,7 +263,7 @@ def _train_router(args) -> int:
         source = f"querylog:{args.from_querylog}"
         strong = weak = None
     elif args.dataset:
-        train = _load(args).train
+        train = _load_noting(args).train
         prompts, labels = train["prompt"].tolist(), difficulty_label(train)
         strong, weak = train["strong"].to_numpy(float), train["weak"].to_numpy(float)
         source = f"{args.dataset}:train"
@@ -237,7 +293,7 @@ def _train_router(args) -> int:
 
 def _report(args) -> int:
     from router.eval.plot import plot_report
-    from router.eval.report import format_report, routing_over_time
+    from router.eval.report import cascade_over_time, format_cascade, format_report, routing_over_time
     from router.querylog import read_records
 
     directory = args.querylog or _querylog_dir(args.config)
@@ -245,8 +301,17 @@ def _report(args) -> int:
     table = routing_over_time(records, args.bucket)
     print(f"{len(records)} requests in {directory}")
     print(format_report(table))
+    target = args.target
+    cascade = cascade_over_time(records, args.bucket, tier=args.tier)
+    if target is None and args.config and not cascade.empty:
+        from serving.config import load_config
+
+        target = load_config(args.config).cascade.target_rate_for(cascade.attrs["tier"])
+    cascade = cascade_over_time(records, args.bucket, tier=args.tier, target=target)
+    print()
+    print(format_cascade(cascade))
     if args.png and not table.empty:
-        print(f"wrote {plot_report(table, args.png)}")
+        print(f"wrote {plot_report(table, args.png, cascade=cascade)}")
     return 0
 
 

@@ -16,7 +16,7 @@ monotone curve this is identical to RouteLLM's `np.interp`; `Curve.monotone` say
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import pandas as pd
@@ -35,6 +35,8 @@ class Curve:
     """Mean quality at that share, in percent."""
     thresholds: np.ndarray | None = None
     """Score threshold of each point (None for the oracle, which has no scores)."""
+    cost: np.ndarray | None = None
+    """Total cost at each point in percent of sending everything to the strong model (None: not known)."""
 
     @property
     def monotone(self) -> bool:
@@ -63,9 +65,22 @@ class RouterMetrics:
     """Share of the all-strong cost saved at that point (counts calls when no per-call costs are known)."""
     monotone: bool
     curve: Curve
+    cost_at_cpt50: float = float("nan")
+    """Total cost at CPT(50%), in percent of all-strong (NaN when costs are unknown or 50% is never reached)."""
+    kind: str = "router"
+    """"router" (one call per query) or "cascade" (the weak call first, the strong one when escalated)."""
+    ci: dict[str, tuple[float, float]] = field(default_factory=dict)
+    """95% bootstrap intervals over the test rows, e.g. {"apgr": (lo, hi), "cpt50": (lo, hi)}."""
+
+    @property
+    def like_random(self) -> bool:
+        """True when the APGR interval holds 0.5, random routing's value: not distinguishable from random."""
+        lo, hi = self.ci.get("apgr", (float("nan"), float("nan")))
+        return bool(lo <= 0.5 <= hi)
 
     def to_json(self) -> dict:
         return {
+            "kind": self.kind,
             "cpt20": round(self.cpt20, 4),
             "cpt50": round(self.cpt50, 4),
             "cpt80": round(self.cpt80, 4),
@@ -73,8 +88,12 @@ class RouterMetrics:
             "apgr": round(self.apgr, 4),
             "strong_pct_at_95": round(self.strong_pct_at_95, 4),
             "cost_saved_at_95": round(self.cost_saved_at_95, 4),
+            "cost_at_cpt50": None if np.isnan(self.cost_at_cpt50) else round(self.cost_at_cpt50, 4),
             "monotone": self.monotone,
+            "ci95": {k: [round(float(v), 4) for v in pair] for k, pair in self.ci.items()},
+            "like_random": self.like_random if self.ci else None,
             "curve": self.curve.points(),
+            "cost_curve": None if self.curve.cost is None else [round(float(c), 4) for c in self.curve.cost],
         }
 
 
@@ -85,22 +104,49 @@ def decile_thresholds(scores: np.ndarray, num_bins: int = 10) -> np.ndarray:
 
 
 def threshold_sweep(
-    scores: np.ndarray, strong: np.ndarray, weak: np.ndarray, num_bins: int = 10
+    scores: np.ndarray,
+    strong: np.ndarray,
+    weak: np.ndarray,
+    num_bins: int = 10,
+    *,
+    strong_cost: np.ndarray | None = None,
+    weak_cost: np.ndarray | None = None,
+    weak_first: np.ndarray | bool = False,
 ) -> Curve:
-    """The curve a router's scores trace on labelled prompts (RouteLLM's `Benchmark.evaluate`)."""
+    """The curve a router's scores trace on labelled prompts (RouteLLM's `Benchmark.evaluate`).
+
+    With per-row `strong_cost` and `weak_cost` the curve also carries its total cost. `weak_first` marks the
+    rows whose strong call comes after a weak one (a cascade escalating): they pay both calls when selected.
+    A plain router has `weak_first=False` (one call per query); a confidence cascade `True`.
+    """
     scores, strong, weak = (np.asarray(a, dtype=float) for a in (scores, strong, weak))
     if not len(scores) == len(strong) == len(weak):
         raise ValueError(f"scores ({len(scores)}), strong ({len(strong)}) and weak ({len(weak)}) differ in length")
     if len(scores) == 0:
         raise ValueError("no prompts to evaluate")
     edges = decile_thresholds(scores, num_bins)
-    pct, qual = [], []
+    costed = strong_cost is not None and weak_cost is not None
+    if costed:
+        strong_cost, weak_cost = np.asarray(strong_cost, dtype=float), np.asarray(weak_cost, dtype=float)
+        both = np.broadcast_to(np.asarray(weak_first, dtype=bool), scores.shape)
+    pct, qual, cost = [], [], []
     for i, t in enumerate(edges):
         selected = scores > t if i == len(edges) - 1 else scores >= t
         pct.append(selected.mean() * 100.0)
         qual.append(np.where(selected, strong, weak).mean() * 100.0)
+        if costed:
+            paid = np.where(selected, strong_cost + np.where(both, weak_cost, 0.0), weak_cost)
+            cost.append(paid.sum() / strong_cost.sum() * 100.0)
     order = np.argsort(pct, kind="stable")
-    return Curve(np.asarray(pct)[order], np.asarray(qual)[order], edges[order])
+    return Curve(np.asarray(pct)[order], np.asarray(qual)[order], edges[order],
+                 np.asarray(cost)[order] if costed else None)
+
+
+def cost_at(curve: Curve, strong_pct: float) -> float:
+    """Total cost (% of all-strong) where the curve sends `strong_pct` % to the strong model (interpolated)."""
+    if curve.cost is None or np.isnan(strong_pct):
+        return float("nan")
+    return float(np.interp(strong_pct, curve.strong_pct, curve.cost))
 
 
 def calls_to_reach(curve: Curve, target: float) -> float:
@@ -143,13 +189,19 @@ def summarize(
     weak_quality: float,
     *,
     cost_ratio: float = 0.0,
+    kind: str = "router",
 ) -> RouterMetrics:
-    """All metrics of one curve. `cost_ratio` is the weak/strong cost per call (0: count strong calls only)."""
+    """All metrics of one curve. When the curve carries costs they are used; otherwise `cost_ratio`, the
+    weak/strong cost per call (0: count strong calls only), with one call per query for a router and the
+    weak call always plus the strong one when escalated for a cascade."""
     target95 = 0.95 * strong_quality
     pct95 = 0.0 if weak_quality >= target95 else calls_to_reach(curve, target95)
-    share = pct95 / 100.0
-    saved = 1.0 - (share + (1.0 - share) * cost_ratio)
     c20, c50, c80 = (cpt(curve, x, strong_quality, weak_quality) for x in PGR_TARGETS)
+    if curve.cost is None:
+        shares = curve.strong_pct / 100.0
+        weak_calls = np.ones_like(shares) if kind == "cascade" else 1.0 - shares
+        curve = replace(curve, cost=(shares + weak_calls * cost_ratio) * 100.0)
+    saved = 1.0 - cost_at(curve, pct95) / 100.0
     return RouterMetrics(
         cpt20=c20,
         cpt50=c50,
@@ -160,6 +212,8 @@ def summarize(
         cost_saved_at_95=saved,
         monotone=curve.monotone,
         curve=curve,
+        cost_at_cpt50=cost_at(curve, c50),
+        kind=kind,
     )
 
 

@@ -89,3 +89,66 @@ def labelled_rows(records: Sequence[QueryRecord], *, small_tier: str | None = No
             prompts.append(r.prompt)
             labels.append(1.0 if r.escalated else 0.0)
     return prompts, np.asarray(labels, dtype=float)
+
+
+def cascade_frame(records: Sequence[QueryRecord]) -> pd.DataFrame:
+    """One row per cascade decision: time, tier, confidence, threshold (NaN if not logged), escalated."""
+    rows = [(r.timestamp, d.tier, d.confidence, np.nan if d.threshold is None else d.threshold, d.escalated)
+            for r in records for d in r.cascade_decisions()]
+    frame = pd.DataFrame(rows, columns=["time", "tier", "confidence", "threshold", "escalated"])
+    frame["time"] = pd.to_datetime(frame["time"], unit="s", utc=True)
+    return frame
+
+
+def cascade_over_time(records: Sequence[QueryRecord], bucket: str = "1h", *, tier: str | None = None,
+                      target: float | None = None) -> pd.DataFrame:
+    """Per time bucket, for the cascade decisions on `tier`'s answers (default: the most frequent tier):
+    decisions, escalation rate, confidence quantiles, mean threshold, and `drift` where the rate is off the
+    calibrated `target` by more than chance allows (2 standard errors) and by more than 2 points."""
+    frame = cascade_frame(records)
+    columns = ["decisions", "escalation_rate", "target", "drift", "confidence_p10", "confidence_p50",
+               "confidence_p90", "threshold"]
+    if frame.empty:
+        return pd.DataFrame(columns=columns)
+    tier = tier or frame["tier"].mode().iloc[0]
+    grouped = frame[frame["tier"] == tier].set_index("time").groupby(pd.Grouper(freq=bucket))
+    table = pd.DataFrame(
+        {
+            "decisions": grouped.size(),
+            "escalation_rate": grouped["escalated"].mean(),
+            "confidence_p10": grouped["confidence"].quantile(0.1),
+            "confidence_p50": grouped["confidence"].quantile(0.5),
+            "confidence_p90": grouped["confidence"].quantile(0.9),
+            "threshold": grouped["threshold"].mean(),
+        }
+    )
+    table = table[table["decisions"] > 0]
+    table.insert(2, "target", np.nan if target is None else target)
+    if target is None:
+        table.insert(3, "drift", "")
+    else:
+        se = np.sqrt(target * (1 - target) / table["decisions"])
+        off = table["escalation_rate"] - target
+        flag = (off.abs() > np.maximum(2 * se, 0.02))
+        table.insert(3, "drift", np.where(flag, np.where(off > 0, "HIGH", "LOW"), ""))
+    table.attrs["tier"] = tier
+    return table
+
+
+def format_cascade(table: pd.DataFrame) -> str:
+    """Fixed-width text of `cascade_over_time`, with a one-line summary."""
+    if table.empty:
+        return "no cascade decisions in that window"
+    tier = table.attrs.get("tier", "?")
+    n = int(table["decisions"].sum())
+    rate = float((table["escalation_rate"] * table["decisions"]).sum() / n)
+    target = table["target"].iloc[0]
+    head = f"cascade on {tier}: {n} decisions, {rate:.1%} escalated"
+    head += f" against a calibrated target of {target:.1%}" if pd.notna(target) else " (no target in the config)"
+    shown = table.copy()
+    for col in ("escalation_rate", "target"):
+        shown[col] = shown[col].map(lambda v: f"{v * 100:.1f}%" if pd.notna(v) else "-")
+    for col in ("confidence_p10", "confidence_p50", "confidence_p90", "threshold"):
+        shown[col] = shown[col].map(lambda v: f"{v:.3f}" if pd.notna(v) else "-")
+    shown.index = shown.index.strftime("%Y-%m-%d %H:%M")
+    return head + "\n" + shown.to_string()

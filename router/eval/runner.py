@@ -2,6 +2,8 @@
 
     ds = load_dataset("mmlu", data_dir)
     report = evaluate(ds, ["random", "heuristic", "knn", "classifier"], cache)
+    # with the weak model's confidence in the data, cascades sit beside the routers:
+    report = evaluate(ds, ["knn", "cascade", "cascade+knn", "cascade-learned"], cache, cost_ratio=1 / 8.75)
     write_report(report, out_dir)         # results.json + cost_quality.png
     print(format_table(report))
 """
@@ -12,17 +14,25 @@ import functools
 import json
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 
 from router.classifier import DifficultyClassifier
-from router.eval import metrics
+from router.eval import bootstrap, metrics
+from router.eval.cascade import (
+    CASCADE,
+    LEARNED,
+    TrainedCascade,
+    base_router,
+    build_cascades,
+    is_cascade,
+)
 from router.eval.datasets import LabelledSet, difficulty_label
 from router.eval.embcache import EmbeddingCache
 from router.eval.routers import ClassifierRouter, EvalRouter, HeuristicRouter, KnnRouter, RandomRouter
-from router.eval.tuning import tune_classifier, tune_knn
+from router.eval.tuning import train_apgr, tune_classifier, tune_knn
 
 logger = logging.getLogger(__name__)
 
@@ -43,6 +53,16 @@ class EvalReport:
     oracle: metrics.RouterMetrics
     settings: dict = field(default_factory=dict)
     """Per router: the settings chosen on train and their cross-validated APGR."""
+    cost_basis: str = "strong calls only"
+    """How cost was counted: per-row cost columns, a per-call ratio, or strong calls only."""
+    confidence_kind: str | None = None
+    """What the weak-confidence column held ("prob" / "logprob"); None without one."""
+    comparisons: dict = field(default_factory=dict)
+    """Paired bootstrap differences on test, e.g. {"cascade+knn vs cascade": {"apgr": d, "ci95": [lo, hi]}}."""
+    recommended: dict = field(default_factory=dict)
+    """The router to deploy, chosen on train (`bootstrap.choose_router`), and why."""
+    notices: tuple[str, ...] = ()
+    """What the loader decided on its own (see `LabelledSet.notices`)."""
 
     def to_json(self) -> dict:
         return {
@@ -52,9 +72,14 @@ class EvalReport:
             "n_test": self.n_test,
             "strong_acc": round(self.strong_acc, 4),
             "weak_acc": round(self.weak_acc, 4),
+            "cost_basis": self.cost_basis,
+            "weak_confidence_kind": self.confidence_kind,
             "routers": {name: m.to_json() for name, m in self.routers.items()},
             "oracle": self.oracle.to_json(),
             "settings": self.settings,
+            "comparisons": self.comparisons,
+            "recommended": self.recommended,
+            "notices": list(self.notices),
         }
 
 
@@ -65,6 +90,20 @@ class TrainedRouters:
     routers: dict[str, EvalRouter]
     train_scores: dict[str, np.ndarray]
     settings: dict
+    cascades: dict[str, TrainedCascade] = field(default_factory=dict)
+    """Cascade policies (`cascade`, `cascade+<router>`, `cascade-learned`), scored from the weak confidence."""
+    embed: object = None
+    """The embedder the learned policies use on test prompts."""
+
+    def choice(self, train) -> bootstrap.Choice:
+        """The router to deploy, chosen on train (see `bootstrap.choose_router`)."""
+        strong, weak = train["strong"].to_numpy(float), train["weak"].to_numpy(float)
+        names = [n for n in self.routers if n in ROUTERS]
+        values = {n: train_apgr(self.train_scores[n], strong, weak) for n in names}
+        idx = bootstrap.resample_indices(len(train), 100, seed=1)
+        cis = {n: bootstrap.interval(bootstrap.resampled(self.train_scores[n], strong, weak, idx)["apgr"])
+               for n in names if n != "random"}
+        return bootstrap.choose_router(values, train_apgr_ci=cis)
 
 
 def build_routers(
@@ -74,16 +113,23 @@ def build_routers(
     """Fit every named router on `train` (a frame with prompt/weak/strong). Only train rows are read.
     `extra` adds ready-made routers (e.g. the judge) that need no training."""
     extra = extra or {}
-    names = [n for n in names if n not in extra]
+    cascade_names = [n for n in names if is_cascade(n)]
+    names = [n for n in names if n not in extra and not is_cascade(n)]
+    # a combined cascade reads its router's score: build the router too
+    names += [b for b in map(base_router, cascade_names) if b and b not in names and b not in extra]
     unknown = [n for n in names if n not in ROUTERS]
     if unknown:
-        raise ValueError(f"unknown routers {unknown}; choose from {', '.join(ROUTERS)}")
-    if NEEDS_EMBEDDINGS & set(names) and cache is None:
-        raise ValueError(f"routers {sorted(NEEDS_EMBEDDINGS & set(names))} need an embedder")
+        raise ValueError(f"unknown routers {unknown}; choose from {', '.join(ROUTERS)}, cascade, "
+                         "cascade+<router>, cascade-learned")
+    if cascade_names and "weak_confidence" not in train.columns:
+        raise ValueError(f"{cascade_names} need the weak model's confidence per query: pass --weak-confidence-col")
+    embedded = NEEDS_EMBEDDINGS & set(names) or LEARNED in cascade_names
+    if embedded and cache is None:
+        raise ValueError(f"{sorted(NEEDS_EMBEDDINGS & set(names)) or [LEARNED]} need an embedder")
     prompts = train["prompt"].tolist()
     strong, weak = train["strong"].to_numpy(float), train["weak"].to_numpy(float)
     labels = difficulty_label(train)
-    vectors = cache.embed(prompts, progress=progress) if NEEDS_EMBEDDINGS & set(names) else None
+    vectors = cache.embed(prompts, progress=progress) if embedded else None
     embed = functools.partial(cache.embed, progress=progress) if cache is not None else None
     routers: dict[str, EvalRouter] = {}
     train_scores: dict[str, np.ndarray] = {}
@@ -114,7 +160,15 @@ def build_routers(
             train_scores[name] = tuned.oof_scores
             settings[name] = {**tuned.params, "cv_apgr": round(float(tuned.cv_apgr), 4)}
     routers.update(extra)
-    return TrainedRouters(routers, train_scores, settings)
+    cascades: dict[str, TrainedCascade] = {}
+    if cascade_names:
+        confidence = train["weak_confidence"].to_numpy(float)
+        cascades, oof, cascade_settings = build_cascades(
+            cascade_names, confidence, strong, weak, train_scores, vectors, progress=progress
+        )
+        train_scores.update(oof)
+        settings.update(cascade_settings)
+    return TrainedRouters(routers, train_scores, settings, cascades, embed)
 
 
 def evaluate(
@@ -127,8 +181,13 @@ def evaluate(
     num_bins: int = 10,
     classifier_models: Sequence[str] = ("logreg",),
     extra: dict[str, EvalRouter] | None = None,
+    cost_ratio: float | None = None,
+    n_boot: int = bootstrap.N_BOOT,
 ) -> EvalReport:
-    """Score `names` on the test split of `ds`, with learned routers fitted on its train split."""
+    """Score `names` on the test split of `ds`, with learned routers fitted on its train split.
+
+    `cost_ratio`: weak/strong cost per call, for data without cost columns (else strong calls are counted).
+    """
     train, test = ds.train, ds.test
     if len(test) == 0:
         raise ValueError(f"{ds.name}: the test split is empty")
@@ -137,37 +196,110 @@ def evaluate(
         raise ValueError(f"{ds.name}: {len(train)} train rows are too few for {sorted(learned)}")
     trained = build_routers(train, names, cache, tune=tune, progress=progress,
                             classifier_models=classifier_models, extra=extra)
-    return score_routers(ds, trained, num_bins=num_bins)
+    return score_routers(ds, trained, num_bins=num_bins, cost_ratio=cost_ratio, n_boot=n_boot)
 
 
-def score_routers(ds: LabelledSet, trained: TrainedRouters, *, num_bins: int = 10) -> EvalReport:
-    """Score already-trained routers on the test split of `ds`."""
+def cost_columns(ds: LabelledSet, part, cost_ratio: float | None) -> tuple[np.ndarray, np.ndarray, str]:
+    """Per-row (strong, weak) cost of one call each, and how they were obtained."""
+    n = len(part)
+    if {"weak_cost", "strong_cost"} <= set(part.columns) and part["strong_cost"].sum() > 0:
+        return part["strong_cost"].to_numpy(float), part["weak_cost"].to_numpy(float), "per-query cost columns"
+    if cost_ratio is not None:
+        return np.ones(n), np.full(n, float(cost_ratio)), f"weak call = {cost_ratio:.4g} × strong call (--cost-ratio)"
+    return np.ones(n), np.zeros(n), "strong calls only (no costs known; weak calls counted as free)"
+
+
+def score_routers(ds: LabelledSet, trained: TrainedRouters, *, num_bins: int = 10, cost_ratio: float | None = None,
+                  n_boot: int = bootstrap.N_BOOT) -> EvalReport:
+    """Score already-trained routers and cascades on the test split of `ds`, with bootstrap intervals."""
     train, test = ds.train, ds.test
     strong, weak = test["strong"].to_numpy(float), test["weak"].to_numpy(float)
     s_acc, w_acc = strong.mean() * 100, weak.mean() * 100
-    ratio = ds.cost_ratio(test)
+    strong_cost, weak_cost, basis = cost_columns(ds, test, cost_ratio)
     prompts = test["prompt"].tolist()
-    results = {}
+    scored: dict[str, tuple[np.ndarray, np.ndarray | bool, str]] = {}
+    router_scores = {}
     for name, router in trained.routers.items():
-        scores = router.score(prompts)
-        curve = metrics.threshold_sweep(scores, strong, weak, num_bins)
-        results[name] = metrics.summarize(curve, s_acc, w_acc, cost_ratio=ratio)
-        logger.info("%s/%s: CPT50 %.1f%% APGR %.3f", ds.name, name, results[name].cpt50, results[name].apgr)
-    oracle = metrics.summarize(metrics.oracle_curve(strong, weak), s_acc, w_acc, cost_ratio=ratio)
-    return EvalReport(ds.name, ds.quality, len(train), len(test), s_acc, w_acc, results, oracle, trained.settings)
+        router_scores[name] = router.score(prompts)
+        scored[name] = (router_scores[name], False, "router")
+    if trained.cascades:
+        confidence = test["weak_confidence"].to_numpy(float)
+        vectors = trained.embed(prompts) if any(c.learned for c in trained.cascades.values()) else None
+        for name, policy in trained.cascades.items():
+            out = policy.apply(confidence, router_scores, vectors)
+            scored[name] = (out.score, out.weak_first, "cascade")
+    indices = bootstrap.resample_indices(len(test), n_boot) if n_boot else None
+    results, boots = {}, {}
+    for name, (scores, weak_first, kind) in scored.items():
+        curve = metrics.threshold_sweep(scores, strong, weak, num_bins, strong_cost=strong_cost, weak_cost=weak_cost,
+                                        weak_first=weak_first)
+        summary = metrics.summarize(curve, s_acc, w_acc, kind=kind)
+        if indices is not None:
+            boots[name] = bootstrap.resampled(scores, strong, weak, indices, num_bins)
+            summary = replace(summary, ci={k: bootstrap.interval(v) for k, v in boots[name].items()})
+        results[name] = summary
+        logger.info("%s/%s: CPT50 %.1f%% APGR %.3f", ds.name, name, summary.cpt50, summary.apgr)
+    oracle = metrics.summarize(metrics.oracle_curve(strong, weak), s_acc, w_acc, cost_ratio=ds.cost_ratio(test)
+                               if basis.startswith("per-query") else (cost_ratio or 0.0))
+    comparisons = {}
+    if CASCADE in boots:
+        for name in boots:
+            if is_cascade(name) and name != CASCADE:
+                diff = boots[name]["apgr"] - boots[CASCADE]["apgr"]
+                comparisons[f"{name} vs {CASCADE}"] = {
+                    "apgr": round(results[name].apgr - results[CASCADE].apgr, 4),
+                    "ci95": [round(v, 4) for v in bootstrap.interval(diff)],
+                }
+    routed = [n for n in trained.routers if n in ROUTERS and n != "random"]
+    recommended = trained.choice(train).to_json() if routed else {}
+    return EvalReport(ds.name, ds.quality, len(train), len(test), s_acc, w_acc, results, oracle, trained.settings,
+                      cost_basis=basis, confidence_kind=ds.confidence_kind, comparisons=comparisons,
+                      recommended=recommended, notices=ds.notices)
 
 
 def format_table(report: EvalReport) -> str:
-    """Plain-text table of the report, one row per router plus the oracle."""
+    """Plain-text table of the report, one row per router / cascade plus the oracle.
+
+    CPT columns are strong-model calls (RouteLLM's axis); `cost@50` is the total cost at CPT(50%) in percent
+    of all-strong (a cascade pays its weak call on every query); `saved` is the cost saved at 95% of the
+    strong model's quality. Intervals are 95% bootstrap intervals over the test rows.
+    """
     head = (f"{report.dataset}: n_test={report.n_test}  strong={report.strong_acc:.2f}  "
             f"weak={report.weak_acc:.2f}  ({report.quality}, %)")
-    cols = f"{'router':<12}{'CPT20%':>8}{'CPT50%':>8}{'CPT80%':>8}{'AUC':>8}{'APGR':>7}{'@95%':>8}{'saved':>7}"
-    rows = [head, cols, "-" * len(cols)]
+    info = [f"cost: {report.cost_basis}"]
+    if report.confidence_kind:
+        info.append(f"weak confidence: {'log-probability' if report.confidence_kind == 'logprob' else 'probability'}")
+    width = max(12, *(len(n) + 2 for n in report.routers))
+    cols = (f"{'policy':<{width}}{'CPT20%':>8}{'CPT50%':>8}{'CPT50 95% CI':>15}{'CPT80%':>8}{'AUC':>8}{'APGR':>7}"
+            f"{'APGR 95% CI':>15}{'cost@50':>9}{'@95%':>8}{'saved':>9}")
+    rows = [head, "; ".join(info), cols, "-" * len(cols)]
     for name, m in [*report.routers.items(), ("oracle", report.oracle)]:
-        flag = "" if m.monotone else "  (non-monotone)"
-        rows.append(f"{name:<12}{m.cpt20:>8.1f}{m.cpt50:>8.1f}{m.cpt80:>8.1f}{m.auc:>8.2f}{m.apgr:>7.3f}"
-                    f"{m.strong_pct_at_95:>8.1f}{m.cost_saved_at_95 * 100:>6.1f}%{flag}")
+        flags = [] if m.monotone else ["non-monotone"]
+        if m.ci and m.like_random and name != "random":
+            flags.append("not distinguishable from random")
+        ci50, ci_a = m.ci.get("cpt50"), m.ci.get("apgr")
+        rows.append(f"{name:<{width}}{m.cpt20:>8.1f}{m.cpt50:>8.1f}{_pair(ci50, '.1f'):>15}{m.cpt80:>8.1f}"
+                    f"{m.auc:>8.2f}{m.apgr:>7.3f}{_pair(ci_a, '.3f'):>15}{_pct(m.cost_at_cpt50):>9}"
+                    f"{m.strong_pct_at_95:>8.1f}{_pct(m.cost_saved_at_95 * 100):>9}"
+                    + (f"  ({'; '.join(flags)})" if flags else ""))
+    for label, c in report.comparisons.items():
+        lo, hi = c["ci95"]
+        verdict = "better" if lo > 0 else ("worse" if hi < 0 else "not distinguishable")
+        rows.append(f"{label}: APGR {c['apgr']:+.3f} (95% CI {lo:+.3f} to {hi:+.3f}; {verdict})")
+    if report.recommended:
+        rows.append(f"router to deploy (chosen on train): {report.recommended['router']} — "
+                    f"{report.recommended['reason']}")
     return "\n".join(rows)
+
+
+def _pair(pair, fmt: str) -> str:
+    if not pair or not np.all(np.isfinite(pair)):
+        return "-"
+    return f"[{pair[0]:{fmt}}, {pair[1]:{fmt}}]"
+
+
+def _pct(value: float) -> str:
+    return "-" if not np.isfinite(value) else f"{value:.1f}%"
 
 
 def write_report(report: EvalReport, out_dir: str | Path) -> tuple[Path, Path]:

@@ -155,6 +155,12 @@ class CascadeConfig(_Strict):
     """Answers with confidence below this escalate. `tierserve calibrate` sets it from data."""
     tier_thresholds: dict[str, float] = {}
     """Per-tier thresholds by tier name, overriding `threshold` for answers from that tier."""
+    target_escalation_rate: float | None = Field(default=None, ge=0.0, le=1.0)
+    """Share of scored answers expected to escalate at the calibrated threshold (`tierserve calibrate
+    --cascade` writes it). Not used to decide: exported as `tierserve_cascade_escalation_target` so an
+    alert can compare it with `tierserve_cascade_decisions_total`, and `tierserve report` shows it."""
+    tier_target_escalation_rates: dict[str, float] = {}
+    """Per-tier targets by tier name, overriding `target_escalation_rate` for that tier."""
     max_escalations: int = Field(default=1, ge=1, le=8)
     """Tiers a request may climb past its entry tier (1: at most two calls)."""
     logprob: LogprobOptions = LogprobOptions()
@@ -164,21 +170,26 @@ class CascadeConfig(_Strict):
     """Optional validator every cheap answer must pass; combinable with any method."""
     streaming: StreamingOptions = StreamingOptions()
 
-    @field_validator("tier_thresholds")
+    @field_validator("tier_thresholds", "tier_target_escalation_rates")
     @classmethod
-    def _bounded(cls, value: dict[str, float]) -> dict[str, float]:
+    def _bounded(cls, value: dict[str, float], info) -> dict[str, float]:
         for name, t in value.items():
             if not 0.0 <= t <= 1.0:
-                raise ValueError(f"tier_thresholds[{name}] is {t}; use a value between 0 and 1.")
+                raise ValueError(f"{info.field_name}[{name}] is {t}; use a value between 0 and 1.")
         return value
 
+    def target_rate_for(self, tier: str) -> float | None:
+        """The calibrated escalation-rate target of answers from `tier`, None when none is set."""
+        return self.tier_target_escalation_rates.get(tier, self.target_escalation_rate)
+
     def check_tiers(self, tier_names: Sequence[str]) -> None:
-        """Raise ValueError if `tier_thresholds` names a tier that is not configured."""
-        unknown = sorted(set(self.tier_thresholds) - set(tier_names))
-        if unknown:
-            raise ValueError(
-                f"cascade.tier_thresholds names unknown tiers {unknown}; use one of {list(tier_names)}."
-            )
+        """Raise ValueError if `tier_thresholds` or `tier_target_escalation_rates` names an unknown tier."""
+        for field_name in ("tier_thresholds", "tier_target_escalation_rates"):
+            unknown = sorted(set(getattr(self, field_name)) - set(tier_names))
+            if unknown:
+                raise ValueError(
+                    f"cascade.{field_name} names unknown tiers {unknown}; use one of {list(tier_names)}."
+                )
 
 
 class CascadeOverride(_Strict):

@@ -83,6 +83,8 @@ async def _parse(request: Request, model: type, without_messages: type | None = 
         body = json.loads(await _read_body(request, limit))
     except (json.JSONDecodeError, UnicodeDecodeError):
         raise InvalidRequest("The request body is not valid JSON.", param="body") from None
+    except RecursionError:
+        raise InvalidRequest("The request body nests arrays or objects too deeply.", param="body") from None
     if not isinstance(body, dict):
         raise InvalidRequest("The request body must be a JSON object.", param="body")
     if without_messages is not None and "messages" not in body:

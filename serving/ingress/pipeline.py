@@ -57,6 +57,8 @@ class Outcome:
     """How load moved the request (e.g. `spill_up:spill_up`), None when it stayed on its routed tier."""
     cascade_reason: str | None = None
     wasted_tokens: dict[str, int] = field(default_factory=dict)
+    cascade_thresholds: tuple[float, ...] = ()
+    """The request's cascade threshold per tier index (empty without a cascade), for the query log."""
 
     @property
     def tier(self) -> str:
@@ -117,6 +119,10 @@ class Pipeline:
         self._judge = JudgeRouter(self._judge_complete)
         self._heuristic = HeuristicScorer(config.router.heuristic)
         self._thresholds = config.router.thresholds_for(len(config.tiers))
+        for tier in config.tier_names[:-1]:  # the drift alert compares escalations with the calibrated target
+            target = config.cascade.target_rate_for(tier)
+            if target is not None:
+                metrics.cascade_escalation_target.labels(tier).set(target)
 
     async def plan(self, model: str, routing_text: str, options: Any) -> RoutePlan:
         """Pick the entry tier from `model` and the per-request options."""
@@ -267,7 +273,9 @@ class Pipeline:
                 enabled=options.cascade, method=options.cascade_method, threshold=options.cascade_threshold
             )
         routed = outcome.plan.router not in ("explicit", "forced")
-        return cascade_policy(self.config.cascade, self.config.tier_names, routed=routed, override=override)
+        policy = cascade_policy(self.config.cascade, self.config.tier_names, routed=routed, override=override)
+        outcome.cascade_thresholds = policy.thresholds if policy is not None else ()
+        return policy
 
     def _trace(self, outcome: Outcome, attempts: list[TierAttempt], reason: str | None, final: bool) -> None:
         outcome.tier_chain = [a.tier for a in attempts]
@@ -276,6 +284,9 @@ class Pipeline:
         outcome.cascade_reason = reason
         if not final:
             return
+        for a in attempts:
+            if a.confidence is not None:  # the cascade scored this answer and decided
+                self.metrics.cascade_decisions.labels(a.tier, "escalated" if a.escalated else "kept").inc()
         for a, nxt in zip(attempts, attempts[1:], strict=False):
             if a.escalated:
                 wasted = a.prompt_tokens + a.completion_tokens + a.scoring_tokens
@@ -373,6 +384,7 @@ class Pipeline:
                 tier_chain=tuple(outcome.tier_chain or [plan.tier]),
                 escalated=outcome.escalated,
                 confidences=tuple(outcome.confidences),
+                cascade_thresholds=_scored_thresholds(outcome, self.config.tier_names),
                 latency_ms=latency_s * 1000,
                 prompt_tokens=getattr(last, "prompt_tokens", 0),
                 completion_tokens=getattr(last, "completion_tokens", 0),
@@ -397,6 +409,14 @@ async def _last_into(chunks: AsyncIterator[GenerationChunk], relay: SseRelay) ->
         async for chunk in inner:
             relay.summary = chunk
             yield chunk
+
+
+def _scored_thresholds(outcome: Outcome, tier_names: list[str]) -> tuple[float, ...]:
+    """The threshold each recorded confidence was compared with (confidences are the chain's first tiers)."""
+    if not outcome.cascade_thresholds:
+        return ()
+    chain = outcome.tier_chain[: len(outcome.confidences)]
+    return tuple(outcome.cascade_thresholds[tier_names.index(t)] for t in chain)
 
 
 def _status_word(status: int) -> str:

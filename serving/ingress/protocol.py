@@ -41,7 +41,7 @@ class _Request(BaseModel):
     stream: bool = False
     stream_options: dict[str, Any] | None = None
     stop: str | list[str] | None = None
-    seed: int | None = None
+    seed: int | None = Field(default=None, ge=-(2**63), le=2**63 - 1)
     presence_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
     frequency_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
     user: str | None = None
@@ -55,6 +55,8 @@ class _Request(BaseModel):
         words = [stop] if isinstance(stop, str) else stop or []
         if any(w == "" for w in words):
             raise ValueError("stop strings must not be empty; remove the empty string")
+        for word in words:
+            _utf8(word)
         return stop
 
     def stop_tuple(self) -> tuple[str, ...]:
@@ -81,13 +83,23 @@ class _Message(BaseModel):
         if self.content is None:
             return ""
         if isinstance(self.content, str):
-            return self.content
+            return _utf8(self.content)
         parts = []
         for part in self.content:
             if part.get("type") != "text":
                 raise ValueError(f"content part type {part.get('type')!r} is not supported; send text parts")
             parts.append(str(part.get("text", "")))
-        return "".join(parts)
+        return _utf8("".join(parts))
+
+
+def _utf8(text: str) -> str:
+    """`text` if it encodes as UTF-8 (JSON's \\ud800 escapes decode to lone surrogates that cannot)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise ValueError(f"text holds an unpaired surrogate ({text[exc.start]!r} at {exc.start}); send valid "
+                         "UTF-8 text") from None
+    return text
 
 
 class ChatCompletionRequest(_Request):
@@ -138,6 +150,7 @@ class CompletionRequest(_Request):
     def _single(cls, prompt: str | list[str]) -> str | list[str]:
         if isinstance(prompt, list) and len(prompt) != 1:
             raise ValueError("only one prompt per request is supported; send a string or a list of one")
+        _utf8(prompt if isinstance(prompt, str) else prompt[0])
         return prompt
 
     @field_validator("echo")

@@ -113,8 +113,12 @@ class TierClient:
         try:
             async for batch in stream.batches():
                 yield batch
-        except ConnectionError:
-            raise EngineError(f"tier '{tier}': its replica went away mid-request") from None
+        except ConnectionError:  # the replica died (Serve replaces it): retryable, so 503 with Retry-After
+            self._forget(tier, address)
+            raise ServiceUnavailable(
+                f"tier '{tier}': its replica went away mid-request; retry shortly.",
+                code="replica_lost", headers={"Retry-After": "2"},
+            ) from None
         finally:
             self._inflight[address] -= 1
             stream.close()

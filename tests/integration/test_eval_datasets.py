@@ -128,3 +128,91 @@ def test_generic_jsonl_gets_a_hash_split(tmp_path):
     assert set(ds.frame["split"]) == {"train", "test"} and ds.name == "log"
     with pytest.raises(FileNotFoundError, match="not one of"):
         load_dataset("no-such-set", DATA)
+
+
+def _write(tmp_path, name, **columns):
+    path = tmp_path / name
+    frame = pd.DataFrame(columns)
+    if name.endswith(".jsonl"):
+        frame.to_json(path, orient="records", lines=True)
+    else:
+        frame.to_csv(path, index=False)
+    return path
+
+
+def test_a_split_column_is_used_and_said_so(tmp_path):
+    path = _write(tmp_path, "s.csv", prompt=list("abcd"), strong=[1, 1, 0, 1], weak=[0, 1, 0, 0],
+                  split=["train", "test", "train", "test"])
+    ds = load_table(path)
+    assert ds.test["prompt"].tolist() == ["b", "d"]
+    assert any("'split' column" in n for n in ds.notices)
+    plain = load_table(_write(tmp_path, "p.csv", prompt=list("abcd"), strong=[1] * 4, weak=[0] * 4))
+    assert any("hash split" in n and "50%" in n for n in plain.notices)
+
+
+def test_dropped_rows_are_counted(tmp_path):
+    path = _write(tmp_path, "d.csv", prompt=list("abcde"), strong=[1, None, 0, 1, 1], weak=[0, 1, None, 0, 1])
+    ds = load_table(path)
+    assert len(ds.frame) == 3
+    assert any("dropped 2 of 5 rows" in n for n in ds.notices)
+
+
+def test_one_cost_column_alone_is_refused(tmp_path):
+    path = _write(tmp_path, "c.csv", prompt=list("ab"), strong=[1, 1], weak=[0, 1], sc=[1.0, 1.0])
+    with pytest.raises(ValueError, match="--strong-cost-col needs --weak-cost-col"):
+        load_table(path, strong_cost_col="sc")
+
+
+def test_string_booleans_are_parsed_or_named(tmp_path):
+    path = _write(tmp_path, "b.csv", prompt=list("abcd"), strong=["True", "True", "yes", "False"],
+                  weak=["False", "no", "Yes", "true"])
+    ds = load_table(path)
+    assert ds.frame["strong"].tolist() == [1.0, 1.0, 1.0, 0.0]
+    assert ds.frame["weak"].tolist() == [0.0, 0.0, 1.0, 1.0]
+    bad = _write(tmp_path, "bad.csv", prompt=list("abc"), strong=["1", "1", "maybe"], weak=["0", "1", "0"])
+    with pytest.raises(ValueError, match=r"bad.csv: column 'strong', row 2 .*'maybe'"):
+        load_table(bad)
+
+
+def test_score_max_on_binary_data_and_negative_scores(tmp_path):
+    binary = _write(tmp_path, "z.csv", prompt=list("ab"), strong=[1, 0], weak=[0, 0])
+    with pytest.raises(ValueError, match="only 0/1 values"):
+        load_table(binary, score_max=10)
+    negative = _write(tmp_path, "n.csv", prompt=list("ab"), strong=[1, -1], weak=[0, 0])
+    with pytest.raises(ValueError, match="negative") as err:
+        load_table(negative)
+    assert "pass score_max" not in str(err.value)
+
+
+def test_a_dearer_weak_model_is_flagged_and_the_table_stays_aligned(tmp_path):
+    from router.eval.runner import evaluate, format_table
+
+    n = 60
+    path = _write(tmp_path, "w.csv", prompt=[f"q{i}" for i in range(n)], strong=[1] * n,
+                  weak=[i % 2 for i in range(n)], sc=[1.0] * n, wc=[2.0] * n)
+    ds = load_table(path, strong_cost_col="sc", weak_cost_col="wc")
+    assert any("costs more per call" in n for n in ds.notices)
+    table = format_table(evaluate(ds, ["random", "heuristic"], None, progress=False, n_boot=20))
+    header = next(r for r in table.splitlines() if r.startswith("policy"))
+    random_row = next(r for r in table.splitlines() if r.startswith("random"))
+    assert len(random_row.split("  (")[0]) == len(header)  # negative savings keep the columns aligned
+    saved = random_row.split()[-1]
+    assert saved.startswith("-") and saved.endswith("%") and float(saved[1:-1]) > 0
+
+
+def test_prompts_in_both_splits_are_counted(tmp_path):
+    path = _write(tmp_path, "o.csv", prompt=["a", "a", "b", "c", "c"], strong=[1] * 5, weak=[0] * 5,
+                  part=["train", "test", "train", "train", "test"])
+    ds = load_dataset(str(path), tmp_path, split_col="part")
+    assert any(n.startswith("2 distinct prompts appear in both train and test") for n in ds.notices)
+
+
+def test_weak_confidence_as_logprob(tmp_path):
+    path = _write(tmp_path, "l.jsonl", prompt=list("abc"), strong=[1, 1, 1], weak=[0, 1, 1],
+                  lp=[np.log(0.2), np.log(0.9), 0.0])
+    ds = load_table(path, weak_confidence_col="lp")
+    assert ds.confidence_kind == "logprob"
+    assert ds.frame["weak_confidence"].tolist() == pytest.approx([0.2, 0.9, 1.0])
+    assert any("log-probability" in n for n in ds.notices)
+    with pytest.raises(ValueError, match="log-probability"):
+        load_table(path, weak_confidence_col="lp", weak_confidence_kind="prob")

@@ -48,3 +48,23 @@ def test_labelled_rows_from_cascade_outcomes_and_explicit_labels():
     prompts, labels = labelled_rows(records, small_tier="small")
     assert prompts == ["easy one", "hard one", "graded offline"]
     assert labels.tolist() == [0.0, 1.0, 0.8]
+
+
+def test_cascade_escalation_against_its_target_flags_drift():
+    from router.eval.report import cascade_over_time, format_cascade
+
+    records = []
+    for i in range(100):  # hour 0: 30% escalate (on target); hour 1: 60% (drifted)
+        for hour, share in ((0, 30), (1, 60)):
+            up = i < share
+            records.append(QueryRecord(
+                request_id=f"{hour}-{i}", router="knn", tier="large" if up else "small",
+                tier_chain=("small", "large") if up else ("small",), escalated=up,
+                confidences=(0.2 if up else 0.9,), cascade_thresholds=(0.5,), timestamp=T0 + hour * 3600 + i))
+    table = cascade_over_time(records, "1h", target=0.3)
+    assert table["decisions"].tolist() == [100, 100]
+    assert table["escalation_rate"].tolist() == pytest.approx([0.3, 0.6])
+    assert table["drift"].tolist() == ["", "HIGH"]
+    assert table["threshold"].tolist() == pytest.approx([0.5, 0.5])
+    text = format_cascade(table)
+    assert "200 decisions, 45.0% escalated against a calibrated target of 30.0%" in text and "HIGH" in text

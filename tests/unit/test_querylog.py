@@ -96,3 +96,27 @@ def test_config_rejects_unknown_fields():
     with pytest.raises(ValueError, match="extra"):
         QueryLogConfig(store_prompt=True)
     assert QueryLogConfig().resolved_path("/data").as_posix() == "/data/querylog"
+
+
+def test_cascade_decisions_round_trip_with_their_thresholds(tmp_path):
+    log = QueryLog(tmp_path)
+    log.append(_record(1, tier="large", tier_chain=("small", "large"), escalated=True, confidences=(0.31,),
+                       cascade_thresholds=(0.6,)))
+    log.append(_record(2, confidences=(0.82,), cascade_thresholds=(0.6,)))
+    log.close()
+    first, second = read_records(tmp_path)
+    assert first.cascade_thresholds == (0.6,)
+    (d,) = first.cascade_decisions()
+    assert (d.tier, d.confidence, d.threshold, d.escalated) == ("small", 0.31, 0.6, True)
+    (d,) = second.cascade_decisions()
+    assert (d.tier, d.escalated) == ("small", False)
+
+
+def test_old_records_without_thresholds_still_read(tmp_path):
+    (tmp_path / "querylog-20250301.jsonl").write_text(
+        '{"request_id":"x","router":"knn","tier":"large","tier_chain":["small","large"],"escalated":true,'
+        f'"confidences":[0.2],"timestamp":{T0}}}\n'
+    )
+    (record,) = read_records(tmp_path)
+    (d,) = record.cascade_decisions()
+    assert d.threshold is None and d.escalated and d.confidence == 0.2

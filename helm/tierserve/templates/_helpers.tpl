@@ -38,6 +38,14 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- printf "%s-serve" (include "tierserve.rayName" .) }}
 {{- end }}
 
+{{/* Selects the release's Ray pods (head and workers, of every RayCluster KubeRay makes for the RayService). */}}
+{{- define "tierserve.rayPodSelector" -}}
+matchLabels:
+  {{- include "tierserve.selectorLabels" . | nindent 2 }}
+matchExpressions:
+  - {key: app.kubernetes.io/component, operator: In, values: [ray-head, ray-worker]}
+{{- end }}
+
 {{- define "tierserve.serveServiceLabels" -}}
 {{ include "tierserve.selectorLabels" . }}
 app.kubernetes.io/component: serve
@@ -155,6 +163,10 @@ proxy serves the port (one more hop per streamed chunk than the ingress serving 
   emptyDir:
     medium: Memory
     sizeLimit: {{ $v.shm.sizeLimit }}
+{{- range $i, $path := $v.securityContext.ray.writablePaths }}
+- name: writable-{{ $i }}
+  emptyDir: {}
+{{- end }}
 {{- if .models }}
 - name: models
 {{ toYaml $v.models.volume | indent 2 }}
@@ -170,6 +182,10 @@ proxy serves the port (one more hop per streamed chunk than the ingress serving 
   mountPath: {{ $v.data.mountPath }}
 - name: dshm
   mountPath: /dev/shm
+{{- range $i, $path := $v.securityContext.ray.writablePaths }}
+- name: writable-{{ $i }}
+  mountPath: {{ $path }}
+{{- end }}
 {{- if .models }}
 - name: models
   mountPath: {{ $v.models.mountPath }}
@@ -192,6 +208,10 @@ proxy serves the port (one more hop per streamed chunk than the ingress serving 
 {{- if not (has .Values.upgradeStrategy (list "NewCluster" "None" "NewClusterWithIncrementalUpgrade")) }}
 {{- fail (printf "upgradeStrategy (%v) must be NewCluster, None or NewClusterWithIncrementalUpgrade." .Values.upgradeStrategy) }}
 {{- end }}
+{{- $pdb := .Values.qdrant.podDisruptionBudget }}
+{{- if and .Values.qdrant.enabled $pdb.enabled (eq (hasKey $pdb "minAvailable") (hasKey $pdb "maxUnavailable")) }}
+{{- fail "qdrant.podDisruptionBudget: set exactly one of minAvailable and maxUnavailable (to drop the default minAvailable, set it to null)." }}
+{{- end }}
 {{- end }}
 
 {{/* rayStartParams: Ray wants every value as a string. */}}
@@ -211,4 +231,14 @@ proxy serves the port (one more hop per streamed chunk than the ingress serving 
 {{- $_ := set $requests .Values.gpu.resourceName $gpus }}
 {{- $_ := set $limits .Values.gpu.resourceName $gpus }}
 {{- toYaml (dict "requests" $requests "limits" $limits) }}
+{{- end }}
+
+{{/* PromQL label matchers for this release's series: alerts.selector, or the job and namespace the
+     ServiceMonitor gives them (job = the Serve Service's name). */}}
+{{- define "tierserve.alertSelector" -}}
+{{- if .Values.alerts.selector }}
+{{- .Values.alerts.selector }}
+{{- else }}
+{{- printf "job=%q, namespace=%q" (include "tierserve.serveServiceName" .) .Release.Namespace }}
+{{- end }}
 {{- end }}
