@@ -505,12 +505,23 @@ def test_api_keys_come_from_the_secret(render, default_objects: list[dict]) -> N
     secret = _one(objects, "Secret")
     assert secret["stringData"] == {"api-keys": "key-one,key-two"}
     for role, pod in _ray_pod_specs(_one(objects, "RayService")).items():
-        ref = _env(pod["containers"][0])["TIERSERVE_API_KEYS"]["valueFrom"]["secretKeyRef"]
-        assert ref == {"name": secret["metadata"]["name"], "key": "api-keys"}, role
+        env = _env(pod["containers"][0])
+        ref = env["TIERSERVE_API_KEYS"]["valueFrom"]["secretKeyRef"]
+        assert ref == {"name": secret["metadata"]["name"], "key": "api-keys", "optional": True}, role
+        admin = env["TIERSERVE_ADMIN_KEYS"]["valueFrom"]["secretKeyRef"]
+        assert admin == {"name": secret["metadata"]["name"], "key": "admin-keys", "optional": True}, role
     for role, pod in _ray_pod_specs(_one(default_objects, "RayService")).items():
         env = _env(pod["containers"][0])
-        assert "TIERSERVE_API_KEYS" not in env, role
+        assert "TIERSERVE_API_KEYS" not in env and "TIERSERVE_ADMIN_KEYS" not in env, role
         assert env["HF_HUB_OFFLINE"]["value"] == "1", role
+
+
+def test_admin_keys_live_in_the_same_secret(render) -> None:
+    both = {"apiKeys": {"keys": ["key-one"], "adminKeys": ["admin-one", "admin-two"]}}
+    secret = _one(render([], both), "Secret")
+    assert secret["stringData"] == {"api-keys": "key-one", "admin-keys": "admin-one,admin-two"}
+    only_admin = {"apiKeys": {"adminKeys": ["admin-one"]}}
+    assert _one(render([], only_admin), "Secret")["stringData"] == {"admin-keys": "admin-one"}
 
 
 def test_gpu_workers_get_gpus_weights_and_bounds(render, default_objects: list[dict]) -> None:

@@ -123,7 +123,7 @@ proxy serves the port (one more hop per streamed chunk than the ingress serving 
 {{- define "tierserve.apiKeySecretName" -}}
 {{- if .Values.apiKeys.existingSecret }}
 {{- .Values.apiKeys.existingSecret }}
-{{- else if .Values.apiKeys.keys }}
+{{- else if or .Values.apiKeys.keys .Values.apiKeys.adminKeys }}
 {{- printf "%s-api-keys" (include "tierserve.fullname" .) }}
 {{- end }}
 {{- end }}
@@ -138,6 +138,13 @@ proxy serves the port (one more hop per streamed chunk than the ingress serving 
     secretKeyRef:
       name: {{ . }}
       key: {{ $.Values.apiKeys.secretKey }}
+      optional: true
+- name: TIERSERVE_ADMIN_KEYS
+  valueFrom:
+    secretKeyRef:
+      name: {{ . }}
+      key: {{ $.Values.apiKeys.adminSecretKey }}
+      optional: true
 {{- end }}
 {{- range $name, $value := .Values.env }}
 - name: {{ $name }}
