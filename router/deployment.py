@@ -52,12 +52,6 @@ class RouterDeployment:
         decision = await self._batcher.submit(request)
         return replace(decision, overhead_ms=(time.perf_counter() - start) * 1000)
 
-    def set_max_batch_size(self, max_size: int) -> None:
-        self._batcher.max_size = max_size
-
-    def set_batch_wait_timeout_s(self, wait_s: float) -> None:
-        self._batcher.wait_s = wait_s
-
     async def add_exemplars(self, exemplars: Sequence[Exemplar]) -> int:
         """Embed and store exemplars at runtime (the admin endpoint); returns how many were written."""
         async with self._admin_lock:

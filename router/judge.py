@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -31,9 +31,8 @@ Complete = Callable[[str], Awaitable[Sequence[tuple[str, float]]]]
 """Async call to the small tier: prompt in, top (token, logprob) alternatives of the first generated token out.
 Ask for one token at temperature 0 with `top_logprobs` of 5–20."""
 
-_MARKERS = "\u2581\u0120"  # sentencepiece "▁" and byte-level BPE "Ġ" word-start markers
-_YES = {"yes", "y"}
-_NO = {"no", "n"}
+_YES = ("yes", "y")
+_NO = ("no", "n")
 
 
 def build_judge_prompt(request: str, *, max_chars: int = 2000) -> str:
@@ -44,8 +43,34 @@ def build_judge_prompt(request: str, *, max_chars: int = 2000) -> str:
     return JUDGE_TEMPLATE.format(request=request)
 
 
-def _answer_word(token: str) -> str:
-    return token.strip().lstrip(_MARKERS).strip().strip(".,:;!\"'*").lower()
+def answer_key(token: str) -> str:
+    """A token as an answer word: " Yes", "YES", "yes.", "▁Yes" (SentencePiece), "ĠYes" (BPE) all give "yes"."""
+    return token.strip().lstrip("\u0120\u2581").strip(" \t\n.,:;!?\"'*`").lower()
+
+
+def yes_no_mass(
+    alternatives: Iterable[tuple[str, float | None]], yes_words: Iterable[str], no_words: Iterable[str]
+) -> tuple[float, float]:
+    """(probability on yes words, on no words) among one position's top (token, logprob) alternatives.
+
+    Every matching spelling adds its probability; a token listed twice (the sampled one and again among the
+    top) counts once; missing or NaN logprobs are skipped. Shared by the judge router and the cascade's
+    verification prompt.
+    """
+    yes_keys = {answer_key(w) for w in yes_words}
+    no_keys = {answer_key(w) for w in no_words}
+    seen: set[str] = set()
+    yes = no = 0.0
+    for token, logprob in alternatives:
+        if token in seen or logprob is None or math.isnan(logprob):
+            continue
+        seen.add(token)
+        key = answer_key(token)
+        if key in yes_keys:
+            yes += math.exp(min(logprob, 0.0))
+        elif key in no_keys:
+            no += math.exp(min(logprob, 0.0))
+    return yes, no
 
 
 @dataclass(frozen=True)
@@ -56,23 +81,17 @@ class JudgeVerdict:
     """yes mass / (yes mass + no mass), or the router's fallback when neither appears."""
     answer_mass: float
     """Probability the model put on any yes/no spelling; low means it ignored the format."""
+    answered: bool = True
+    """False when the call to the model failed (`p_hard` is then the fallback)."""
 
 
 def p_hard(alternatives: Sequence[tuple[str, float]], *, fallback: float = 0.5) -> JudgeVerdict:
     """Turn the first answer token's top (token, logprob) alternatives into P(hard).
 
-    " Yes", "yes", "YES", "▁Yes", "Yes." all count as yes (likewise no). Repeated spellings add up. When no
+    " Yes", "yes", "YES", "▁Yes", "Yes." all count as yes (likewise no). Different spellings add up. When no
     yes/no spelling is among the alternatives, `p_hard` is `fallback` and `answer_mass` is 0.
     """
-    yes = no = 0.0
-    for token, logprob in alternatives:
-        if logprob is None or math.isnan(logprob):
-            continue
-        word = _answer_word(token)
-        if word in _YES:
-            yes += math.exp(logprob)
-        elif word in _NO:
-            no += math.exp(logprob)
+    yes, no = yes_no_mass(alternatives, _YES, _NO)
     mass = yes + no
     if mass <= 0.0:
         return JudgeVerdict(fallback, 0.0)
@@ -101,7 +120,7 @@ class JudgeRouter:
             raise
         except Exception:
             logger.warning("judge call failed; scoring %.2f", self._fallback, exc_info=True)
-            return JudgeVerdict(self._fallback, 0.0)
+            return JudgeVerdict(self._fallback, 0.0, answered=False)
         return p_hard(alternatives, fallback=self._fallback)
 
     async def score(self, request: str) -> float:

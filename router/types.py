@@ -125,12 +125,3 @@ class RouteDecision:
     """Requests decided together with this one (one embedding pass and one kNN query)."""
     neighbors: tuple[Neighbor, ...] = ()
     """The nearest exemplars (kNN only), most similar first."""
-
-    def headers(self) -> dict[str, str]:
-        """The `x-tierserve-*` response headers that make the decision visible."""
-        return {
-            "x-tierserve-tier": self.tier,
-            "x-tierserve-router": self.router + ("-fallback" if self.fallback else ""),
-            "x-tierserve-score": f"{self.score:.4f}",
-            "x-tierserve-overhead-ms": f"{self.overhead_ms:.2f}",
-        }

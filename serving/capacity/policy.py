@@ -40,11 +40,6 @@ class CapacityDecision:
     planned_saturation: float | None = None
     """Saturation of the planned tier (1.0 = saturated); None when its load was unknown."""
 
-    @property
-    def degraded(self) -> bool:
-        """True when a cheaper tier answers than the router planned: mark the response."""
-        return self.tier_index < self.planned_tier_index
-
 
 @dataclass(frozen=True)
 class Admission:
@@ -69,10 +64,6 @@ def saturation(load: EngineLoad, cfg: CapacityConfig) -> float:
     running = load.running / max(load.max_num_seqs, 1) / limits.max_running_share
     kv = load.kv_cache_usage / limits.max_kv_cache_usage
     return max(waiting, running, kv)
-
-
-def is_saturated(load: EngineLoad, cfg: CapacityConfig) -> bool:
-    return saturation(load, cfg) >= 1.0
 
 
 def is_known(load: EngineLoad | None, cfg: CapacityConfig, *, now: float) -> TypeGuard[EngineLoad]:

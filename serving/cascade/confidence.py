@@ -20,8 +20,8 @@ from serving.cascade.config import (
     ConfidenceMethod,
     FormatValidator,
     LogprobAggregate,
-    _token_key,
 )
+from router.judge import answer_key, yes_no_mass
 from serving.types import TokenLogprob
 
 _NUMBER = re.compile(r"(?:(?<!\w)-)?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?")
@@ -131,19 +131,7 @@ def verify_confidence(
     matching token adds its probability. 0.5 when neither yes nor no is among the alternatives.
     A token listed twice (the sampled one and again among the top) counts once.
     """
-    yes = {_token_key(t) for t in yes_tokens}
-    no = {_token_key(t) for t in no_tokens}
-    seen: set[str] = set()
-    p_yes = p_no = 0.0
-    for token, logprob in top_alternatives:
-        if token in seen or math.isnan(logprob):
-            continue
-        seen.add(token)
-        key = _token_key(token)
-        if key in yes:
-            p_yes += math.exp(min(logprob, 0.0))
-        elif key in no:
-            p_no += math.exp(min(logprob, 0.0))
+    p_yes, p_no = yes_no_mass(top_alternatives, yes_tokens, no_tokens)
     if p_yes + p_no <= 0.0:
         return 0.5
     return p_yes / (p_yes + p_no)
@@ -153,8 +141,8 @@ def has_yes_no(
     top_alternatives: Iterable[tuple[str, float]], *, yes_tokens: Iterable[str], no_tokens: Iterable[str]
 ) -> bool:
     """Whether any alternative at this position is a yes or a no token."""
-    keys = {_token_key(t) for t in yes_tokens} | {_token_key(t) for t in no_tokens}
-    return any(_token_key(token) in keys for token, _ in top_alternatives)
+    keys = {answer_key(t) for t in yes_tokens} | {answer_key(t) for t in no_tokens}
+    return any(answer_key(token) in keys for token, _ in top_alternatives)
 
 
 def verify_prompt(question: str, answer: str, template: str = DEFAULT_VERIFY_TEMPLATE) -> str:

@@ -12,6 +12,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from router.judge import answer_key
+
 ConfidenceMethod = Literal["logprob", "consistency", "verify"]
 LogprobAggregate = Literal["mean", "min", "tail"]
 AnswerNormalization = Literal["exact", "text", "auto"]
@@ -74,24 +76,13 @@ class VerifyOptions(_Strict):
 
     @model_validator(mode="after")
     def _tokens(self) -> VerifyOptions:
-        yes = {_token_key(t) for t in self.yes_tokens}
-        no = {_token_key(t) for t in self.no_tokens}
+        yes = {answer_key(t) for t in self.yes_tokens}
+        no = {answer_key(t) for t in self.no_tokens}
         if not self.yes_tokens or not self.no_tokens or "" in (yes | no):
             raise ValueError("yes_tokens and no_tokens must each list at least one non-blank token, e.g. ['yes'].")
         if yes & no:
             raise ValueError(f"yes_tokens and no_tokens overlap on {sorted(yes & no)}; a token can only be one.")
         return self
-
-    def yes_keys(self) -> frozenset[str]:
-        return frozenset(_token_key(t) for t in self.yes_tokens)
-
-    def no_keys(self) -> frozenset[str]:
-        return frozenset(_token_key(t) for t in self.no_tokens)
-
-
-def _token_key(token: str) -> str:
-    # Tokenizers mark a leading space as "Ġ" (BPE) or "▁" (SentencePiece) when not detokenized.
-    return token.strip().lstrip("Ġ▁").strip(" \t\n.,:;!?\"'*`").lower()
 
 
 class FormatValidator(_Strict):

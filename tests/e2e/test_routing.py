@@ -124,13 +124,11 @@ def test_exemplars_added_at_runtime_change_routing(base_url: str) -> None:
 
 
 def test_llm_judge_router_asks_the_small_tier(client: openai.OpenAI, base_url: str) -> None:
-    before = httpx.get(base_url + "/metrics").text.count('tier="small"')
     decision = _route(base_url, {"model": "router-judge", "messages": [{"role": "user", "content": HARD[0]}]})
     assert decision["router"] == "judge" and 0.0 <= decision["score"] <= 1.0
-    assert "from the small tier" in decision["reason"]
+    assert "from the small tier" in decision["reason"], decision["reason"]  # not "the call ... failed"
     strict = _route(base_url, {"model": "router-judge-0.0", "prompt": ROUTINE[0]})
     assert strict["tier"] == "large"  # P(hard) >= 0 always: the threshold applies to the judge's score
-    assert httpx.get(base_url + "/metrics").text.count('tier="small"') >= before
 
 
 def test_qdrant_unavailable_mid_run_falls_back_then_recovers(client: openai.OpenAI, base_url: str) -> None:

@@ -12,7 +12,6 @@ from serving.capacity import (
     choose_tier,
     combine_loads,
     is_known,
-    is_saturated,
     retry_after,
     saturation,
 )
@@ -47,16 +46,16 @@ class TestSaturation:
 
     def test_each_limit_saturates_on_its_own(self):
         cfg = CapacityConfig()
-        assert is_saturated(load("small", running=8), cfg)
-        assert is_saturated(load("small", waiting=5), cfg)
-        assert not is_saturated(load("small", waiting=4), cfg)
-        assert is_saturated(load("small", kv=0.9), cfg)
-        assert not is_saturated(load("small", running=7, waiting=4, kv=0.89), cfg)
+        assert saturation(load("small", running=8), cfg) >= 1.0
+        assert saturation(load("small", waiting=5), cfg) >= 1.0
+        assert saturation(load("small", waiting=4), cfg) < 1.0
+        assert saturation(load("small", kv=0.9), cfg) >= 1.0
+        assert saturation(load("small", running=7, waiting=4, kv=0.89), cfg) < 1.0
 
     def test_per_tier_limits_apply_by_load_tier(self):
         cfg = CapacityConfig(tiers={"large": {"max_waiting": 0}})
-        assert is_saturated(load("large", waiting=1), cfg)
-        assert not is_saturated(load("small", waiting=1), cfg)
+        assert saturation(load("large", waiting=1), cfg) >= 1.0
+        assert saturation(load("small", waiting=1), cfg) < 1.0
 
     def test_stale_missing_and_malformed_loads_are_unknown(self):
         cfg = CapacityConfig()  # stats_max_age_s 2.0
@@ -88,7 +87,7 @@ class TestChooseTier:
 
     def test_easy_request_spills_up_when_small_saturated(self):
         d = choose(0, 0.1, SMALL_FULL)
-        assert (d.action, d.tier_index, d.tier, d.reason, d.degraded) == ("spill_up", 1, "large", "spill_up", False)
+        assert (d.action, d.tier_index, d.tier, d.reason) == ("spill_up", 1, "large", "spill_up")
         assert d.planned_saturation == pytest.approx(1.8)  # max(waiting 9 / (4 + 1), running 8 / 8)
 
     def test_no_spill_up_when_large_lacks_headroom(self):
@@ -116,17 +115,17 @@ class TestChooseTier:
 
     def test_quality_first_hard_request_waits_for_large(self):
         d = choose(1, 0.9, LARGE_FULL)
-        assert (d.action, d.tier, d.reason, d.degraded) == ("keep", "large", "wait_for_tier", False)
+        assert (d.action, d.tier, d.reason) == ("keep", "large", "wait_for_tier")
 
     def test_quality_first_moves_borderline_hard_request_down(self):
         d = choose(1, 0.55, LARGE_FULL)
-        assert (d.action, d.tier, d.reason, d.degraded) == ("spill_down", "small", "spill_down_borderline", True)
+        assert (d.action, d.tier, d.reason) == ("spill_down", "small", "spill_down_borderline")
         assert choose(1, 0.6, LARGE_FULL).action == "keep"  # 0.6 is not < 0.5 + 0.1
 
     def test_latency_first_answers_with_small_and_marks_it(self):
         cfg = CapacityConfig(enabled=True, hard_mode="latency_first")
         d = choose(1, 0.95, LARGE_FULL, cfg)
-        assert (d.action, d.tier, d.reason, d.degraded) == ("spill_down", "small", "spill_down_latency_first", True)
+        assert (d.action, d.tier, d.reason) == ("spill_down", "small", "spill_down_latency_first")
 
     def test_everything_saturated_keeps_the_plan(self):
         cfg = CapacityConfig(enabled=True, hard_mode="latency_first")

@@ -54,7 +54,7 @@ class TestDefaults:
                 "reject_status": 429,
             },
         )
-        assert cfg.cascade.verify.yes_keys() == {"yes", "correct"}
+        assert cfg.cascade.verify.yes_tokens == ("yes", "correct")
         assert cfg.capacity.limits_for("small").max_inflight == 8
 
 

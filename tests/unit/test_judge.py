@@ -54,6 +54,14 @@ def test_router_uses_the_small_tier_and_falls_back_on_errors():
     assert "hard thing" in seen[0]
     scores = asyncio.run(router.score_many(["a", "boom", "c"], concurrency=2))
     assert scores.tolist() == pytest.approx([0.9, 0.4, 0.9])
+    assert asyncio.run(router.verdict("a")).answered
+    failed = asyncio.run(router.verdict("boom"))
+    assert not failed.answered and failed.p_hard == 0.4
+
+
+def test_a_repeated_token_counts_once_and_missing_logprobs_are_skipped():
+    alternatives = [(" Yes", math.log(0.6)), (" Yes", math.log(0.6)), ("no", math.log(0.2)), ("NO", None)]
+    assert p_hard(alternatives).p_hard == pytest.approx(0.75)
 
 
 def test_fallback_must_be_a_probability():

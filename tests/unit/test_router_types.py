@@ -1,4 +1,4 @@
-"""Router value types: idempotent exemplar ids, request validation, RouteLLM-style model names, headers."""
+"""Router value types: idempotent exemplar ids, request validation, RouteLLM-style model names."""
 
 from __future__ import annotations
 
@@ -30,16 +30,3 @@ def test_route_input_rejects_bad_knobs():
         RouteInput("hi", threshold=-0.1)
     with pytest.raises(ValueError, match="router 'bert'"):
         RouteInput("hi", router="bert")
-
-
-def test_headers_show_tier_router_score_and_overhead():
-    d = RouteDecision(
-        tier="large", tier_index=1, router="heuristic", score=0.61234, thresholds=(0.5,), reason="r",
-        fallback=True, overhead_ms=3.456,
-    )
-    assert d.headers() == {
-        "x-tierserve-tier": "large",
-        "x-tierserve-router": "heuristic-fallback",
-        "x-tierserve-score": "0.6123",
-        "x-tierserve-overhead-ms": "3.46",
-    }
