@@ -7,6 +7,11 @@ bundled MiniLM). Latency is measured around `RouterDeployment.route` (no Ray hop
 
     .venv/bin/python benchmarks/router_latency.py                 # 1k and 10k exemplars, c=1 and c=64
     .venv/bin/python benchmarks/router_latency.py --sizes 10000 --requests 300 --threads 1
+    .venv/bin/python benchmarks/router_latency.py --sizes 10000 --requests 200 --backend onnx-int8
+
+With `--backend onnx-int8` (int8 vectors, exact re-check near a boundary) it also prints the share of requests
+that needed the re-check and how many concurrency-1 decisions differ from the exact model's (with and without
+the re-check).
 
 Prints figures; asserts nothing. Numbers depend on what else runs on the cores (vLLM, other tests).
 """
@@ -15,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import os
 import statistics
 import tempfile
@@ -29,8 +35,9 @@ import numpy as np  # noqa: E402
 
 from router.config import EmbedderConfig, KnnConfig, RouterConfig  # noqa: E402
 from router.deployment import RouterDeployment  # noqa: E402
-from router.embedder import Embedder, build_embedder  # noqa: E402
+from router.embedder import Embedder, RecheckEmbedder, build_embedder  # noqa: E402
 from router.exemplars import load_default_exemplars  # noqa: E402
+from router.scoring import difficulty_from_neighbors, label_difficulty, tiers_for_scores  # noqa: E402
 from router.store import ExemplarStore  # noqa: E402
 from router.types import Exemplar, RouteInput  # noqa: E402
 
@@ -43,6 +50,8 @@ class Run:
     embed_ms: list[float]
     batch_sizes: list[int]
     wall_s: float
+    tiers: dict[str, int]
+    """Tier index decided for each text."""
 
     def line(self, label: str) -> str:
         lat = np.array(self.latencies_ms)
@@ -78,7 +87,7 @@ def fill_store(store: ExemplarStore, embedder: Embedder, size: int) -> None:
 
 
 async def closed_loop(deployment: RouterDeployment, texts: list[str], concurrency: int) -> Run:
-    latencies, embeds, sizes = [], [], []
+    latencies, embeds, sizes, tiers = [], [], [], {}
     pending = iter(texts)
 
     async def client() -> None:
@@ -88,10 +97,11 @@ async def closed_loop(deployment: RouterDeployment, texts: list[str], concurrenc
             latencies.append((time.perf_counter() - start) * 1000)
             embeds.append(decision.embed_ms)
             sizes.append(decision.batch_size)
+            tiers[text] = decision.tier_index
 
     start = time.perf_counter()
     await asyncio.gather(*(client() for _ in range(concurrency)))
-    return Run(latencies, embeds, sizes, time.perf_counter() - start)
+    return Run(latencies, embeds, sizes, time.perf_counter() - start, tiers)
 
 
 async def interleaved_throughput(
@@ -139,6 +149,15 @@ def knn_figures(store: ExemplarStore, embedder: Embedder, texts: list[str], k: i
     return ", ".join(f"{label} {ms:.2f} ms" for label, ms in times.items())
 
 
+def knn_tiers(store: ExemplarStore, vectors: np.ndarray, cfg: RouterConfig) -> np.ndarray:
+    """Tier indices the router's kNN scoring gives `vectors` against `store` (default thresholds)."""
+    found = store.query(vectors, cfg.knn.k)
+    sims = np.array([[n.similarity for n in row] for row in found])
+    labels = np.array([[label_difficulty(n.tier, TIERS) for n in row] for row in found])
+    scores = difficulty_from_neighbors(sims, labels, weighting=cfg.knn.weighting, temperature=cfg.knn.temperature)
+    return tiers_for_scores(scores, cfg.thresholds_for(len(TIERS)))
+
+
 def bench_config(args: argparse.Namespace) -> RouterConfig:
     return RouterConfig(
         knn=KnnConfig(k=args.k),
@@ -157,6 +176,10 @@ async def bench_size(args: argparse.Namespace, embedder: Embedder, size: int, te
         fill_store(store, embedder, size)
         print(f"\n== {store.count()} exemplars (filled in {time.perf_counter() - t0:.1f} s)")
         print(f"kNN alone, in-memory matrix search:    {knn_figures(store, embedder, texts, args.k)}")
+        c1_texts = texts[: args.requests]
+        if isinstance(embedder, RecheckEmbedder):
+            exact_tiers = knn_tiers(store, embedder.exact.embed(c1_texts), cfg)
+            fast_tiers = knn_tiers(store, embedder.fast.embed(c1_texts), cfg)
         store.close()
         if args.qdrant_knn:
             store = ExemplarStore(collection=cfg.store.collection, dim=embedder.dim, path=path, local_search="qdrant")
@@ -166,10 +189,20 @@ async def bench_size(args: argparse.Namespace, embedder: Embedder, size: int, te
         deployment = RouterDeployment(cfg, TIERS, data_dir, embedder=embedder)
         try:
             await closed_loop(deployment, texts[:16], 1)  # warm-up
-            one = await closed_loop(deployment, texts[: args.requests], 1)
+            counts = recheck_counts(embedder)
+            one = await closed_loop(deployment, c1_texts, 1)
             print(one.line("concurrency 1"))
+            c1_counts = recheck_counts(embedder)
             many = await closed_loop(deployment, texts[: args.requests * 4], 64)
             print(many.line("concurrency 64"))
+            if isinstance(embedder, RecheckEmbedder):
+                served = np.array([one.tiers[t] for t in c1_texts])
+                print(
+                    f"re-check (band +-{embedder.margin:.3f}): {recheck_share(counts, c1_counts)} of concurrency-1 "
+                    f"requests, {recheck_share(c1_counts, recheck_counts(embedder))} at 64; decisions differing "
+                    f"from the exact model's at concurrency 1: {int(np.sum(served != exact_tiers))} of "
+                    f"{len(c1_texts)} (int8 alone: {int(np.sum(fast_tiers != exact_tiers))})"
+                )
             decide_tput, embed_tput = await interleaved_throughput(deployment, embedder, texts, args.rounds, 64)
             fallbacks = await deployment.fallbacks()
             assert not fallbacks, fallbacks
@@ -179,6 +212,18 @@ async def bench_size(args: argparse.Namespace, embedder: Embedder, size: int, te
             f"64 concurrent, interleaved x{args.rounds}: {decide_tput:.1f} decisions/s vs embedder alone "
             f"{embed_tput:.1f} texts/s (embed() on 64 texts) -> {100 * decide_tput / embed_tput:.0f}%"
         )
+
+
+def recheck_counts(embedder: Embedder) -> tuple[int, int]:
+    """(texts embedded fast, texts re-checked) so far; zeros for an embedder without a re-check."""
+    if isinstance(embedder, RecheckEmbedder):
+        return embedder.fast_texts, embedder.rechecked_texts
+    return 0, 0
+
+
+def recheck_share(before: tuple[int, int], after: tuple[int, int]) -> str:
+    fast, rechecked = after[0] - before[0], after[1] - before[1]
+    return f"{rechecked}/{fast} ({100 * rechecked / max(fast, 1):.1f}%)"
 
 
 async def bench_serve(args: argparse.Namespace, embedder: Embedder, size: int, texts: list[str]) -> None:
@@ -244,9 +289,21 @@ async def main() -> None:
     parser.add_argument("--qdrant-knn", action="store_true", help="also time qdrant-client's own local search")
     args = parser.parse_args()
 
-    embedder = build_embedder(EmbedderConfig(num_threads=args.threads, backend=args.backend),
-                              Path(tempfile.gettempdir()) / "tierserve-bench")
+    cache = Path(tempfile.gettempdir()) / "tierserve-bench"
+    embedder = build_embedder(EmbedderConfig(num_threads=args.threads, backend=args.backend), cache)
+    if isinstance(embedder, RecheckEmbedder):
+        for check_file in sorted((cache / "onnx").glob("*/check-int8.json")):
+            check = json.loads(check_file.read_text())
+            print(f"int8 check ({check_file.parent.name}): min cosine {check['min_cosine']:.4f}; on the {check['n']} "
+                  f"shipped exemplars {100 * check['recheck_share']:.1f}% fall in the re-check band "
+                  f"+-{check['recheck_margin']:.3f}; flips without re-check "
+                  f"{round(check['n'] * (1 - check['same_decisions']))} ({check['clear_flips']} clear), "
+                  f"with it {check['flips_after_recheck']}")
     texts = query_texts(max(args.requests * 4, 256))
+    if isinstance(embedder, RecheckEmbedder):
+        fast_ms, fast_tput = embedder_figures(embedder.fast, texts, args.batch_max, 32)
+        print(f"int8 embedder alone: single text p50 {fast_ms:.2f} ms; batched {fast_tput:.1f} texts/s; the exact one "
+              "(re-checks, exemplars) below")
     single_ms, tput = embedder_figures(embedder, texts, args.batch_max, 32)
     print(
         f"embedder {embedder.name}, {args.threads} thread(s): single text p50 {single_ms:.2f} ms; "

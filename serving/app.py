@@ -26,6 +26,7 @@ def _tier_deployment_options(config: AppConfig, tier: TierConfig) -> dict[str, A
             "num_cpus": tier.resources.num_cpus,
             "num_gpus": tier.resources.num_gpus,
             "runtime_env": {"env_vars": engine_env(tier, config.device)},
+            **tier.resources.actor_options(),  # custom resources / node labels: which nodes may host it
         },
         "health_check_period_s": 10,
         "health_check_timeout_s": 30,
@@ -76,6 +77,7 @@ def build_app(config: AppConfig, *, engine_cls: type[Engine] | None = None) -> A
                 ray_actor_options={
                     "num_cpus": config.router.num_cpus,
                     "runtime_env": {"env_vars": {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}},
+                    **config.router.resources.actor_options(),
                 },
             )
             .bind(config.router, config.tier_names, str(config.resolved_data_dir()))
@@ -85,7 +87,7 @@ def build_app(config: AppConfig, *, engine_cls: type[Engine] | None = None) -> A
         name="ingress",
         num_replicas=config.ingress.num_replicas,
         max_ongoing_requests=config.ingress.max_ongoing_requests,
-        ray_actor_options={"num_cpus": config.ingress.num_cpus},
+        ray_actor_options={"num_cpus": config.ingress.num_cpus, **config.ingress.resources.actor_options()},
     )
     return ingress.bind(config, tier_apps, router_app, wire_token=wire_token)
 

@@ -11,8 +11,13 @@ DEFAULT_CONFIG = "deploy/cpu.yaml"
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    up = sub.add_parser("up", help="start a local Ray cluster and the tierserve app; Ctrl-C stops it")
+    up = sub.add_parser("up", help="start a local Ray cluster (or join one) and the tierserve app; Ctrl-C stops it")
     up.add_argument("--config", default=DEFAULT_CONFIG, help=f"tierserve YAML (default: {DEFAULT_CONFIG})")
+    up.add_argument(
+        "--address",
+        help="join this existing Ray cluster (e.g. auto, 10.0.0.5:6379) instead of starting a local one; "
+        "overrides ray.address. Tiers go where their resources.custom / node_labels say; Ctrl-C removes only the app",
+    )
     up.add_argument("--no-tiny", action="store_true", help="do not generate missing tiny models")
     up.set_defaults(func=cmd_up)
 
@@ -55,10 +60,14 @@ def cmd_up(args: argparse.Namespace) -> int:
     from serving.config import load_config
 
     config = load_config(args.config)
-    if not args.no_tiny:
+    if args.address:
+        config = config.model_copy(update={"ray": config.ray.model_copy(update={"address": args.address})})
+    joined = config.ray.address is not None
+    if not args.no_tiny and not joined:  # a cluster's nodes hold their own model folders
         ensure_tiny_models(config)
     started = time.perf_counter()
-    print(f"starting tierserve ({len(config.tiers)} tiers: {', '.join(config.tier_names)}) ...", flush=True)
+    where = f"on the Ray cluster at {config.ray.address}" if joined else "on a local Ray cluster"
+    print(f"starting tierserve ({len(config.tiers)} tiers: {', '.join(config.tier_names)}) {where} ...", flush=True)
     url = launch.start(config)
     print(f"tierserve is ready at {url}/v1 (started in {time.perf_counter() - started:.0f} s). Ctrl-C stops it.")
     print(f"  try: curl {url}/v1/chat/completions -H 'content-type: application/json' "
@@ -71,7 +80,7 @@ def cmd_up(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         pass
     print("stopping ...")
-    launch.stop()
+    launch.stop(app_only=joined)
     return 0
 
 

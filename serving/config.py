@@ -17,6 +17,7 @@ from router.config import RouterConfig
 from router.querylog import QueryLogConfig
 from serving.capacity.config import CapacityConfig
 from serving.cascade.config import CascadeConfig
+from serving.placement import Placement
 
 DEFAULT_DATA_DIR = "~/.cache/tierserve"
 
@@ -71,8 +72,8 @@ class EngineConfig(_Strict):
         return self
 
 
-class ResourcesConfig(_Strict):
-    """Ray resources of one engine replica."""
+class ResourcesConfig(Placement):
+    """Ray resources of one engine replica, and where it may run (`custom`, `node_labels`)."""
 
     num_cpus: float = Field(default=1.0, ge=0.0)
     """Logical CPUs reserved per replica."""
@@ -118,11 +119,47 @@ class TierConfig(_Strict):
     """Path to a Hugging Face model directory. Relative paths resolve against `data_dir`."""
     served_model_name: str | None = None
     """Name reported in responses; defaults to the tier name."""
-    relative_cost: float = Field(default=1.0, gt=0)
-    """Cost of one token relative to the cheapest tier (used in reports and savings figures)."""
     engine: EngineConfig = EngineConfig()
     resources: ResourcesConfig = ResourcesConfig()
     deployment: DeploymentConfig = DeploymentConfig()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _removed_fields(cls, data: object) -> object:
+        if isinstance(data, dict) and "relative_cost" in data:
+            raise ValueError(
+                "relative_cost was removed: cost is now GPU-seconds per 1k output tokens, from the tier's "
+                "resources.num_gpus and its measured throughput; delete relative_cost and set "
+                "cost.output_tokens_per_s.<tier> (`tierserve bench` measures it) and cost.usd_per_gpu_hour."
+            )
+        return data
+
+
+class SessionsConfig(_Strict):
+    """Sticky tiers per conversation (`serving.ingress.sessions`); one map per ingress replica."""
+
+    enabled: bool = True
+    """Later turns of a conversation reuse the tier that answered it (an escalation moves the session)."""
+    ttl_s: float = Field(default=1800.0, gt=0, le=7 * 86_400)
+    """A session is forgotten this long after its last answered turn."""
+    max_entries: int = Field(default=100_000, ge=1, le=10_000_000)
+    """Sessions one ingress replica remembers (least recently used dropped first; ~200 bytes each)."""
+
+
+class CostConfig(_Strict):
+    """What a self-hosted operator pays: GPU time. Reports show GPU-seconds per 1k output tokens per tier,
+    `resources.num_gpus` x 1000 / measured output tokens/s, and dollars when a GPU-hour price is set.
+    CPU tiers (num_gpus 0) have no GPU cost and are reported as "n/a (CPU)"."""
+
+    usd_per_gpu_hour: float | None = Field(default=None, ge=0, le=1000)
+    """Price of one GPU-hour (cloud rate or amortized hardware plus power); None: GPU-seconds only."""
+    output_tokens_per_s: dict[str, Annotated[float, Field(gt=0)]] = {}
+    """Measured output throughput of one replica per tier (`tierserve bench` prints it), e.g. {small: 2400}."""
+
+    def check_tiers(self, names: list[str]) -> None:
+        unknown = sorted(set(self.output_tokens_per_s) - set(names))
+        if unknown:
+            raise ValueError(f"cost.output_tokens_per_s names unknown tiers {unknown}; use tiers from {names}.")
 
 
 class LimitsConfig(_Strict):
@@ -177,15 +214,22 @@ class IngressConfig(_Strict):
     cpu_affinity: str | None = Field(default=None, pattern=r"^\d+(-\d+)?(,\d+(-\d+)?)*$")
     """CPU only: cores the ingress replicas run on, e.g. "1" or "2-3"; keep them off the busiest engine's
     `cpu_threads_bind` cores (tier replicas move off their own engine's cores by themselves)."""
+    resources: Placement = Placement()
+    """Where ingress replicas may run (`custom` resources, `node_labels`), e.g. on the CPU nodes. With
+    `http.proxy: false` each replica serves `http.host:port` on its own node."""
 
 
 class RayConfig(_Strict):
-    """Local cluster started by `tierserve up` (ignored when joining an existing cluster)."""
+    """The Ray cluster `tierserve up` runs on: a local one it starts, or an existing one (`address`)."""
 
     address: str | None = None
-    """Existing cluster to join (e.g. "auto"); None starts a local one."""
+    """Existing cluster to join (e.g. "auto", "10.0.0.5:6379"; `tierserve up --address` overrides it):
+    nothing is started locally and tiers go where their `resources.custom` / `node_labels` say. None starts
+    a one-machine cluster. (`serve run`/`serve deploy` ignore it: they use their own address.)"""
     num_cpus: int | None = Field(default=None, ge=1)
+    """Logical CPUs of a local cluster (None: the machine's cores); unused with `address`."""
     object_store_memory_bytes: int = Field(default=512 << 20, ge=75 << 20)
+    """Object store of a local cluster; unused with `address`."""
 
 
 class AppConfig(_Strict):
@@ -203,6 +247,8 @@ class AppConfig(_Strict):
     cascade: CascadeConfig = CascadeConfig()
     capacity: CapacityConfig = CapacityConfig()
     query_log: QueryLogConfig = QueryLogConfig()
+    sessions: SessionsConfig = SessionsConfig()
+    cost: CostConfig = CostConfig()
 
     @model_validator(mode="after")
     def _check_tiers(self) -> AppConfig:
@@ -258,9 +304,21 @@ class AppConfig(_Strict):
                 "use one ingress replica, or router.placement 'deployment'."
             )
         self.cascade.check_tiers(names)
+        self.cost.check_tiers(names)
         self.capacity.check_tiers(
             names, serve_capacity=self._serve_capacity(), ingress_replicas=self.ingress.num_replicas
         )
+        return self
+
+    @model_validator(mode="after")
+    def _check_placement(self) -> AppConfig:
+        router = self.router
+        if router.resources.pinned and (router.placement == "ingress" or router.default_router == "cheapest"):
+            where = ("runs inside the ingress replicas (router.placement 'ingress')" if router.placement == "ingress"
+                     else "is not deployed (default_router 'cheapest')")
+            raise ValueError(
+                f"router.resources is set but the router {where}; set ingress.resources instead, or remove it."
+            )
         return self
 
     def _serve_capacity(self) -> dict[str, int]:

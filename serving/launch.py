@@ -1,9 +1,11 @@
-"""Start the app on a local (or existing) Ray cluster and wait until every tier is ready."""
+"""Start the app on a local Ray cluster or join an existing one, and wait until every tier is ready."""
 
 from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import httpx
 
@@ -12,6 +14,8 @@ from serving.engines.base import Engine
 from serving.errors import StartupError
 
 logger = logging.getLogger(__name__)
+
+APP_NAME = "tierserve"
 
 
 def check_models(config: AppConfig) -> None:
@@ -24,17 +28,33 @@ def check_models(config: AppConfig) -> None:
             )
 
 
+def placement_problems(config: AppConfig, nodes: list[Mapping[str, Any]]) -> list[str]:
+    """One line per deployment whose `custom` resources / `node_labels` no alive node of `nodes`
+    (as `ray.nodes()` lists them) meets, naming the config field."""
+    placements = [(f"tiers[{t.name}].resources", t.resources) for t in config.tiers]
+    placements.append(("ingress.resources", config.ingress.resources))
+    if config.router.placement == "deployment":
+        placements.append(("router.resources", config.router.resources))
+    return [f"{field}: {why}" for field, placement in placements if (why := placement.unmet(nodes))]
+
+
 def start(config: AppConfig, *, wait_s: float = 600.0, engine_cls: type[Engine] | None = None) -> str:
-    """Deploy the app; return its base URL once /health says every tier is ready."""
+    """Deploy the app; return its base URL once /health says every tier is ready.
+
+    With `ray.address` it joins that cluster (nothing is started here, nothing here is pinned) and leaves
+    placement to each deployment's `resources`; else it starts a one-machine cluster.
+    """
     import ray
     from ray import serve
 
     from serving.app import build_app
 
-    if engine_cls is None:
+    joined = config.ray.address is not None
+    if engine_cls is None and not joined:  # on a cluster the models live on the nodes that run the tiers
         check_models(config)
+    started_here = not ray.is_initialized() and not joined
     if not ray.is_initialized():
-        if config.ray.address:
+        if joined:
             ray.init(address=config.ray.address)
         else:
             ray.init(
@@ -45,6 +65,19 @@ def start(config: AppConfig, *, wait_s: float = 600.0, engine_cls: type[Engine] 
                 # A one-machine cluster talks over loopback (the tier replicas' data ports included).
                 _node_ip_address="127.0.0.1",
             )
+    problems = placement_problems(config, ray.nodes())
+    if problems and started_here:
+        ray.shutdown()
+        raise StartupError(
+            "the local cluster (this machine alone) cannot host every deployment:\n  " + "\n  ".join(problems)
+            + "\nJoin a cluster whose nodes declare them (ray.address or `tierserve up --address`; nodes get "
+            "them from `ray start --resources/--labels`) or remove those constraints."
+        )
+    for problem in problems:  # an autoscaler may still add such a node
+        logger.warning("%s; its replicas wait until such a node joins", problem)
+    if joined and config.http.host in ("127.0.0.1", "localhost", "::1"):
+        logger.warning("http.host %s: each ingress replica listens on its own node's loopback, reachable only "
+                       "from that node; set http.host 0.0.0.0 on a cluster", config.http.host)
     serve.start(
         # http.proxy false: the ingress replicas serve the port themselves, no proxy actors.
         proxy_location="EveryNode" if config.http.proxy else "Disabled",
@@ -54,14 +87,39 @@ def start(config: AppConfig, *, wait_s: float = 600.0, engine_cls: type[Engine] 
             "request_timeout_s": config.http.request_timeout_s,
         },
     )
-    serve.run(build_app(config, engine_cls=engine_cls), name="tierserve", route_prefix="/", blocking=False)
-    host = "127.0.0.1" if config.http.host in ("0.0.0.0", "::") else config.http.host
+    serve.run(build_app(config, engine_cls=engine_cls), name=APP_NAME, route_prefix="/", blocking=False)
+    deadline = time.monotonic() + wait_s
+    host = config.http.host
+    if host in ("0.0.0.0", "::"):
+        # The port is served on the ingress replicas' nodes (proxy or not, an ingress node has it).
+        host = _ingress_node_ip(deadline) if joined else "127.0.0.1"
     url = f"http://{host}:{config.http.port}"
-    wait_ready(url, wait_s)
+    wait_ready(url, deadline - time.monotonic(), problems)
     return url
 
 
-def wait_ready(url: str, wait_s: float) -> None:
+def _ingress_node_ip(deadline: float) -> str:
+    """The address of a node running an ingress replica (Ray's state API, served by the head's dashboard)."""
+    import ray
+    from ray.util.state import list_actors
+
+    while True:
+        try:
+            actors = list_actors(filters=[("class_name", "=", f"ServeReplica:{APP_NAME}:ingress"),
+                                          ("state", "=", "ALIVE")])
+        except Exception as exc:  # noqa: BLE001 - no dashboard on the head: fall back to this node
+            logger.warning("cannot list the ingress replicas (%s); checking this node's port", exc)
+            return ray.util.get_node_ip_address()
+        ips = {n["NodeID"]: n["NodeManagerAddress"] for n in ray.nodes() if n.get("Alive")}
+        for actor in actors:
+            if actor.node_id in ips:
+                return ips[actor.node_id]
+        if time.monotonic() >= deadline:
+            raise StartupError("no ingress replica started; check `serve status` and ingress.resources.")
+        time.sleep(1.0)
+
+
+def wait_ready(url: str, wait_s: float, problems: Sequence[str] = ()) -> None:
     deadline = time.monotonic() + wait_s
     last = ""
     while time.monotonic() < deadline:
@@ -73,15 +131,21 @@ def wait_ready(url: str, wait_s: float) -> None:
         except httpx.HTTPError as exc:
             last = str(exc)
         time.sleep(1.0)
-    raise StartupError(f"tierserve did not become ready within {wait_s:.0f} s at {url}/health: {last}")
+    unplaced = "".join(f"\n  {p}" for p in problems)
+    raise StartupError(f"tierserve did not become ready within {wait_s:.0f} s at {url}/health: {last}{unplaced}")
 
 
-def stop() -> None:
+def stop(*, app_only: bool = False) -> None:
+    """Remove the app and disconnect. `app_only` (a joined cluster): delete only this app and leave Serve
+    and the cluster to their owner; else shut Serve and the local cluster down."""
     import ray
     from ray import serve
 
     try:
-        serve.shutdown()
+        if app_only:
+            serve.delete(APP_NAME)
+        else:
+            serve.shutdown()
     finally:
         if ray.is_initialized():
             ray.shutdown()

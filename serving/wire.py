@@ -256,7 +256,9 @@ class WireStream:
     def close(self) -> None:
         """Close the connection; mid-stream this aborts the engine request on the replica."""
         sock = self._writer.transport.get_extra_info("socket")
-        if sock is not None:  # no TIME_WAIT pile-up from one connection per request
+        # No TIME_WAIT pile-up from one connection per request; a connection the peer reset (its node went
+        # away) has no descriptor left, and closing it must not turn the caller's 503 into a 500.
+        if sock is not None and sock.fileno() >= 0:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
         self._writer.close()
 

@@ -78,7 +78,8 @@ def _dataset_args(p: argparse.ArgumentParser, *, required: bool = True) -> None:
                    help="mmlu, gsm8k, mt-bench, arc-challenge, mbpp, winogrande, or a .csv/.jsonl path")
     p.add_argument("--data-dir", help="shared routing data (default: $TIERSERVE_EVAL_DATA or <repo>/../shared/data)")
     p.add_argument("--config", default=os.environ.get("TIERSERVE_CONFIG"),
-                   help="tierserve YAML config; its router.embedder is used (default: the bundled MiniLM)")
+                   help="tierserve YAML config; its router.embedder is used (default: the bundled MiniLM), and "
+                        "eval also prices the policies in GPU time from its cost.* and resources.num_gpus")
     p.add_argument("--cache-dir", help="embedding cache (default: <tierserve data dir>/eval-cache)")
     p.add_argument("--test-fraction", type=float, default=0.5, help="hash split for sets without one")
     p.add_argument("--split-seed", type=int, default=0)
@@ -160,6 +161,14 @@ def _eval(args) -> int:
     models = [m.strip() for m in args.classifier_models.split(",") if m.strip()]
     report = run_eval(ds, names, cache, tune=not args.no_tune, progress=not args.quiet, classifier_models=models,
                       extra=extra, cost_ratio=args.cost_ratio)
+    if args.config:  # GPU time beside the API-price view: the cheapest tier as weak, the last as strong
+        from router.eval.runner import with_self_hosted
+        from serving.config import load_config
+        from serving.cost import tier_costs
+
+        app = load_config(args.config)
+        costs = tier_costs(app)
+        report = with_self_hosted(report, costs[app.tier_names[0]], costs[app.tier_names[-1]])
     json_path, png_path = write_report(report, args.out)
     print(format_table(report))
     print(f"\nwrote {json_path} and {png_path}")
@@ -310,9 +319,23 @@ def _report(args) -> int:
     cascade = cascade_over_time(records, args.bucket, tier=args.tier, target=target)
     print()
     print(format_cascade(cascade))
+    print()
+    print(_report_cost(records, args.config))
     if args.png and not table.empty:
         print(f"wrote {plot_report(table, args.png, cascade=cascade)}")
     return 0
+
+
+def _report_cost(records, config: str | None) -> str:
+    """The self-hosted cost section of `tierserve report` (GPU-seconds; needs the tiers' GPU shares)."""
+    if not config:
+        return "self-hosted cost: give --config for GPU-seconds per tier (resources.num_gpus, cost.*)"
+    from router.eval.report import format_cost
+    from serving.config import load_config
+    from serving.cost import tier_costs
+
+    app = load_config(config)
+    return format_cost(records, tier_costs(app), baseline=app.tier_names[-1])
 
 
 def _querylog_dir(config: str | None) -> Path:

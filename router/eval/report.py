@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
 
 from router.querylog import QueryRecord
+
+if TYPE_CHECKING:
+    from serving.cost import TierCost
 
 
 def records_frame(records: Sequence[QueryRecord]) -> pd.DataFrame:
@@ -152,3 +156,47 @@ def format_cascade(table: pd.DataFrame) -> str:
         shown[col] = shown[col].map(lambda v: f"{v:.3f}" if pd.notna(v) else "-")
     shown.index = shown.index.strftime("%Y-%m-%d %H:%M")
     return head + "\n" + shown.to_string()
+
+
+def output_tokens_by_tier(records: Sequence[QueryRecord]) -> tuple[dict[str, float], float]:
+    """Output tokens each tier produced, and how many of them are estimated.
+
+    The log keeps the returned answer's length only; an escalated request's discarded answers (every tier
+    in its chain before the last) are counted at that same length, an estimate reported as such.
+    """
+    tokens: dict[str, float] = {}
+    estimated = 0.0
+    for r in records:
+        tokens[r.tier] = tokens.get(r.tier, 0.0) + r.completion_tokens
+        for tier in r.tier_chain[:-1]:
+            tokens[tier] = tokens.get(tier, 0.0) + r.completion_tokens
+            estimated += r.completion_tokens
+    return tokens, estimated
+
+
+def format_cost(records: Sequence[QueryRecord], costs: Mapping[str, TierCost], baseline: str) -> str:
+    """GPU-seconds (and dollars) the logged answers took per tier, against all of them on `baseline`."""
+    from serving.cost import FleetCost, fleet_cost
+
+    tokens, estimated = output_tokens_by_tier(records)
+    head = "self-hosted cost (GPU-seconds per 1k output tokens: resources.num_gpus x 1000 / cost.output_tokens_per_s)"
+    if not tokens or not sum(tokens.values()):
+        return head + "\n  no output tokens in that window"
+    # On `baseline` alone nothing escalates: only the returned answers would be generated.
+    fleet = fleet_cost(tokens, costs, baseline, baseline_tokens=sum(tokens.values()) - estimated)
+    if not isinstance(fleet, FleetCost):
+        return f"{head}\n  n/a: {fleet}"
+    lines = [head]
+    for tier, n in tokens.items():
+        lines.append(f"  {tier:<12}{n:>12,.0f} output tok x {costs[tier].label():<28} = "
+                     f"{_gpu_s(fleet.gpu_s[tier])} GPU-s{fleet.usd(fleet.gpu_s[tier])}")
+    if estimated:
+        lines.append(f"  ({estimated:,.0f} of those tokens are escalated answers' discarded drafts, counted at the "
+                     "returned answer's length)")
+    lines.append(f"  total {_gpu_s(fleet.total_gpu_s)} GPU-s{fleet.usd(fleet.total_gpu_s)}; all on {baseline}: "
+                 f"{_gpu_s(fleet.baseline_gpu_s)} GPU-s{fleet.usd(fleet.baseline_gpu_s)}; saved {fleet.saved:.1%}")
+    return "\n".join(lines)
+
+
+def _gpu_s(value: float) -> str:
+    return f"{value:,.1f}" if value >= 100 else f"{value:.3g}"

@@ -79,9 +79,19 @@ def cmd_bench(args: argparse.Namespace) -> int:
     out.mkdir(parents=True, exist_ok=True)
     specs = loads_for(concurrency, modes, args.num_prompts, args.input_len, args.output_len)
     result = run_bench(config, tier, targets, specs, rounds=args.rounds, port=args.port, log_dir=out)
-    print(report_mod.write(result, out))
+    print(report_mod.write(result, out, _bench_cost(config, tier)))
     print(f"wrote {out}/results.json, results.md, throughput.png")
     return 0
+
+
+def _bench_cost(config, tier: str):
+    """The tier's GPU share and replica count, to price the measured throughput (autoscaled: min_replicas)."""
+    from serving.bench.report import BenchCost
+    from serving.cost import tier_costs
+
+    d = config.tier(tier).deployment
+    replicas = max(1, d.autoscaling.min_replicas) if d.autoscaling else d.num_replicas
+    return BenchCost(tier_costs(config)[tier], replicas)
 
 
 def _interrupt(*_: object) -> None:

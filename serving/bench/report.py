@@ -3,10 +3,24 @@
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from serving.bench.load import LoadSpec
 from serving.bench.sidebyside import BenchReport
+from serving.cost import TierCost
+
+
+@dataclass(frozen=True)
+class BenchCost:
+    """How the bench prices a tier's measured throughput: its GPU share per replica and the replicas serving."""
+
+    tier: TierCost
+    replicas: int = 1
+
+    def label(self, tokens_per_s: float) -> str:
+        """GPU-seconds (and $) per 1k output tokens at `tokens_per_s` over all replicas, or "n/a (CPU)"."""
+        return replace(self.tier, tokens_per_s=tokens_per_s / self.replicas).label()
 
 
 def _specs(report: BenchReport) -> list[LoadSpec]:
@@ -18,15 +32,16 @@ def _targets(report: BenchReport) -> list[str]:
     return list(dict.fromkeys(r.target for r in report.runs))
 
 
-def markdown(report: BenchReport) -> str:
-    """Medians over rounds per (load, target); ratios against bare vLLM where it ran."""
+def markdown(report: BenchReport, cost: BenchCost | None = None) -> str:
+    """Medians over rounds per (load, target); ratios against bare vLLM where it ran; with `cost`, the GPU
+    time per 1k output tokens each throughput means (none for the scripted engine: it holds no GPU)."""
     lines = [
         f"Tier `{report.tier}`, vLLM's serving benchmark (random dataset, greedy, ignore_eos); medians of "
         f"{len({r.round for r in report.runs})} alternating round(s).",
         "",
         "| load | path | output tok/s | vs bare | TTFT p50 ms | TTFT p99 ms | TPOT p50 ms | vs bare | ITL p50 ms "
-        "| failed |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| failed |" + (" cost per 1k output tok |" if cost else ""),
+        "|---|---|---|---|---|---|---|---|---|---|" + ("---|" if cost else ""),
     ]
     for spec in _specs(report):
         load = f"{spec.input_len}/{spec.output_len} tok, c={spec.concurrency}, {'stream' if spec.stream else 'unary'}"
@@ -47,8 +62,28 @@ def markdown(report: BenchReport) -> str:
                 f"| {load} | {target} | {tps:,.0f} | {ratio} | {ttft:.1f} | "
                 f"{report.median(target, spec, 'ttft_p99_ms'):.1f} | {tpot:.2f} | {tpot_ratio} | "
                 f"{report.median(target, spec, 'itl_p50_ms'):.2f} | {_failed(report, target, spec)} |"
+                + (f" {cost.label(tps) if target != 'plumbing' else '-'} |" if cost else "")
             )
+    if cost:
+        lines += ["", cost_note(report, cost)]
     return "\n".join(lines) + "\n"
+
+
+def cost_note(report: BenchReport, cost: BenchCost) -> str:
+    """How the cost column is priced, and the throughput to keep in `cost.output_tokens_per_s`."""
+    t = cost.tier
+    if t.num_gpus <= 0:
+        return f"Cost: {t.tier} is a CPU tier (resources.num_gpus 0): no GPU cost, n/a (CPU)."
+    price = f"${t.usd_per_gpu_hour:g} per GPU-hour" if t.usd_per_gpu_hour is not None else "no cost.usd_per_gpu_hour"
+    note = (f"Cost: GPU-seconds per 1k output tokens = {t.num_gpus:g} GPU x {cost.replicas} replica(s) x 1000 / "
+            f"output tok/s ({price}).")
+    measured = [(s.concurrency, report.median("tierserve", s, "output_tok_s")) for s in _specs(report)]
+    measured = [(c, tps) for c, tps in measured if tps]
+    if measured:
+        c, tps = max(measured)
+        note += (f" At c={c} tierserve made {tps:,.0f} tok/s: set cost.output_tokens_per_s.{t.tier}: "
+                 f"{tps / cost.replicas:.0f} (per replica) for `tierserve eval` and `tierserve report`.")
+    return note
 
 
 def _failed(report: BenchReport, target: str, spec: LoadSpec) -> str:
@@ -80,10 +115,10 @@ def plot(report: BenchReport, path: Path) -> None:
     plt.close(fig)
 
 
-def write(report: BenchReport, out: Path) -> str:
+def write(report: BenchReport, out: Path, cost: BenchCost | None = None) -> str:
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(report.to_json(), indent=1))
-    table = markdown(report)
+    table = markdown(report, cost)
     (out / "results.md").write_text(table)
     plot(report, out / "throughput.png")
     return table

@@ -34,10 +34,11 @@ from serving.ingress.protocol import (
 )
 from serving.ingress.http import IngressApp, SseResponse, unless_disconnected
 from serving.ingress.server import DirectServer
+from serving.ingress.sessions import SESSION_HEADER, SessionKey, session_key
 from serving.ingress.tiers import SseRelay, TierClient
 from serving.metrics import Metrics
 from serving.responses import DONE, response, sse
-from serving.types import GenerationRequest
+from serving.types import ChatMessage, GenerationRequest
 
 logger = logging.getLogger(__name__)
 
@@ -61,7 +62,9 @@ async def _deadline(when: float) -> AsyncIterator[None]:
 
 def error_response(exc: BaseException, extra_headers: dict[str, str] | None = None) -> JSONResponse:
     status, body, headers = to_envelope(exc)
-    if status >= 500:
+    if status in (503, 504):  # overload, a lost replica, a timeout: expected, counted in the metrics
+        logger.debug("request answered %d: %s", status, body["error"]["message"])
+    elif status >= 500:
         logger.exception("request failed", exc_info=exc)
     return JSONResponse(body, status_code=status, headers={**headers, **(extra_headers or {})})
 
@@ -113,6 +116,12 @@ def _too_large(size: int, limit: int) -> PayloadTooLarge:
         f"The request body is {size:,} bytes or more; the limit is {limit:,} (http.limits.max_body_bytes).",
         param="body", code="body_too_large",
     )
+
+
+def _session(request: Request, body: ChatCompletionRequest | CompletionRequest,
+             messages: tuple[ChatMessage, ...] | None) -> SessionKey | None:
+    """The conversation this request continues: the session header, else derived from a chat's messages."""
+    return session_key(request.headers.get(SESSION_HEADER), body.user, messages)
 
 
 @serve.ingress()
@@ -212,7 +221,10 @@ class Ingress:
             body = await _parse(request, ChatCompletionRequest, CompletionRequest,
                                 limit=self.config.http.limits.max_body_bytes)
             check_limits(body, self.config.http.limits)
-            outcome = Outcome(plan=await self.pipeline.plan(body.model, body.routing_text(), body.options))
+            messages = body.chat_messages() if isinstance(body, ChatCompletionRequest) else None
+            plan = await self.pipeline.plan(body.model, body.routing_text(), body.options,
+                                            _session(request, body, messages))
+            outcome = Outcome(plan=plan)
             return JSONResponse({"object": "tierserve.route", **outcome.meta()}, headers=outcome.headers())
         except Exception as exc:
             return error_response(exc)
@@ -269,7 +281,8 @@ class Ingress:
                 messages=body.chat_messages() if kind == "chat" else None,
                 prompt=body.prompt_text() if kind != "chat" else None,
             )
-            plan = await self.pipeline.plan(body.model, body.routing_text(), body.options)
+            plan = await self.pipeline.plan(body.model, body.routing_text(), body.options,
+                                            _session(http, body, gen_request.messages))
             outcome = Outcome(plan=plan)
             logprobs = gen_request.sampling.logprobs
             deadline = asyncio.get_running_loop().time() + self.config.http.request_timeout_s

@@ -21,6 +21,7 @@ from serving.errors import ModelNotFound
 from serving.ingress.admission import CapacityController
 from serving.ingress.cascade_run import CascadeRunner, strip_logprobs
 from serving.ingress.router_calls import RouterCalls
+from serving.ingress.sessions import SessionKey, SessionStore, sticky_reason, tier_to_remember
 from serving.ingress.tiers import TierClient
 from serving.ingress.tiers import SseRelay
 from serving.metrics import Metrics
@@ -37,12 +38,15 @@ class RoutePlan:
 
     tier: str
     router: str
-    """'explicit' (model named a tier), 'forced' (tierserve.tier), 'cheapest', or the router's name."""
+    """'explicit' (model named a tier), 'forced' (tierserve.tier), 'cheapest', 'session' (a conversation's
+    earlier tier), or the router's name."""
     score: float | None = None
     thresholds: tuple[float, ...] = ()
     reason: str = ""
     overhead_ms: float = 0.0
     fallback: bool = False
+    session: str | None = None
+    """The session key whose tier the answer updates (None: the request belongs to no session)."""
 
 
 @dataclass
@@ -119,13 +123,17 @@ class Pipeline:
         self._judge = JudgeRouter(self._judge_complete)
         self._heuristic = HeuristicScorer(config.router.heuristic)
         self._thresholds = config.router.thresholds_for(len(config.tiers))
+        self.sessions = (
+            SessionStore(config.sessions.ttl_s, config.sessions.max_entries) if config.sessions.enabled else None
+        )
+        """Sticky tiers of this replica's conversations (None: sessions off)."""
         for tier in config.tier_names[:-1]:  # the drift alert compares escalations with the calibrated target
             target = config.cascade.target_rate_for(tier)
             if target is not None:
                 metrics.cascade_escalation_target.labels(tier).set(target)
 
-    async def plan(self, model: str, routing_text: str, options: Any) -> RoutePlan:
-        """Pick the entry tier from `model` and the per-request options."""
+    async def plan(self, model: str, routing_text: str, options: Any, session: SessionKey | None = None) -> RoutePlan:
+        """Pick the entry tier from `model` and the per-request options (a named tier wins over a session)."""
         names = self.config.tier_names
         if options.tier is not None:
             if options.tier not in names:
@@ -138,12 +146,25 @@ class Pipeline:
         if model == "auto" or model.startswith("router-"):
             if not options.routing:
                 return RoutePlan(tier=names[0], router="cheapest", reason="routing disabled by the request")
-            return await self._route(model, routing_text, options)
+            if session is None or self.sessions is None:
+                return await self._route(model, routing_text, options)
+            return self._session_plan(session) or replace(
+                await self._route(model, routing_text, options), session=session.key
+            )
         raise ModelNotFound(
             f"The model '{model}' does not exist. Use 'auto', 'router-<name>[-<threshold>]' or a tier: {names}.",
             param="model",
             code="model_not_found",
         )
+
+    def _session_plan(self, session: SessionKey) -> RoutePlan | None:
+        """The tier a continuing conversation answered on last, if this replica remembers it."""
+        remembered = self.sessions.get(session.key) if self.sessions and session.continuing else None
+        if remembered is None or remembered.tier not in self.config.tier_names:
+            return None
+        self.metrics.routing.labels("session", remembered.tier).inc()
+        return RoutePlan(tier=remembered.tier, router="session", thresholds=self._thresholds,
+                         reason=sticky_reason(session, remembered, self.sessions.now()), session=session.key)
 
     async def _route(self, model: str, routing_text: str, options: Any) -> RoutePlan:
         kind, threshold = None, None
@@ -209,7 +230,8 @@ class Pipeline:
     async def _judge_decision(self, item: RouteInput) -> RouteDecision:
         verdict = await self._judge.verdict(item.text)
         cheapest = self.config.tier_names[0]
-        reason = f"judge: P(hard) {verdict.p_hard:.3f} from the {cheapest} tier (yes/no mass {verdict.answer_mass:.3f})"
+        reason = (f"judge: P(hard) {verdict.p_hard:.3f} from the {cheapest} tier (yes/no mass {verdict.answer_mass:.3f})"
+                  if verdict.answered else f"judge: the call to the {cheapest} tier failed; P(hard) {verdict.p_hard}")
         return self._decision(item, verdict.p_hard, "judge", reason)
 
     def _local_heuristic(self, item: RouteInput, cause: str) -> RouteDecision:
@@ -264,6 +286,10 @@ class Pipeline:
         if decision.action != "keep":
             outcome.capacity = f"{decision.action}:{decision.reason}"
             self.metrics.capacity_moves.labels(plan.tier, decision.tier).inc()
+            if plan.router == "session" and decision.tier != plan.tier:
+                outcome.plan = replace(plan, reason=f"{plan.reason}; {plan.tier} is saturated, so this turn "
+                                                    f"moved to {decision.tier} ({decision.action}); the session "
+                                                    f"stays on {plan.tier}")
         return decision.tier_index
 
     def _policy(self, outcome: Outcome, options: Any) -> CascadePolicy | None:
@@ -363,8 +389,11 @@ class Pipeline:
         request_id: str = "",
         routing_text: str | None = None,
     ) -> None:
-        """Metrics and the query log for one finished request (any status)."""
+        """Metrics, the session's tier and the query log for one finished request (any status)."""
         tier = outcome.tier
+        if status == 200 and outcome.plan.session is not None and self.sessions is not None:
+            self.sessions.put(outcome.plan.session, tier_to_remember(
+                outcome.plan.tier, tier, escalated=outcome.escalated, moved_by_load=outcome.capacity is not None))
         latency_s = time.perf_counter() - started
         self.metrics.requests.labels(endpoint, tier, str(status)).inc()
         self.metrics.latency.labels(endpoint, tier).observe(latency_s)

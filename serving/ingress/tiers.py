@@ -95,8 +95,9 @@ class TierClient:
                 await self._poll(tier)
                 address = self._pick(tier)
             if address is None:
-                raise ServiceUnavailable.make(
-                    f"tier '{tier}' has no ready replica yet; retry shortly.", retry_after_s=2, status_code=503
+                raise ServiceUnavailable(
+                    f"tier '{tier}' has no ready replica (starting, or its node is gone); retry shortly.",
+                    code="no_replica", headers={"Retry-After": "2"},
                 )
             try:
                 return address, await open_stream(address, self.wire_token, wire, tier=tier)

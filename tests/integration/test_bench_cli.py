@@ -27,5 +27,6 @@ def test_plumbing_bench_writes_sane_figures(tmp_path: Path) -> None:
         assert 0 < res["ttft_p50_ms"] <= res["ttft_p99_ms"] and res["ttft_p50_ms"] <= res["e2el_p99_ms"]
     table = (out / "results.md").read_text()
     assert table.count("| plumbing |") == 3 and "output tok/s" in table
+    assert "cost per 1k output tok" in table and "no GPU cost, n/a (CPU)" in table  # deploy/cpu.yaml's tiers
     assert (out / "throughput.png").stat().st_size > 1000
     assert "results.json" in done.stdout

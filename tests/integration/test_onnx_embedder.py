@@ -1,17 +1,33 @@
-"""The ONNX Runtime embedder backends on the bundled MiniLM: exported once, checked against torch, cached."""
+"""The ONNX Runtime embedder backends on the bundled MiniLM: exported once, checked against torch, cached.
+
+int8 serves only behind the exact re-check (`RecheckEmbedder`); these tests route the shipped exemplars
+through it over a real local store and compare every decision with torch's.
+"""
 
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from router.config import EmbedderConfig
-from router.embedder import FlagEmbedder, build_embedder
-from router.onnx_embedder import MIN_COSINE, OnnxEmbedder
+from router import onnx_embedder
+from router.config import EmbedderConfig, RouterConfig
+from router.core import Router
+from router.embedder import FlagEmbedder, RecheckEmbedder, build_embedder
+from router.exemplars import load_default_exemplars
+from router.onnx_embedder import (
+    MAX_RECHECK_SHARE,
+    MIN_COSINE,
+    RECHECK_FACTOR,
+    RECHECK_FLOOR,
+    OnnxEmbedder,
+)
+from router.store import ExemplarStore
 
+TIERS = ["small", "large"]
 TEXTS = ["What is 2 + 2?", "Prove that the square root of two is irrational, step by step.", "hi"]
 
 
@@ -36,11 +52,63 @@ def test_fp32_export_gives_torchs_vectors_and_is_reused(cache: Path) -> None:
     assert (folder / "model-fp32.onnx").stat().st_mtime == stamp  # cached, not exported again
 
 
-def test_int8_is_used_only_if_it_passes_its_check(cache: Path) -> None:
-    embedder = build_embedder(EmbedderConfig(backend="onnx-int8"), cache)
+@pytest.fixture(scope="module")
+def torch_embedder() -> FlagEmbedder:
+    return build_embedder(EmbedderConfig())
+
+
+@pytest.fixture(scope="module")
+def int8(cache: Path) -> RecheckEmbedder | OnnxEmbedder | FlagEmbedder:
+    return build_embedder(EmbedderConfig(backend="onnx-int8"), cache)
+
+
+def _int8_check(cache: Path) -> dict:
     (folder,) = (cache / "onnx").iterdir()
-    check = json.loads((folder / "check-int8.json").read_text())
-    passed = check["min_cosine"] >= MIN_COSINE and check["clear_flips"] == 0
-    assert isinstance(embedder, OnnxEmbedder if passed else FlagEmbedder)
-    assert 0.9 < check["min_cosine"] <= check["mean_cosine"] <= 1.0
-    assert 0.9 < check["same_decisions"] <= 1.0
+    return json.loads((folder / "check-int8.json").read_text())
+
+
+def test_int8_check_stores_the_band_and_serves_behind_the_recheck(cache: Path, int8) -> None:
+    check = _int8_check(cache)
+    assert check["n"] == 321 and 0.9 < check["min_cosine"] <= check["mean_cosine"] <= 1.0
+    assert check["recheck_margin"] == pytest.approx(max(RECHECK_FLOOR, RECHECK_FACTOR * check["max_score_error"]))
+    assert check["flips_after_recheck"] == 0
+    passed = check["min_cosine"] >= MIN_COSINE and check["recheck_share"] <= MAX_RECHECK_SHARE
+    assert isinstance(int8, RecheckEmbedder if passed else OnnxEmbedder)
+    if passed:
+        assert int8.margin == check["recheck_margin"]
+        assert isinstance(int8.exact, OnnxEmbedder)  # the fp32 copy passed its own check above
+        assert np.min(np.sum(int8.embed(TEXTS) * int8.exact.embed(TEXTS), axis=1)) > 0.9999
+
+
+def test_recheck_router_decides_like_torch_on_the_shipped_exemplars(int8, torch_embedder, tmp_path: Path) -> None:
+    if not isinstance(int8, RecheckEmbedder):
+        pytest.skip("the int8 copy failed its check here, so the exact model serves alone")
+    texts = [e.text for e in load_default_exemplars()]
+    # Verbatim (each meets itself in the store) and altered (it does not): both must decide as torch does.
+    texts += [f"{t} Please keep the answer short." for t in texts]
+    store = ExemplarStore(collection="exemplars", dim=int8.dim, path=tmp_path / "qdrant")
+    try:
+        exact_router = Router(RouterConfig(), TIERS, embedder=torch_embedder, store=store)
+        assert exact_router.seed_defaults(store) == 321
+        fast_router = Router(RouterConfig(), TIERS, embedder=int8, store=store)
+        before = int8.rechecked_texts
+        fast = fast_router.route(texts)
+        exact = exact_router.route(texts)
+    finally:
+        store.close()
+    assert [d.tier for d in fast] == [d.tier for d in exact]
+    assert all(d.router == "knn" and not d.fallback for d in fast)
+    rechecked = int8.rechecked_texts - before
+    assert 0 < rechecked < len(texts) * MAX_RECHECK_SHARE
+    # Decisions outside the band were taken on int8 vectors, so their scores differ slightly from torch's.
+    gaps = np.abs(np.array([d.score for d in fast]) - np.array([d.score for d in exact]))
+    assert 0 < gaps.max() < int8.margin
+
+
+def test_too_wide_band_falls_back_to_the_exact_model(cache: Path, int8, monkeypatch, caplog) -> None:
+    share = _int8_check(cache)["recheck_share"]
+    monkeypatch.setattr(onnx_embedder, "MAX_RECHECK_SHARE", share / 2)
+    with caplog.at_level(logging.WARNING, logger="router.onnx_embedder"):
+        embedder = build_embedder(EmbedderConfig(backend="onnx-int8"), cache)
+    assert isinstance(embedder, OnnxEmbedder)  # the fp32 copy, not the int8 one behind a re-check
+    assert any("re-check band" in r.getMessage() and "int8" in r.getMessage() for r in caplog.records)

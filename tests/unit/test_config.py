@@ -161,3 +161,126 @@ def test_shared_gpu_needs_an_explicit_memory_share() -> None:
     cfg = yaml.safe_load((REPO / "deploy" / "gpu-7b-34b.yaml").read_text())
     del cfg["tiers"][0]["engine"]["gpu_memory_utilization"]
     assert "gpu_memory_utilization is required when the tier shares a GPU" in _error(cfg)
+
+
+def test_removed_relative_cost_names_its_replacement() -> None:
+    message = _error(_with("tiers.1.relative_cost", 5.0))
+    assert "tiers.1: relative_cost was removed" in message
+    assert "cost.output_tokens_per_s.<tier>" in message and "cost.usd_per_gpu_hour" in message
+
+
+def test_cost_and_sessions_sections_default_off_the_price_and_on_the_sessions() -> None:
+    config = parse_config(CPU)
+    assert config.cost.usd_per_gpu_hour is None and config.cost.output_tokens_per_s == {}
+    assert config.sessions.enabled and config.sessions.max_entries == 100_000
+
+
+# ---- placement on a multi-node cluster (tiers[].resources, router.resources, ingress.resources) ----------
+
+
+def _pinned() -> dict:
+    cfg = copy.deepcopy(CPU)
+    cfg["tiers"][0]["resources"]["custom"] = {"gpu_group": 0.01}
+    cfg["tiers"][1]["resources"]["node_labels"] = {"tierserve/group": "in(gpu,gpu-spot)", "zone": "!us-east-1a"}
+    cfg["router"]["resources"] = {"node_labels": {"tierserve/group": "cpu"}}
+    cfg["ingress"]["resources"] = {"custom": {"cpu_group": 0.01}}
+    return cfg
+
+
+def test_placement_becomes_ray_actor_options_that_ray_accepts() -> None:
+    from ray import serve
+
+    from serving.app import _tier_deployment_options
+
+    config = parse_config(_pinned())
+    small = _tier_deployment_options(config, config.tier("small"))["ray_actor_options"]
+    large = _tier_deployment_options(config, config.tier("large"))["ray_actor_options"]
+    assert small["resources"] == {"gpu_group": 0.01} and "label_selector" not in small
+    assert large["label_selector"] == {"tierserve/group": "in(gpu,gpu-spot)", "zone": "!us-east-1a"}
+    assert small["num_cpus"] == 0.8 and "resources" not in large
+    assert config.router.resources.actor_options() == {"label_selector": {"tierserve/group": "cpu"}}
+    assert config.ingress.resources.actor_options() == {"resources": {"cpu_group": 0.01}}
+    assert config.ray.address is None and parse_config(CPU).tier("small").resources.actor_options() == {}
+
+    class Replica:
+        pass
+
+    for options in (small, large):  # the installed Ray's own option checks
+        serve.deployment(Replica).options(ray_actor_options=options)
+    with pytest.raises(ValueError, match="label"):  # ...which do refuse a bad selector
+        serve.deployment(Replica).options(ray_actor_options={"label_selector": {"-bad-": "x"}})
+
+
+@pytest.mark.parametrize(
+    ("path", "value", "expected"),
+    [
+        ("tiers.0.resources.custom", {"GPU": 1}, "'GPU' is a built-in Ray resource, not a custom one; use num_gpus instead."),
+        ("tiers.0.resources.custom", {"memory": 1}, "'memory' is a built-in Ray resource, not a custom one; Ray sets it"),
+        ("tiers.0.resources.custom", {"gpu group": 0.01}, "resource name 'gpu group' must be 1-128 letters"),
+        ("tiers.0.resources.custom", {"gpu_group": 0}, "gpu_group: 0.0 is not a usable amount; use at least 0.0001"),
+        ("tiers.0.resources.custom", {"gpu_group": 0.00001}, "gpu_group: 1e-05 is not a usable amount"),
+        ("tiers.1.resources.node_labels", {"-group": "gpu"}, "label key '-group' is not a valid node label"),
+        ("tiers.1.resources.node_labels", {"group": "gpu nodes"}, "group: 'gpu nodes' is not a label selector value"),
+        ("tiers.1.resources.node_labels", {"group": "in()"}, "use a label value (e.g. gpu), `!value`, `in(a,b)`"),
+        ("ingress.resources", {"nodes": "gpu"}, "ingress.resources.nodes: unknown field"),
+        ("ingress.resources.custom", {"CPU": 1}, "ingress.resources.custom: Value error, 'CPU' is a built-in"),
+        ("router.resources.node_labels", {"group": "!!cpu"}, "router.resources.node_labels"),
+    ],
+)
+def test_bad_placement_names_field_value_and_fix(path: str, value: object, expected: str) -> None:
+    message = _error(_with(path, value))
+    expected = expected.replace("Value error, ", "")
+    assert expected in message, message
+    assert path.rsplit(".", 1)[0] in message  # the field is named
+
+
+def test_router_placement_without_a_router_deployment_is_refused() -> None:
+    cfg = _pinned()
+    cfg["router"]["placement"] = "ingress"
+    assert "router.resources is set but the router runs inside the ingress replicas" in _error(cfg)
+    assert "set ingress.resources instead" in _error(cfg)
+    cfg["router"]["placement"], cfg["router"]["default_router"] = "deployment", "cheapest"
+    assert "router.resources is set but the router is not deployed (default_router 'cheapest')" in _error(cfg)
+
+
+def test_placement_problems_name_the_deployments_no_node_can_host() -> None:
+    from serving.launch import placement_problems
+
+    config = parse_config(_pinned())
+    head = {"Alive": True, "Resources": {"CPU": 2.0, "cpu_group": 100.0}, "Labels": {"tierserve/group": "cpu"}}
+    gpu = {"Alive": True, "Resources": {"CPU": 2.0, "gpu_group": 100.0},
+           "Labels": {"tierserve/group": "gpu", "zone": "us-east-1b"}}
+    assert placement_problems(config, [head, gpu]) == []
+    # This machine alone (a local cluster): both tiers are unplaceable, the router and ingress fit.
+    assert placement_problems(config, [head]) == [
+        "tiers[small].resources: no alive node of 1 offers resources {'gpu_group': 0.01}",
+        ("tiers[large].resources: no alive node of 1 offers labels {'tierserve/group': 'in(gpu,gpu-spot)', "
+         "'zone': '!us-east-1a'}"),
+    ]
+    # A dead node does not count; a node in the excluded zone does not match `!us-east-1a`.
+    assert len(placement_problems(config, [head, gpu | {"Alive": False}])) == 2
+    east = gpu | {"Labels": {"tierserve/group": "gpu-spot", "zone": "us-east-1a"}}
+    assert placement_problems(config, [head, east]) == [
+        ("tiers[large].resources: no alive node of 2 offers labels {'tierserve/group': 'in(gpu,gpu-spot)', "
+         "'zone': '!us-east-1a'}")
+    ]
+    assert placement_problems(parse_config(CPU), [head]) == []  # unpinned: anywhere
+
+
+def test_up_address_flag_joins_instead_of_starting(monkeypatch: pytest.MonkeyPatch) -> None:
+    import argparse
+
+    from serving import cli_serve, launch
+
+    seen = {}
+    monkeypatch.setattr(launch, "start", lambda config: seen.setdefault("config", config) and "http://x:1")
+    monkeypatch.setattr(launch, "stop", lambda **kw: seen.setdefault("stop", kw))
+    monkeypatch.setattr(cli_serve, "ensure_tiny_models", lambda config: seen.setdefault("tiny", True))
+    monkeypatch.setattr(cli_serve.threading.Event, "wait", lambda self, timeout=None: True)
+    parser = argparse.ArgumentParser()
+    cli_serve.register(parser.add_subparsers())
+    args = parser.parse_args(["up", "--config", str(REPO / "deploy" / "cpu.yaml"), "--address", "10.0.0.5:6379"])
+    assert args.func(args) == 0
+    assert seen["config"].ray.address == "10.0.0.5:6379"
+    assert "tiny" not in seen  # the cluster's nodes hold their own models
+    assert seen["stop"] == {"app_only": True}  # Ctrl-C removes the app, not the cluster's Serve

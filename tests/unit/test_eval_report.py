@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from datetime import UTC, datetime
 
 import pytest
@@ -68,3 +69,20 @@ def test_cascade_escalation_against_its_target_flags_drift():
     assert table["threshold"].tolist() == pytest.approx([0.5, 0.5])
     text = format_cascade(table)
     assert "200 decisions, 45.0% escalated against a calibrated target of 30.0%" in text and "HIGH" in text
+
+
+def test_report_cost_counts_answers_and_escalated_drafts_per_tier():
+    from router.eval.report import format_cost, output_tokens_by_tier
+    from serving.cost import TierCost
+
+    records = [replace(_rec(i, hour=0), completion_tokens=100) for i in range(8)]
+    records += [replace(_rec(10, hour=0, chain=("small", "large"), escalated=True), completion_tokens=500)]
+    tokens, estimated = output_tokens_by_tier(records)
+    assert tokens == {"small": 1300, "large": 500} and estimated == 500
+    costs = {"small": TierCost("small", 0.3, 1500.0, 3.6), "large": TierCost("large", 0.6, 500.0, 3.6)}
+    text = format_cost(records, costs, baseline="large")
+    # small 1.3k x 0.2 = 0.26 GPU-s, large 0.5k x 1.2 = 0.6; the 1.3k returned tokens all on large: 1.56 GPU-s
+    assert "total 0.86 GPU-s ($0.00086); all on large: 1.56 GPU-s ($0.00156); saved 44.9%" in text
+    assert "500 of those tokens are escalated answers' discarded drafts" in text
+    cpu = {t: TierCost(t, 0.0, None, None) for t in costs}
+    assert format_cost(records, cpu, baseline="large").endswith("n/a: small: n/a (CPU); large: n/a (CPU)")

@@ -21,6 +21,7 @@ import io
 import json
 import os
 import platform
+import shlex
 import shutil
 import subprocess
 import sys
@@ -568,6 +569,51 @@ def test_config_change_rolls_the_ray_pods(render, default_objects: list[dict]) -
     after = checksums(render(["--set", "tierserve.config.ingress.num_replicas=2"]))
     assert len(before) == len(after) == 1
     assert before != after
+
+
+# ---- placement: Ray custom resources per group ------------------------------------------------------------
+
+
+def _default_tiers() -> list[dict]:
+    return copy.deepcopy(yaml.safe_load((CHART / "values.yaml").read_text())["tierserve"]["config"]["tiers"])
+
+
+def test_gpu_workers_offer_the_resource_a_tier_pins_to(render, default_objects: list[dict]) -> None:
+    cluster = _one(default_objects, "RayService")["spec"]["rayClusterConfig"]
+    raw = cluster["workerGroupSpecs"][0]["rayStartParams"]["resources"]
+    # KubeRay appends `--resources=<value>` to a shell command line: the value must survive the shell as JSON.
+    (arg,) = shlex.split(f"--resources={raw}")
+    assert json.loads(arg.removeprefix("--resources=")) == {"tierserve_gpu": 1000}
+    assert "resources" not in cluster["headGroupSpec"]["rayStartParams"]  # num-cpus 0: no replicas there
+
+    tiers = _default_tiers()
+    for tier in tiers:
+        tier["resources"]["custom"] = {"tierserve_gpu": 0.01}
+    values = {"head": {"rayResources": {"cpu_group": 100}},
+              "tierserve": {"config": {"tiers": tiers, "router": {"resources": {"custom": {"cpu_group": 0.01}}}}}}
+    objects = render([], values)
+    config = parse_config(_tierserve_yaml(objects))
+    assert all(t.resources.actor_options()["resources"] == {"tierserve_gpu": 0.01} for t in config.tiers)
+    assert config.router.resources.actor_options() == {"resources": {"cpu_group": 0.01}}
+    head = _one(objects, "RayService")["spec"]["rayClusterConfig"]["headGroupSpec"]["rayStartParams"]
+    assert json.loads(shlex.split(head["resources"])[0]) == {"cpu_group": 100}
+    assert head["num-cpus"] == "0"  # the user's own start params are kept
+
+
+def test_a_resource_no_group_offers_is_refused(helm: Path, tmp_path: Path) -> None:
+    tiers = _default_tiers()
+    tiers[1]["resources"]["custom"] = {"a100_group": 0.01}
+    with pytest.raises(HelmError, match=r'tiers\[large\].resources.custom asks for the Ray resource "a100_group", '
+                                        r"which no Ray group offers .* workers.rayResources: \{a100_group: 1000\}"):
+        _template(helm, tmp_path, values={"tierserve": {"config": {"tiers": tiers}}})
+    ingress = {"tierserve": {"config": {"ingress": {"resources": {"custom": {"cpu_group": 0.01}}}}}}
+    with pytest.raises(HelmError, match=r'ingress.resources.custom asks for the Ray resource "cpu_group"'):
+        _template(helm, tmp_path, values=ingress)
+    both = {"workers": {"rayStartParams": {"resources": '"{\\"x\\": 1}"'}}}
+    with pytest.raises(HelmError, match=r"workers.rayStartParams.resources and workers.rayResources are both set"):
+        _template(helm, tmp_path, values=both)
+    with pytest.raises(HelmError, match="rayResources"):  # values.schema.json: a built-in resource is not custom
+        _template(helm, tmp_path, values={"workers": {"rayResources": {"GPU": 1}}})
 
 
 @pytest.mark.parametrize(
