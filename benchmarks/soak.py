@@ -56,8 +56,8 @@ async def _client(client: httpx.AsyncClient, counter: itertools.count, stop_at: 
     while time.monotonic() < stop_at:
         i = next(counter)
         path, body, abandon = _request(i)
-        kwargs = {"content": body, "headers": {"content-type": "application/json"}} if isinstance(body, bytes) \
-            else {"json": body}
+        kwargs = {"content": body, "headers": {**client.headers, "content-type": "application/json"}} \
+            if isinstance(body, bytes) else {"json": body}
         tally["sent"] += 1
         try:
             async with client.stream("POST", path, **kwargs) as r:
@@ -103,7 +103,8 @@ async def _faults(url: str, every_s: float, stop_at: float, admin_key: str, log:
             print(f"  t={time.monotonic() - start:6.1f}s fault: {what}", flush=True)
 
 
-async def soak(url: str, minutes: float, concurrency: int, fault_every_s: float, admin_key: str) -> dict:
+async def soak(url: str, minutes: float, concurrency: int, fault_every_s: float, admin_key: str,
+               api_key: str | None) -> dict:
     stop_at = time.monotonic() + minutes * 60
     tally: Counter = Counter()
     faults: list[tuple[float, str]] = []
@@ -111,7 +112,8 @@ async def soak(url: str, minutes: float, concurrency: int, fault_every_s: float,
     counter = itertools.count()
     limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
     start = time.monotonic()
-    async with httpx.AsyncClient(base_url=url, timeout=120, limits=limits) as client:
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    async with httpx.AsyncClient(base_url=url, timeout=120, limits=limits, headers=headers) as client:
         async def sample() -> None:
             while time.monotonic() < stop_at:
                 samples.append((time.monotonic() - start, stack_rss_bytes() / 2**20, dict(tally)))
@@ -159,12 +161,13 @@ def main() -> None:
     parser.add_argument("--fault-every", type=float, default=45.0, help="seconds between injected faults")
     parser.add_argument("--url", help="a running stack (default: start the CPU stack here)")
     parser.add_argument("--admin-key", default=ADMIN_KEY, help="admin key of the running stack (--url)")
+    parser.add_argument("--api-key", help="data-plane key of the running stack (--url), if it has keys")
     parser.add_argument("--out", default="benchmarks/out/soak", help="folder for soak.json and soak.png")
     args = parser.parse_args()
     random.seed(0)
 
     def run(url: str) -> dict:
-        return asyncio.run(soak(url, args.minutes, args.concurrency, args.fault_every, args.admin_key))
+        return asyncio.run(soak(url, args.minutes, args.concurrency, args.fault_every, args.admin_key, args.api_key))
 
     if args.url:
         result = run(args.url)

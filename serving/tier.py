@@ -8,6 +8,7 @@ through the replica's own data-plane port (`serving.wire`), whose address the in
 from __future__ import annotations
 
 import logging
+import time
 from pathlib import Path
 
 import ray
@@ -34,6 +35,9 @@ class TierServer:
         self.engine = engine_cls(tier, Path(model_path), device)
         self.engine.start()
         self.reaper.watch()
+        started = time.perf_counter()
+        await self.engine.warmup()  # a replacement replica must not answer its first requests seconds late
+        logger.info("tier %s: engine warmed up in %.1f s", tier.name, time.perf_counter() - started)
         if device == "cpu" and tier.engine.cpu_threads_bind:  # after start: the engine's processes keep theirs
             pin_off_engine_cores(tier.engine.cpu_threads_bind, f"tier {tier.name} replica")
         self.replica_id = serve.get_replica_context().replica_id.unique_id

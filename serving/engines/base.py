@@ -14,7 +14,7 @@ from contextlib import aclosing
 from pathlib import Path
 
 from serving.config import TierConfig
-from serving.types import EngineLoad, GenerationChunk, GenerationRequest, GenerationResult, TierInfo
+from serving.types import EngineLoad, GenerationChunk, GenerationRequest, GenerationResult, SamplingOptions, TierInfo
 
 
 class Engine(ABC):
@@ -51,6 +51,16 @@ class Engine(ABC):
         """The whole answer (engines that can produce it in one piece override this)."""
         async with aclosing(self.generate(request)) as chunks:
             return GenerationResult.from_chunks([c async for c in chunks])
+
+    async def warmup(self) -> None:
+        """Run the paths a first request would pay for (e.g. logprobs), before the replica reports ready."""
+        request = GenerationRequest(
+            request_id=f"warmup-{self.tier.name}",
+            sampling=SamplingOptions(max_tokens=2, temperature=0.0, logprobs=True, top_logprobs=20),
+            prompt="Warm up.",
+        )
+        for _ in range(2):  # the first call compiles, the second settles
+            await self.complete(request)
 
     @abstractmethod
     def shutdown(self) -> None: ...
