@@ -5,6 +5,7 @@ from __future__ import annotations
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 _LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+_TPOT_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.08, 0.15, 0.3, 1)
 _OVERHEAD_BUCKETS = (0.001, 0.0025, 0.005, 0.008, 0.01, 0.015, 0.025, 0.05, 0.1, 0.25, 1)
 
 
@@ -29,6 +30,11 @@ class Metrics:
         self.ttft = Histogram(
             "tierserve_time_to_first_token_seconds", "Time to the first streamed token, by answering tier.",
             labelnames=("tier",), buckets=_LATENCY_BUCKETS, registry=r,
+        )
+        self.tpot = Histogram(
+            "tierserve_time_per_output_token_seconds",
+            "Time per output token after the first, of each completed stream, by answering tier.",
+            labelnames=("tier",), buckets=_TPOT_BUCKETS, registry=r,
         )
         self.routing = Counter(
             "tierserve_routing_decisions_total", "Routing decisions, by router and chosen tier.",

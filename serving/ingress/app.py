@@ -290,8 +290,9 @@ class Ingress:
                 fmt = StreamFormat(kind=kind, model=body.model, include_usage=body.include_usage)
                 async with _deadline(deadline):
                     relay = await self.pipeline.stream(gen_request, outcome, body.options, fmt)
-                self.metrics.ttft.labels(outcome.tier).observe(time.perf_counter() - started)
-                body_bytes = self._sse(endpoint, relay, outcome, started, request_id, deadline)
+                first_at = time.perf_counter()
+                self.metrics.ttft.labels(outcome.tier).observe(first_at - started)
+                body_bytes = self._sse(endpoint, relay, outcome, started, request_id, deadline, first_at)
                 return SseResponse(body_bytes, outcome.headers())
             async with _deadline(deadline):
                 result = await unless_disconnected(
@@ -316,7 +317,8 @@ class Ingress:
             return error_response(exc, outcome.headers() if outcome else None)
 
     async def _sse(
-        self, endpoint: str, relay: SseRelay, outcome: Outcome, started: float, request_id: str, deadline: float
+        self, endpoint: str, relay: SseRelay, outcome: Outcome, started: float, request_id: str, deadline: float,
+        first_at: float,
     ) -> AsyncIterator[bytes]:
         # One timer per stream for http.request_timeout_s (not a timeout context per chunk: 5 us each).
         task = asyncio.current_task()
@@ -333,6 +335,9 @@ class Ingress:
             yield relay.first
             async for data in relay:
                 yield data
+            tokens = relay.summary.completion_tokens if relay.summary else 0
+            if tokens > 1:
+                self.metrics.tpot.labels(outcome.tier).observe((time.perf_counter() - first_at) / (tokens - 1))
             self.pipeline.record(endpoint, outcome, 200, started, relay.summary, request_id=request_id)
         except asyncio.CancelledError:
             if not expired or task is None:

@@ -125,6 +125,8 @@ def test_limits_are_refused_before_engine_work(base_url: str, body: dict, param:
 
 def test_metrics_count_requests_by_tier_and_status(base_url: str, client: openai.OpenAI) -> None:
     client.chat.completions.create(model="large", messages=MSG, max_tokens=2)
+    list(client.chat.completions.create(model="large", messages=MSG, max_tokens=4, stream=True,
+                                        extra_body={"ignore_eos": True}))
     with pytest.raises(openai.NotFoundError):
         client.chat.completions.create(model="nope", messages=MSG)
     text = httpx.get(base_url + "/metrics").text
@@ -132,3 +134,6 @@ def test_metrics_count_requests_by_tier_and_status(base_url: str, client: openai
     assert 'tierserve_requests_total{endpoint="chat",status="404",tier="none"}' in text
     assert 'tierserve_tokens_total{kind="completion",tier="large"}' in text
     assert "tierserve_engine_kv_cache_usage_ratio" in text
+    tpot = [line for line in text.splitlines()
+            if line.startswith('tierserve_time_per_output_token_seconds_count{tier="large"}')]
+    assert tpot and float(tpot[0].rsplit(" ", 1)[1]) >= 1
