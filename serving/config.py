@@ -61,6 +61,10 @@ class EngineConfig(_Strict):
     """CPU only: cores for this engine's OpenMP threads (VLLM_CPU_OMP_THREADS_BIND), e.g. "0" or "0-3"."""
     seed: int = 0
     """Engine RNG seed."""
+    vllm_metrics: bool = False
+    """Also record vLLM's own engine metrics (`vllm:*`: iterations, KV cache, preemptions, prefix-cache hits,
+    per-request latencies) through Ray's metrics agent, scraped at each node's Ray metrics port. Off by default:
+    vLLM observes histograms for every token (measured: the largest per-token cost in the tier replica)."""
 
     @model_validator(mode="after")
     def _batch_fits_sequences(self) -> EngineConfig:

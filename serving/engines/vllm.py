@@ -104,6 +104,16 @@ class _LoadTracker:
         return _Logger
 
 
+def stat_loggers(tier: TierConfig, load: _LoadTracker) -> list[type]:
+    """The engine's stat loggers: the load tracker, and vLLM's own metrics (via Ray) if the tier asks."""
+    loggers = [load.logger_class()]
+    if tier.engine.vllm_metrics:
+        from vllm.v1.metrics.ray_wrappers import RayPrometheusStatLogger
+
+        loggers.append(RayPrometheusStatLogger)
+    return loggers
+
+
 class VllmEngine(Engine):
     """One vLLM engine serving one tier, producing typed chunks."""
 
@@ -128,7 +138,7 @@ class VllmEngine(Engine):
         started = time.perf_counter()
         # vLLM's console stats logger is added at INFO level; the load tracker is all tierserve needs.
         logging.getLogger("vllm.v1.metrics.loggers").setLevel(logging.WARNING)
-        self._engine = AsyncLLM.from_engine_args(args, stat_loggers=[self._load.logger_class()])
+        self._engine = AsyncLLM.from_engine_args(args, stat_loggers=stat_loggers(self.tier, self._load))
         self._tokenizer = self._engine.get_tokenizer()
         logger.info("tier %s: vLLM engine ready in %.1f s", self.tier.name, time.perf_counter() - started)
 

@@ -25,6 +25,7 @@ def e2e_config_dict(data_dir: Path) -> dict:
     cfg["http"] = {"host": "127.0.0.1", "port": PORT, "api_keys": [API_KEY], "admin_keys": [ADMIN_KEY]}
     # A narrow small tier so a burst saturates it; capacity routing on, with admission limits per tier.
     cfg["tiers"][0]["engine"]["max_num_seqs"] = 8
+    cfg["tiers"][0]["engine"]["vllm_metrics"] = True  # vLLM's own metrics, through Ray's metrics agent
     cfg["capacity"] = {
         "enabled": True,
         "poll_interval_s": 0.2,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+import time
 
 import httpx
 import openai
@@ -115,3 +116,22 @@ def test_32_concurrent_requests_all_succeed() -> None:
     assert len(results) == 32
     assert all(r.usage.completion_tokens == 16 for r in results)
     assert {r.model_extra["tierserve"]["tier"] for r in results} == {"small", "large"}
+
+
+def test_vllm_engine_metrics_reach_rays_metrics_port(client: openai.OpenAI) -> None:
+    """The small tier sets engine.vllm_metrics; the large one does not."""
+    import ray
+
+    if not ray.is_initialized():
+        pytest.skip("the stack runs in another process (TIERSERVE_TEST_URL)")
+    client.chat.completions.create(model="small", messages=[{"role": "user", "content": "hi"}], max_tokens=4)
+    port = ray.nodes()[0]["MetricsExportPort"]
+    deadline = time.monotonic() + 60
+    while True:
+        text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
+        series = [line for line in text.splitlines() if line.startswith("ray_vllm_prompt_tokens_total{")]
+        if any('model_name="small"' in line for line in series) or time.monotonic() > deadline:
+            break
+        time.sleep(2)
+    assert any('model_name="small"' in line for line in series), "no vLLM engine metrics for the small tier"
+    assert not any('model_name="large"' in line for line in series)

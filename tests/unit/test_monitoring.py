@@ -1,7 +1,7 @@
 """The Grafana dashboard and the Prometheus alert rules query metrics that exist, with labels they have.
 
 There is no promtool here: PromQL is checked by a small lexer (balanced brackets; every metric name is one
-serving/metrics.py declares, or a vllm:* engine metric; label matchers and `by (...)` labels exist on the
+serving/metrics.py declares, or a ray_vllm_* engine metric (vLLM's own, through Ray's metrics agent); label matchers and `by (...)` labels exist on the
 metrics they apply to). Rules are also checked for `for`, a severity and a summary, and the drift threshold
 is followed from values to the expression.
 """
@@ -136,8 +136,8 @@ def expr_problems(expr: str) -> list[str]:
     if not names:
         problems.append(f"selects no metric: {expr}")
     for name in names:
-        if name not in KNOWN and not name.startswith("vllm:"):
-            problems.append(f"unknown metric {name!r} (not in serving/metrics.py, not vllm:*)")
+        if name not in KNOWN and not name.startswith("ray_vllm_"):
+            problems.append(f"unknown metric {name!r} (not in serving/metrics.py, not ray_vllm_*)")
     return problems + label_problems(expr)
 
 
@@ -152,8 +152,8 @@ def test_the_lexer_catches_mistakes() -> None:
     assert not expr_problems(
         "histogram_quantile(0.99, sum by (tier, le) (rate(tierserve_time_to_first_token_seconds_bucket[5m])))"
     )
-    assert metric_names('max by (model_name) (vllm:kv_cache_usage_perc{namespace=~"$ns"}) > 1e3') == {
-        "vllm:kv_cache_usage_perc"
+    assert metric_names('max by (model_name) (ray_vllm_kv_cache_usage_perc{namespace=~"$ns"}) > 1e3') == {
+        "ray_vllm_kv_cache_usage_perc"
     }
     assert metric_names("abs(a - on (tier) b) > 0.1 and on (tier) c >= 100") == {"a", "b", "c"}
 
@@ -223,7 +223,7 @@ def test_dashboard_shows_every_tierserve_metric(dashboard: dict) -> None:
     families = {re.sub(r"_(bucket|sum|count)$", "", n) for n in KNOWN}
     shown = {f for f in families if any(u == f or u.startswith(f + "_") for u in used)}
     assert families - shown == set(), "metrics with no panel"
-    assert any(u.startswith("vllm:") for u in used), "the optional vLLM engine panels are gone"
+    assert any(u.startswith("ray_vllm_") for u in used), "the optional vLLM engine panels are gone"
 
 
 def test_dashboard_has_the_issue_panels(dashboard: dict) -> None:
