@@ -17,9 +17,8 @@ import openai
 import pytest
 import ray.cloudpickle
 
-from serving import launch
-from serving.config import parse_config
 from serving.engines.scripted import ScriptedEngine
+from tests.integration.scripted import running_app, scripted_config
 
 PORT = 8766
 URL = f"http://127.0.0.1:{PORT}"
@@ -36,28 +35,18 @@ class ScriptedTestEngine(ScriptedEngine):
 
 
 def _config() -> dict:
-    tier = {"engine": {"max_num_seqs": 16, "max_num_batched_tokens": 256, "max_model_len": 512,
-                       "kv_cache_memory_bytes": 1 << 20},
-            "resources": {"num_cpus": 0.1}, "deployment": {"max_ongoing_requests": 64}}
-    return {
-        "tiers": [{"name": "small", "model": "scripted-small", **tier}, {"name": "large", "model": "scripted-large", **tier}],
-        "http": {"host": "127.0.0.1", "port": PORT, "request_timeout_s": 1.5},
-        "ingress": {"num_replicas": 2, "num_cpus": 0.1},  # two replicas share the port (SO_REUSEPORT)
-        "ray": {"num_cpus": 4},
-        "router": {"default_router": "cheapest"},
-        "query_log": {"enabled": False},
-        "capacity": {"enabled": True, "poll_interval_s": 0.1, "stats_max_age_s": 1.0},
-    }
+    return scripted_config(
+        PORT, max_num_seqs=16, deployment={"max_ongoing_requests": 64},
+        http={"request_timeout_s": 1.5},
+        ingress={"num_replicas": 2, "num_cpus": 0.1},  # two replicas share the port (SO_REUSEPORT)
+        capacity={"enabled": True, "poll_interval_s": 0.1, "stats_max_age_s": 1.0},
+    )
 
 
 @pytest.fixture(scope="module")
 def app() -> Iterator[str]:
-    config = parse_config(_config(), "scripted")
-    url = launch.start(config, wait_s=180, engine_cls=ScriptedTestEngine)
-    try:
+    with running_app(_config(), ScriptedTestEngine) as url:
         yield url
-    finally:
-        launch.stop()
 
 
 @pytest.fixture()

@@ -15,9 +15,8 @@ import openai
 import pytest
 import ray.cloudpickle
 
-from serving import launch
-from serving.config import parse_config
 from serving.engines.scripted import ScriptedEngine
+from tests.integration.scripted import running_app, scripted_config
 
 PORT = 8772
 ESCALATE = {"tierserve": {"cascade": True, "cascade_threshold": 0.5}}
@@ -34,27 +33,16 @@ class SessionTestEngine(ScriptedEngine):
 
 
 def _config() -> dict:
-    tier = {"engine": {"max_num_seqs": 8, "max_num_batched_tokens": 256, "max_model_len": 512,
-                       "kv_cache_memory_bytes": 1 << 20},
-            "resources": {"num_cpus": 0.1}}
-    return {
-        "tiers": [{"name": "small", "model": "scripted-small", **tier}, {"name": "large", "model": "scripted-large", **tier}],
-        "http": {"host": "127.0.0.1", "port": PORT},
-        "ingress": {"num_replicas": 1, "num_cpus": 0.1},
-        "ray": {"num_cpus": 4},
-        "router": {"default_router": "cheapest"},
-        "query_log": {"enabled": False},
-        "sessions": {"enabled": True, "ttl_s": 600, "max_entries": 100},
-    }
+    return scripted_config(
+        PORT, max_num_seqs=8, ingress={"num_replicas": 1, "num_cpus": 0.1},
+        sessions={"enabled": True, "ttl_s": 600, "max_entries": 100},
+    )
 
 
 @pytest.fixture(scope="module")
 def app() -> Iterator[str]:
-    url = launch.start(parse_config(_config(), "scripted"), wait_s=180, engine_cls=SessionTestEngine)
-    try:
+    with running_app(_config(), SessionTestEngine) as url:
         yield url
-    finally:
-        launch.stop()
 
 
 @pytest.fixture()
