@@ -37,7 +37,9 @@ from router.config import EmbedderConfig, KnnConfig, RouterConfig  # noqa: E402
 from router.deployment import RouterDeployment  # noqa: E402
 from router.embedder import Embedder, RecheckEmbedder, build_embedder  # noqa: E402
 from router.exemplars import load_default_exemplars  # noqa: E402
-from router.scoring import difficulty_from_neighbors, label_difficulty, tiers_for_scores  # noqa: E402
+from router.core import StoreIndex  # noqa: E402
+from router.scorers import KnnRouter  # noqa: E402
+from router.scoring import label_difficulty, tiers_for_scores  # noqa: E402
 from router.store import ExemplarStore  # noqa: E402
 from router.types import Exemplar, RouteInput  # noqa: E402
 
@@ -151,11 +153,8 @@ def knn_figures(store: ExemplarStore, embedder: Embedder, texts: list[str], k: i
 
 def knn_tiers(store: ExemplarStore, vectors: np.ndarray, cfg: RouterConfig) -> np.ndarray:
     """Tier indices the router's kNN scoring gives `vectors` against `store` (default thresholds)."""
-    found = store.query(vectors, cfg.knn.k)
-    sims = np.array([[n.similarity for n in row] for row in found])
-    labels = np.array([[label_difficulty(n.tier, TIERS) for n in row] for row in found])
-    scores = difficulty_from_neighbors(sims, labels, weighting=cfg.knn.weighting, temperature=cfg.knn.temperature)
-    return tiers_for_scores(scores, cfg.thresholds_for(len(TIERS)))
+    knn = KnnRouter(lambda texts: vectors, StoreIndex(store, lambda tier: label_difficulty(tier, TIERS)), cfg.knn)
+    return tiers_for_scores(knn.score_vectors(vectors).values, cfg.thresholds_for(len(TIERS)))
 
 
 def bench_config(args: argparse.Namespace) -> RouterConfig:

@@ -44,7 +44,7 @@ ORDER = (*BUILTIN, *CASCADE_BUILTIN)
 def calibration_check(ds, trained, router: str) -> dict:
     """Threshold for CALIBRATION_TARGET strong share from out-of-sample train scores; share it gives on test."""
     cal = threshold_for_share(trained.train_scores[router], CALIBRATION_TARGET)
-    test_scores = trained.routers[router].score(ds.test["prompt"].tolist())
+    test_scores = trained.routers[router].score(ds.test["prompt"].tolist()).values
     return {"router": router, "threshold": round(cal.threshold, 6), "train_share": round(cal.strong_share * 100, 2),
             "test_share": round(float(np.mean(test_scores >= cal.threshold)) * 100, 2)}
 

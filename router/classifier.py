@@ -25,6 +25,8 @@ from typing import Literal
 import joblib
 import numpy as np
 
+from router.errors import ClassifierMismatchError
+
 logger = logging.getLogger(__name__)
 
 FORMAT = "tierserve-difficulty-classifier/1"
@@ -62,10 +64,6 @@ def text_features(texts: Sequence[str]) -> np.ndarray:
             (sum(len(w) for w in words) / len(words)) if words else 0.0,
         ))
     return np.asarray(rows, dtype=np.float64).reshape(len(texts), len(TEXT_FEATURES))
-
-
-class ClassifierMismatchError(ValueError):
-    """A saved classifier does not fit the embedder it is asked to work with."""
 
 
 @dataclass(frozen=True)

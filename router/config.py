@@ -9,19 +9,16 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import Field, model_validator
 
+from router.configbase import StrictModel
+from router.placement import Placement
 from router.types import RouterKind
-from serving.placement import Placement
 
 Weighting = Literal["uniform", "similarity", "softmax"]
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class EmbedderConfig(_Strict):
+class EmbedderConfig(StrictModel):
     """The text embedder that places a request among the exemplars."""
 
     kind: Literal["minilm", "bge-m3"] = "minilm"
@@ -67,7 +64,7 @@ class EmbedderConfig(_Strict):
         return self.pooling or ("mean" if self.kind == "minilm" else "cls")
 
 
-class StoreConfig(_Strict):
+class StoreConfig(StrictModel):
     """The Qdrant collection holding the labelled exemplars."""
 
     collection: Annotated[str, Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")] = "tierserve_exemplars"
@@ -100,7 +97,7 @@ class StoreConfig(_Strict):
         return self
 
 
-class KnnConfig(_Strict):
+class KnnConfig(StrictModel):
     """How the nearest exemplars turn into a difficulty score."""
 
     k: int = Field(default=10, ge=1, le=256)
@@ -112,7 +109,7 @@ class KnnConfig(_Strict):
     """Softmax temperature (only for `softmax`): lower trusts the nearest neighbours more."""
 
 
-class KeywordRule(_Strict):
+class KeywordRule(StrictModel):
     """Adds `weight` to the heuristic difficulty when any pattern matches (case-insensitive regex)."""
 
     name: Annotated[str, Field(pattern=r"^[a-z][a-z0-9_-]{0,31}$")]
@@ -164,7 +161,7 @@ def _default_rules() -> list[KeywordRule]:
     ]
 
 
-class HeuristicConfig(_Strict):
+class HeuristicConfig(StrictModel):
     """Rule-based difficulty: a base score, plus a length ramp, plus the weights of matching keyword rules."""
 
     base_score: float = Field(default=0.35, ge=0.0, le=1.0)
@@ -192,7 +189,7 @@ class HeuristicConfig(_Strict):
         return self
 
 
-class RouterConfig(_Strict):
+class RouterConfig(StrictModel):
     """How `model="auto"` requests pick a tier."""
 
     default_router: RouterKind = "knn"

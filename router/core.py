@@ -10,7 +10,7 @@ import logging
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Literal
 
@@ -20,11 +20,11 @@ from router.classifier import DifficultyClassifier
 from router.config import RouterConfig
 from router.embedder import Embedder, RecheckEmbedder, build_embedder, near_boundary
 from router.exemplars import load_default_exemplars
-from router.heuristic import HeuristicScorer
-from router.scoring import difficulty_from_neighbors, label_difficulty, tier_for_score, with_threshold
-from router.store import ExemplarStore, StoreError
+from router.scorers import CheapestRouter, ClassifierRouter, HeuristicRouter, KnnRouter, Nearest, Scores
+from router.scoring import label_difficulty, tier_for_score, with_threshold
+from router.errors import InvalidRequest, StoreError
+from router.store import ExemplarStore
 from router.types import Exemplar, Neighbor, RouteDecision, RouteInput, RouterKind
-from serving.errors import InvalidRequest
 
 logger = logging.getLogger(__name__)
 
@@ -44,13 +44,14 @@ class Router:
         cfg: RouterConfig,
         tier_names: Sequence[str],
         *,
-        embedder: Embedder,
-        store: ExemplarStore | None,
+        embedder: Embedder | None = None,
+        store: ExemplarStore | None = None,
         open_store: Callable[[], ExemplarStore] | None = None,
         on_fallback: Callable[[FallbackCause], None] | None = None,
         store_retry_s: float = 10.0,
     ) -> None:
-        """`store=None` starts without exemplars; `open_store`, if given, is retried every `store_retry_s` to get
+        """Without an embedder only `cheapest` and `heuristic` decide (the ingress's own router); kNN and the
+        classifier fall back. `store=None` starts without exemplars; `open_store`, if given, is retried every `store_retry_s` to get
         one, and a store it opens is seeded with the default exemplars when empty."""
         self.cfg = cfg
         self.tier_names = list(tier_names)
@@ -63,7 +64,8 @@ class Router:
         self._next_store_attempt = 0.0
         self._store_retry_s = store_retry_s
         self._on_fallback = on_fallback
-        self._heuristic = HeuristicScorer(cfg.heuristic)
+        self._heuristic = HeuristicRouter(cfg.heuristic)
+        self._cheapest = CheapestRouter()
         self._label_cache: dict[str, float] = {}
         self.classifier: DifficultyClassifier | None = None
         """The trained classifier for `router: classifier` (loaded by `build` from `classifier_path`)."""
@@ -115,90 +117,61 @@ class Router:
         return self.route_inputs([RouteInput(text=t, threshold=threshold, router=router) for t in texts])
 
     def route_inputs(self, inputs: Sequence[RouteInput]) -> list[RouteDecision]:
-        """Decide a tier for each input; one embedding pass and one kNN query for all kNN-routed inputs."""
+        """Decide a tier for each input: one scoring pass per router kind (one embedding pass and one kNN
+        query for all kNN-routed inputs), then one comparison per boundary."""
         start = time.perf_counter()
-        decisions: list[RouteDecision | None] = [None] * len(inputs)
-        knn_rows: list[int] = []
-        classifier_rows: list[int] = []
+        rows_by_kind: dict[str, list[int]] = {}
         for i, item in enumerate(inputs):
-            kind = item.router or self.cfg.default_router
-            if kind == "cheapest":
-                decisions[i] = RouteDecision(
-                    tier=self.tier_names[0],
-                    tier_index=0,
-                    router="cheapest",
-                    score=0.0,
-                    thresholds=self._thresholds(item),
-                    reason="cheapest router: always the first tier",
-                )
-            elif kind == "heuristic":
-                decisions[i] = self._heuristic_decision(item, fallback=False)
-            elif kind == "classifier":
-                classifier_rows.append(i)
-            else:
-                knn_rows.append(i)
-
-        for i, decision in zip(classifier_rows, self._classified([inputs[i] for i in classifier_rows]), strict=True):
-            decisions[i] = decision
-
+            rows_by_kind.setdefault(item.router or self.cfg.default_router, []).append(i)
+        decisions: list[RouteDecision | None] = [None] * len(inputs)
         embed_ms = 0.0
-        if knn_rows:
-            texts = [inputs[i].text for i in knn_rows]
-            outcome = self._knn(texts, [self._thresholds(inputs[i]) for i in knn_rows])
-            embed_ms = outcome.embed_ms
-            for row, i in enumerate(knn_rows):
-                item = inputs[i]
-                if outcome.cause is not None or np.isnan(outcome.scores[row]):
-                    cause = outcome.cause or "no_exemplars"
-                    self._count_fallback(cause)
-                    decisions[i] = self._heuristic_decision(item, fallback=True, cause=cause)
+        for kind, rows in rows_by_kind.items():
+            items = [inputs[i] for i in rows]
+            scores, cause, kind_embed_ms = self._score(kind, items)
+            embed_ms += kind_embed_ms
+            for row, (i, item) in enumerate(zip(rows, items, strict=True)):
+                if cause is not None or np.isnan(scores.values[row]):
+                    self._count_fallback(cause or "no_exemplars")
+                    decisions[i] = self.fallback(item, cause or "no_exemplars")
                     continue
-                score = float(outcome.scores[row])
-                thresholds = self._thresholds(item)
-                index = tier_for_score(score, thresholds)
-                neighbors = tuple(outcome.neighbors[row])
-                decisions[i] = RouteDecision(
-                    tier=self.tier_names[index],
-                    tier_index=index,
-                    router="knn",
-                    score=score,
-                    thresholds=thresholds,
-                    reason=_knn_reason(neighbors, self.cfg.knn.weighting),
-                    neighbors=neighbors,
-                )
-
+                neighbors = scores.neighbors[row] if scores.neighbors else ()
+                decisions[i] = self.decide(item, kind, float(scores.values[row]), scores.reasons[row],
+                                           neighbors=neighbors)
         elapsed_ms = (time.perf_counter() - start) * 1000
         return [_timed(d, elapsed_ms, embed_ms, len(inputs)) for d in decisions if d is not None]
 
-    def _classified(self, items: Sequence[RouteInput]) -> list[RouteDecision]:
-        """Decisions of the trained classifier (heuristic fallback if it is missing or fails)."""
-        if not items:
-            return []
+    def decide(
+        self, item: RouteInput, router: str, score: float, reason: str, *, fallback: bool = False,
+        neighbors: tuple[Neighbor, ...] = (),
+    ) -> RouteDecision:
+        """The tier for `score`: one comparison per boundary (the request's own threshold applied)."""
+        thresholds = () if router == "cheapest" else self._thresholds(item)
+        index = tier_for_score(score, thresholds)
+        return RouteDecision(tier=self.tier_names[index], tier_index=index, router=router, score=score,
+                             thresholds=thresholds, reason=reason, fallback=fallback, neighbors=neighbors)
+
+    def fallback(self, item: RouteInput, cause: str) -> RouteDecision:
+        """The heuristic's decision when the requested router could not decide (`cause` says why)."""
+        scores = self._heuristic.score([item.text])
+        reason = f"knn unavailable ({cause}); {scores.reasons[0]}"
+        return self.decide(item, "heuristic", float(scores.values[0]), reason, fallback=True)
+
+    def _score(self, kind: str, items: Sequence[RouteInput]) -> tuple[Scores, FallbackCause | None, float]:
+        """Scores of one router kind for `items`, or the cause that kept it from scoring; and embedding ms."""
         texts = [item.text for item in items]
-        try:
-            if self.classifier is None:
-                raise LookupError("router.classifier_path is not set")
-            scores = self.classifier.predict_difficulty(self.embedder.embed(texts), texts=texts)
-        except Exception as exc:
-            logger.warning("classifier routing failed (%s); heuristic fallback", exc)
-            for _ in items:
-                self._count_fallback("classifier")
-            return [self._heuristic_decision(item, fallback=True, cause="classifier") for item in items]
-        decisions = []
-        for item, score in zip(items, scores, strict=True):
-            thresholds = self._thresholds(item)
-            index = tier_for_score(float(score), thresholds)
-            decisions.append(
-                RouteDecision(
-                    tier=self.tier_names[index],
-                    tier_index=index,
-                    router="classifier",
-                    score=float(score),
-                    thresholds=thresholds,
-                    reason=f"classifier P(strong needed) {float(score):.3f}",
-                )
-            )
-        return decisions
+        if kind == "cheapest":
+            return self._cheapest.score(texts), None, 0.0
+        if kind == "heuristic":
+            return self._heuristic.score(texts), None, 0.0
+        if kind == "classifier":
+            try:
+                if self.classifier is None or self.embedder is None:
+                    raise LookupError("router.classifier_path is not set")
+                return ClassifierRouter(self.embedder.embed, self.classifier).score(texts), None, 0.0
+            except Exception as exc:
+                logger.warning("classifier routing failed (%s); heuristic fallback", exc)
+                return _NO_SCORES, "classifier", 0.0
+        return self._knn(texts, [self._thresholds(item) for item in items])
 
     def release_store(self, seconds: float) -> None:
         """Close the exemplar store and keep it closed for `seconds` (the heuristic routes meanwhile).
@@ -259,57 +232,47 @@ class Router:
 
     # -- internals ------------------------------------------------------------------------------------------
 
-    def _knn(self, texts: list[str], thresholds: Sequence[tuple[float, ...]]) -> _KnnOutcome:
-        """Scores and neighbours for `texts`. With a `RecheckEmbedder` the fast vectors decide, except for
-        texts whose score lands within its margin of one of their `thresholds`: those are embedded and
-        queried again with the exact model."""
+    def _knn(self, texts: list[str], thresholds: Sequence[tuple[float, ...]]) -> tuple[Scores, FallbackCause | None, float]:
+        """kNN scores for `texts`. With a `RecheckEmbedder` the fast vectors decide, except for texts whose
+        score lands within its margin of one of their `thresholds`: those are embedded and scored again with
+        the exact model."""
         store = self._current_store()
-        if store is None:
-            return _KnnOutcome.failed("store_unavailable")
+        if store is None or self.embedder is None:
+            return _NO_SCORES, "store_unavailable", 0.0
+        knn = KnnRouter(self.embedder.embed, StoreIndex(store, self._label), self.cfg.knn)
         recheck = self.embedder if isinstance(self.embedder, RecheckEmbedder) else None
-        first = self._embed_and_query(store, texts, recheck.embed_fast if recheck else self.embedder.embed)
-        if first.cause is not None or recheck is None:
-            return first
-        rows = np.flatnonzero(near_boundary(first.scores, thresholds, recheck.margin))
+        first, cause, embed_ms = self._knn_pass(knn, store, texts, recheck.embed_fast if recheck else knn.embed)
+        if cause is not None or recheck is None:
+            return first, cause, embed_ms
+        rows = np.flatnonzero(near_boundary(first.values, thresholds, recheck.margin))
         if rows.size == 0:
-            return first
-        again = self._embed_and_query(store, [texts[i] for i in rows], recheck.embed_recheck)
-        if again.cause is not None:
-            return _KnnOutcome.failed(again.cause, first.embed_ms + again.embed_ms)
-        scores, neighbors = first.scores.copy(), list(first.neighbors)
-        scores[rows] = again.scores
-        for row, found in zip(rows, again.neighbors, strict=True):
-            neighbors[row] = found
-        return _KnnOutcome(scores=scores, neighbors=neighbors, embed_ms=first.embed_ms + again.embed_ms)
+            return first, None, embed_ms
+        again, cause, again_ms = self._knn_pass(knn, store, [texts[i] for i in rows], recheck.embed_recheck)
+        if cause is not None:
+            return again, cause, embed_ms + again_ms
+        values, reasons, neighbors = first.values.copy(), list(first.reasons), list(first.neighbors)
+        values[rows] = again.values
+        for j, row in enumerate(rows):
+            reasons[row], neighbors[row] = again.reasons[j], again.neighbors[j]
+        return Scores(values, tuple(reasons), tuple(neighbors)), None, embed_ms + again_ms
 
-    def _embed_and_query(
-        self, store: ExemplarStore, texts: list[str], embed: Callable[[list[str]], np.ndarray]
-    ) -> _KnnOutcome:
+    def _knn_pass(
+        self, knn: KnnRouter, store: ExemplarStore, texts: list[str], embed: Callable[[list[str]], np.ndarray]
+    ) -> tuple[Scores, FallbackCause | None, float]:
         t0 = time.perf_counter()
         try:
             vectors = embed(texts)
         except Exception:
             logger.exception("embedder failed on %d texts; routing them with the heuristic", len(texts))
-            return _KnnOutcome.failed("embedder")
+            return _NO_SCORES, "embedder", 0.0
         embed_ms = (time.perf_counter() - t0) * 1000
         try:
-            neighbors = store.query(vectors, self.cfg.knn.k)
+            return knn.score_vectors(vectors), None, embed_ms
         except Exception:
             logger.exception("exemplar store query failed; routing %d texts with the heuristic", len(texts))
             if store.closed:  # reopen it later; a server client reconnects on its own
                 self._store = None
-            return _KnnOutcome.failed("store", embed_ms)
-        k = self.cfg.knn.k
-        sims = np.full((len(texts), k), np.nan)
-        labels = np.full((len(texts), k), np.nan)
-        for row, found in enumerate(neighbors):
-            for col, n in enumerate(found[:k]):
-                sims[row, col] = n.similarity
-                labels[row, col] = self._difficulty(n.tier, strict=False)
-        scores = difficulty_from_neighbors(
-            sims, labels, weighting=self.cfg.knn.weighting, temperature=self.cfg.knn.temperature
-        )
-        return _KnnOutcome(scores=scores, neighbors=neighbors, embed_ms=embed_ms)
+            return _NO_SCORES, "store", embed_ms
 
     def _current_store(self) -> ExemplarStore | None:
         if self._store is None and self._open_store is not None and time.monotonic() >= self._next_store_attempt:
@@ -322,23 +285,11 @@ class Router:
                 logger.exception("cannot open the exemplar store; the heuristic routes until it opens")
         return self._store
 
-    def _heuristic_decision(self, item: RouteInput, *, fallback: bool, cause: str | None = None) -> RouteDecision:
-        result = self._heuristic.score(item.text)
-        thresholds = self._thresholds(item)
-        index = tier_for_score(result.score, thresholds)
-        reason = f"knn unavailable ({cause}); {result.reason}" if fallback else result.reason
-        return RouteDecision(
-            tier=self.tier_names[index],
-            tier_index=index,
-            router="heuristic",
-            score=result.score,
-            thresholds=thresholds,
-            reason=reason,
-            fallback=fallback,
-        )
-
     def _thresholds(self, item: RouteInput) -> tuple[float, ...]:
         return self.thresholds if item.threshold is None else with_threshold(self.thresholds, item.threshold)
+
+    def _label(self, label: str) -> float:
+        return self._difficulty(label, strict=False)
 
     def _difficulty(self, label: str, *, strict: bool = True) -> float:
         value = self._label_cache.get(label)
@@ -359,25 +310,25 @@ class Router:
             self._on_fallback(cause)
 
 
-@dataclass(frozen=True)
-class _KnnOutcome:
-    scores: np.ndarray | None = None
-    neighbors: list[list[Neighbor]] = field(default_factory=list)
-    embed_ms: float = 0.0
-    cause: FallbackCause | None = None
-    """Set when kNN failed for the whole batch."""
-
-    @classmethod
-    def failed(cls, cause: FallbackCause, embed_ms: float = 0.0) -> _KnnOutcome:
-        return cls(cause=cause, embed_ms=embed_ms)
+_NO_SCORES = Scores(np.empty(0), ())
 
 
-def _knn_reason(neighbors: tuple[Neighbor, ...], weighting: str) -> str:
-    votes = Counter(n.tier for n in neighbors)
-    top = neighbors[0] if neighbors else None
-    nearest = f"; nearest {top.tier} at {top.similarity:.2f}" if top else ""
-    tally = ", ".join(f"{tier} {count}" for tier, count in votes.most_common())
-    return f"knn ({weighting}) over {len(neighbors)} exemplars: {tally}{nearest}"
+@dataclass
+class StoreIndex:
+    """kNN over the exemplar store (Qdrant); labels are tier names, turned into difficulties by `label`."""
+
+    store: ExemplarStore
+    label: Callable[[str], float]
+
+    def nearest(self, vectors: np.ndarray, k: int) -> Nearest:
+        found = self.store.query(vectors, k)
+        sims = np.full((len(found), k), np.nan)
+        labels = np.full((len(found), k), np.nan)
+        for row, neighbors in enumerate(found):
+            for col, n in enumerate(neighbors[:k]):
+                sims[row, col] = n.similarity
+                labels[row, col] = self.label(n.tier)
+        return Nearest(sims, labels, tuple(tuple(n) for n in found))
 
 
 def _timed(decision: RouteDecision, overhead_ms: float, embed_ms: float, batch_size: int) -> RouteDecision:

@@ -35,7 +35,9 @@ from pathlib import Path
 import numpy as np
 
 from router.embedder import Embedder, FlagEmbedder, near_boundary
-from router.scoring import difficulty_from_neighbors, tiers_for_scores
+from router.config import KnnConfig
+from router.scorers import KnnRouter, MatrixIndex
+from router.scoring import tiers_for_scores
 
 logger = logging.getLogger(__name__)
 
@@ -206,12 +208,11 @@ def compare(reference: Embedder, candidate: Embedder, texts: Sequence[str], diff
     cosine = np.sum(ref * got, axis=1)
     labels = np.asarray(difficulty, dtype=np.float64)
 
+    knn = KnnRouter(reference.embed, MatrixIndex(ref, labels, exclude_self=True),
+                    KnnConfig(k=k, weighting="similarity", temperature=0.05))
+
     def loo_scores(queries: np.ndarray) -> np.ndarray:
-        sims = queries @ ref.T
-        np.fill_diagonal(sims, -np.inf)
-        top = np.argsort(-sims, axis=1)[:, :k]
-        return difficulty_from_neighbors(np.take_along_axis(sims, top, axis=1), labels[top],
-                                         weighting="similarity", temperature=0.05)
+        return knn.score_vectors(queries).values
 
     ref_scores, got_scores = loo_scores(ref), loo_scores(got)
     ref_tiers = tiers_for_scores(ref_scores, (boundary,))

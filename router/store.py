@@ -22,22 +22,13 @@ import numpy as np
 from qdrant_client import QdrantClient, models
 
 from router.config import StoreConfig
-from serving.errors import TierserveError
+from router.errors import StoreError, StoreLockedError
+from router.knn import nearest_neighbors
 from router.types import Exemplar, Neighbor, StoredExemplar
 
 logger = logging.getLogger(__name__)
 
 _UPSERT_CHUNK = 256
-
-
-class StoreError(TierserveError):
-    """The exemplar store cannot be used; the message says why and what to do."""
-
-    status_code = 503
-
-
-class StoreLockedError(StoreError):
-    """The local Qdrant folder is held by another process (usually the running router)."""
 
 
 class ExemplarStore:
@@ -295,19 +286,12 @@ class _VectorMatrix:
             self._tiers.extend(tiers[i] for i in new_rows)
 
     def query(self, queries: np.ndarray, k: int) -> list[list[Neighbor]]:
-        n = len(self._ids)
-        if n == 0:
+        if not self._ids:
             return [[] for _ in queries]
-        k = min(k, n)
-        sims = _unit(queries) @ self._vectors.T
-        top = np.argpartition(sims, n - k, axis=1)[:, n - k :] if k < n else np.tile(np.arange(n), (len(queries), 1))
-        top_sims = np.take_along_axis(sims, top, axis=1)
-        order = np.argsort(-top_sims, axis=1, kind="stable")
-        top = np.take_along_axis(top, order, axis=1)
-        top_sims = np.take_along_axis(top_sims, order, axis=1)
+        sims, idx = nearest_neighbors(_unit(queries), self._vectors, k)
         return [
             [Neighbor(id=self._ids[j], tier=self._tiers[j], similarity=float(s)) for j, s in zip(row, row_sims)]
-            for row, row_sims in zip(top, top_sims)
+            for row, row_sims in zip(idx, sims)
         ]
 
 

@@ -103,25 +103,35 @@ def parse_router_model(model: str) -> tuple[RouterKind, float | None]:
 
 @dataclass(frozen=True)
 class RouteDecision:
-    """Which tier a request goes to, and why."""
+    """Which tier a request goes to, and why: made by a router, or by the request itself; carried to the
+    response's headers, its `tierserve` object and the query log."""
 
     tier: str
     tier_index: int
     """Position of `tier` in the config's cost-ordered tiers."""
-    router: RouterKind
-    """The router that decided (`heuristic` when the kNN router fell back)."""
-    score: float
-    """Difficulty in [0, 1]: 0 routine, 1 hard."""
+    router: str
+    """The router that decided (a `RouterKind`; `heuristic` when another router fell back), or how the request
+    chose its tier: `explicit` (model names a tier), `forced` (`tierserve.tier`), `session` (the tier a
+    conversation answered on before)."""
+    score: float | None
+    """Difficulty in [0, 1]: 0 routine, 1 hard. None when no router scored the request."""
     thresholds: tuple[float, ...]
     """The tier boundaries applied (after any per-request threshold)."""
     reason: str
     fallback: bool = False
     """True when the requested router failed and the heuristic decided instead."""
     overhead_ms: float = 0.0
-    """Time spent deciding, including the wait for a batch."""
+    """Time spent deciding, including the wait for a batch (and, in the ingress, the call to the router)."""
     embed_ms: float = 0.0
     """Share of the decision spent embedding (the batch's embedding time)."""
     batch_size: int = 1
     """Requests decided together with this one (one embedding pass and one kNN query)."""
     neighbors: tuple[Neighbor, ...] = ()
     """The nearest exemplars (kNN only), most similar first."""
+    session: str | None = None
+    """The session key whose tier the answer updates (None: the request belongs to no session)."""
+
+    @property
+    def routed(self) -> bool:
+        """True when a router (or a session's memory) chose the tier, not the request itself."""
+        return self.router not in ("explicit", "forced")

@@ -12,6 +12,7 @@ from ray.serve import Application
 from serving.config import AppConfig, TierConfig, load_config
 from serving.engines.base import Engine
 from serving.engines.vllm import engine_env
+from serving.placement import actor_options
 
 logger = logging.getLogger(__name__)
 
@@ -26,7 +27,7 @@ def _tier_deployment_options(config: AppConfig, tier: TierConfig) -> dict[str, A
             "num_cpus": tier.resources.num_cpus,
             "num_gpus": tier.resources.num_gpus,
             "runtime_env": {"env_vars": engine_env(tier, config.device)},
-            **tier.resources.actor_options(),  # custom resources / node labels: which nodes may host it
+            **actor_options(tier.resources),  # custom resources / node labels: which nodes may host it
         },
         "health_check_period_s": 10,
         "health_check_timeout_s": 30,
@@ -77,7 +78,7 @@ def build_app(config: AppConfig, *, engine_cls: type[Engine] | None = None) -> A
                 ray_actor_options={
                     "num_cpus": config.router.num_cpus,
                     "runtime_env": {"env_vars": {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}},
-                    **config.router.resources.actor_options(),
+                    **actor_options(config.router.resources),
                 },
             )
             .bind(config.router, config.tier_names, str(config.resolved_data_dir()))
@@ -87,7 +88,7 @@ def build_app(config: AppConfig, *, engine_cls: type[Engine] | None = None) -> A
         name="ingress",
         num_replicas=config.ingress.num_replicas,
         max_ongoing_requests=config.ingress.max_ongoing_requests,
-        ray_actor_options={"num_cpus": config.ingress.num_cpus, **config.ingress.resources.actor_options()},
+        ray_actor_options={"num_cpus": config.ingress.num_cpus, **actor_options(config.ingress.resources)},
     )
     return ingress.bind(config, tier_apps, router_app, wire_token=wire_token)
 

@@ -6,9 +6,7 @@ import argparse
 import logging
 import sys
 
-from router import cli as router_cli
-from router.eval import cli as eval_cli
-from serving import cli_plan, cli_serve
+from serving import cli_eval, cli_exemplars, cli_plan, cli_serve
 from serving.bench import cli as bench_cli
 
 
@@ -17,8 +15,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     cli_serve.register(sub)
-    router_cli.register(sub)
-    eval_cli.register(sub)
+    cli_exemplars.register(sub)
+    cli_eval.register(sub)
     bench_cli.register(sub)
     cli_plan.register(sub)
     return parser
@@ -35,7 +33,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         return 130
     except Exception as exc:  # a CLI reports the error, not a traceback, for known failures
-        from serving.errors import TierserveError
+        from router.errors import TierserveError
 
         if isinstance(exc, TierserveError | ValueError | FileNotFoundError):
             print(f"tierserve: error: {exc}", file=sys.stderr)

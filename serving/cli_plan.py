@@ -5,12 +5,12 @@ from __future__ import annotations
 import argparse
 from collections.abc import Callable
 
+from router.errors import PlanError
 from serving.plan import (
     DEFAULT_RESERVE,
     GIB,
     GPU_TYPES,
     Plan,
-    PlanError,
     TierRequest,
     gpu_seconds_per_1k_tokens,
     plan,

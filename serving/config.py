@@ -11,13 +11,16 @@ from pathlib import Path
 from typing import Annotated, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import Field, ValidationError, model_validator
 
 from router.config import RouterConfig
-from router.querylog import QueryLogConfig
+from router.configbase import StrictModel
+from router.errors import ConfigError
+from router.placement import Placement
 from serving.capacity.config import CapacityConfig
 from serving.cascade.config import CascadeConfig
-from serving.placement import Placement
+from serving.placement import ResourcesConfig
+from serving.querylog import QueryLogConfig
 
 DEFAULT_DATA_DIR = "~/.cache/tierserve"
 
@@ -27,15 +30,7 @@ def default_data_dir() -> Path:
     return Path(os.environ.get("TIERSERVE_DATA_DIR") or DEFAULT_DATA_DIR).expanduser()
 
 
-class ConfigError(ValueError):
-    """A config file that cannot be used; the message says which field and how to fix it."""
-
-
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class EngineConfig(_Strict):
+class EngineConfig(StrictModel):
     """vLLM engine settings for one tier: continuous batching and the KV cache."""
 
     max_num_seqs: int = Field(default=32, ge=1, le=4096)
@@ -76,16 +71,7 @@ class EngineConfig(_Strict):
         return self
 
 
-class ResourcesConfig(Placement):
-    """Ray resources of one engine replica, and where it may run (`custom`, `node_labels`)."""
-
-    num_cpus: float = Field(default=1.0, ge=0.0)
-    """Logical CPUs reserved per replica."""
-    num_gpus: float = Field(default=0.0, ge=0.0)
-    """GPUs per replica; fractions let a small and a large tier share one GPU (e.g. 0.3 + 0.7)."""
-
-
-class AutoscalingConfig(_Strict):
+class AutoscalingConfig(StrictModel):
     """Ray Serve autoscaling on ongoing requests per replica."""
 
     min_replicas: int = Field(default=1, ge=0)
@@ -102,7 +88,7 @@ class AutoscalingConfig(_Strict):
         return self
 
 
-class DeploymentConfig(_Strict):
+class DeploymentConfig(StrictModel):
     """Ray Serve deployment settings of one tier."""
 
     num_replicas: int = Field(default=1, ge=1)
@@ -114,7 +100,7 @@ class DeploymentConfig(_Strict):
     """Requests waiting for a replica before Ray Serve rejects (-1: unbounded, not recommended)."""
 
 
-class TierConfig(_Strict):
+class TierConfig(StrictModel):
     """One model tier. Tiers are listed cheapest first."""
 
     name: Annotated[str, Field(pattern=r"^[a-z][a-z0-9_-]{0,31}$")]
@@ -139,7 +125,7 @@ class TierConfig(_Strict):
         return data
 
 
-class SessionsConfig(_Strict):
+class SessionsConfig(StrictModel):
     """Sticky tiers per conversation (`serving.ingress.sessions`); one map per ingress replica."""
 
     enabled: bool = True
@@ -150,7 +136,7 @@ class SessionsConfig(_Strict):
     """Sessions one ingress replica remembers (least recently used dropped first; ~200 bytes each)."""
 
 
-class CostConfig(_Strict):
+class CostConfig(StrictModel):
     """What a self-hosted operator pays: GPU time. Reports show GPU-seconds per 1k output tokens per tier,
     `resources.num_gpus` x 1000 / measured output tokens/s, and dollars when a GPU-hour price is set.
     CPU tiers (num_gpus 0) have no GPU cost and are reported as "n/a (CPU)"."""
@@ -166,7 +152,7 @@ class CostConfig(_Strict):
             raise ValueError(f"cost.output_tokens_per_s names unknown tiers {unknown}; use tiers from {names}.")
 
 
-class LimitsConfig(_Strict):
+class LimitsConfig(StrictModel):
     """Refused with a 400 (413 for the body) naming the field, before any engine work."""
 
     max_body_bytes: int = Field(default=4 * 1024 * 1024, ge=1024)
@@ -181,7 +167,7 @@ class LimitsConfig(_Strict):
     """Longest stop string, in characters."""
 
 
-class HttpConfig(_Strict):
+class HttpConfig(StrictModel):
     host: str = "127.0.0.1"
     port: int = Field(default=8000, ge=1, le=65535)
     api_keys: list[str] = []
@@ -209,7 +195,7 @@ class HttpConfig(_Strict):
     """On shutdown, how long open requests may finish before they are cut (direct serving)."""
 
 
-class IngressConfig(_Strict):
+class IngressConfig(StrictModel):
     num_replicas: int = Field(default=1, ge=1)
     num_cpus: float = Field(default=0.1, ge=0.0)
     max_ongoing_requests: int = Field(default=256, ge=1)
@@ -223,7 +209,7 @@ class IngressConfig(_Strict):
     `http.proxy: false` each replica serves `http.host:port` on its own node."""
 
 
-class RayConfig(_Strict):
+class RayConfig(StrictModel):
     """The Ray cluster `tierserve up` runs on: a local one it starts, or an existing one (`address`)."""
 
     address: str | None = None
@@ -236,7 +222,7 @@ class RayConfig(_Strict):
     """Object store of a local cluster; unused with `address`."""
 
 
-class AppConfig(_Strict):
+class AppConfig(StrictModel):
     """The whole tierserve config."""
 
     data_dir: str = DEFAULT_DATA_DIR

@@ -4,17 +4,22 @@ A replica holding `resources.num_gpus` GPUs and producing `tokens_per_s` output 
 num_gpus x 1000 / tokens_per_s GPU-seconds per 1k output tokens (`serving.plan.gpu_seconds_per_1k_tokens`);
 `cost.usd_per_gpu_hour` turns that into dollars. Throughput comes from a measurement (`tierserve bench`
 prints it; `cost.output_tokens_per_s` keeps it in the config). CPU tiers (num_gpus 0) have no GPU cost: they
-are shown as "n/a (CPU)" rather than priced on a made-up CPU rate.
+are shown as "n/a (CPU)" rather than priced on a made-up CPU rate. `tierserve eval --config` prices the
+evaluated policies the same way (`with_self_hosted`), beside the API-price view of `router.eval`.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING
 
 from serving.config import AppConfig
 from serving.plan import gpu_seconds_per_1k_tokens
+
+if TYPE_CHECKING:
+    from router.eval.runner import EvalReport
 
 CPU_NA = "n/a (CPU)"
 
@@ -113,3 +118,41 @@ def fleet_cost(
     total_tokens = sum(output_tokens.values()) if baseline_tokens is None else baseline_tokens
     usd = next(iter(costs.values())).usd_per_gpu_hour if costs else None
     return FleetCost(gpu_s, baseline, total_tokens / 1000 * per_k[baseline], usd)
+
+
+def with_self_hosted(report: EvalReport, weak: TierCost, strong: TierCost) -> EvalReport:
+    """The report with its policies also priced in GPU time, beside the API-price view: a weak call costs
+    weak/strong GPU-seconds per 1k output tokens of a strong one (equal answer lengths assumed)."""
+    # Imported here: pandas comes with it, and only the eval CLI prices reports.
+    from router.eval.metrics import summarize
+
+    view: dict = {"weak_tier": weak.tier, "strong_tier": strong.tier, "weak": weak.label(), "strong": strong.label()}
+    if weak.gpu_s_per_1k is None or strong.gpu_s_per_1k is None:
+        view["note"] = "; ".join(f"{c.tier}: {c.missing}" for c in (weak, strong) if c.missing)
+        return replace(report, self_hosted=view)
+    ratio = weak.gpu_s_per_1k / strong.gpu_s_per_1k
+    policies = {}
+    for name, m in [*report.routers.items(), ("oracle", report.oracle)]:
+        priced = summarize(replace(m.curve, cost=None), report.strong_acc, report.weak_acc,
+                           cost_ratio=ratio, kind=m.kind)
+        gpu_s = (1.0 - priced.cost_saved_at_95) * strong.gpu_s_per_1k
+        policies[name] = {"saved_at_95": round(priced.cost_saved_at_95, 4), "gpu_s_per_1k_at_95": round(gpu_s, 4)}
+        if strong.usd_per_gpu_hour is not None:
+            policies[name]["usd_per_1k_at_95"] = round(gpu_s * strong.usd_per_gpu_hour / 3600, 6)
+    view.update(weak_call_ratio=round(ratio, 4), policies=policies)
+    return replace(report, self_hosted=view)
+
+
+def format_self_hosted(view: dict) -> list[str]:
+    """The lines `tierserve eval` prints under its table for a report's `self_hosted` view."""
+    head = (f"self-hosted cost (GPU time): weak {view['weak_tier']} {view['weak']}, strong {view['strong_tier']} "
+            f"{view['strong']}")
+    if "note" in view:
+        return [head, f"  n/a: {view['note']}"]
+    rows = [head + f"; a weak call = {view['weak_call_ratio']:.3g} x a strong one (equal answer lengths assumed)",
+            f"  {'policy':<20}{'saved@95%':>10}{'GPU-s/1k tok':>14}{'$/1k tok':>11}"]
+    for name, p in view["policies"].items():
+        dollars = usd(p["usd_per_1k_at_95"]) if "usd_per_1k_at_95" in p else "-"
+        saved = f"{p['saved_at_95'] * 100:.1f}%" if math.isfinite(p["saved_at_95"]) else "-"
+        rows.append(f"  {name:<20}{saved:>10}{p['gpu_s_per_1k_at_95']:>14.3g}{dollars:>11}")
+    return rows

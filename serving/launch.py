@@ -9,9 +9,10 @@ from typing import Any
 
 import httpx
 
+from router.errors import StartupError
 from serving.config import AppConfig
 from serving.engines.base import Engine
-from serving.errors import StartupError
+from serving.placement import unmet
 
 logger = logging.getLogger(__name__)
 
@@ -35,7 +36,7 @@ def placement_problems(config: AppConfig, nodes: list[Mapping[str, Any]]) -> lis
     placements.append(("ingress.resources", config.ingress.resources))
     if config.router.placement == "deployment":
         placements.append(("router.resources", config.router.resources))
-    return [f"{field}: {why}" for field, placement in placements if (why := placement.unmet(nodes))]
+    return [f"{field}: {why}" for field, placement in placements if (why := unmet(placement, nodes))]
 
 
 def start(config: AppConfig, *, wait_s: float = 600.0, engine_cls: type[Engine] | None = None) -> str:

@@ -22,6 +22,7 @@ import math
 from dataclasses import dataclass, replace
 from typing import Literal
 
+from router.errors import PlanError
 from serving.plan_shape import ModelShape, dtype_bytes
 
 GIB = 1 << 30
@@ -43,10 +44,6 @@ GPU_TYPES: dict[str, int] = {
     "a100-80gb": 81920 * MIB,
     "l40s-48gb": 46068 * MIB,
 }
-
-
-class PlanError(ValueError):
-    """A plan that cannot work; the message names the tier, the shortfall and the fix."""
 
 
 @dataclass(frozen=True)

@@ -24,8 +24,8 @@ from contextlib import aclosing
 from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
+from router.errors import EngineError, ServiceUnavailable, TierserveError, Unauthorized, error_from_dict
 from serving.engines.base import Engine
-from serving.errors import EngineError, ServiceUnavailable, TierserveError, Unauthorized, error_from_dict
 from serving.responses import DONE, ChunkEncoder, Kind
 from serving.types import (
     ChatMessage,

@@ -10,8 +10,6 @@ from router.eval.calibrate import (
     confidence_threshold_for_rate,
     threshold_for_pgr,
     threshold_for_share,
-    write_cascade_threshold,
-    write_threshold,
 )
 from router.eval.datasets import BUILTIN, LabelledSet, default_data_dir, load_dataset
 from router.eval.metrics import Curve, RouterMetrics, summarize, threshold_sweep
@@ -22,7 +20,6 @@ __all__ = [
     "CascadeCalibration",
     "confidence_threshold_for_pgr",
     "confidence_threshold_for_rate",
-    "write_cascade_threshold",
     "Curve",
     "LabelledSet",
     "RouterMetrics",
@@ -32,5 +29,4 @@ __all__ = [
     "threshold_for_pgr",
     "threshold_for_share",
     "threshold_sweep",
-    "write_threshold",
 ]

@@ -3,21 +3,18 @@ fraction of the weak→strong quality gap, from labelled scores or from the scor
 
 A prompt goes to the strong model when `score >= threshold` (the live router's rule). Thresholds sit halfway
 between two neighbouring observed scores, so the share on the calibration data is exact (barring ties) and
-small shifts in the score distribution move it little.
+small shifts in the score distribution move it little. A cascade escalates an answer when `confidence <
+threshold`; its thresholds are cut the same way from the other end. The `tierserve calibrate` CLI writes
+them into the config file.
 """
 
 from __future__ import annotations
 
-import logging
-import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
+from typing import Literal
 
 import numpy as np
-import yaml
-
-logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -30,14 +27,21 @@ class Calibration:
     """Fraction of the quality gap recovered on the calibration prompts (labelled data only)."""
 
 
-def _cut(sorted_desc: np.ndarray, k: int) -> float:
-    """Threshold selecting the top k of scores sorted descending: midway between the k-th and k+1-th."""
-    n = len(sorted_desc)
-    if k <= 0:
-        return float(min(1.0, np.nextafter(sorted_desc[0], np.inf)))
-    if k >= n:
-        return float(max(0.0, sorted_desc[-1]))
-    return float((sorted_desc[k - 1] + sorted_desc[k]) / 2.0)
+def _cut(ordered: np.ndarray, k: int, *, rule: Literal[">=", "<"]) -> float:
+    """Threshold that selects the first k of `ordered` under `rule`: midway between the k-th and k+1-th.
+
+    `">="`: scores sorted descending, selected when score >= threshold (the router's strong calls).
+    `"<"`: confidences sorted ascending, selected when confidence < threshold (the cascade's escalations).
+    Selecting none or all, the threshold sits at the lowest value or just above the highest, within [0, 1].
+    """
+    n = len(ordered)
+    if 0 < k < n:
+        return float((ordered[k - 1] + ordered[k]) / 2.0)
+    lowest, highest = (ordered[-1], ordered[0]) if rule == ">=" else (ordered[0], ordered[-1])
+    # `>=` selects all at the lowest value and none just above the highest; `<` the other way round.
+    if (k >= n) == (rule == ">="):
+        return float(max(0.0, lowest))
+    return float(min(1.0, np.nextafter(highest, np.inf)))
 
 
 def threshold_for_share(scores: Sequence[float], target_share: float) -> Calibration:
@@ -47,7 +51,7 @@ def threshold_for_share(scores: Sequence[float], target_share: float) -> Calibra
     s = np.sort(np.asarray(scores, dtype=float))[::-1]
     if len(s) == 0:
         raise ValueError("no scores to calibrate on")
-    t = _cut(s, _nearest_cut(s, int(round(target_share * len(s)))))
+    t = _cut(s, _nearest_cut(s, int(round(target_share * len(s)))), rule=">=")
     return Calibration(t, float(np.mean(s >= t)))
 
 
@@ -91,7 +95,7 @@ def threshold_for_pgr(
     cuttable = np.r_[True, s[1:] < s[:-1], True]
     ks = [k for k in range(len(s) + 1) if cuttable[k] and pgr[k] >= target_pgr - 1e-12]
     k = ks[0] if ks else len(s)
-    t = _cut(s, k)
+    t = _cut(s, k, rule=">=")
     chosen = np.mean(scores >= t)
     return Calibration(t, float(chosen), float(pgr[int(round(chosen * len(s)))]))
 
@@ -106,16 +110,6 @@ class CascadeCalibration:
     """Fraction of the quality gap recovered on the calibration rows (labelled data only)."""
 
 
-def _confidence_cut(sorted_asc: np.ndarray, k: int) -> float:
-    """Threshold escalating the k lowest confidences: midway between the k-th and k+1-th (strict `<`)."""
-    n = len(sorted_asc)
-    if k <= 0:
-        return float(max(0.0, sorted_asc[0]))
-    if k >= n:
-        return float(min(1.0, np.nextafter(sorted_asc[-1], np.inf)))
-    return float((sorted_asc[k - 1] + sorted_asc[k]) / 2.0)
-
-
 def confidence_threshold_for_rate(confidence: Sequence[float], target_rate: float) -> CascadeCalibration:
     """Cascade threshold that escalates `target_rate` (0..1) of these answers (the least confident)."""
     if not 0.0 <= target_rate <= 1.0:
@@ -125,7 +119,7 @@ def confidence_threshold_for_rate(confidence: Sequence[float], target_rate: floa
         raise ValueError("no confidences to calibrate on")
     # ascending confidences are descending scores 1 - c: reuse the tie-aware cut
     k = _nearest_cut(1.0 - c, int(round(target_rate * len(c))))
-    t = _confidence_cut(c, k)
+    t = _cut(c, k, rule="<")
     return CascadeCalibration(t, float(np.mean(c < t)))
 
 
@@ -135,63 +129,8 @@ def confidence_threshold_for_pgr(confidence: Sequence[float], strong: Sequence[f
     c = np.asarray(confidence, dtype=float)
     cal = threshold_for_pgr(1.0 - c, strong, weak, target_pgr)
     k = int(round(cal.strong_share * len(c)))
-    t = _confidence_cut(np.sort(c), k)
+    t = _cut(np.sort(c), k, rule="<")
     escalated = c < t
     strong, weak = np.asarray(strong, dtype=float), np.asarray(weak, dtype=float)
     pgr = (np.where(escalated, strong, weak).mean() - weak.mean()) / (strong.mean() - weak.mean())
     return CascadeCalibration(t, float(escalated.mean()), float(pgr))
-
-
-def write_cascade_threshold(config_path: str | Path, tier: str, threshold: float, target_rate: float, *,
-                            backup: bool = True) -> dict:
-    """Set `cascade.tier_thresholds[tier]` and `cascade.tier_target_escalation_rates[tier]` in a YAML config.
-
-    The file is validated before it is replaced; the old one is kept as `.bak`. Comments are not preserved.
-    """
-    from serving.config import parse_config
-
-    path = Path(config_path)
-    data = yaml.safe_load(path.read_text()) or {}
-    names = [t.get("name") for t in data.get("tiers") or [] if isinstance(t, dict)]
-    if tier not in names[:-1]:
-        raise ValueError(f"{path}: --tier {tier!r} must be a tier below the top one, one of {names[:-1]}")
-    cascade = dict(data.get("cascade") or {})
-    cascade["tier_thresholds"] = {**(cascade.get("tier_thresholds") or {}), tier: round(float(threshold), 6)}
-    cascade["tier_target_escalation_rates"] = {**(cascade.get("tier_target_escalation_rates") or {}),
-                                               tier: round(float(target_rate), 4)}
-    data["cascade"] = cascade
-    parse_config(data, str(path))
-    if backup:
-        shutil.copyfile(path, path.with_name(path.name + ".bak"))
-    path.write_text(yaml.safe_dump(data, sort_keys=False))
-    logger.info("%s: cascade.tier_thresholds[%s] = %s", path, tier, cascade["tier_thresholds"][tier])
-    return data
-
-
-def write_threshold(config_path: str | Path, threshold: float, *, backup: bool = True) -> dict:
-    """Set the boundary into the most expensive tier (`router.thresholds[-1]`) in a YAML config.
-
-    Two tiers: `router.thresholds: [threshold]`. More tiers: lower boundaries are capped at the new one so
-    the list stays ascending. The file is validated before it is replaced; the old one is kept as `.bak`.
-    Comments in the YAML are not preserved.
-    """
-    from serving.config import parse_config  # the app config owns validation
-
-    path = Path(config_path)
-    data = yaml.safe_load(path.read_text()) or {}
-    num_tiers = len(data.get("tiers") or [])
-    if num_tiers < 2:
-        raise ValueError(f"{path}: needs at least two tiers to route between, found {num_tiers}")
-    router = dict(data.get("router") or {})
-    current = list(router.get("thresholds") or [i / num_tiers for i in range(1, num_tiers)])
-    if len(current) != num_tiers - 1:
-        raise ValueError(f"{path}: router.thresholds has {len(current)} values for {num_tiers} tiers; fix it first")
-    value = round(float(threshold), 6)
-    router["thresholds"] = [min(round(float(t), 6), value) for t in current[:-1]] + [value]
-    data["router"] = router
-    parse_config(data, str(path))
-    if backup:
-        shutil.copyfile(path, path.with_name(path.name + ".bak"))
-    path.write_text(yaml.safe_dump(data, sort_keys=False))
-    logger.info("%s: router.thresholds = %s", path, router["thresholds"])
-    return data

@@ -16,7 +16,6 @@ import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -32,11 +31,8 @@ from router.eval.cascade import (
 )
 from router.eval.datasets import LabelledSet, difficulty_label
 from router.eval.embcache import EmbeddingCache
-from router.eval.routers import ClassifierRouter, EvalRouter, HeuristicRouter, KnnRouter, RandomRouter
+from router.scorers import ClassifierRouter, HeuristicRouter, KnnRouter, MatrixIndex, RandomRouter, Scorer
 from router.eval.tuning import train_apgr, tune_classifier, tune_knn
-
-if TYPE_CHECKING:
-    from serving.cost import TierCost
 
 logger = logging.getLogger(__name__)
 
@@ -68,7 +64,8 @@ class EvalReport:
     notices: tuple[str, ...] = ()
     """What the loader decided on its own (see `LabelledSet.notices`)."""
     self_hosted: dict = field(default_factory=dict)
-    """The same policies priced in GPU time (`with_self_hosted`); empty without a config's tiers."""
+    """The same policies priced in GPU time, filled in by whoever knows the tiers' cost (`tierserve eval
+    --config`, which also prints it below `format_table`'s table); empty otherwise."""
 
     def to_json(self) -> dict:
         return {
@@ -94,7 +91,7 @@ class EvalReport:
 class TrainedRouters:
     """Routers fitted on a train split, plus out-of-sample train scores for calibration."""
 
-    routers: dict[str, EvalRouter]
+    routers: dict[str, Scorer]
     train_scores: dict[str, np.ndarray]
     settings: dict
     cascades: dict[str, TrainedCascade] = field(default_factory=dict)
@@ -115,7 +112,7 @@ class TrainedRouters:
 
 def build_routers(
     train, names: Sequence[str], cache: EmbeddingCache | None, *, tune: bool = True, progress: bool = True,
-    classifier_models: Sequence[str] = ("logreg",), extra: dict[str, EvalRouter] | None = None,
+    classifier_models: Sequence[str] = ("logreg",), extra: dict[str, Scorer] | None = None,
 ) -> TrainedRouters:
     """Fit every named router on `train` (a frame with prompt/weak/strong). Only train rows are read.
     `extra` adds ready-made routers (e.g. the judge) that need no training."""
@@ -138,20 +135,20 @@ def build_routers(
     labels = difficulty_label(train)
     vectors = cache.embed(prompts, progress=progress) if embedded else None
     embed = functools.partial(cache.embed, progress=progress) if cache is not None else None
-    routers: dict[str, EvalRouter] = {}
+    routers: dict[str, Scorer] = {}
     train_scores: dict[str, np.ndarray] = {}
     settings: dict = {}
     for name in names:
         if name == "random":
             routers[name] = RandomRouter()
-            train_scores[name] = routers[name].score(prompts)
+            train_scores[name] = routers[name].score(prompts).values
         elif name == "heuristic":
             routers[name] = HeuristicRouter()
-            train_scores[name] = routers[name].score(prompts)
+            train_scores[name] = routers[name].score(prompts).values
         elif name == "knn":
             grid = {} if tune else {"ks": (10,), "weightings": (("softmax", 0.05),)}
             knn_cfg, tuned = tune_knn(vectors, labels, strong, weak, progress=progress, **grid)
-            routers[name] = KnnRouter(embed, vectors, labels, knn_cfg)
+            routers[name] = KnnRouter(embed, MatrixIndex(vectors, labels), knn_cfg)
             train_scores[name] = tuned.oof_scores
             settings[name] = {**tuned.params, "cv_apgr": round(float(tuned.cv_apgr), 4)}
         elif name == "classifier":
@@ -187,7 +184,7 @@ def evaluate(
     progress: bool = True,
     num_bins: int = 10,
     classifier_models: Sequence[str] = ("logreg",),
-    extra: dict[str, EvalRouter] | None = None,
+    extra: dict[str, Scorer] | None = None,
     cost_ratio: float | None = None,
     n_boot: int = bootstrap.N_BOOT,
 ) -> EvalReport:
@@ -227,7 +224,7 @@ def score_routers(ds: LabelledSet, trained: TrainedRouters, *, num_bins: int = 1
     scored: dict[str, tuple[np.ndarray, np.ndarray | bool, str]] = {}
     router_scores = {}
     for name, router in trained.routers.items():
-        router_scores[name] = router.score(prompts)
+        router_scores[name] = router.score(prompts).values
         scored[name] = (router_scores[name], False, "router")
     if trained.cascades:
         confidence = test["weak_confidence"].to_numpy(float)
@@ -264,41 +261,6 @@ def score_routers(ds: LabelledSet, trained: TrainedRouters, *, num_bins: int = 1
                       recommended=recommended, notices=ds.notices)
 
 
-def with_self_hosted(report: EvalReport, weak: TierCost, strong: TierCost) -> EvalReport:
-    """The report with its policies also priced in GPU time, beside the API-price view: a weak call costs
-    weak/strong GPU-seconds per 1k output tokens of a strong one (equal answer lengths assumed)."""
-    view: dict = {"weak_tier": weak.tier, "strong_tier": strong.tier, "weak": weak.label(), "strong": strong.label()}
-    if weak.gpu_s_per_1k is None or strong.gpu_s_per_1k is None:
-        view["note"] = "; ".join(f"{c.tier}: {c.missing}" for c in (weak, strong) if c.missing)
-        return replace(report, self_hosted=view)
-    ratio = weak.gpu_s_per_1k / strong.gpu_s_per_1k
-    policies = {}
-    for name, m in [*report.routers.items(), ("oracle", report.oracle)]:
-        priced = metrics.summarize(replace(m.curve, cost=None), report.strong_acc, report.weak_acc,
-                                   cost_ratio=ratio, kind=m.kind)
-        gpu_s = (1.0 - priced.cost_saved_at_95) * strong.gpu_s_per_1k
-        policies[name] = {"saved_at_95": round(priced.cost_saved_at_95, 4), "gpu_s_per_1k_at_95": round(gpu_s, 4)}
-        if strong.usd_per_gpu_hour is not None:
-            policies[name]["usd_per_1k_at_95"] = round(gpu_s * strong.usd_per_gpu_hour / 3600, 6)
-    view.update(weak_call_ratio=round(ratio, 4), policies=policies)
-    return replace(report, self_hosted=view)
-
-
-def _format_self_hosted(view: dict) -> list[str]:
-    head = (f"self-hosted cost (GPU time): weak {view['weak_tier']} {view['weak']}, strong {view['strong_tier']} "
-            f"{view['strong']}")
-    if "note" in view:
-        return [head, f"  n/a: {view['note']}"]
-    from serving.cost import usd as usd_text
-
-    rows = [head + f"; a weak call = {view['weak_call_ratio']:.3g} x a strong one (equal answer lengths assumed)",
-            f"  {'policy':<20}{'saved@95%':>10}{'GPU-s/1k tok':>14}{'$/1k tok':>11}"]
-    for name, p in view["policies"].items():
-        usd = usd_text(p["usd_per_1k_at_95"]) if "usd_per_1k_at_95" in p else "-"
-        rows.append(f"  {name:<20}{_pct(p['saved_at_95'] * 100):>10}{p['gpu_s_per_1k_at_95']:>14.3g}{usd:>11}")
-    return rows
-
-
 def format_table(report: EvalReport) -> str:
     """Plain-text table of the report, one row per router / cascade plus the oracle.
 
@@ -331,8 +293,6 @@ def format_table(report: EvalReport) -> str:
     if report.recommended:
         rows.append(f"router to deploy (chosen on train): {report.recommended['router']} — "
                     f"{report.recommended['reason']}")
-    if report.self_hosted:
-        rows += _format_self_hosted(report.self_hosted)
     return "\n".join(rows)
 
 

@@ -16,7 +16,7 @@ from tqdm import tqdm
 from router.classifier import DifficultyClassifier, ModelKind
 from router.config import KnnConfig
 from router.eval import metrics
-from router.eval.routers import nearest_neighbors
+from router.knn import nearest_neighbors
 from router.scoring import difficulty_from_neighbors
 
 logger = logging.getLogger(__name__)

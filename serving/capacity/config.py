@@ -5,17 +5,15 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import Field, model_validator
+
+from router.configbase import StrictModel
 
 SpillUpScope = Literal["off", "borderline", "all"]
 HardMode = Literal["quality_first", "latency_first"]
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class TierLimits(_Strict):
+class TierLimits(StrictModel):
     """When one tier counts as saturated, and how many requests it admits."""
 
     max_waiting: int = Field(default=4, ge=0)
@@ -30,7 +28,7 @@ class TierLimits(_Strict):
     max_ongoing_requests + max_queued_requests) so tierserve answers before Ray Serve's own backpressure."""
 
 
-class CapacityConfig(_Strict):
+class CapacityConfig(StrictModel):
     """Load-aware routing and admission control.
 
     `enabled` turns on load-aware tier choice (spilling a request to a neighbouring tier). Admission

@@ -21,7 +21,8 @@ from serving.cascade.config import (
     FormatValidator,
     LogprobAggregate,
 )
-from router.judge import answer_key, yes_no_mass
+from router.judge import answer_key as token_key
+from router.judge import yes_no_mass
 from serving.types import TokenLogprob
 
 _NUMBER = re.compile(r"(?:(?<!\w)-)?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?")
@@ -140,9 +141,10 @@ def verify_confidence(
 def has_yes_no(
     top_alternatives: Iterable[tuple[str, float]], *, yes_tokens: Iterable[str], no_tokens: Iterable[str]
 ) -> bool:
-    """Whether any alternative at this position is a yes or a no token."""
-    keys = {answer_key(t) for t in yes_tokens} | {answer_key(t) for t in no_tokens}
-    return any(answer_key(token) in keys for token, _ in top_alternatives)
+    """Whether any alternative at this position is a yes or a no token (spelled as the judge reads tokens:
+    " Yes", "ĠYes" and "▁yes" are all "yes")."""
+    keys = {token_key(t) for t in yes_tokens} | {token_key(t) for t in no_tokens}
+    return any(token_key(token) in keys for token, _ in top_alternatives)
 
 
 def verify_prompt(question: str, answer: str, template: str = DEFAULT_VERIFY_TEMPLATE) -> str:

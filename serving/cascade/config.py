@@ -10,8 +10,9 @@ import re
 from collections.abc import Sequence
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
 
+from router.configbase import StrictModel
 from router.judge import answer_key
 
 ConfidenceMethod = Literal["logprob", "consistency", "verify"]
@@ -25,11 +26,7 @@ DEFAULT_VERIFY_TEMPLATE = (
 )
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class LogprobOptions(_Strict):
+class LogprobOptions(StrictModel):
     """How token logprobs of an answer become one confidence."""
 
     aggregate: LogprobAggregate = "mean"
@@ -39,7 +36,7 @@ class LogprobOptions(_Strict):
     """Share of tokens (the least likely ones, at least one) that `tail` averages over."""
 
 
-class ConsistencyOptions(_Strict):
+class ConsistencyOptions(StrictModel):
     """Self-consistency: sample the cheap tier n times and measure how often the answers agree."""
 
     n: int = Field(default=5, ge=2, le=32)
@@ -52,7 +49,7 @@ class ConsistencyOptions(_Strict):
     final number (so "The answer is 1,000." equals "1000"), others as `text`."""
 
 
-class VerifyOptions(_Strict):
+class VerifyOptions(StrictModel):
     """Verification: ask the tier that answered whether its answer is right; confidence = P(yes)."""
 
     prompt_template: str = DEFAULT_VERIFY_TEMPLATE
@@ -85,7 +82,7 @@ class VerifyOptions(_Strict):
         return self
 
 
-class FormatValidator(_Strict):
+class FormatValidator(StrictModel):
     """A check the whole answer must pass (the "verifiable output" gate); failing it escalates.
 
     Set exactly one of `json_schema` and `regex`. Combined with any confidence method: an answer
@@ -117,7 +114,7 @@ class FormatValidator(_Strict):
         return self
 
 
-class StreamingOptions(_Strict):
+class StreamingOptions(StrictModel):
     """How a streamed request is cascaded without faking the stream."""
 
     mode: StreamMode = "prefix"
@@ -129,7 +126,7 @@ class StreamingOptions(_Strict):
     """K: tokens held back and scored in `prefix` mode. An answer shorter than K is decided whole."""
 
 
-class CascadeConfig(_Strict):
+class CascadeConfig(StrictModel):
     """When an answer from a cheap tier is escalated to the next tier up.
 
     Off by default (`enabled: false`) so that a config without `cascade:` serves every request with
@@ -183,7 +180,7 @@ class CascadeConfig(_Strict):
                 )
 
 
-class CascadeOverride(_Strict):
+class CascadeOverride(StrictModel):
     """Per-request cascade settings, sent as the body field `tierserve.cascade`."""
 
     enabled: bool | None = None

@@ -266,6 +266,8 @@ class CascadeTrace:
     """What happened to one request: the tiers it visited, for the response and the metrics."""
 
     attempts: tuple[TierAttempt, ...]
+    reason: str = ""
+    """Why the cascade stopped where it did, e.g. `confidence 0.91 >= 0.80` or `...->escalation_rejected`."""
 
     @property
     def tier_chain(self) -> tuple[str, ...]:

@@ -18,9 +18,9 @@ from contextlib import aclosing
 from pathlib import Path
 from typing import Any
 
+from router.errors import EngineError, InvalidRequest, prompt_too_long
 from serving.config import TierConfig
 from serving.engines.base import Engine
-from serving.errors import EngineError, InvalidRequest, prompt_too_long
 from serving.types import EngineLoad, GenerationChunk, GenerationRequest, GenerationResult, TierInfo, TokenLogprob
 
 logger = logging.getLogger(__name__)

@@ -6,9 +6,10 @@ import time
 from collections import deque
 from collections.abc import Sequence
 
+from router.config import resolve_thresholds
+from router.errors import Overloaded
 from serving.capacity import CapacityDecision, admit, choose_tier
 from serving.capacity.config import CapacityConfig
-from serving.errors import Overloaded
 from serving.ingress.tiers import TierClient
 from serving.metrics import Metrics
 
@@ -27,20 +28,18 @@ class CapacityController:
     def place(self, tier: str, score: float | None, thresholds: Sequence[float]) -> CapacityDecision:
         """Keep the routed tier or move it by load (pure policy on the cached load view)."""
         loads = self.tiers.loads(max_age_s=self.cfg.stats_max_age_s)
+        if len(thresholds) != len(self.tier_names) - 1:  # a decision without boundaries: the evenly spaced ones
+            thresholds = resolve_thresholds((), len(self.tier_names))
         return choose_tier(
             self.tier_names.index(tier),
             0.5 if score is None else score,
-            thresholds if len(thresholds) == len(self.tier_names) - 1 else self._default_thresholds(),
+            thresholds,
             loads,
             self.tier_names,
             self.cfg,
             now=time.time(),
             inflight=self.inflight,
         )
-
-    def _default_thresholds(self) -> tuple[float, ...]:
-        n = len(self.tier_names)
-        return tuple((i + 1) / n for i in range(n - 1))
 
     def throughput_rps(self, tier: str) -> float | None:
         window = self.cfg.stats_window_s

@@ -17,12 +17,13 @@ from pydantic import ValidationError
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
+from router.errors import InvalidRequest, PayloadTooLarge, RequestTimeout, TierserveError, to_envelope
 from router.types import Exemplar
 from serving.affinity import parse_cpus, pin_this_process
 from serving.config import AppConfig
-from serving.errors import InvalidRequest, PayloadTooLarge, RequestTimeout, TierserveError, to_envelope
 from serving.ingress.auth import Keys, Scope
-from serving.ingress.pipeline import Outcome, Pipeline, StreamFormat
+from serving.ingress.outcome import Outcome
+from serving.ingress.pipeline import Pipeline, Stream, StreamFormat
 from serving.ingress.router_calls import router_calls
 from serving.ingress.protocol import (
     SEED_LABELS,
@@ -224,7 +225,7 @@ class Ingress:
             messages = body.chat_messages() if isinstance(body, ChatCompletionRequest) else None
             plan = await self.pipeline.plan(body.model, body.routing_text(), body.options,
                                             _session(request, body, messages))
-            outcome = Outcome(plan=plan)
+            outcome = Outcome.routed(plan)
             return JSONResponse({"object": "tierserve.route", **outcome.meta()}, headers=outcome.headers())
         except Exception as exc:
             return error_response(exc)
@@ -281,21 +282,22 @@ class Ingress:
                 messages=body.chat_messages() if kind == "chat" else None,
                 prompt=body.prompt_text() if kind != "chat" else None,
             )
-            plan = await self.pipeline.plan(body.model, body.routing_text(), body.options,
-                                            _session(http, body, gen_request.messages))
-            outcome = Outcome(plan=plan)
+            decision = await self.pipeline.plan(body.model, body.routing_text(), body.options,
+                                                _session(http, body, gen_request.messages))
+            outcome = self.pipeline.place(decision)
             logprobs = gen_request.sampling.logprobs
             deadline = asyncio.get_running_loop().time() + self.config.http.request_timeout_s
             if body.stream:
                 fmt = StreamFormat(kind=kind, model=body.model, include_usage=body.include_usage)
                 async with _deadline(deadline):
-                    relay = await self.pipeline.stream(gen_request, outcome, body.options, fmt)
+                    stream = await self.pipeline.stream(gen_request, outcome, body.options, fmt)
                 first_at = time.perf_counter()
+                outcome = stream.outcome()  # a cascade has decided by its first event
                 self.metrics.ttft.labels(outcome.tier).observe(first_at - started)
-                body_bytes = self._sse(endpoint, relay, outcome, started, request_id, deadline, first_at)
+                body_bytes = self._sse(endpoint, stream, started, request_id, deadline, first_at)
                 return SseResponse(body_bytes, outcome.headers())
             async with _deadline(deadline):
-                result = await unless_disconnected(
+                result, outcome = await unless_disconnected(
                     http, self.pipeline.generate(gen_request, outcome, body.options)
                 )
             payload = response(kind, request_id, body.model, result, logprobs, outcome.meta())
@@ -317,8 +319,7 @@ class Ingress:
             return error_response(exc, outcome.headers() if outcome else None)
 
     async def _sse(
-        self, endpoint: str, relay: SseRelay, outcome: Outcome, started: float, request_id: str, deadline: float,
-        first_at: float,
+        self, endpoint: str, stream: Stream, started: float, request_id: str, deadline: float, first_at: float,
     ) -> AsyncIterator[bytes]:
         # One timer per stream for http.request_timeout_s (not a timeout context per chunk: 5 us each).
         task = asyncio.current_task()
@@ -330,6 +331,7 @@ class Ingress:
             if task is not None:
                 task.cancel()
 
+        relay, outcome = stream.relay, stream.outcome
         timer = asyncio.get_running_loop().call_at(deadline, expire)
         try:
             yield relay.first
@@ -337,23 +339,23 @@ class Ingress:
                 yield data
             tokens = relay.summary.completion_tokens if relay.summary else 0
             if tokens > 1:
-                self.metrics.tpot.labels(outcome.tier).observe((time.perf_counter() - first_at) / (tokens - 1))
-            self.pipeline.record(endpoint, outcome, 200, started, relay.summary, request_id=request_id)
+                self.metrics.tpot.labels(outcome().tier).observe((time.perf_counter() - first_at) / (tokens - 1))
+            self.pipeline.record(endpoint, outcome(), 200, started, relay.summary, request_id=request_id)
         except asyncio.CancelledError:
             if not expired or task is None:
-                self.metrics.aborts.labels(outcome.tier).inc()
-                self.pipeline.record(endpoint, outcome, 499, started, relay.summary, request_id=request_id)
+                self.metrics.aborts.labels(outcome().tier).inc()
+                self.pipeline.record(endpoint, outcome(), 499, started, relay.summary, request_id=request_id)
                 raise
             task.uncancel()  # our own deadline: end the stream with the error, in-band
             await relay.aclose()
-            async for event in self._stream_error(endpoint, outcome, started, relay, request_id, _timeout_error()):
+            async for event in self._stream_error(endpoint, outcome(), started, relay, request_id, _timeout_error()):
                 yield event
         except GeneratorExit:
-            self.metrics.aborts.labels(outcome.tier).inc()
-            self.pipeline.record(endpoint, outcome, 499, started, relay.summary, request_id=request_id)
+            self.metrics.aborts.labels(outcome().tier).inc()
+            self.pipeline.record(endpoint, outcome(), 499, started, relay.summary, request_id=request_id)
             raise
         except Exception as exc:  # headers are gone: report in-band, then end the stream
-            async for event in self._stream_error(endpoint, outcome, started, relay, request_id, exc):
+            async for event in self._stream_error(endpoint, outcome(), started, relay, request_id, exc):
                 yield event
         finally:
             timer.cancel()

@@ -1,18 +1,20 @@
 """Running a cascade: answer on the entry tier, score it, escalate below the threshold.
 
 The decisions are the pure functions in `serving.cascade`; this module only makes the calls they
-need (the answer, extra consistency samples, the verification prompt) and keeps the trace.
+need (the answer, extra consistency samples, the verification prompt) through `TierCalls`, and hands
+back what happened as a frozen `CascadeTrace`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable
 from dataclasses import replace
 
 from serving.cascade import (
     CascadePolicy,
+    CascadeTrace,
     Confidence,
     TierAttempt,
     answer_sampling,
@@ -24,14 +26,11 @@ from serving.cascade import (
     verify_prompt,
     verify_sampling,
 )
-from serving.errors import Overloaded
+from router.errors import Overloaded
+from serving.ingress.calls import TierCalls
 from serving.types import ChatMessage, GenerationChunk, GenerationRequest, GenerationResult, SamplingOptions
 
 logger = logging.getLogger(__name__)
-
-Generate = Callable[[str, GenerationRequest], Awaitable[GenerationResult]]
-Stream = Callable[[str, GenerationRequest], AsyncIterator[GenerationChunk]]
-
 
 def _question(request: GenerationRequest) -> str:
     if request.messages is not None:
@@ -54,13 +53,9 @@ def strip_logprobs(result: GenerationResult, wanted: SamplingOptions) -> Generat
 class CascadeRunner:
     """Runs one request through the tiers in cost order, starting at `start_index`."""
 
-    def __init__(
-        self, tier_names: list[str], generate: Generate, stream: Stream, has_room: Callable[[str], bool]
-    ) -> None:
+    def __init__(self, tier_names: list[str], calls: TierCalls) -> None:
         self.tier_names = tier_names
-        self._generate = generate
-        self._stream = stream
-        self._has_room = has_room
+        self.calls = calls
 
     async def _measure(
         self, tier: str, request: GenerationRequest, result: GenerationResult, policy: CascadePolicy
@@ -70,7 +65,7 @@ class CascadeRunner:
             return measure(result, policy), result, 0
         if policy.method == "consistency":
             extra = [
-                self._generate(tier, _with_sampling(request, consistency_sampling(request.sampling, policy, i), f"s{i}"))
+                self.calls.generate(tier, _with_sampling(request, consistency_sampling(request.sampling, policy, i), f"s{i}"))
                 for i in range(policy.consistency.n - 1)
             ]
             samples = await _all_or_nothing(extra)
@@ -85,14 +80,14 @@ class CascadeRunner:
             sampling=verify_sampling(policy),
             messages=(ChatMessage(role="user", content=prompt),),
         )
-        verification = await self._generate(tier, check)
+        verification = await self.calls.generate(tier, check)
         cost = verification.prompt_tokens + verification.completion_tokens
         return measure(result, policy, verification=verification), result, cost
 
     async def run(
         self, request: GenerationRequest, policy: CascadePolicy, start_index: int
-    ) -> tuple[GenerationResult, list[TierAttempt], str]:
-        """Whole-answer cascade. Returns the answer, the attempts, and why it stopped."""
+    ) -> tuple[GenerationResult, CascadeTrace]:
+        """Whole-answer cascade: the answer, and the trace of the tiers it visited."""
         attempts: list[TierAttempt] = []
         reasons: list[str] = []
         previous: GenerationResult | None = None
@@ -100,72 +95,73 @@ class CascadeRunner:
         while True:
             tier = self.tier_names[index]
             try:
-                result = await self._generate(tier, replace(request, sampling=answer_sampling(request.sampling, policy)))
+                result = await self.calls.generate(tier, replace(request, sampling=answer_sampling(request.sampling, policy)))
             except Overloaded:
                 if previous is None:
                     raise
                 # The tier above is full: the cheap answer beats an error. The trace says so.
                 attempts[-1] = replace(attempts[-1], escalated=False)
-                return previous, attempts, "->".join([*reasons, "escalation_rejected"])
+                return previous, _trace(attempts, [*reasons, "escalation_rejected"])
             if index == len(self.tier_names) - 1:
                 attempts.append(TierAttempt(tier, result.prompt_tokens, result.completion_tokens, None, False))
-                return result, attempts, "->".join([*reasons, "top_tier"])
+                return result, _trace(attempts, [*reasons, "top_tier"])
             try:
                 confidence, chosen, cost = await self._measure(tier, request, result, policy)
             except Overloaded:
                 # The scoring calls (extra samples, verification) were refused: keep the answer we have.
                 attempts.append(TierAttempt(tier, result.prompt_tokens, result.completion_tokens, None, False))
-                return result, attempts, "->".join([*reasons, "scoring_rejected"])
+                return result, _trace(attempts, [*reasons, "scoring_rejected"])
             decision = decide(confidence, policy, tier_index=index, escalations=escalations)
             attempts.append(
                 TierAttempt(tier, result.prompt_tokens, result.completion_tokens, confidence.value, decision.escalate, cost)
             )
             reasons.append(decision.reason)
             if not decision.escalate:
-                return chosen, attempts, "->".join(reasons)
+                return chosen, _trace(attempts, reasons)
             previous, index, escalations = chosen, index + 1, escalations + 1
 
     async def stream(
-        self, request: GenerationRequest, policy: CascadePolicy, start_index: int, attempts: list[TierAttempt]
-    ) -> AsyncIterator[GenerationChunk]:
+        self, request: GenerationRequest, policy: CascadePolicy, start_index: int
+    ) -> AsyncIterator[GenerationChunk | CascadeTrace]:
         """Streaming cascade: hold back the first K tokens, decide on them, then stream live or escalate.
 
-        Nothing of a tier's answer is yielded before the decision, so an escalated answer leaks no cheap
-        token. Methods that need the whole answer (consistency, verify, a format) run `run()` and stream
-        the chosen answer.
+        Yields the chunks to send and, whenever it changes, the trace so far (the last one yielded is the
+        whole story). Nothing of a tier's answer is yielded before the decision, so an escalated answer leaks
+        no cheap token. Methods that need the whole answer (consistency, verify, a format) run `run()` and
+        stream the chosen answer.
         """
         if policy.needs_whole_answer:
-            result, done, _ = await self.run(request, policy, start_index)
-            attempts.extend(done)
+            result, trace = await self.run(request, policy, start_index)
+            yield trace
             yield _as_chunk(result)
             return
+        attempts: list[TierAttempt] = []
+        reasons: list[str] = []
         index, escalations = start_index, 0
         while True:
             tier = self.tier_names[index]
-            sampling = answer_sampling(request.sampling, policy)
-            upstream = self._stream(tier, replace(request, sampling=sampling))
+            upstream = self.calls.stream(tier, replace(request, sampling=answer_sampling(request.sampling, policy)))
             held: list[GenerationChunk] = []
-            escalate = False
             try:
                 async for chunk in upstream:
                     held.append(chunk)
                     tokens = [lp for c in held for lp in c.token_logprobs]
-                    finished = chunk.finish_reason is not None
                     verdict = decide_on_prefix(
-                        tokens, policy, finished=finished, text="".join(c.text for c in held),
+                        tokens, policy, finished=chunk.finish_reason is not None, text="".join(c.text for c in held),
                         tier_index=index, escalations=escalations,
                     )
                     if verdict.action == "hold":
                         continue
                     confidence = verdict.decision.confidence if verdict.decision else None
                     next_tier = self.tier_names[min(index + 1, len(self.tier_names) - 1)]
-                    if verdict.action == "escalate" and self._has_room(next_tier):
-                        attempts.append(
-                            TierAttempt(tier, chunk.prompt_tokens, chunk.completion_tokens, confidence, True)
-                        )
-                        escalate = True
+                    if verdict.action == "escalate" and self.calls.has_room(next_tier):
+                        attempts.append(TierAttempt(tier, chunk.prompt_tokens, chunk.completion_tokens, confidence, True))
+                        reasons.append("escalated")
+                        yield _trace(attempts, reasons)
                         break
                     attempts.append(TierAttempt(tier, chunk.prompt_tokens, 0, confidence, False))
+                    reasons.append("accepted")
+                    yield _trace(attempts, reasons)
                     for h in held:
                         yield h
                     last = held[-1]
@@ -173,13 +169,18 @@ class CascadeRunner:
                         last = rest
                         yield rest
                     attempts[-1] = replace(attempts[-1], completion_tokens=last.completion_tokens)
+                    yield _trace(attempts, reasons)
                     return
+                else:
+                    return  # the tier ended the stream before a decision (no tokens)
             finally:
                 await upstream.aclose()  # an escalated or abandoned stream is aborted in its engine
-            if not escalate:
-                return
             index += 1
             escalations += 1
+
+
+def _trace(attempts: list[TierAttempt], reasons: list[str]) -> CascadeTrace:
+    return CascadeTrace(tuple(attempts), "->".join(reasons))
 
 
 async def _all_or_nothing(calls: list[Awaitable[GenerationResult]]) -> list[GenerationResult]:

@@ -6,7 +6,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from serving.errors import InvalidRequest
+from router.errors import InvalidRequest
 from serving.types import ChatMessage, SamplingOptions
 
 if TYPE_CHECKING:

@@ -15,7 +15,7 @@ import socket
 import uvicorn
 from fastapi import FastAPI
 
-from serving.errors import StartupError
+from router.errors import StartupError
 
 logger = logging.getLogger(__name__)
 

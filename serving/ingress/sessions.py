@@ -19,7 +19,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
-from serving.errors import InvalidRequest
+from router.errors import InvalidRequest
 from serving.types import ChatMessage
 
 SESSION_HEADER = "x-tierserve-session"

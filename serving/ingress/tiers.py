@@ -15,8 +15,8 @@ from contextlib import aclosing
 
 from ray.serve.handle import DeploymentHandle
 
+from router.errors import EngineError, ServiceUnavailable
 from serving.capacity import combine_loads
-from serving.errors import EngineError, ServiceUnavailable
 from serving.types import EngineLoad, GenerationChunk, GenerationRequest, GenerationResult, ReplicaStatus, TierInfo
 from serving.wire import CHUNK, END, RESULT, SSE, SseOptions, WireRequest, WireStream, chunk_from, open_stream, result_from
 

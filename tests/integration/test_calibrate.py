@@ -26,7 +26,7 @@ def mmlu():
     ds = load_dataset("mmlu", DATA)
     trained = build_routers(ds.train, ["heuristic", "random"], None, progress=False)
     test_prompts = ds.test["prompt"].tolist()
-    test_scores = {name: r.score(test_prompts) for name, r in trained.routers.items()}
+    test_scores = {name: r.score(test_prompts).values for name, r in trained.routers.items()}
     return ds, trained.train_scores, test_scores
 
 

@@ -11,9 +11,9 @@ import pytest
 import yaml
 
 from router.eval.datasets import default_data_dir
-from router.querylog import QueryLog, QueryRecord
 from serving.cli import main
 from serving.config import load_config
+from serving.querylog import QueryLog, QueryRecord
 
 DATA = default_data_dir()
 PLAUT = DATA / "cascades" / "plaut-msp" / "llama3_8b_to_70b.jsonl"

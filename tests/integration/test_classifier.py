@@ -8,7 +8,8 @@ import json
 import numpy as np
 import pytest
 
-from router.classifier import ClassifierMismatchError, DifficultyClassifier
+from router.classifier import DifficultyClassifier
+from router.errors import ClassifierMismatchError
 from router.eval import metrics
 from router.eval.datasets import default_data_dir, difficulty_label, load_dataset
 from router.eval.embcache import EmbeddingCache

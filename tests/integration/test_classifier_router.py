@@ -8,10 +8,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from router.classifier import ClassifierMismatchError, DifficultyClassifier
+from router.classifier import DifficultyClassifier
 from router.config import RouterConfig
 from router.core import Router
 from router.embedder import default_embedder
+from router.errors import ClassifierMismatchError
 from router.exemplars import load_default_exemplars
 
 ROUTINE = [

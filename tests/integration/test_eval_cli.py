@@ -8,8 +8,8 @@ import pytest
 
 from router.classifier import DifficultyClassifier
 from router.eval.datasets import default_data_dir
-from router.querylog import QueryLog, QueryRecord
 from serving.cli import main
+from serving.querylog import QueryLog, QueryRecord
 
 DATA = default_data_dir()
 needs_data = pytest.mark.skipif(

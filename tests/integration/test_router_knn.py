@@ -242,7 +242,7 @@ def test_deployment_class_batches_concurrent_requests_in_process(tmp_path, embed
 
 
 def test_embedder_change_is_refused_and_releases_the_folder(tmp_path, embedder):
-    from router.store import StoreError
+    from router.errors import StoreError
 
     ExemplarStore(collection="c", dim=embedder.dim, path=tmp_path / "q").close()
     with pytest.raises(StoreError, match=r"holds 384-d vectors but the embedder makes 1024-d"):

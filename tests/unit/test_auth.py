@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from serving.config import ConfigError, LimitsConfig, parse_config
-from serving.errors import Forbidden, InvalidRequest, Unauthorized
+from router.errors import ConfigError, Forbidden, InvalidRequest, Unauthorized
+from serving.config import LimitsConfig, parse_config
 from serving.ingress.auth import Keys, Scope
 from serving.ingress.protocol import ChatCompletionRequest, CompletionRequest, check_limits
 

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import pytest
 
+from router.errors import ConfigError
 from serving.capacity import CapacityConfig
 from serving.cascade import CascadeConfig
-from serving.config import ConfigError, parse_config
+from serving.config import parse_config
 
 BASE = {"tiers": [{"name": "small", "model": "m", "engine": {"kv_cache_memory_bytes": 1 << 28}}]}
 

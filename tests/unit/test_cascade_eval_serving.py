@@ -4,12 +4,16 @@ threshold each logged confidence was compared with."""
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 from types import SimpleNamespace
 
-from router.querylog import read_records
-from serving.cascade import TierAttempt
+from router.types import RouteDecision
+from serving.cascade import CascadeTrace, TierAttempt
 from serving.config import parse_config
-from serving.ingress.pipeline import Outcome, Pipeline, RoutePlan
+from serving.ingress.outcome import Outcome
+from serving.ingress.pipeline import Pipeline
+from serving.ingress.protocol import TierserveOptions
+from serving.querylog import read_records
 from serving.metrics import Metrics
 
 
@@ -37,14 +41,14 @@ def test_target_gauge_is_set_from_config_at_start(tmp_path):
 
 def test_each_decision_is_counted_and_logged_with_its_threshold(tmp_path):
     pipeline, metrics = _pipeline(tmp_path)
-    options = SimpleNamespace(cascade=None, cascade_method=None, cascade_threshold=None)
     for i, (confidence, up) in enumerate([(0.31, True), (0.9, False), (0.75, False)]):
-        outcome = Outcome(RoutePlan(tier="small", router="knn", score=0.2, thresholds=(0.5,)))
-        assert pipeline._policy(outcome, options) is not None
+        placed = Outcome.routed(RouteDecision("small", 0, "knn", 0.2, (0.5,), "test"))
+        policy = pipeline._policy(placed, TierserveOptions())
         attempts = [TierAttempt("small", 10, 3, confidence, up)]
         if up:
             attempts.append(TierAttempt("large", 10, 5, None, False))
-        pipeline._trace(outcome, attempts, "low_confidence" if up else "confident", final=True)
+        trace = CascadeTrace(tuple(attempts), "low_confidence" if up else "confident")
+        outcome = replace(placed, trace=trace, cascade_thresholds=policy.thresholds)
         pipeline.record("chat", outcome, 200, time.perf_counter(), request_id=str(i))
     assert _value(metrics, "tierserve_cascade_decisions_total", tier="small", outcome="escalated") == 1
     assert _value(metrics, "tierserve_cascade_decisions_total", tier="small", outcome="kept") == 2

@@ -1,4 +1,4 @@
-"""The cascade's call orchestration, with the tier calls injected as plain async functions.
+"""The cascade's call orchestration, over scripted tier calls (a `TierCalls` subclass).
 
 The tiers here are scripted answers with chosen logprobs, so each test knows which decision is right;
 the real engines run the same code in tests/e2e/test_cascade.py.
@@ -10,8 +10,9 @@ import asyncio
 
 import pytest
 
-from serving.cascade import CascadeConfig, cascade_policy
-from serving.errors import Overloaded
+from router.errors import Overloaded
+from serving.cascade import CascadeConfig, CascadeTrace, cascade_policy
+from serving.ingress.calls import TierCalls
 from serving.ingress.cascade_run import CascadeRunner, _all_or_nothing
 from serving.types import GenerationChunk, GenerationRequest, GenerationResult, SamplingOptions, TokenLogprob
 
@@ -29,10 +30,10 @@ def chunks(tier: str, n: int, logprob: float) -> list[GenerationChunk]:
     ]
 
 
-class Tiers:
+class Tiers(TierCalls):
     """Scripted tiers: the small one is unsure (logprob -2), the large one sure; records what ran."""
 
-    def __init__(self, room: bool = True, refuse_scoring: bool = False) -> None:
+    def __init__(self, room: bool = True, refuse_scoring: bool = False) -> None:  # no TierClient, no admission
         self.room = room
         self.refuse_scoring = refuse_scoring
         self.started: list[str] = []
@@ -53,52 +54,58 @@ class Tiers:
         self.started.append(tier)
         return GenerationResult.from_chunks(chunks(tier, 6, -2.0 if tier == "small" else -0.01))
 
+    def has_room(self, tier: str) -> bool:
+        return self.room
+
     def runner(self) -> CascadeRunner:
-        return CascadeRunner(TIERS, self.generate, self.stream, lambda tier: self.room)
+        return CascadeRunner(TIERS, self)
 
 
 def policy(**cfg):
     return cascade_policy(CascadeConfig(enabled=True, streaming={"holdback_tokens": 3}, **cfg), TIERS, routed=True)
 
 
-async def collect(runner: CascadeRunner, attempts: list) -> str:
-    return "".join([c.text async for c in runner.stream(REQUEST, policy(), 0, attempts)])
+async def collect(items) -> tuple[str, CascadeTrace]:
+    """The streamed text and the last trace the cascade yielded (each trace comes before the text it covers)."""
+    text, traces = "", []
+    async for item in items:
+        if isinstance(item, CascadeTrace):
+            traces.append(item)
+        else:
+            assert traces, "a chunk was yielded before the cascade decided"
+            text += item.text
+    return text, traces[-1]
 
 
 def test_stream_escalates_before_sending_any_cheap_token() -> None:
-    tiers, attempts = Tiers(), []
-    text = asyncio.run(collect(tiers.runner(), attempts))
+    tiers = Tiers()
+    text, trace = asyncio.run(collect(tiers.runner().stream(REQUEST, policy(), 0)))
     assert text == "".join(c.text for c in chunks("large", 6, 0))
-    assert [a.tier for a in attempts] == ["small", "large"] and attempts[0].escalated
+    assert trace.tier_chain == ("small", "large") and trace.attempts[0].escalated
+    assert trace.reason == "escalated->accepted"
     assert "small" in tiers.closed  # the cheap stream was closed (aborted) at the decision
 
 
 def test_stream_without_room_above_keeps_the_cheap_answer() -> None:
-    tiers, attempts = Tiers(room=False), []
-    text = asyncio.run(collect(tiers.runner(), attempts))
+    tiers = Tiers(room=False)
+    text, trace = asyncio.run(collect(tiers.runner().stream(REQUEST, policy(), 0)))
     assert text == "".join(c.text for c in chunks("small", 6, 0))
-    assert tiers.started == ["small"] and not attempts[0].escalated
+    assert tiers.started == ["small"] and not trace.escalated
 
 
 def test_confident_stream_is_released_live() -> None:
-    tiers, attempts = Tiers(), []
-    text = asyncio.run(
-        _drain(tiers.runner().stream(REQUEST, policy(threshold=0.01), 0, attempts))
-    )
+    tiers = Tiers()
+    text, trace = asyncio.run(collect(tiers.runner().stream(REQUEST, policy(threshold=0.01), 0)))
     assert text.startswith("small0") and tiers.started == ["small"]
-    assert attempts[0].confidence == pytest.approx(0.1353, abs=1e-3)  # exp(-2)
-    assert attempts[0].completion_tokens == 6
-
-
-async def _drain(gen) -> str:
-    return "".join([c.text async for c in gen])
+    assert trace.attempts[0].confidence == pytest.approx(0.1353, abs=1e-3)  # exp(-2)
+    assert trace.attempts[0].completion_tokens == 6
 
 
 def test_refused_scoring_keeps_the_answer() -> None:
     tiers = Tiers(refuse_scoring=True)
-    result, attempts, reason = asyncio.run(tiers.runner().run(REQUEST, policy(method="verify"), 0))
-    assert result.text.startswith("small0") and reason == "scoring_rejected"
-    assert [a.tier for a in attempts] == ["small"]
+    result, trace = asyncio.run(tiers.runner().run(REQUEST, policy(method="verify"), 0))
+    assert result.text.startswith("small0") and trace.reason == "scoring_rejected"
+    assert trace.tier_chain == ("small",)
 
 
 def test_all_or_nothing_cancels_the_rest_on_failure() -> None:

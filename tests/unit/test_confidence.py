@@ -173,3 +173,11 @@ class TestFormat:
 
     def test_no_validator_passes(self):
         assert format_ok("anything", None)
+
+
+def test_yes_no_tokens_are_read_in_every_tokenizer_spelling():
+    from serving.cascade.confidence import has_yes_no
+
+    for token in (" Yes", "\u0120Yes", "\u2581yes", "NO.", "no"):
+        assert has_yes_no([(token, -0.1)], yes_tokens=["yes"], no_tokens=["no"]), token
+    assert not has_yes_no([("\u0120Maybe", -0.1), ("yesterday", -2.0)], yes_tokens=["yes"], no_tokens=["no"])

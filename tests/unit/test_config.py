@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from serving.config import ConfigError, load_config, parse_config
+from router.errors import ConfigError
+from serving.config import load_config, parse_config
 
 REPO = Path(__file__).resolve().parents[2]
 CPU = yaml.safe_load((REPO / "deploy" / "cpu.yaml").read_text())
@@ -191,6 +192,7 @@ def test_placement_becomes_ray_actor_options_that_ray_accepts() -> None:
     from ray import serve
 
     from serving.app import _tier_deployment_options
+    from serving.placement import actor_options
 
     config = parse_config(_pinned())
     small = _tier_deployment_options(config, config.tier("small"))["ray_actor_options"]
@@ -198,9 +200,9 @@ def test_placement_becomes_ray_actor_options_that_ray_accepts() -> None:
     assert small["resources"] == {"gpu_group": 0.01} and "label_selector" not in small
     assert large["label_selector"] == {"tierserve/group": "in(gpu,gpu-spot)", "zone": "!us-east-1a"}
     assert small["num_cpus"] == 0.8 and "resources" not in large
-    assert config.router.resources.actor_options() == {"label_selector": {"tierserve/group": "cpu"}}
-    assert config.ingress.resources.actor_options() == {"resources": {"cpu_group": 0.01}}
-    assert config.ray.address is None and parse_config(CPU).tier("small").resources.actor_options() == {}
+    assert actor_options(config.router.resources) == {"label_selector": {"tierserve/group": "cpu"}}
+    assert actor_options(config.ingress.resources) == {"resources": {"cpu_group": 0.01}}
+    assert config.ray.address is None and actor_options(parse_config(CPU).tier("small").resources) == {}
 
     class Replica:
         pass

@@ -6,12 +6,12 @@ import numpy as np
 import pytest
 
 from router.eval.metrics import Curve, summarize
-from router.eval.runner import EvalReport, format_table, with_self_hosted
+from router.eval.runner import EvalReport, format_table
 from serving.bench.load import LoadResult, LoadSpec
 from serving.bench.report import BenchCost, markdown
 from serving.bench.sidebyside import BenchReport, Run
 from serving.config import parse_config
-from serving.cost import CPU_NA, FleetCost, TierCost, fleet_cost, tier_costs, usd
+from serving.cost import CPU_NA, FleetCost, TierCost, fleet_cost, format_self_hosted, tier_costs, usd, with_self_hosted
 
 
 def _gpu_config(**cost: object) -> dict:
@@ -58,7 +58,7 @@ def test_fleet_cost_against_all_on_the_largest_tier() -> None:
 
 
 def test_config_refuses_unknown_tiers_and_bad_prices_by_field() -> None:
-    from serving.config import ConfigError
+    from router.errors import ConfigError
 
     with pytest.raises(ConfigError, match=r"cost.output_tokens_per_s names unknown tiers \['medium'\]"):
         parse_config(_gpu_config(output_tokens_per_s={"medium": 10}))
@@ -105,8 +105,8 @@ def test_eval_prices_the_policies_in_gpu_time_beside_the_api_view() -> None:
     assert view["saved_at_95"] == pytest.approx(0.5, abs=1e-4)
     assert view["gpu_s_per_1k_at_95"] == pytest.approx(0.6, abs=1e-4)
     assert view["usd_per_1k_at_95"] == pytest.approx(0.0006, abs=1e-7)
-    text = format_table(report)
-    assert "cost: strong calls only" in text  # the API-price view stays
+    assert "cost: strong calls only" in format_table(report)  # the API-price view stays
+    text = "\n".join(format_self_hosted(report.self_hosted))
     assert "self-hosted cost (GPU time): weak small 0.2 GPU-s/1k tok ($0.0002)" in text
     assert "knn" in text.split("self-hosted")[1] and "50.0%" in text.split("self-hosted")[1]
     assert report.to_json()["self_hosted"]["policies"]["knn"]["saved_at_95"] == pytest.approx(0.5, abs=1e-4)
@@ -114,7 +114,7 @@ def test_eval_prices_the_policies_in_gpu_time_beside_the_api_view() -> None:
 
 def test_eval_on_cpu_tiers_says_na() -> None:
     report = with_self_hosted(_report(), TierCost("small", 0, None, None), TierCost("large", 0, None, None))
-    assert "n/a: small: n/a (CPU); large: n/a (CPU)" in format_table(report)
+    assert "n/a: small: n/a (CPU); large: n/a (CPU)" in "\n".join(format_self_hosted(report.self_hosted))
 
 
 @pytest.mark.parametrize(("value", "text"), [(8.68e-05, "$0.0000868"), (0.000585, "$0.000585"), (0.0123456, "$0.0123"),

@@ -6,7 +6,7 @@ import pickle
 
 import pytest
 
-from serving.errors import (
+from router.errors import (
     EngineError,
     ModelNotFound,
     Overloaded,

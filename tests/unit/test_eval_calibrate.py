@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 import yaml
 
-from router.eval.calibrate import threshold_for_pgr, threshold_for_share, write_threshold
+from router.eval.calibrate import threshold_for_pgr, threshold_for_share
+from serving.cli_calibrate import write_threshold
 from serving.config import load_config
 
 

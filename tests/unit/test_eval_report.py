@@ -7,8 +7,8 @@ from datetime import UTC, datetime
 
 import pytest
 
-from router.eval.report import format_report, labelled_rows, routing_over_time
-from router.querylog import QueryRecord
+from serving.querylog import QueryRecord
+from serving.querylog.report import format_report, labelled_rows, routing_over_time
 
 T0 = datetime(2025, 3, 1, 12, tzinfo=UTC).timestamp()
 
@@ -52,7 +52,7 @@ def test_labelled_rows_from_cascade_outcomes_and_explicit_labels():
 
 
 def test_cascade_escalation_against_its_target_flags_drift():
-    from router.eval.report import cascade_over_time, format_cascade
+    from serving.querylog.report import cascade_over_time, format_cascade
 
     records = []
     for i in range(100):  # hour 0: 30% escalate (on target); hour 1: 60% (drifted)
@@ -72,8 +72,8 @@ def test_cascade_escalation_against_its_target_flags_drift():
 
 
 def test_report_cost_counts_answers_and_escalated_drafts_per_tier():
-    from router.eval.report import format_cost, output_tokens_by_tier
     from serving.cost import TierCost
+    from serving.querylog.report import format_cost, output_tokens_by_tier
 
     records = [replace(_rec(i, hour=0), completion_tokens=100) for i in range(8)]
     records += [replace(_rec(10, hour=0, chain=("small", "large"), escalated=True), completion_tokens=500)]

@@ -38,6 +38,7 @@ import pytest
 import yaml
 
 from serving.config import parse_config
+from serving.placement import actor_options
 
 REPO = Path(__file__).resolve().parents[2]
 CHART = REPO / "helm" / "tierserve"
@@ -593,8 +594,8 @@ def test_gpu_workers_offer_the_resource_a_tier_pins_to(render, default_objects: 
               "tierserve": {"config": {"tiers": tiers, "router": {"resources": {"custom": {"cpu_group": 0.01}}}}}}
     objects = render([], values)
     config = parse_config(_tierserve_yaml(objects))
-    assert all(t.resources.actor_options()["resources"] == {"tierserve_gpu": 0.01} for t in config.tiers)
-    assert config.router.resources.actor_options() == {"resources": {"cpu_group": 0.01}}
+    assert all(actor_options(t.resources)["resources"] == {"tierserve_gpu": 0.01} for t in config.tiers)
+    assert actor_options(config.router.resources) == {"resources": {"cpu_group": 0.01}}
     head = _one(objects, "RayService")["spec"]["rayClusterConfig"]["headGroupSpec"]["rayStartParams"]
     assert json.loads(shlex.split(head["resources"])[0]) == {"cpu_group": 100}
     assert head["num-cpus"] == "0"  # the user's own start params are kept

@@ -86,5 +86,5 @@ def test_eval_judge_over_an_openai_completions_endpoint():
 
     complete = openai_complete("http://small:8000/", "small", transport=httpx.MockTransport(handler))
     scores = JudgeEvalRouter(complete).score(["What is 2+2?", "Prove Fermat's last theorem."])
-    assert scores.tolist() == pytest.approx([1 / 3, 1 / 3])
+    assert scores.values.tolist() == pytest.approx([1 / 3, 1 / 3])
     assert len(bodies) == 2 and b'"max_tokens":1' in bodies[0].replace(b" ", b"")

@@ -16,9 +16,10 @@ from pathlib import Path
 import pytest
 import yaml
 
+from router.errors import PlanError
 from serving.cli import main
 from serving.config import load_config, parse_config
-from serving.plan import GPU_TYPES, PlanError, TierRequest, gpu_seconds_per_1k_tokens, plan, usd_per_1k_tokens
+from serving.plan import GPU_TYPES, TierRequest, gpu_seconds_per_1k_tokens, plan, usd_per_1k_tokens
 from serving.plan_shape import ModelShape
 
 REPO = Path(__file__).resolve().parents[2]

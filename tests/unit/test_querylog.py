@@ -8,7 +8,7 @@ from datetime import UTC, datetime
 
 import pytest
 
-from router.querylog import QueryLog, QueryLogConfig, QueryRecord, read_records
+from serving.querylog import QueryLog, QueryLogConfig, QueryRecord, read_records
 
 DAY = 86_400.0
 T0 = datetime(2025, 3, 1, 12, tzinfo=UTC).timestamp()

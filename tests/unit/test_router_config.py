@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 
 from router.config import RouterConfig, resolve_thresholds
-from serving.config import ConfigError, parse_config
+from router.errors import ConfigError
+from serving.config import parse_config
 
 TIERS = [
     {"name": "small", "model": "m", "engine": {"kv_cache_memory_bytes": 1 << 28}},

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from router.types import Exemplar, RouteDecision, RouteInput, parse_router_model
+from router.types import Exemplar, RouteInput, parse_router_model
 
 
 def test_exemplar_id_ignores_case_and_whitespace_but_not_words():

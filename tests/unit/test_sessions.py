@@ -8,10 +8,12 @@ from types import SimpleNamespace
 
 import pytest
 
+from router.errors import ConfigError, InvalidRequest
 from serving.capacity.policy import CapacityDecision
-from serving.config import ConfigError, parse_config
-from serving.errors import InvalidRequest
-from serving.ingress.pipeline import Outcome, Pipeline
+from serving.config import parse_config
+from serving.cascade import CascadeTrace, TierAttempt
+from serving.ingress.outcome import Outcome
+from serving.ingress.pipeline import Pipeline
 from serving.ingress.protocol import TierserveOptions
 from serving.ingress.sessions import (
     Remembered,
@@ -150,7 +152,8 @@ def _pipeline(**sessions: object) -> Pipeline:
 
 def _answered(pipeline, plan, chain: list[str], *, escalated: bool = False, capacity: str | None = None,
               status: int = 200) -> None:
-    outcome = Outcome(plan, tier_chain=chain, escalated=escalated, capacity=capacity)
+    attempts = tuple(TierAttempt(t, 1, 1, None, escalated and i < len(chain) - 1) for i, t in enumerate(chain))
+    outcome = Outcome(plan, chain[0], capacity=capacity, trace=CascadeTrace(attempts))
     pipeline.record("chat", outcome, status, time.perf_counter())
 
 
@@ -184,12 +187,12 @@ def test_a_saturated_sticky_tier_spills_for_one_turn_and_says_so() -> None:
 
     async def flow() -> None:
         plan = await pipeline.plan("auto", "x", TierserveOptions(), key)
-        outcome = Outcome(plan)
-        assert pipeline._entry_index(outcome) == 0
-        assert outcome.plan.reason.endswith("; large is saturated, so this turn moved to small (spill_down); "
-                                            "the session stays on large")
+        outcome = pipeline.place(plan)
+        assert outcome.entry_tier == "small"
+        assert outcome.decision.reason.endswith("; large is saturated, so this turn moved to small (spill_down); "
+                                                "the session stays on large")
         assert outcome.capacity == "spill_down:spill_down_latency_first"
-        _answered(pipeline, outcome.plan, ["small"], capacity=outcome.capacity)
+        _answered(pipeline, outcome.decision, ["small"], capacity=outcome.capacity)
         assert (await pipeline.plan("auto", "x", TierserveOptions(), key)).tier == "large"
 
     asyncio.run(flow())

@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 from openai.types.chat import ChatCompletionChunk
 
+from router.errors import InvalidRequest, ServiceUnavailable, Unauthorized, error_from_dict
 from serving.config import EngineConfig, TierConfig
 from serving.engines.scripted import ScriptedEngine
-from serving.errors import InvalidRequest, ServiceUnavailable, Unauthorized, error_from_dict
 from serving.types import ChatMessage, GenerationRequest, SamplingOptions, TokenLogprob
 from serving.wire import (
     CHUNK,

@@ -21,17 +21,17 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
+
+from router.configbase import StrictModel
 
 logger = logging.getLogger(__name__)
 
 Status = Literal["ok", "error", "rejected", "cancelled"]
 
 
-class QueryLogConfig(BaseModel):
+class QueryLogConfig(StrictModel):
     """`query_log:` section of the app config."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
     enabled: bool = True
     """Write one record per routed request."""

@@ -1,4 +1,6 @@
-"""`tierserve eval / calibrate / train-router / report` subcommands."""
+"""`tierserve eval / calibrate / train-router / report`: routing quality on labelled data, thresholds, the
+classifier router, and what the query log says about live traffic. `calibrate` runs in `serving.cli_calibrate`.
+"""
 
 from __future__ import annotations
 
@@ -114,15 +116,16 @@ def _load(args):
     )
 
 
-def _load_noting(args):
-    """Load the dataset and print, on stderr, everything the loader decided on its own."""
+def load_dataset_noting(args):
+    """Load `--dataset` and print, on stderr, everything the loader decided on its own."""
     ds = _load(args)
     for note in ds.notices:
         print(f"note: {note}", file=sys.stderr)
     return ds
 
 
-def _cache(args):
+def embedding_cache(args):
+    """The embedding cache over `--config`'s router embedder (default: the bundled MiniLM)."""
     from router.embedder import build_embedder, default_embedder
     from router.eval.embcache import EmbeddingCache
 
@@ -151,110 +154,37 @@ def _eval(args) -> int:
 
         extra["judge"] = JudgeEvalRouter(openai_complete(args.judge_url, args.judge_model,
                                                          api_key=os.environ.get("TIERSERVE_API_KEY")))
-    ds = _load_noting(args)
+    ds = load_dataset_noting(args)
     cascades = [n for n in names if n in CASCADE_CHOICES]
     if cascades and not ds.has_confidence:
         raise ValueError(f"--routers {','.join(cascades)} needs the weak model's confidence per query: "
                          "pass --weak-confidence-col COLUMN (and --weak-confidence-kind prob|logprob)")
     embedded = {"knn", "classifier", "cascade+knn", "cascade+classifier", "cascade-learned"}
-    cache = _cache(args) if embedded & set(names) else None
+    cache = embedding_cache(args) if embedded & set(names) else None
     models = [m.strip() for m in args.classifier_models.split(",") if m.strip()]
     report = run_eval(ds, names, cache, tune=not args.no_tune, progress=not args.quiet, classifier_models=models,
                       extra=extra, cost_ratio=args.cost_ratio)
     if args.config:  # GPU time beside the API-price view: the cheapest tier as weak, the last as strong
-        from router.eval.runner import with_self_hosted
         from serving.config import load_config
-        from serving.cost import tier_costs
+        from serving.cost import tier_costs, with_self_hosted
 
         app = load_config(args.config)
         costs = tier_costs(app)
         report = with_self_hosted(report, costs[app.tier_names[0]], costs[app.tier_names[-1]])
     json_path, png_path = write_report(report, args.out)
     print(format_table(report))
+    if report.self_hosted:
+        from serving.cost import format_self_hosted
+
+        print("\n".join(format_self_hosted(report.self_hosted)))
     print(f"\nwrote {json_path} and {png_path}")
     return 0
 
 
 def _calibrate(args) -> int:
-    from router.eval import calibrate
+    from serving.cli_calibrate import calibrate
 
-    if args.write and not args.config:
-        raise ValueError("--write needs --config FILE to write the threshold into")
-    if args.cascade:
-        from router.eval.cascade_calibrate import run_cascade_calibration
-
-        return run_cascade_calibration(args, _load_noting, _since)
-    if args.target_escalation_rate is not None:
-        raise ValueError("--target-escalation-rate is for --cascade; a router takes --target-strong-share")
-    if args.from_querylog:
-        if args.target_pgr is not None:
-            raise ValueError("--target-pgr needs labelled data (--dataset); the query log has no correctness labels")
-        from router.querylog import read_records
-
-        scores = [r.score for r in read_records(args.from_querylog, since=_since(args.since))
-                  if r.router == args.router and r.score is not None]
-        if not scores:
-            raise ValueError(f"{args.from_querylog}: no records scored by router {args.router!r} in that window")
-        result = calibrate.threshold_for_share(scores, args.target_strong_share)
-        print(f"{args.router} on {len(scores)} logged requests: threshold {result.threshold:.6f} "
-              f"→ {result.strong_share:.1%} strong")
-        _warn_discrete(result.strong_share, args.target_strong_share, scores)
-    elif args.dataset:
-        result = _calibrate_labelled(args, calibrate)
-    else:
-        raise ValueError("give --dataset (labelled data) or --from-querylog DIR")
-    if args.write:
-        calibrate.write_threshold(args.config, result.threshold)
-        print(f"wrote router.thresholds[-1] = {result.threshold:.6f} into {args.config} (old file: .bak)")
-        _warn_router_mismatch(args.config, args.router)
-    return 0
-
-
-def _calibrate_labelled(args, calibrate):
-    import numpy as np
-
-    from router.eval.runner import build_routers
-
-    ds = _load_noting(args)
-    cache = _cache(args) if args.router in ("knn", "classifier") else None
-    trained = build_routers(ds.train, [args.router], cache, progress=not args.quiet)
-    train_scores = trained.train_scores[args.router]  # out-of-sample for learned routers
-    train = ds.train
-    if args.target_strong_share is not None:
-        result = calibrate.threshold_for_share(train_scores, args.target_strong_share)
-    else:
-        result = calibrate.threshold_for_pgr(train_scores, train["strong"], train["weak"], args.target_pgr)
-    print(f"{args.router} on {ds.name} train ({len(train)}): threshold {result.threshold:.6f} → "
-          f"{result.strong_share:.1%} strong" + (f", PGR {result.pgr:.3f}" if result.pgr is not None else ""))
-    if args.target_strong_share is not None:
-        _warn_discrete(result.strong_share, args.target_strong_share, train_scores)
-    test = ds.test
-    if len(test):
-        scores = trained.routers[args.router].score(test["prompt"].tolist())
-        chosen = scores >= result.threshold
-        strong, weak = test["strong"].to_numpy(float), test["weak"].to_numpy(float)
-        quality = np.where(chosen, strong, weak).mean()
-        pgr = (quality - weak.mean()) / (strong.mean() - weak.mean())
-        print(f"check on test ({len(test)}): {chosen.mean():.1%} strong, PGR {pgr:.3f}")
-    return result
-
-
-def _warn_discrete(achieved: float, target: float, scores) -> None:
-    """Say so when ties in the scores keep the share from the target (e.g. kNN with uniform weights)."""
-    from router.eval.calibrate import discreteness_warning
-
-    message = discreteness_warning(achieved, target, scores)
-    if message:
-        print(f"warning: {message}", file=sys.stderr)
-
-
-def _warn_router_mismatch(config_path: str, router: str) -> None:
-    from serving.config import load_config
-
-    default = load_config(config_path).router.default_router
-    if default != router:
-        print(f"note: {config_path} routes with {default!r} by default; this threshold was calibrated for "
-              f"{router!r}", file=sys.stderr)
+    return calibrate(args)
 
 
 def _train_router(args) -> int:
@@ -263,16 +193,16 @@ def _train_router(args) -> int:
     from router.classifier import DifficultyClassifier
     from router.eval.datasets import difficulty_label
 
-    cache = _cache(args)
+    cache = embedding_cache(args)
     if args.from_querylog:
-        from router.eval.report import labelled_rows
-        from router.querylog import read_records
+        from serving.querylog import read_records
+        from serving.querylog.report import labelled_rows
 
-        prompts, labels = labelled_rows(list(read_records(args.from_querylog, since=_since(args.since))))
+        prompts, labels = labelled_rows(list(read_records(args.from_querylog, since=parse_since(args.since))))
         source = f"querylog:{args.from_querylog}"
         strong = weak = None
     elif args.dataset:
-        train = _load_noting(args).train
+        train = load_dataset_noting(args).train
         prompts, labels = train["prompt"].tolist(), difficulty_label(train)
         strong, weak = train["strong"].to_numpy(float), train["weak"].to_numpy(float)
         source = f"{args.dataset}:train"
@@ -302,11 +232,11 @@ def _train_router(args) -> int:
 
 def _report(args) -> int:
     from router.eval.plot import plot_report
-    from router.eval.report import cascade_over_time, format_cascade, format_report, routing_over_time
-    from router.querylog import read_records
+    from serving.querylog import read_records
+    from serving.querylog.report import cascade_over_time, format_cascade, format_report, routing_over_time
 
     directory = args.querylog or _querylog_dir(args.config)
-    records = list(read_records(directory, since=_since(args.since)))
+    records = list(read_records(directory, since=parse_since(args.since)))
     table = routing_over_time(records, args.bucket)
     print(f"{len(records)} requests in {directory}")
     print(format_report(table))
@@ -330,9 +260,9 @@ def _report_cost(records, config: str | None) -> str:
     """The self-hosted cost section of `tierserve report` (GPU-seconds; needs the tiers' GPU shares)."""
     if not config:
         return "self-hosted cost: give --config for GPU-seconds per tier (resources.num_gpus, cost.*)"
-    from router.eval.report import format_cost
     from serving.config import load_config
     from serving.cost import tier_costs
+    from serving.querylog.report import format_cost
 
     app = load_config(config)
     return format_cost(records, tier_costs(app), baseline=app.tier_names[-1])
@@ -341,15 +271,13 @@ def _report_cost(records, config: str | None) -> str:
 def _querylog_dir(config: str | None) -> Path:
     if not config:
         raise ValueError("give --querylog DIR or --config FILE")
-    from router.querylog import QueryLogConfig
     from serving.config import load_config
 
     app = load_config(config)
-    log_cfg = getattr(app, "query_log", None) or QueryLogConfig()
-    return log_cfg.resolved_path(app.resolved_data_dir())
+    return app.query_log.resolved_path(app.resolved_data_dir())
 
 
-def _since(value: str | None) -> float | None:
+def parse_since(value: str | None) -> float | None:
     """'24h', '7d', '30m' back from now, or an ISO date/time."""
     if not value:
         return None

@@ -9,6 +9,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from router.store import ExemplarStore
+    from serving.config import AppConfig
 
 DEFAULT_CONFIG = "deploy/cpu.yaml"
 
@@ -123,13 +128,13 @@ def _count(args: argparse.Namespace) -> int:
     return 0
 
 
-def _load(path: str):
+def _load(path: str) -> AppConfig:
     from serving.config import load_config
 
     return load_config(path)
 
 
-def _open_store(cfg):
+def _open_store(cfg: AppConfig) -> ExemplarStore:
     from router.embedder import embedder_dim
     from router.store import ExemplarStore
 

@@ -1,17 +1,15 @@
-"""Routing and escalation over time, from query-log records (`tierserve report`)."""
+"""Routing, escalation and GPU cost over time, from query-log records (`tierserve report`), and the rows
+`train-router --from-querylog` and `calibrate --cascade --from-querylog` learn from."""
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
 
-from router.querylog import QueryRecord
-
-if TYPE_CHECKING:
-    from serving.cost import TierCost
+from serving.cost import FleetCost, TierCost, fleet_cost
+from serving.querylog.log import QueryRecord
 
 
 def records_frame(records: Sequence[QueryRecord]) -> pd.DataFrame:
@@ -95,6 +93,18 @@ def labelled_rows(records: Sequence[QueryRecord], *, small_tier: str | None = No
     return prompts, np.asarray(labels, dtype=float)
 
 
+def logged_confidences(records: Sequence[QueryRecord], tier: str) -> tuple[np.ndarray, np.ndarray]:
+    """(timestamps, confidences) of the cascade decisions on `tier`'s answers, oldest first."""
+    times, conf = [], []
+    for r in records:
+        for d in r.cascade_decisions():
+            if d.tier == tier:
+                times.append(r.timestamp)
+                conf.append(d.confidence)
+    order = np.argsort(times, kind="stable")
+    return np.asarray(times)[order], np.asarray(conf, dtype=float)[order]
+
+
 def cascade_frame(records: Sequence[QueryRecord]) -> pd.DataFrame:
     """One row per cascade decision: time, tier, confidence, threshold (NaN if not logged), escalated."""
     rows = [(r.timestamp, d.tier, d.confidence, np.nan if d.threshold is None else d.threshold, d.escalated)
@@ -176,8 +186,6 @@ def output_tokens_by_tier(records: Sequence[QueryRecord]) -> tuple[dict[str, flo
 
 def format_cost(records: Sequence[QueryRecord], costs: Mapping[str, TierCost], baseline: str) -> str:
     """GPU-seconds (and dollars) the logged answers took per tier, against all of them on `baseline`."""
-    from serving.cost import FleetCost, fleet_cost
-
     tokens, estimated = output_tokens_by_tier(records)
     head = "self-hosted cost (GPU-seconds per 1k output tokens: resources.num_gpus x 1000 / cost.output_tokens_per_s)"
     if not tokens or not sum(tokens.values()):

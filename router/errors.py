@@ -1,7 +1,7 @@
-"""One error hierarchy, split 4xx/5xx, and one mapper to OpenAI's error envelope.
+"""One error hierarchy for router and serving, split 4xx/5xx, and one mapper to OpenAI's error envelope.
 
 Errors cross Ray process boundaries (a tier replica raises, the ingress answers), so they pickle
-with all their fields.
+with all their fields. Errors of bad input files (config, plan, saved classifier) are also `ValueError`s.
 """
 
 from __future__ import annotations
@@ -122,6 +122,28 @@ class RequestTimeout(TierserveError):
 
 class StartupError(TierserveError):
     """The stack (or a benchmark's server) could not start: a missing model, a server that never got ready."""
+
+
+class StoreError(TierserveError):
+    """The exemplar store cannot be used; the message says why and what to do."""
+
+    status_code = 503
+
+
+class StoreLockedError(StoreError):
+    """The local Qdrant folder is held by another process (usually the running router)."""
+
+
+class ConfigError(TierserveError, ValueError):
+    """A config file that cannot be used; the message says which field and how to fix it."""
+
+
+class PlanError(TierserveError, ValueError):
+    """A GPU plan that cannot work; the message names the tier, the shortfall and the fix."""
+
+
+class ClassifierMismatchError(TierserveError, ValueError):
+    """A saved classifier does not fit the embedder it is asked to work with."""
 
 
 def error_from_dict(d: dict[str, Any]) -> TierserveError:

@@ -1,0 +1,37 @@
+"""Exact top-k cosine neighbours by matrix product: the one kNN search of the embedded store's in-memory
+matrix (`router.store`) and of evaluation over a train split."""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def nearest_neighbors(
+    queries: np.ndarray, exemplars: np.ndarray, k: int, *, exclude_self: bool = False, chunk: int = 2048
+) -> tuple[np.ndarray, np.ndarray]:
+    """Exact top-k cosine neighbours of unit vectors: (similarities, indices), both (n, k), best first.
+
+    Equal similarities keep the exemplars' order (lower index first), so results do not depend on how
+    `argpartition` happened to arrange them. `exclude_self` drops each query's own row (queries ==
+    exemplars), for leave-one-out scoring on train. Fewer than k exemplars: all of them.
+    """
+    k_eff = max(0, min(k, len(exemplars) - (1 if exclude_self else 0)))
+    dtype = np.result_type(queries.dtype, exemplars.dtype, np.float32)
+    sims_out = np.empty((len(queries), k_eff), dtype=dtype)
+    idx_out = np.empty((len(queries), k_eff), dtype=np.int64)
+    if k_eff == 0:
+        return sims_out, idx_out
+    for start in range(0, len(queries), chunk):
+        sims = queries[start : start + chunk] @ exemplars.T
+        if exclude_self:
+            rows = np.arange(len(sims))
+            sims[rows, start + rows] = -np.inf
+        if k_eff < sims.shape[1]:
+            top = np.argpartition(-sims, k_eff - 1, axis=1)[:, :k_eff]
+        else:
+            top = np.broadcast_to(np.arange(sims.shape[1]), sims.shape)
+        top_sims = np.take_along_axis(sims, top, axis=1)
+        order = np.lexsort((top, -top_sims), axis=1)  # best first; ties by exemplar index
+        idx_out[start : start + chunk] = np.take_along_axis(top, order, axis=1)
+        sims_out[start : start + chunk] = np.take_along_axis(top_sims, order, axis=1)
+    return sims_out, idx_out

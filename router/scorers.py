@@ -1,0 +1,158 @@
+"""The routers, as RouteLLM has them: a difficulty score per text in [0, 1], then one comparison per boundary.
+
+Every place that routes scores with these classes: the router deployment (`router.core.Router`), the ingress's
+own heuristic / cheapest / fallback decisions, and `tierserve eval`. Only where kNN finds its exemplars differs:
+Qdrant (`StoreIndex`) while serving, a matrix of train vectors (`MatrixIndex`) in evaluation; embedded Qdrant
+answers from the same kind of matrix with the same top-k function (`router.knn.nearest_neighbors`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+import numpy as np
+
+from router.classifier import DifficultyClassifier
+from router.config import HeuristicConfig, KnnConfig
+from router.heuristic import HeuristicScorer
+from router.knn import nearest_neighbors
+from router.scoring import difficulty_from_neighbors
+from router.types import Neighbor
+
+Embed = Callable[[Sequence[str]], np.ndarray]
+"""Texts -> (n, dim) unit vectors."""
+
+
+@dataclass(frozen=True)
+class Scores:
+    """A router's scores for a batch of texts, and why."""
+
+    values: np.ndarray
+    """(n,) difficulty in [0, 1]: higher means a costlier tier is needed. NaN: this router could not score it."""
+    reasons: tuple[str, ...]
+    neighbors: tuple[tuple[Neighbor, ...], ...] = ()
+    """The nearest exemplars per text, most similar first (kNN over a store only)."""
+
+
+class Scorer(Protocol):
+    """One router: scores texts. `router.scoring.tier_for_score` turns a score into a tier."""
+
+    kind: str
+
+    def score(self, texts: Sequence[str]) -> Scores: ...
+
+
+@dataclass
+class CheapestRouter:
+    """Always the first tier: score 0 and no boundary applies."""
+
+    kind: str = "cheapest"
+
+    def score(self, texts: Sequence[str]) -> Scores:
+        return Scores(np.zeros(len(texts)), ("cheapest router: always the first tier",) * len(texts))
+
+
+@dataclass
+class RandomRouter:
+    """RouteLLM's random baseline: an independent uniform score per text, seeded by the text."""
+
+    seed: int = 0
+    kind: str = "random"
+
+    def score(self, texts: Sequence[str]) -> Scores:
+        values = np.empty(len(texts))
+        for i, text in enumerate(texts):
+            digest = hashlib.sha256(f"{self.seed}\x01{text}".encode()).digest()
+            values[i] = int.from_bytes(digest[:8], "big") / 2**64
+        return Scores(values, ("random",) * len(texts))
+
+
+class HeuristicRouter:
+    """Length and keyword rules (`router.heuristic`); also every fallback when another router cannot decide."""
+
+    kind = "heuristic"
+
+    def __init__(self, config: HeuristicConfig | None = None) -> None:
+        self._scorer = HeuristicScorer(config or HeuristicConfig())
+
+    def score(self, texts: Sequence[str]) -> Scores:
+        results = [self._scorer.score(text) for text in texts]
+        return Scores(np.array([r.score for r in results], dtype=float), tuple(r.reason for r in results))
+
+
+@dataclass
+class ClassifierRouter:
+    """A trained `DifficultyClassifier` over the embedder's vectors (and its text features)."""
+
+    embed: Embed
+    classifier: DifficultyClassifier
+    kind: str = "classifier"
+
+    def score(self, texts: Sequence[str]) -> Scores:
+        values = np.asarray(self.classifier.predict_difficulty(self.embed(texts), texts=texts), dtype=float)
+        return Scores(values, tuple(f"classifier P(strong needed) {v:.3f}" for v in values))
+
+
+class NeighborIndex(Protocol):
+    """Where kNN finds exemplars: the k most similar per query vector, with each one's difficulty label."""
+
+    def nearest(self, vectors: np.ndarray, k: int) -> Nearest: ...
+
+
+@dataclass(frozen=True)
+class Nearest:
+    """The k nearest exemplars of each query: similarities and difficulty labels, (n, k), NaN-padded."""
+
+    similarities: np.ndarray
+    labels: np.ndarray
+    neighbors: tuple[tuple[Neighbor, ...], ...] = ()
+
+
+@dataclass
+class MatrixIndex:
+    """Exemplars as a matrix of unit vectors and their difficulty labels (evaluation: the train split)."""
+
+    vectors: np.ndarray
+    labels: np.ndarray
+    """Difficulty label per row in [0, 1]."""
+    exclude_self: bool = False
+    """Leave-one-out on train: each query row i skips exemplar row i (queries are the exemplars)."""
+
+    def nearest(self, vectors: np.ndarray, k: int) -> Nearest:
+        sims, idx = nearest_neighbors(vectors, self.vectors, k, exclude_self=self.exclude_self)
+        return Nearest(sims, self.labels[idx])
+
+
+@dataclass
+class KnnRouter:
+    """The k nearest labelled exemplars vote, weighted by similarity (`router.scoring`)."""
+
+    embed: Embed
+    index: NeighborIndex
+    knn: KnnConfig = KnnConfig()
+    kind: str = "knn"
+
+    def score(self, texts: Sequence[str]) -> Scores:
+        return self.score_vectors(self.embed(texts))
+
+    def score_vectors(self, vectors: np.ndarray) -> Scores:
+        found = self.index.nearest(vectors, self.knn.k)
+        values = difficulty_from_neighbors(
+            found.similarities, found.labels, weighting=self.knn.weighting, temperature=self.knn.temperature
+        )
+        if not found.neighbors:
+            return Scores(values, (f"knn ({self.knn.weighting})",) * len(values))
+        reasons = tuple(_knn_reason(n, self.knn.weighting) for n in found.neighbors)
+        return Scores(values, reasons, found.neighbors)
+
+
+def _knn_reason(neighbors: tuple[Neighbor, ...], weighting: str) -> str:
+    votes = Counter(n.tier for n in neighbors)
+    top = neighbors[0] if neighbors else None
+    nearest = f"; nearest {top.tier} at {top.similarity:.2f}" if top else ""
+    tally = ", ".join(f"{tier} {count}" for tier, count in votes.most_common())
+    return f"knn ({weighting}) over {len(neighbors)} exemplars: {tally}{nearest}"
