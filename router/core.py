@@ -20,8 +20,9 @@ from router.classifier import DifficultyClassifier
 from router.config import RouterConfig
 from router.embedder import Embedder, RecheckEmbedder, build_embedder, near_boundary
 from router.exemplars import load_default_exemplars
-from router.scorers import CheapestRouter, ClassifierRouter, HeuristicRouter, KnnRouter, Nearest, Scores
-from router.scoring import label_difficulty, tier_for_score, with_threshold
+from router.decide import Decider
+from router.scorers import ClassifierRouter, KnnRouter, Nearest, Scores
+from router.scoring import label_difficulty
 from router.errors import InvalidRequest, StoreError
 from router.store import ExemplarStore
 from router.types import Exemplar, Neighbor, RouteDecision, RouteInput, RouterKind
@@ -44,18 +45,18 @@ class Router:
         cfg: RouterConfig,
         tier_names: Sequence[str],
         *,
-        embedder: Embedder | None = None,
+        embedder: Embedder,
         store: ExemplarStore | None = None,
         open_store: Callable[[], ExemplarStore] | None = None,
         on_fallback: Callable[[FallbackCause], None] | None = None,
         store_retry_s: float = 10.0,
     ) -> None:
-        """Without an embedder only `cheapest` and `heuristic` decide (the ingress's own router); kNN and the
-        classifier fall back. `store=None` starts without exemplars; `open_store`, if given, is retried every `store_retry_s` to get
+        """`store=None` starts without exemplars; `open_store`, if given, is retried every `store_retry_s` to get
         one, and a store it opens is seeded with the default exemplars when empty."""
         self.cfg = cfg
-        self.tier_names = list(tier_names)
-        self.thresholds = cfg.thresholds_for(len(self.tier_names))
+        self.decider = Decider(cfg, tier_names)
+        self.tier_names = self.decider.tier_names
+        self.thresholds = self.decider.thresholds
         self.embedder = embedder
         self.fallbacks: Counter[FallbackCause] = Counter()
         """Fallbacks to the heuristic so far, by cause."""
@@ -64,8 +65,6 @@ class Router:
         self._next_store_attempt = 0.0
         self._store_retry_s = store_retry_s
         self._on_fallback = on_fallback
-        self._heuristic = HeuristicRouter(cfg.heuristic)
-        self._cheapest = CheapestRouter()
         self._label_cache: dict[str, float] = {}
         self.classifier: DifficultyClassifier | None = None
         """The trained classifier for `router: classifier` (loaded by `build` from `classifier_path`)."""
@@ -132,46 +131,30 @@ class Router:
             for row, (i, item) in enumerate(zip(rows, items, strict=True)):
                 if cause is not None or np.isnan(scores.values[row]):
                     self._count_fallback(cause or "no_exemplars")
-                    decisions[i] = self.fallback(item, cause or "no_exemplars")
+                    decisions[i] = self.decider.fallback(item, cause or "no_exemplars")
                     continue
                 neighbors = scores.neighbors[row] if scores.neighbors else ()
-                decisions[i] = self.decide(item, kind, float(scores.values[row]), scores.reasons[row],
-                                           neighbors=neighbors)
+                decisions[i] = self.decider.decide(item, kind, float(scores.values[row]), scores.reasons[row],
+                                                   neighbors=neighbors)
         elapsed_ms = (time.perf_counter() - start) * 1000
         return [_timed(d, elapsed_ms, embed_ms, len(inputs)) for d in decisions if d is not None]
-
-    def decide(
-        self, item: RouteInput, router: str, score: float, reason: str, *, fallback: bool = False,
-        neighbors: tuple[Neighbor, ...] = (),
-    ) -> RouteDecision:
-        """The tier for `score`: one comparison per boundary (the request's own threshold applied)."""
-        thresholds = () if router == "cheapest" else self._thresholds(item)
-        index = tier_for_score(score, thresholds)
-        return RouteDecision(tier=self.tier_names[index], tier_index=index, router=router, score=score,
-                             thresholds=thresholds, reason=reason, fallback=fallback, neighbors=neighbors)
-
-    def fallback(self, item: RouteInput, cause: str) -> RouteDecision:
-        """The heuristic's decision when the requested router could not decide (`cause` says why)."""
-        scores = self._heuristic.score([item.text])
-        reason = f"knn unavailable ({cause}); {scores.reasons[0]}"
-        return self.decide(item, "heuristic", float(scores.values[0]), reason, fallback=True)
 
     def _score(self, kind: str, items: Sequence[RouteInput]) -> tuple[Scores, FallbackCause | None, float]:
         """Scores of one router kind for `items`, or the cause that kept it from scoring; and embedding ms."""
         texts = [item.text for item in items]
         if kind == "cheapest":
-            return self._cheapest.score(texts), None, 0.0
+            return self.decider.cheapest.score(texts), None, 0.0
         if kind == "heuristic":
-            return self._heuristic.score(texts), None, 0.0
+            return self.decider.heuristic.score(texts), None, 0.0
         if kind == "classifier":
             try:
-                if self.classifier is None or self.embedder is None:
+                if self.classifier is None:
                     raise LookupError("router.classifier_path is not set")
                 return ClassifierRouter(self.embedder.embed, self.classifier).score(texts), None, 0.0
             except Exception as exc:
                 logger.warning("classifier routing failed (%s); heuristic fallback", exc)
                 return _NO_SCORES, "classifier", 0.0
-        return self._knn(texts, [self._thresholds(item) for item in items])
+        return self._knn(texts, [self.decider.thresholds_for(item) for item in items])
 
     def release_store(self, seconds: float) -> None:
         """Close the exemplar store and keep it closed for `seconds` (the heuristic routes meanwhile).
@@ -237,7 +220,7 @@ class Router:
         score lands within its margin of one of their `thresholds`: those are embedded and scored again with
         the exact model."""
         store = self._current_store()
-        if store is None or self.embedder is None:
+        if store is None:
             return _NO_SCORES, "store_unavailable", 0.0
         knn = KnnRouter(self.embedder.embed, StoreIndex(store, self._label), self.cfg.knn)
         recheck = self.embedder if isinstance(self.embedder, RecheckEmbedder) else None
@@ -284,9 +267,6 @@ class Router:
             except Exception:
                 logger.exception("cannot open the exemplar store; the heuristic routes until it opens")
         return self._store
-
-    def _thresholds(self, item: RouteInput) -> tuple[float, ...]:
-        return self.thresholds if item.threshold is None else with_threshold(self.thresholds, item.threshold)
 
     def _label(self, label: str) -> float:
         return self._difficulty(label, strict=False)

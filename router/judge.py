@@ -43,7 +43,7 @@ def build_judge_prompt(request: str, *, max_chars: int = 2000) -> str:
     return JUDGE_TEMPLATE.format(request=request)
 
 
-def answer_key(token: str) -> str:
+def token_key(token: str) -> str:
     """A token as an answer word: " Yes", "YES", "yes.", "▁Yes" (SentencePiece), "ĠYes" (BPE) all give "yes"."""
     return token.strip().lstrip("\u0120\u2581").strip(" \t\n.,:;!?\"'*`").lower()
 
@@ -57,15 +57,15 @@ def yes_no_mass(
     top) counts once; missing or NaN logprobs are skipped. Shared by the judge router and the cascade's
     verification prompt.
     """
-    yes_keys = {answer_key(w) for w in yes_words}
-    no_keys = {answer_key(w) for w in no_words}
+    yes_keys = {token_key(w) for w in yes_words}
+    no_keys = {token_key(w) for w in no_words}
     seen: set[str] = set()
     yes = no = 0.0
     for token, logprob in alternatives:
         if token in seen or logprob is None or math.isnan(logprob):
             continue
         seen.add(token)
-        key = answer_key(token)
+        key = token_key(token)
         if key in yes_keys:
             yes += math.exp(min(logprob, 0.0))
         elif key in no_keys:

@@ -14,6 +14,8 @@ from typing import Literal
 RouterKind = Literal["knn", "classifier", "judge", "heuristic", "cheapest"]
 """`knn`: nearest exemplars decide; `heuristic`: length/keyword rules; `cheapest`: always the first tier."""
 ROUTER_KINDS: tuple[RouterKind, ...] = ("knn", "classifier", "judge", "heuristic", "cheapest")
+Chosen = Literal["explicit", "forced", "session"]
+"""How a request chose its tier without a router: `model` names a tier, `tierserve.tier`, or its session."""
 
 _ID_NAMESPACE = uuid.UUID("6f0b6f3e-3c1e-5d2a-9a57-1d2b7c9e0a41")
 """Fixed namespace so the same text always gets the same point id, on every machine."""
@@ -109,7 +111,7 @@ class RouteDecision:
     tier: str
     tier_index: int
     """Position of `tier` in the config's cost-ordered tiers."""
-    router: str
+    router: RouterKind | Chosen
     """The router that decided (a `RouterKind`; `heuristic` when another router fell back), or how the request
     chose its tier: `explicit` (model names a tier), `forced` (`tierserve.tier`), `session` (the tier a
     conversation answered on before)."""

@@ -21,7 +21,7 @@ from serving.cascade.config import (
     FormatValidator,
     LogprobAggregate,
 )
-from router.judge import answer_key as token_key
+from router.judge import token_key
 from router.judge import yes_no_mass
 from serving.types import TokenLogprob
 

@@ -13,7 +13,7 @@ from typing import Any, Literal
 from pydantic import Field, field_validator, model_validator
 
 from router.configbase import StrictModel
-from router.judge import answer_key
+from router.judge import token_key
 
 ConfidenceMethod = Literal["logprob", "consistency", "verify"]
 LogprobAggregate = Literal["mean", "min", "tail"]
@@ -73,8 +73,8 @@ class VerifyOptions(StrictModel):
 
     @model_validator(mode="after")
     def _tokens(self) -> VerifyOptions:
-        yes = {answer_key(t) for t in self.yes_tokens}
-        no = {answer_key(t) for t in self.no_tokens}
+        yes = {token_key(t) for t in self.yes_tokens}
+        no = {token_key(t) for t in self.no_tokens}
         if not self.yes_tokens or not self.no_tokens or "" in (yes | no):
             raise ValueError("yes_tokens and no_tokens must each list at least one non-blank token, e.g. ['yes'].")
         if yes & no:

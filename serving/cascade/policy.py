@@ -288,12 +288,3 @@ class CascadeTrace:
             if a.escalated:
                 wasted[a.tier] = wasted.get(a.tier, 0) + a.prompt_tokens + a.completion_tokens + a.scoring_tokens
         return wasted
-
-    def to_dict(self) -> dict[str, object]:
-        """The `cascade` part of the response's `tierserve` object."""
-        return {
-            "tier_chain": list(self.tier_chain),
-            "confidences": [None if c is None else round(c, 4) for c in self.confidences],
-            "escalated": self.escalated,
-            "wasted_tokens": self.wasted_tokens(),
-        }

@@ -7,7 +7,7 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -23,7 +23,7 @@ from serving.affinity import parse_cpus, pin_this_process
 from serving.config import AppConfig
 from serving.ingress.auth import Keys, Scope
 from serving.ingress.outcome import Outcome
-from serving.ingress.pipeline import Pipeline, Stream, StreamFormat
+from serving.ingress.pipeline import Pipeline, StreamFormat
 from serving.ingress.router_calls import router_calls
 from serving.ingress.protocol import (
     SEED_LABELS,
@@ -225,7 +225,7 @@ class Ingress:
             messages = body.chat_messages() if isinstance(body, ChatCompletionRequest) else None
             plan = await self.pipeline.plan(body.model, body.routing_text(), body.options,
                                             _session(request, body, messages))
-            outcome = Outcome.routed(plan)
+            outcome = Outcome.unmoved(plan)
             return JSONResponse({"object": "tierserve.route", **outcome.meta()}, headers=outcome.headers())
         except Exception as exc:
             return error_response(exc)
@@ -289,12 +289,15 @@ class Ingress:
             deadline = asyncio.get_running_loop().time() + self.config.http.request_timeout_s
             if body.stream:
                 fmt = StreamFormat(kind=kind, model=body.model, include_usage=body.include_usage)
-                async with _deadline(deadline):
-                    stream = await self.pipeline.stream(gen_request, outcome, body.options, fmt)
+                stream = self.pipeline.stream(gen_request, outcome, body.options, fmt)
+                try:
+                    async with _deadline(deadline):
+                        relay = await stream.start()
+                finally:
+                    outcome = stream.outcome()  # a cascade has decided by its first event (or failed)
                 first_at = time.perf_counter()
-                outcome = stream.outcome()  # a cascade has decided by its first event
                 self.metrics.ttft.labels(outcome.tier).observe(first_at - started)
-                body_bytes = self._sse(endpoint, stream, started, request_id, deadline, first_at)
+                body_bytes = self._sse(endpoint, relay, stream.outcome, started, request_id, deadline, first_at)
                 return SseResponse(body_bytes, outcome.headers())
             async with _deadline(deadline):
                 result, outcome = await unless_disconnected(
@@ -319,7 +322,8 @@ class Ingress:
             return error_response(exc, outcome.headers() if outcome else None)
 
     async def _sse(
-        self, endpoint: str, stream: Stream, started: float, request_id: str, deadline: float, first_at: float,
+        self, endpoint: str, relay: SseRelay, outcome: Callable[[], Outcome], started: float, request_id: str,
+        deadline: float, first_at: float,
     ) -> AsyncIterator[bytes]:
         # One timer per stream for http.request_timeout_s (not a timeout context per chunk: 5 us each).
         task = asyncio.current_task()
@@ -331,7 +335,6 @@ class Ingress:
             if task is not None:
                 task.cancel()
 
-        relay, outcome = stream.relay, stream.outcome
         timer = asyncio.get_running_loop().call_at(deadline, expire)
         try:
             yield relay.first

@@ -8,7 +8,6 @@ back what happened as a frozen `CascadeTrace`.
 from __future__ import annotations
 
 import asyncio
-import logging
 from collections.abc import AsyncIterator, Awaitable
 from dataclasses import replace
 
@@ -29,8 +28,6 @@ from serving.cascade import (
 from router.errors import Overloaded
 from serving.ingress.calls import TierCalls
 from serving.types import ChatMessage, GenerationChunk, GenerationRequest, GenerationResult, SamplingOptions
-
-logger = logging.getLogger(__name__)
 
 def _question(request: GenerationRequest) -> str:
     if request.messages is not None:

@@ -26,7 +26,8 @@ class Outcome:
     """The request's cascade threshold per tier index (empty without a cascade)."""
 
     @classmethod
-    def routed(cls, decision: RouteDecision) -> Outcome:
+    def unmoved(cls, decision: RouteDecision) -> Outcome:
+        """The request on the tier it was routed to (or named)."""
         return cls(decision=decision, entry_tier=decision.tier)
 
     @property

@@ -1,11 +1,10 @@
 """One request's path, top to bottom: plan the tier (`routing`), place it by load, generate (or cascade),
-answer, record. Every stage returns a value; nothing here is called back by what it calls."""
+answer, record. Every stage returns a value; no module this one calls calls back into it."""
 
 from __future__ import annotations
 
-import logging
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import aclosing
 from dataclasses import dataclass, replace
 
@@ -27,8 +26,6 @@ from serving.responses import ChunkEncoder, Kind, encode_stream
 from serving.types import GenerationChunk, GenerationRequest, GenerationResult
 from serving.wire import SseOptions
 
-logger = logging.getLogger(__name__)
-
 
 @dataclass(frozen=True)
 class StreamFormat:
@@ -41,11 +38,12 @@ class StreamFormat:
 
 @dataclass(frozen=True)
 class Stream:
-    """An answer on its way: the SSE body (first event already read) and what happened, up to now."""
+    """An answer on its way. `start()` reads its first event (so errors get a real status) and returns the
+    SSE body; `outcome()` is what happened so far: the placed request, then, for a cascade, each new trace;
+    final once the body has ended (or once `start()` has failed)."""
 
-    relay: SseRelay
+    start: Callable[[], Awaitable[SseRelay]]
     outcome: Callable[[], Outcome]
-    """The outcome so far: the placed one, then (for a cascade) each new trace; final once the relay ends."""
 
 
 class Pipeline:
@@ -81,10 +79,10 @@ class Pipeline:
     def place(self, decision: RouteDecision) -> Outcome:
         """The routed tier, or a neighbour when load says so (only for routed requests)."""
         if not decision.routed:
-            return Outcome.routed(decision)
+            return Outcome.unmoved(decision)
         moved = self.capacity.place(decision.tier, decision.score, decision.thresholds)
         if moved.action == "keep":
-            return Outcome.routed(decision)
+            return Outcome.unmoved(decision)
         self.metrics.capacity_moves.labels(decision.tier, moved.tier).inc()
         if decision.router == "session" and moved.tier != decision.tier:
             decision = replace(decision, reason=f"{decision.reason}; {decision.tier} is saturated, so this turn "
@@ -103,10 +101,10 @@ class Pipeline:
         return strip_logprobs(result, request.sampling), replace(placed, trace=trace,
                                                                  cascade_thresholds=policy.thresholds)
 
-    async def stream(
+    def stream(
         self, request: GenerationRequest, placed: Outcome, options: TierserveOptions, fmt: StreamFormat
     ) -> Stream:
-        """The SSE body, its first event already read (so errors get a real status).
+        """The SSE answer, to `start()`.
 
         A plain stream is encoded by the tier replica and relayed as bytes; a cascade's stream is held
         back and judged here, so the ingress encodes it.
@@ -115,14 +113,17 @@ class Pipeline:
         if policy is None:
             options_ = SseOptions(kind=fmt.kind, model=fmt.model, logprobs=request.sampling.logprobs,
                                   include_usage=fmt.include_usage, meta=placed.meta())
-            return Stream(await self.calls.relay(placed.entry_tier, request, options_), lambda: placed)
+            return Stream(lambda: self.calls.relay(placed.entry_tier, request, options_), lambda: placed)
         encoder = ChunkEncoder(kind=fmt.kind, request_id=request.request_id, model=fmt.model,
                                logprobs=request.sampling.logprobs, include_usage=fmt.include_usage)
         cascade = _CascadeStream(replace(placed, cascade_thresholds=policy.thresholds))
-        relay = SseRelay()
-        chunks = cascade.chunks(self.cascade.stream(request, policy, self._index(placed)), relay, request)
-        await relay.start(encode_stream(chunks, encoder, lambda: cascade.outcome.meta()))
-        return Stream(relay, lambda: cascade.outcome)
+
+        async def start() -> SseRelay:
+            relay = SseRelay()
+            chunks = cascade.chunks(self.cascade.stream(request, policy, self._index(placed)), relay, request)
+            return await relay.start(encode_stream(chunks, encoder, lambda: cascade.outcome.meta()))
+
+        return Stream(start, lambda: cascade.outcome)
 
     def _index(self, placed: Outcome) -> int:
         return self.config.tier_names.index(placed.entry_tier)
@@ -141,9 +142,10 @@ class Pipeline:
         for a in trace.attempts:
             if a.confidence is not None:  # the cascade scored this answer and decided
                 self.metrics.cascade_decisions.labels(a.tier, "escalated" if a.escalated else "kept").inc()
-        for a, nxt in zip(trace.attempts, trace.attempts[1:], strict=False):
-            if a.escalated:
-                self.metrics.escalations.labels(a.tier, nxt.tier).inc()
+        names = self.config.tier_names
+        for a in trace.attempts:
+            if a.escalated:  # counted when decided, as its wasted tokens are (the next answer may never come)
+                self.metrics.escalations.labels(a.tier, names[names.index(a.tier) + 1]).inc()
         for tier, wasted in trace.wasted_tokens().items():
             self.metrics.wasted_tokens.labels(tier).inc(wasted)
 

@@ -1,8 +1,8 @@
 """Where a request starts: a tier it names, its conversation's tier, or a router's decision.
 
 kNN and the classifier run in the router (its deployment, or in this process: `router.placement: ingress`);
-the heuristic and `cheapest` decide here with the same `router.core.Router` code, and so does every fallback
-when the router is down or slow (never a 5xx for that). The LLM judge asks the cheapest tier.
+the heuristic and `cheapest` decide here with the router's own `router.decide.Decider`, and so does every
+fallback when the router is down or slow (never a 5xx for that). The LLM judge asks the cheapest tier.
 """
 
 from __future__ import annotations
@@ -12,9 +12,9 @@ import logging
 import time
 from dataclasses import replace
 
-from router.core import Router
+from router.decide import Decider
 from router.judge import JudgeRouter
-from router.types import RouteDecision, RouteInput, RouterKind, parse_router_model
+from router.types import Chosen, RouteDecision, RouteInput, RouterKind, parse_router_model
 from router.errors import ModelNotFound
 from serving.config import AppConfig
 from serving.ingress.calls import TierCalls, judge_completion
@@ -38,8 +38,8 @@ class Planner:
         self.router = router
         """The kNN / classifier router, in this process or behind its deployment's handle (None: none runs)."""
         self.sessions = sessions
-        self.local = Router(config.router, config.tier_names)
-        """Heuristic, cheapest and fallback decisions, made here."""
+        self.local = Decider(config.router, config.tier_names)
+        """Heuristic, cheapest, judge and fallback decisions, made here."""
         self._judge = JudgeRouter(judge_completion(calls, config.tier_names[0]))
         self._served = {(t.served_model_name or t.name): t.name for t in config.tiers}
 
@@ -69,7 +69,7 @@ class Planner:
         return self._remembered(session) or replace(await self._route(model, routing_text, options),
                                                     session=session.key)
 
-    def _chosen(self, tier: str, how: str, reason: str) -> RouteDecision:
+    def _chosen(self, tier: str, how: RouterKind | Chosen, reason: str) -> RouteDecision:
         return RouteDecision(tier=tier, tier_index=self.config.tier_names.index(tier), router=how, score=None,
                              thresholds=(), reason=reason)
 
@@ -105,10 +105,10 @@ class Planner:
             self.metrics.router_fallbacks.labels(decision.reason.split(";")[0][:60]).inc()
         return decision
 
-    async def _decide(self, item: RouteInput, kind: str) -> RouteDecision:
+    async def _decide(self, item: RouteInput, kind: RouterKind) -> RouteDecision:
         timeout_s = self.config.ingress.router_timeout_s
         if kind in ("cheapest", "heuristic"):
-            return self.local.route_inputs([item])[0]
+            return self.local.local(item, kind)
         if kind == "judge":
             try:
                 verdict = await asyncio.wait_for(self._judge.verdict(item.text), timeout_s)
