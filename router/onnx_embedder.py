@@ -112,9 +112,6 @@ class OnnxEmbedder(Embedder):
         options = ort.SessionOptions()
         options.intra_op_num_threads = num_threads
         options.inter_op_num_threads = 1
-        # Idle pool threads sleep instead of spinning: a spinning pool takes the cores from the event loop and
-        # the worker thread that feeds it (and from vLLM on a shared host) between the router's small calls.
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         self._session = ort.InferenceSession(str(model_file), options, providers=["CPUExecutionProvider"])
         self._tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
         self._tokenizer_lock = threading.Lock()  # a fast tokenizer shared by two threads can fail
