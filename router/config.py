@@ -32,8 +32,8 @@ class EmbedderConfig(StrictModel):
     max_length: int = Field(default=256, ge=8, le=8192)
     """Tokens of the routed text the embedder reads; longer text is truncated (the start is kept)."""
     num_threads: int = Field(default=1, ge=1, le=256)
-    """Torch intra-op and BLAS threads of the router process. 1 is steadier when vLLM shares the cores;
-    raise it on a dedicated host."""
+    """Threads of the router's embedder (torch or ONNX Runtime); the kNN search uses one. 1 is steadier when
+    vLLM shares the cores; raise it on a dedicated host."""
     batch_size: int = Field(default=64, ge=1, le=4096)
     """Most texts in one forward pass; larger inputs are split."""
     device: str = "cpu"
