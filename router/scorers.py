@@ -12,16 +12,18 @@ import hashlib
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 
-from router.classifier import DifficultyClassifier
 from router.config import HeuristicConfig, KnnConfig
 from router.heuristic import HeuristicScorer
 from router.knn import nearest_neighbors
 from router.scoring import difficulty_from_neighbors
 from router.types import Neighbor
+
+if TYPE_CHECKING:  # the ingress imports this module; joblib and the classifier load only where one is used
+    from router.classifier import DifficultyClassifier
 
 Embed = Callable[[Sequence[str]], np.ndarray]
 """Texts -> (n, dim) unit vectors."""
