@@ -56,7 +56,6 @@ class Router:
         self.cfg = cfg
         self.decider = Decider(cfg, tier_names)
         self.tier_names = self.decider.tier_names
-        self.thresholds = self.decider.thresholds
         self.embedder = embedder
         self.fallbacks: Counter[FallbackCause] = Counter()
         """Fallbacks to the heuristic so far, by cause."""
