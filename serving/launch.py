@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -58,6 +59,10 @@ def start(config: AppConfig, *, wait_s: float = 600.0, engine_cls: type[Engine] 
         if joined:
             ray.init(address=config.ray.address)
         else:
+            # Serve's controller loop (every 0.1 s by default) took 5% of a core here, and the GCS 2% more
+            # answering it, on the cores the engines use; every 0.5 s it takes 1.6% and the GCS 0.9%.
+            # A replica's failure or a scaling step is acted on up to 0.4 s later. The caller's value wins.
+            os.environ.setdefault("RAY_SERVE_CONTROL_LOOP_INTERVAL_S", "0.5")
             ray.init(
                 num_cpus=config.ray.num_cpus,
                 object_store_memory=config.ray.object_store_memory_bytes,

@@ -47,7 +47,8 @@ class TierServer:
 
     async def status(self) -> ReplicaStatus:
         """Where to reach this replica's data plane, and its live load (polled by the ingress)."""
-        return ReplicaStatus(replica_id=self.replica_id, address=self.address, load=self.engine.load())
+        return ReplicaStatus(replica_id=self.replica_id, address=self.address, load=self.engine.load(),
+                             local_path=self.wire.local_path)
 
     async def info(self) -> TierInfo:
         return self.engine.info()

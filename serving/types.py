@@ -118,6 +118,8 @@ class ReplicaStatus:
     address: str
     """host:port of the replica's data plane (`serving.wire`)."""
     load: EngineLoad
+    local_path: str | None = None
+    """The same data plane on a node-local Unix socket, for an ingress on the replica's node."""
 
 
 @dataclass(frozen=True)

@@ -134,7 +134,9 @@ def run_load(base_url: str, model: str, tokenizer: str, spec: LoadSpec, *, quiet
         "--percentile-metrics", "ttft,tpot,itl,e2el",
         "--metric-percentiles", "50,99",
         "--disable-tqdm",
-        "--num-warmups", "0",
+        # One wave of warm-up requests before the timed ones: the first load after a server starts ran
+        # up to 30% slower than the next (either server), which swamped the ratios.
+        "--num-warmups", str(spec.concurrency),
         *(["--extra-body", json.dumps(spec.extra_body)] if spec.extra_body else []),
     ])
     sink = io.StringIO()

@@ -14,6 +14,7 @@ from typing import Any
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response
 from pydantic import ValidationError
+import ray
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
@@ -146,7 +147,8 @@ class Ingress:
         if config.device == "cpu" and config.ingress.cpu_affinity:
             pin_this_process(parse_cpus(config.ingress.cpu_affinity), "ingress")
         self.metrics = Metrics()
-        self.tiers = TierClient(tier_handles, wire_token=wire_token, poll_interval_s=config.capacity.poll_interval_s)
+        self.tiers = TierClient(tier_handles, wire_token=wire_token, poll_interval_s=config.capacity.poll_interval_s,
+                                node_ip=ray.util.get_node_ip_address())
         self.router = router_calls(config, router)
         self.pipeline = Pipeline(config, self.tiers, self.metrics, self.router)
         self.keys = Keys(config.api_keys(), config.admin_keys())

@@ -1,8 +1,8 @@
 """Calls into the tiers, each holding an admission slot for its whole duration.
 
 The one way the request path (the plain path, the cascade, the LLM judge) reaches a tier: admission
-(`CapacityController.acquire`, 429/503 when full) before the call, the slot released and the tier's load
-re-polled after it, however the call ends.
+(`CapacityController.acquire`, 429/503 when full) before the call, the slot released after it, however
+the call ends (the replica's END frame has already refreshed the tier's load by then).
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ class TierCalls:
         try:
             return await self.tiers.generate(tier, request)
         finally:
-            self._release(tier)
+            self.capacity.release(tier)
 
     async def stream(self, tier: str, request: GenerationRequest) -> AsyncIterator[GenerationChunk]:
         """Typed chunks; leaving early cancels the tier call (and aborts the engine) now, not at GC time."""
@@ -43,7 +43,7 @@ class TierCalls:
                 async for chunk in chunks:
                     yield chunk
         finally:
-            self._release(tier)
+            self.capacity.release(tier)
 
     async def relay(self, tier: str, request: GenerationRequest, options: SseOptions) -> SseRelay:
         """A stream the tier replica encodes itself; the slot is released when the relay closes."""
@@ -51,15 +51,10 @@ class TierCalls:
         try:
             relay = await self.tiers.relay(tier, request, options)
         except BaseException:
-            self._release(tier)
+            self.capacity.release(tier)
             raise
-        relay.on_close(lambda: self._release(tier))
+        relay.on_close(lambda: self.capacity.release(tier))
         return relay
-
-    def _release(self, tier: str) -> None:
-        self.capacity.release(tier)
-        self.tiers.refresh_soon(tier)
-
 
 def judge_completion(calls: TierCalls, tier: str) -> Complete:
     """The LLM judge's call: one greedy token from `tier`, with its top alternatives."""

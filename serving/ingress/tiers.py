@@ -1,29 +1,47 @@
 """The ingress's view of the tier deployments: the data-plane calls, readiness and a cached load view.
 
-Tokens travel over each replica's wire port (`serving.wire`); Ray handles carry only the control plane:
-`status()` polls (address + load, in the background, never per request) and `info()` for /health.
+Tokens travel over each replica's wire port (`serving.wire`), whose END frame also brings the replica's
+load as each request leaves it; the background poll asks known replicas for their load over the same
+port. Ray handles carry only the control plane: `status()` to find replicas (every couple of seconds,
+never per request) and `info()` for /health.
 """
 
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import logging
 import time
 from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import aclosing
+from dataclasses import replace
 
 from ray.serve.handle import DeploymentHandle
 
 from router.errors import EngineError, ServiceUnavailable
 from serving.capacity import combine_loads
 from serving.types import EngineLoad, GenerationChunk, GenerationRequest, GenerationResult, ReplicaStatus, TierInfo
-from serving.wire import CHUNK, END, RESULT, SSE, SseOptions, WireRequest, WireStream, chunk_from, open_stream, result_from
+from serving.wire import (
+    CHUNK,
+    END,
+    RESULT,
+    SSE,
+    SseOptions,
+    WireRequest,
+    WireStream,
+    chunk_from,
+    open_stream,
+    poll_load,
+    result_from,
+)
 
 logger = logging.getLogger(__name__)
 
 _ADDRESS_MAX_AGE_S = 10.0
 """A replica not heard from for this long is not sent new requests (its poll keeps failing)."""
+_DISCOVER_EVERY_S = 2.0
+"""How often the poller asks Ray Serve for a tier's replicas (one per call) besides polling known ones."""
 
 
 class SseRelay:
@@ -74,33 +92,37 @@ class TierClient:
     """Calls into the tier deployments. Picks the replica with the fewest requests in flight from here."""
 
     def __init__(
-        self, handles: Mapping[str, DeploymentHandle], *, wire_token: str, poll_interval_s: float = 0.25
+        self, handles: Mapping[str, DeploymentHandle], *, wire_token: str, poll_interval_s: float = 0.25,
+        node_ip: str | None = None,
     ) -> None:
         self.handles = dict(handles)
         self.names = list(handles)
         self.wire_token = wire_token
         self.poll_interval_s = poll_interval_s
+        self.node_ip = node_ip
+        """This process's node: its replicas are reached over their Unix socket."""
         self._replicas: dict[str, dict[str, tuple[ReplicaStatus, float]]] = {name: {} for name in self.names}
         self._inflight: dict[str, int] = {}
         self._poller: asyncio.Task | None = None
-        self._refreshing: set[str] = set()
 
     # ---- the data plane ---------------------------------------------------------------------
 
     async def _open(self, tier: str, wire: WireRequest) -> tuple[str, WireStream]:
         """Connect to a replica of `tier`; one retry on another replica if a known one went away."""
         for attempt in range(2):
-            address = self._pick(tier)
-            if address is None:
+            replica = self._pick(tier)
+            if replica is None:
                 await self._poll(tier)
-                address = self._pick(tier)
-            if address is None:
+                replica = self._pick(tier)
+            if replica is None:
                 raise ServiceUnavailable(
                     f"tier '{tier}' has no ready replica (starting, or its node is gone); retry shortly.",
                     code="no_replica", headers={"Retry-After": "2"},
                 )
+            address = replica.address
             try:
-                return address, await open_stream(address, self.wire_token, wire, tier=tier)
+                return address, await open_stream(address, self.wire_token, wire, tier=tier,
+                                                  local_path=self._local_path(replica))
             except ServiceUnavailable:
                 self._forget(tier, address)
                 if attempt:
@@ -113,6 +135,8 @@ class TierClient:
         self._inflight[address] = self._inflight.get(address, 0) + 1
         try:
             async for batch in stream.batches():
+                if batch[-1][0] == END:  # the replica's load as this request left it
+                    self._note_load(tier, address, json.loads(batch[-1][1])["load"])
                 yield batch
         except ConnectionError:  # the replica died (Serve replaces it): retryable, so 503 with Retry-After
             self._forget(tier, address)
@@ -131,10 +155,9 @@ class TierClient:
             async for batch in frames:
                 for kind, payload in batch:
                     if kind == CHUNK:
-                        chunk = chunk_from(json.loads(payload))
-                        yield chunk
-                        if chunk.finish_reason is not None:
-                            return
+                        yield chunk_from(json.loads(payload))
+                    elif kind == END:
+                        return
         finally:
             await frames.aclose()
 
@@ -182,10 +205,14 @@ class TierClient:
 
     # ---- replicas and load --------------------------------------------------------------------
 
-    def _pick(self, tier: str) -> str | None:
+    def _pick(self, tier: str) -> ReplicaStatus | None:
         now = time.monotonic()
-        live = [s.address for s, seen in self._replicas[tier].values() if now - seen <= _ADDRESS_MAX_AGE_S]
-        return min(live, key=lambda a: self._inflight.get(a, 0), default=None)
+        live = [s for s, seen in self._replicas[tier].values() if now - seen <= _ADDRESS_MAX_AGE_S]
+        return min(live, key=lambda s: self._inflight.get(s.address, 0), default=None)
+
+    def _local_path(self, replica: ReplicaStatus) -> str | None:
+        """The replica's Unix socket when it is on this node."""
+        return replica.local_path if replica.address.rpartition(":")[0] == self.node_ip else None
 
     def _forget(self, tier: str, address: str) -> None:
         for replica_id, (status, _) in list(self._replicas[tier].items()):
@@ -197,26 +224,29 @@ class TierClient:
             self._poller = asyncio.get_running_loop().create_task(self._poll_forever())
 
     async def _poll_forever(self) -> None:
-        while True:
-            await asyncio.gather(*(self._poll(name) for name in self.names), return_exceptions=True)
+        discover_every = max(1, round(_DISCOVER_EVERY_S / self.poll_interval_s))
+        for n in itertools.count():
+            await asyncio.gather(*(self._refresh(name, discover=n % discover_every == 0) for name in self.names),
+                                 return_exceptions=True)
             await asyncio.sleep(self.poll_interval_s)
 
-    def refresh_soon(self, tier: str) -> None:
-        """Re-poll a tier after a request on it ends, so a drained tier stops looking busy at once.
+    async def _refresh(self, tier: str, *, discover: bool) -> None:
+        """Known replicas' loads over their data plane; a Ray call only to find replicas."""
+        known = [status for status, _ in self._replicas[tier].values()]
+        if discover or not known:
+            await self._poll(tier)
+        await asyncio.gather(*(self._poll_wire(tier, status) for status in known), return_exceptions=True)
 
-        Off the request path (a background task), and at most one refresh per tier at a time.
-        """
-        if tier in self._refreshing:
+    async def _poll_wire(self, tier: str, status: ReplicaStatus) -> None:
+        try:
+            load = await poll_load(status.address, self.wire_token, local_path=self._local_path(status))
+        except (OSError, TimeoutError) as exc:  # gone (Serve replaces it): stop sending it requests now
+            logger.debug("load poll of %s at %s failed: %s", tier, status.address, exc)
+            self._forget(tier, status.address)
             return
-        self._refreshing.add(tier)
-
-        async def refresh() -> None:
-            try:
-                await self._poll(tier)
-            finally:
-                self._refreshing.discard(tier)
-
-        asyncio.get_running_loop().create_task(refresh())
+        held = self._replicas[tier].get(status.replica_id)
+        if held is not None and load.timestamp >= held[0].load.timestamp:
+            self._replicas[tier][status.replica_id] = (replace(held[0], load=load), time.monotonic())
 
     async def _poll(self, tier: str) -> None:
         try:
@@ -227,6 +257,12 @@ class TierClient:
         held = self._replicas[tier].get(status.replica_id)
         if held is None or status.load.timestamp >= held[0].load.timestamp:  # a slow reply never wins
             self._replicas[tier][status.replica_id] = (status, time.monotonic())
+
+    def _note_load(self, tier: str, address: str, load: dict) -> None:
+        """A load a replica sent in its END frame: the freshest view of it, without a poll."""
+        for replica_id, (status, seen) in self._replicas[tier].items():
+            if status.address == address and load["timestamp"] >= status.load.timestamp:
+                self._replicas[tier][replica_id] = (replace(status, load=EngineLoad(**load)), seen)
 
     def loads(self, max_age_s: float = 5.0) -> dict[str, EngineLoad]:
         """Per tier, its replicas' loads reported within max_age_s, combined (tiers with none omitted)."""

@@ -7,6 +7,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import socket
+import time
+from dataclasses import asdict
 from pathlib import Path
 
 import pytest
@@ -15,7 +18,7 @@ from openai.types.chat import ChatCompletionChunk
 from router.errors import InvalidRequest, ServiceUnavailable, Unauthorized, error_from_dict
 from serving.config import EngineConfig, TierConfig
 from serving.engines.scripted import ScriptedEngine
-from serving.types import ChatMessage, GenerationRequest, SamplingOptions, TokenLogprob
+from serving.types import ChatMessage, EngineLoad, GenerationRequest, SamplingOptions, TokenLogprob
 from serving.wire import (
     CHUNK,
     END,
@@ -100,7 +103,8 @@ def test_sse_mode_sends_openai_chunks_with_the_decision_on_first_and_last() -> N
     frames = asyncio.run(main())
     assert frames[-1][0] == END
     summary = json.loads(frames[-1][1])
-    assert summary == {"prompt_tokens": summary["prompt_tokens"], "completion_tokens": 5, "finish_reason": "length"}
+    assert (summary["completion_tokens"], summary["finish_reason"]) == (5, "length") and summary["prompt_tokens"] > 0
+    assert summary["load"]["ongoing"] == 0 and summary["load"]["tier"] == "small"  # the load as the request left
     body = b"".join(p for k, p in frames if k == SSE).decode()
     events = [e.removeprefix("data: ") for e in body.split("\n\n") if e]
     assert events[-1] == "[DONE]"
@@ -132,6 +136,54 @@ def test_result_and_chunk_modes_return_typed_values_with_logprobs() -> None:
     chunks = [chunk_from(json.loads(p)) for k, p in chunk_frames if k == CHUNK]
     assert "".join(c.text for c in chunks) == result.text
     assert tuple(lp for c in chunks for lp in c.token_logprobs) == result.token_logprobs
+
+
+def test_every_mode_ends_with_the_replicas_load_as_the_request_left_it() -> None:
+    async def main() -> list[list[tuple[bytes, bytes]]]:
+        _, server, address = await _serve()
+        try:
+            return [await _until_end(address, WireRequest(chat_request(), mode)) for mode in ("result", "chunks")]
+        finally:
+            server.close()
+
+    for frames in asyncio.run(main()):
+        assert frames[-1][0] == END
+        load = EngineLoad(**json.loads(frames[-1][1])["load"])
+        assert load.ongoing == 0 and load.max_num_seqs == TIER.engine.max_num_seqs
+
+
+def test_an_ingress_on_the_same_node_uses_the_unix_socket_and_falls_back_to_tcp() -> None:
+    async def main() -> tuple[int, int]:
+        _, server, address = await _serve()
+        assert server.local_path is not None and server.local_path.startswith("\0")
+        families = []
+        try:
+            for path in (server.local_path, "\0no-such-replica"):
+                stream = await open_stream(address, "secret", WireRequest(chat_request(), "result"), tier="small",
+                                           local_path=path)
+                families.append(stream._writer.transport.get_extra_info("socket").family)
+                async for batch in stream.batches():
+                    if batch[-1][0] == END:
+                        break
+                stream.close()
+        finally:
+            server.close()
+        return families[0], families[1]
+
+    assert asyncio.run(main()) == (socket.AF_UNIX, socket.AF_INET)
+
+
+async def _until_end(address: str, wire: WireRequest) -> list[tuple[bytes, bytes]]:
+    stream = await open_stream(address, "secret", wire, tier="small")
+    got: list[tuple[bytes, bytes]] = []
+    try:
+        async for batch in stream.batches():
+            got += batch
+            if got[-1][0] == END:
+                return got
+    finally:
+        stream.close()
+    return got
 
 
 def test_engine_refusals_come_back_as_their_client_error() -> None:
@@ -182,5 +234,50 @@ def test_a_replica_that_is_gone_is_a_503_with_retry_after() -> None:
         with pytest.raises(ServiceUnavailable) as err:
             await open_stream(address, "secret", WireRequest(chat_request(), "result"), tier="small")
         assert err.value.status_code == 503 and err.value.headers["Retry-After"] == "2"
+
+    asyncio.run(main())
+
+
+def test_the_ingress_load_view_follows_the_end_frames_without_a_poll() -> None:
+    """After a request the ingress sees the replica as it is now (idle), not as its last poll saw it (busy)."""
+    from serving.ingress.tiers import TierClient
+    from serving.types import ReplicaStatus
+
+    async def main() -> EngineLoad:
+        engine, server, address = await _serve()
+        client = TierClient({"small": None}, wire_token="secret", node_ip="127.0.0.1")
+        busy = EngineLoad(tier="small", running=8, waiting=5, kv_cache_usage=0.9, max_num_seqs=8, ongoing=13,
+                          timestamp=1.0)
+        client._replicas["small"]["r1"] = (ReplicaStatus("r1", address, busy, server.local_path), time.monotonic())
+        try:
+            await client.generate("small", chat_request())
+            return client.loads(max_age_s=60)["small"]
+        finally:
+            server.close()
+
+    load = asyncio.run(main())
+    assert (load.running, load.waiting, load.ongoing) == (0, 0, 0) and load.timestamp > 1.0
+
+
+def test_a_load_poll_answers_over_the_data_plane_and_a_gone_replica_is_forgotten() -> None:
+    from serving.ingress.tiers import TierClient
+    from serving.types import ReplicaStatus
+    from serving.wire import poll_load
+
+    async def main() -> None:
+        engine, server, address = await _serve()
+        load = await poll_load(address, "secret", local_path=server.local_path)
+        assert load == EngineLoad(**{**asdict(engine.load()), "timestamp": load.timestamp})
+        with pytest.raises(Unauthorized):
+            await poll_load(address, "wrong")
+        client = TierClient({"small": None}, wire_token="secret", node_ip="127.0.0.1")
+        stale = EngineLoad(tier="small", running=3, waiting=0, kv_cache_usage=0.5, max_num_seqs=8, timestamp=1.0)
+        client._replicas["small"]["r1"] = (ReplicaStatus("r1", address, stale, server.local_path), time.monotonic())
+        await client._refresh("small", discover=False)
+        assert client.loads(max_age_s=60)["small"].running == 0
+        server.close()
+        await asyncio.sleep(0.05)
+        await client._refresh("small", discover=False)
+        assert client.loads(max_age_s=60) == {} and client._pick("small") is None
 
     asyncio.run(main())
