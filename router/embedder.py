@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from router.config import EmbedderConfig
+from router.knn import Search
 
 logger = logging.getLogger(__name__)
 
@@ -39,6 +40,10 @@ class Embedder(ABC):
     @abstractmethod
     def embed(self, texts: Sequence[str]) -> np.ndarray:
         """Embed `texts`; returns float32 of shape (len(texts), dim) with unit-norm rows."""
+
+    def neighbor_search(self) -> Search | None:
+        """A kNN search that runs where this embedder computes (its thread pool), or None: numpy's."""
+        return None
 
 
 class RecheckEmbedder(Embedder):
@@ -77,6 +82,9 @@ class RecheckEmbedder(Embedder):
         """The exact vectors for texts whose fast score fell near a boundary (counted in `rechecked_texts`)."""
         self.rechecked_texts += len(texts)
         return self.exact.embed(texts)
+
+    def neighbor_search(self) -> Search | None:
+        return self.fast.neighbor_search() or self.exact.neighbor_search()
 
 
 def near_boundary(scores: np.ndarray, thresholds: Sequence[Sequence[float]], margin: float) -> np.ndarray:

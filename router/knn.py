@@ -3,7 +3,13 @@ matrix (`router.store`) and of evaluation over a train split."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
+
+Search = Callable[[np.ndarray, np.ndarray, int], tuple[np.ndarray, np.ndarray]]
+"""(unit queries, unit exemplars, k) -> (similarities, indices), both (n, min(k, len(exemplars))), best first,
+ties by exemplar index: `nearest_neighbors`, or `router.onnx_embedder.OnnxSearch` on the embedder's pool."""
 
 
 def nearest_neighbors(

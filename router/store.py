@@ -23,7 +23,7 @@ from qdrant_client import QdrantClient, models
 
 from router.config import StoreConfig
 from router.errors import StoreError, StoreLockedError
-from router.knn import nearest_neighbors
+from router.knn import Search, nearest_neighbors
 from router.types import Exemplar, Neighbor, StoredExemplar
 
 logger = logging.getLogger(__name__)
@@ -45,7 +45,9 @@ class ExemplarStore:
         timeout_s: float = 5.0,
         local_max_points: int = 10_000,
         local_search: Literal["matrix", "qdrant"] = "matrix",
+        search: Search = nearest_neighbors,
     ) -> None:
+        """`search`: the in-memory matrix's kNN (the embedder's `neighbor_search()` where it has one)."""
         if (path is None) == (url is None):
             raise ValueError("ExemplarStore needs exactly one of path (embedded Qdrant) or url (Qdrant server).")
         self.collection = collection
@@ -59,10 +61,11 @@ class ExemplarStore:
         self._client = _connect(path=path, url=url, api_key=api_key, timeout_s=timeout_s)
         # The in-memory copy is exact only while this client is the sole writer, which local mode guarantees.
         self._matrix: _VectorMatrix | None = None
+        self._search = search
         try:
             self._ensure_collection()
             if self.is_local and local_search == "matrix":
-                self._matrix = _VectorMatrix(dim)
+                self._matrix = _VectorMatrix(dim, search)
                 for ids, vectors, tiers in self._scan_vectors():
                     self._matrix.put(ids, vectors, tiers)
         except BaseException:
@@ -71,7 +74,8 @@ class ExemplarStore:
         self._warn_if_large()
 
     @classmethod
-    def open(cls, cfg: StoreConfig, *, dim: int, data_dir: str | Path) -> ExemplarStore:
+    def open(cls, cfg: StoreConfig, *, dim: int, data_dir: str | Path, search: Search = nearest_neighbors
+             ) -> ExemplarStore:
         """The store the config describes; local folder defaults to `<data_dir>/qdrant`."""
         path = None
         if cfg.url is None:
@@ -85,6 +89,7 @@ class ExemplarStore:
             timeout_s=cfg.timeout_s,
             local_max_points=cfg.local_max_points,
             local_search=cfg.local_search,
+            search=search,
         )
 
     # -- writes ---------------------------------------------------------------------------------------------
@@ -139,7 +144,7 @@ class ExemplarStore:
                     flt = _filter(source=source, tier=tier)
                     self._client.delete(self.collection, models.FilterSelector(filter=flt), wait=True)
             if self._matrix is not None:
-                self._matrix = _VectorMatrix(self.dim)
+                self._matrix = _VectorMatrix(self.dim, self._search)
                 for batch in self._scan_vectors():
                     self._matrix.put(*batch)
             return before - self.count()
@@ -263,7 +268,8 @@ class ExemplarStore:
 class _VectorMatrix:
     """Unit-normalized vectors in one array: exact cosine kNN for a whole batch in one matrix product."""
 
-    def __init__(self, dim: int) -> None:
+    def __init__(self, dim: int, search: Search = nearest_neighbors) -> None:
+        self._search = search
         self._vectors = np.empty((0, dim), dtype=np.float32)
         self._ids: list[str] = []
         self._tiers: list[str] = []
@@ -288,7 +294,7 @@ class _VectorMatrix:
     def query(self, queries: np.ndarray, k: int) -> list[list[Neighbor]]:
         if not self._ids:
             return [[] for _ in queries]
-        sims, idx = nearest_neighbors(_unit(queries), self._vectors, k)
+        sims, idx = self._search(_unit(queries), self._vectors, k)
         return [
             [Neighbor(id=self._ids[j], tier=self._tiers[j], similarity=float(s)) for j, s in zip(row, row_sims)]
             for row, row_sims in zip(idx, sims)

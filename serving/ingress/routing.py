@@ -123,6 +123,10 @@ class Planner:
             return self.local.fallback(item, "no router deployment")
         try:
             return await asyncio.wait_for(self.router.route(item), timeout_s)
-        except Exception as exc:  # the router deployment is down or slow: never a 5xx for that
-            logger.warning("router deployment failed (%s); heuristic fallback", exc)
+        except TimeoutError:  # slow (overloaded): never a 5xx for that
+            logger.warning("router deployment took over ingress.router_timeout_s (%.1f s); heuristic fallback",
+                           timeout_s)
+            return self.local.fallback(item, "router deployment: timed out")
+        except Exception as exc:  # the router deployment is down: never a 5xx for that
+            logger.warning("router deployment failed (%s: %s); heuristic fallback", type(exc).__name__, exc)
             return self.local.fallback(item, f"router deployment: {type(exc).__name__}")

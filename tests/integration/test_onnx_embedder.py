@@ -130,3 +130,24 @@ def test_the_fast_tokenizer_gives_transformers_ids_padding_and_truncation(tmp_pa
         assert got["input_ids"].shape == (4, 64)
         assert np.array_equal(got["input_ids"], expected["input_ids"])
         assert np.array_equal(got["attention_mask"], expected["attention_mask"])
+
+
+def test_the_onnx_search_finds_numpys_neighbours_ties_and_short_stores_included() -> None:
+    from router.knn import nearest_neighbors
+    from router.onnx_embedder import OnnxSearch
+
+    rng = np.random.default_rng(0)
+    exemplars = rng.standard_normal((3000, 384)).astype(np.float32)
+    exemplars[100] = exemplars[7]  # an exact tie: the lower index comes first in both
+    exemplars /= np.linalg.norm(exemplars, axis=1, keepdims=True)
+    queries = np.concatenate([exemplars[[7, 42]], rng.standard_normal((5, 384)).astype(np.float32)])
+    queries /= np.linalg.norm(queries, axis=1, keepdims=True)
+    search = OnnxSearch()
+    for rows, k in ((3000, 10), (4, 10), (0, 10), (3000, 0)):
+        sims, idx = search(queries, exemplars[:rows], k)
+        want_sims, want_idx = nearest_neighbors(queries, exemplars[:rows], k)
+        assert idx.shape == want_idx.shape == (7, min(k, rows))
+        assert np.array_equal(idx, want_idx)
+        assert np.allclose(sims, want_sims, atol=1e-5)
+    _, idx = search(queries[:1], exemplars, 3)
+    assert list(idx[0][:2]) == [7, 100]
