@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import statistics
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -64,9 +65,26 @@ def markdown(report: BenchReport, cost: BenchCost | None = None) -> str:
                 f"{report.median(target, spec, 'itl_p50_ms'):.2f} | {_failed(report, target, spec)} |"
                 + (f" {cost.label(tps) if target != 'plumbing' else '-'} |" if cost else "")
             )
+    lines += decision_lines(report)
     if cost:
         lines += ["", cost_note(report, cost)]
     return "\n".join(lines) + "\n"
+
+
+def decision_lines(report: BenchReport) -> list[str]:
+    """`model="auto"`'s routing decision under each load, apart from the throughput it shares the cores with
+    (medians over rounds of each run's p50 and p99, from the ingress's overhead histogram)."""
+    rows = []
+    for spec in _specs(report):
+        runs = [r.decisions for r in report.runs if r.spec == spec and r.decisions is not None]
+        if runs:
+            load = f"{spec.input_len}/{spec.output_len} tok, c={spec.concurrency}, {'stream' if spec.stream else 'unary'}"
+            rows.append(f"| {load} | {sum(d.count for d in runs)} | {statistics.median(d.p50_ms for d in runs):.1f} | "
+                        f"{statistics.median(d.p99_ms for d in runs):.1f} |")
+    if not rows:
+        return []
+    return ["", 'Routing decision of `model="auto"` (the ingress\'s `tierserve_routing_overhead_seconds`, bucket-'
+            "interpolated):", "", "| load | decisions | p50 ms | p99 ms |", "|---|---|---|---|", *rows]
 
 
 def cost_note(report: BenchReport, cost: BenchCost) -> str:

@@ -31,12 +31,23 @@ class Target:
     extra_body: dict[str, Any] | None = None
 
 
+@dataclass(frozen=True)
+class Decisions:
+    """The routing decisions taken during one `model="auto"` run, from the ingress's own histogram
+    (`tierserve_routing_overhead_seconds`: what `x-tierserve-overhead-ms` reports per request)."""
+
+    count: int
+    p50_ms: float
+    p99_ms: float
+
+
 @dataclass
 class Run:
     target: str
     round: int
     spec: LoadSpec
     result: LoadResult
+    decisions: Decisions | None = None
 
 
 @dataclass
@@ -50,7 +61,9 @@ class BenchReport:
 
     def to_json(self) -> dict[str, Any]:
         return {"tier": self.tier, "runs": [{"target": r.target, "round": r.round, "spec": asdict(r.spec),
-                                             "result": asdict(r.result)} for r in self.runs]}
+                                             "result": asdict(r.result),
+                                             "decisions": asdict(r.decisions) if r.decisions else None}
+                                            for r in self.runs]}
 
 
 def loads_for(concurrency: list[int], modes: list[str], num_prompts: int, input_len: int, output_len: int
@@ -104,10 +117,53 @@ def run_bench(
                             bar.set_postfix_str(f"{target.name} c={spec.concurrency} "
                                                 f"{'stream' if spec.stream else 'unary'}")
                             run_spec = spec if target.extra_body is None else _with_body(spec, target.extra_body)
+                            routed = target.model == "auto"
+                            before = overhead_buckets(url) if routed else {}
                             result = run_load(url, target.model, tokenizer, run_spec)
-                            report.runs.append(Run(target.name, rnd, spec, result))
+                            decisions = decision_figures(before, overhead_buckets(url)) if routed else None
+                            report.runs.append(Run(target.name, rnd, spec, result, decisions))
                             bar.update(1)
     return report
+
+
+_OVERHEAD_BUCKET = "tierserve_routing_overhead_seconds_bucket"
+
+
+def overhead_buckets(url: str) -> dict[float, float]:
+    """The ingress's routing-overhead histogram now: cumulative count per upper bound (s), all routers summed."""
+    import httpx
+    from prometheus_client.parser import text_string_to_metric_families
+
+    buckets: dict[float, float] = {}
+    for family in text_string_to_metric_families(httpx.get(f"{url}/metrics", timeout=10).text):
+        for sample in family.samples:
+            if sample.name == _OVERHEAD_BUCKET:
+                bound = float(sample.labels["le"])
+                buckets[bound] = buckets.get(bound, 0.0) + sample.value
+    return buckets
+
+
+def decision_figures(before: dict[float, float], after: dict[float, float]) -> Decisions | None:
+    """p50/p99 of the decisions between two scrapes, interpolated within buckets as Prometheus's
+    `histogram_quantile` does (None if there were none)."""
+    bounds = sorted(after)
+    counts = [after[b] - before.get(b, 0.0) for b in bounds]
+    total = counts[-1] if counts else 0.0
+    if total <= 0:
+        return None
+
+    def quantile(q: float) -> float:
+        rank, lower, below = q * total, 0.0, 0.0
+        for bound, cumulative in zip(bounds, counts):
+            if cumulative >= rank:
+                if bound == float("inf"):
+                    return lower * 1000  # past the last finite bucket: its bound, as Prometheus reports
+                share = (rank - below) / (cumulative - below) if cumulative > below else 1.0
+                return (lower + (bound - lower) * share) * 1000
+            lower, below = bound, cumulative
+        return lower * 1000
+
+    return Decisions(count=int(total), p50_ms=quantile(0.5), p99_ms=quantile(0.99))
 
 
 def _with_body(spec: LoadSpec, body: dict[str, Any]) -> LoadSpec:

@@ -77,3 +77,17 @@ def test_vllm_benchmark_smoke_on_the_live_stack(base_url: str, stack: dict, stre
     assert result.ttft_p50_ms <= result.e2el_p99_ms
     if stream:  # time per output token and inter-token latency exist only for streams
         assert 0 < result.tpot_p50_ms <= result.tpot_p99_ms and result.itl_p50_ms > 0
+
+
+def test_auto_runs_report_their_routing_decisions_apart(base_url: str, stack: dict, monkeypatch) -> None:
+    """What `tierserve bench --auto` prints beside the throughput: the decisions taken during the run."""
+    from serving.bench.sidebyside import decision_figures, overhead_buckets
+
+    monkeypatch.setenv("OPENAI_API_KEY", API_KEY)
+    tokenizer = str(stack["config"].model_path(stack["config"].tier("small")))
+    before = overhead_buckets(base_url)
+    result = run_load(base_url, "auto", tokenizer, LoadSpec(concurrency=4, num_prompts=8, input_len=16, output_len=8))
+    decisions = decision_figures(before, overhead_buckets(base_url))
+    assert (result.completed, result.failed) == (8, 0)
+    assert decisions is not None and decisions.count == 8 + 4  # the timed requests and one warm-up wave
+    assert 0 < decisions.p50_ms <= decisions.p99_ms < 2000

@@ -1,0 +1,45 @@
+"""The bench's routing-decision figures: quantiles of the ingress's overhead histogram between two scrapes."""
+
+from __future__ import annotations
+
+import pytest
+
+from serving.bench.load import LoadResult, LoadSpec
+from serving.bench.report import markdown
+from serving.bench.sidebyside import BenchReport, Decisions, Run, decision_figures
+
+BOUNDS = (0.005, 0.008, 0.01, 0.05, 0.1, float("inf"))
+
+
+def cumulative(per_bucket: list[int]) -> dict[float, float]:
+    total, out = 0, {}
+    for bound, n in zip(BOUNDS, per_bucket, strict=True):
+        total += n
+        out[bound] = float(total)
+    return out
+
+
+def test_quantiles_interpolate_within_the_bucket_and_ignore_earlier_decisions() -> None:
+    before = cumulative([7, 3, 0, 0, 0, 0])  # decisions before the run must not count
+    after = cumulative([7, 63, 39, 0, 1, 0])  # the run: 60 in (5, 8] ms, 39 in (8, 10], 1 in (50, 100]
+    got = decision_figures(before, after)
+    assert got is not None and got.count == 100
+    assert got.p50_ms == pytest.approx(5 + 3 * 50 / 60)
+    assert got.p99_ms == pytest.approx(10.0)
+
+
+def test_no_decisions_no_figures_and_overflow_reports_the_last_bound() -> None:
+    assert decision_figures(cumulative([1, 0, 0, 0, 0, 0]), cumulative([1, 0, 0, 0, 0, 0])) is None
+    assert decision_figures({}, cumulative([0, 0, 0, 0, 0, 5])).p99_ms == pytest.approx(100.0)
+
+
+def test_the_markdown_lists_the_decisions_per_load() -> None:
+    spec = LoadSpec(concurrency=32)
+    result = LoadResult(output_tok_s=1000, request_s=10, completed=160, failed=0, ttft_p50_ms=50, ttft_p99_ms=90,
+                        tpot_p50_ms=5, tpot_p99_ms=9, itl_p50_ms=5, e2el_p50_ms=400, e2el_p99_ms=600, duration_s=10)
+    report = BenchReport(tier="small", runs=[
+        Run("tierserve", 0, spec, result),
+        Run("tierserve-auto", 0, spec, result, Decisions(count=160, p50_ms=9.5, p99_ms=31.0)),
+    ])
+    table = markdown(report)
+    assert "| 64/64 tok, c=32, stream | 160 | 9.5 | 31.0 |" in table
