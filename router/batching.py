@@ -24,11 +24,14 @@ R = TypeVar("R")
 class AdaptiveBatcher(Generic[T, R]):
     """Calls `fn(items) -> results` (same length, same order) in a worker thread, one batch at a time."""
 
-    def __init__(self, fn: Callable[[list[T]], Sequence[R]], *, max_size: int, wait_s: float = 0.0) -> None:
-        """`wait_s`: extra time a batch waits for company after its first request (0: start at once)."""
+    def __init__(self, fn: Callable[[list[T]], Sequence[R]], *, max_size: int, wait_s: float = 0.0,
+                 expired: Callable[[T], bool] | None = None) -> None:
+        """`wait_s`: extra time a batch waits for company after its first request (0: start at once).
+        `expired`: items its caller has stopped waiting for; they fail with TimeoutError instead of running."""
         if max_size < 1:
             raise ValueError(f"max_size ({max_size}) must be at least 1.")
         self._fn = fn
+        self._expired = expired
         self.max_size = max_size
         self.wait_s = wait_s
         self._queue: asyncio.Queue[tuple[T, asyncio.Future]] | None = None
@@ -61,7 +64,14 @@ class AdaptiveBatcher(Generic[T, R]):
                         break
             while len(batch) < self.max_size and not queue.empty():
                 batch.append(queue.get_nowait())
-            live = [(item, future) for item, future in batch if not future.done()]  # skip cancelled callers
+            live = []
+            for item, future in batch:
+                if future.done():  # a cancelled caller
+                    continue
+                if self._expired is not None and self._expired(item):
+                    future.set_exception(TimeoutError("the caller's deadline passed while it queued"))
+                    continue
+                live.append((item, future))
             if live:
                 await self._call(live)
 

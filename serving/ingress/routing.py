@@ -122,7 +122,8 @@ class Planner:
         if self.router is None:
             return self.local.fallback(item, "no router deployment")
         try:
-            return await asyncio.wait_for(self.router.route(item), timeout_s)
+            return await asyncio.wait_for(self.router.route(replace(item, deadline=time.time() + timeout_s)),
+                                          timeout_s)
         except TimeoutError:  # slow (overloaded): never a 5xx for that
             logger.warning("router deployment took over ingress.router_timeout_s (%.1f s); heuristic fallback",
                            timeout_s)

@@ -88,3 +88,24 @@ def test_wait_gathers_staggered_arrivals():
 def test_max_size_must_be_positive():
     with pytest.raises(ValueError, match=r"max_size \(0\)"):
         AdaptiveBatcher(lambda items: items, max_size=0)
+
+
+def test_items_whose_caller_gave_up_while_queued_are_not_run():
+    """An overloaded router must not embed the backlog its callers already routed without it."""
+    fn = Recorder(first_call_s=0.2)
+    deadlines: dict[int, float] = {}
+    batcher = AdaptiveBatcher(fn, max_size=64, expired=lambda i: time.time() > deadlines[i])
+
+    async def main():
+        deadlines[0] = time.time() + 10
+        first = asyncio.create_task(batcher.submit(0))
+        await asyncio.sleep(0.05)  # the first batch runs for 0.2 s; the next ones queue behind it
+        for i in range(1, 5):
+            deadlines[i] = time.time() + (0.05 if i % 2 else 10)  # odd ones expire while they queue
+        results = await asyncio.gather(*(batcher.submit(i) for i in range(1, 5)), return_exceptions=True)
+        return await first, results
+
+    first, results = asyncio.run(main())
+    assert first == 0 and results[1] == 4 and results[3] == 8
+    assert isinstance(results[0], TimeoutError) and isinstance(results[2], TimeoutError)
+    assert fn.sizes == [1, 2]  # the expired ones never reached the batched function
