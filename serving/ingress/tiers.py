@@ -240,7 +240,10 @@ class TierClient:
     async def _poll_wire(self, tier: str, status: ReplicaStatus) -> None:
         try:
             load = await poll_load(status.address, self.wire_token, local_path=self._local_path(status))
-        except (OSError, TimeoutError) as exc:  # gone (Serve replaces it): stop sending it requests now
+        except TimeoutError:  # busy, not gone: the view it had stands, and ages out if it never answers
+            logger.debug("load poll of %s at %s timed out", tier, status.address)
+            return
+        except OSError as exc:  # gone (Serve replaces it): stop sending it requests now
             logger.debug("load poll of %s at %s failed: %s", tier, status.address, exc)
             self._forget(tier, status.address)
             return
