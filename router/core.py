@@ -19,7 +19,6 @@ import numpy as np
 from router.classifier import DifficultyClassifier
 from router.config import RouterConfig
 from router.embedder import Embedder, RecheckEmbedder, build_embedder, near_boundary
-from router.knn import nearest_neighbors
 from router.exemplars import load_default_exemplars
 from router.decide import Decider
 from router.scorers import ClassifierRouter, KnnRouter, Nearest, Scores
@@ -92,7 +91,7 @@ class Router:
             embedder=embedder,
             store=None,
             open_store=lambda: ExemplarStore.open(cfg.store, dim=embedder.dim, data_dir=data_dir,
-                                                  search=embedder.neighbor_search() or nearest_neighbors),
+                                                  search=embedder.neighbor_search()),
             on_fallback=on_fallback,
             store_retry_s=store_retry_s,
         )

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from router.config import EmbedderConfig
-from router.knn import Search
+from router.knn import Search, nearest_neighbors
 
 logger = logging.getLogger(__name__)
 
@@ -41,9 +41,9 @@ class Embedder(ABC):
     def embed(self, texts: Sequence[str]) -> np.ndarray:
         """Embed `texts`; returns float32 of shape (len(texts), dim) with unit-norm rows."""
 
-    def neighbor_search(self) -> Search | None:
-        """A kNN search that runs where this embedder computes (its thread pool), or None: numpy's."""
-        return None
+    def neighbor_search(self) -> Search:
+        """The kNN search for vectors of this embedder: numpy's, or one that runs on the embedder's own pool."""
+        return nearest_neighbors
 
 
 class RecheckEmbedder(Embedder):
@@ -83,8 +83,8 @@ class RecheckEmbedder(Embedder):
         self.rechecked_texts += len(texts)
         return self.exact.embed(texts)
 
-    def neighbor_search(self) -> Search | None:
-        return self.fast.neighbor_search() or self.exact.neighbor_search()
+    def neighbor_search(self) -> Search:
+        return self.fast.neighbor_search()
 
 
 def near_boundary(scores: np.ndarray, thresholds: Sequence[Sequence[float]], margin: float) -> np.ndarray:

@@ -37,6 +37,7 @@ import numpy as np
 
 from router.embedder import Embedder, FlagEmbedder, near_boundary
 from router.config import KnnConfig
+from router.knn import Search, nearest_neighbors
 from router.scorers import KnnRouter, MatrixIndex
 from router.scoring import tiers_for_scores
 
@@ -134,6 +135,7 @@ class OnnxEmbedder(Embedder):
         self._session = ort.InferenceSession(str(model_file), _session_options(num_threads),
                                              providers=["CPUExecutionProvider"])
         self._tokenize = Tokenizer(tokenizer_dir, max_length)
+        self._search: Search | None = None
         self._batch_size = batch_size
         self.dim = dim
         self.name = name
@@ -147,8 +149,13 @@ class OnnxEmbedder(Embedder):
             out[idx] = self._session.run(None, self._tokenize([texts[i] for i in idx]))[0]
         return out
 
-    def neighbor_search(self) -> OnnxSearch | None:
-        return OnnxSearch() if _pool_threads else None
+    def neighbor_search(self) -> Search:
+        """`OnnxSearch` on the shared pool (one per embedder); numpy's where sessions have pools of their own."""
+        if not _pool_threads:
+            return nearest_neighbors
+        if self._search is None:
+            self._search = OnnxSearch()
+        return self._search
 
 
 class OnnxSearch:
@@ -184,7 +191,7 @@ class OnnxSearch:
             return np.empty((len(queries), k_eff), np.float32), np.empty((len(queries), k_eff), np.int64)
         feeds = {"queries": np.ascontiguousarray(queries, dtype=np.float32),
                  "exemplars": np.ascontiguousarray(exemplars, dtype=np.float32), "k": np.array([k_eff], np.int64)}
-        sims, idx = self._session.run(None, feeds)
+        sims, idx = self._session.run(None, feeds)  # best first, ties by lower index
         return sims, idx
 
 

@@ -47,7 +47,7 @@ class ExemplarStore:
         local_search: Literal["matrix", "qdrant"] = "matrix",
         search: Search = nearest_neighbors,
     ) -> None:
-        """`search`: the in-memory matrix's kNN (the embedder's `neighbor_search()` where it has one)."""
+        """`search`: the in-memory matrix's kNN (the router passes its embedder's `neighbor_search()`)."""
         if (path is None) == (url is None):
             raise ValueError("ExemplarStore needs exactly one of path (embedded Qdrant) or url (Qdrant server).")
         self.collection = collection

@@ -45,7 +45,7 @@ def markdown(report: BenchReport, cost: BenchCost | None = None) -> str:
         "|---|---|---|---|---|---|---|---|---|---|" + ("---|" if cost else ""),
     ]
     for spec in _specs(report):
-        load = f"{spec.input_len}/{spec.output_len} tok, c={spec.concurrency}, {'stream' if spec.stream else 'unary'}"
+        load = _load_label(spec)
         bare_tps = report.median("bare", spec, "output_tok_s")
         bare_tpot = report.median("bare", spec, "tpot_p50_ms")
         bare_ttft = report.median("bare", spec, "ttft_p50_ms")
@@ -73,6 +73,10 @@ def markdown(report: BenchReport, cost: BenchCost | None = None) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _load_label(spec: LoadSpec) -> str:
+    return f"{spec.input_len}/{spec.output_len} tok, c={spec.concurrency}, {'stream' if spec.stream else 'unary'}"
+
+
 def decision_lines(report: BenchReport) -> list[str]:
     """`model="auto"`'s routing decision under each load, apart from the throughput it shares the cores with
     (medians over rounds of each run's p50 and p99, from the ingress's overhead histogram)."""
@@ -80,7 +84,7 @@ def decision_lines(report: BenchReport) -> list[str]:
     for spec in _specs(report):
         runs = [r.decisions for r in report.runs if r.spec == spec and r.decisions is not None]
         if runs:
-            load = f"{spec.input_len}/{spec.output_len} tok, c={spec.concurrency}, {'stream' if spec.stream else 'unary'}"
+            load = _load_label(spec)
             rows.append(f"| {load} | {sum(d.count for d in runs)} | {statistics.median(d.p50_ms for d in runs):.1f} | "
                         f"{statistics.median(d.p99_ms for d in runs):.1f} |")
     if not rows:

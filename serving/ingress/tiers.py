@@ -136,7 +136,7 @@ class TierClient:
         try:
             async for batch in stream.batches():
                 if batch[-1][0] == END:  # the replica's load as this request left it
-                    self._note_load(tier, address, json.loads(batch[-1][1])["load"])
+                    self._note_load(tier, address, EngineLoad(**json.loads(batch[-1][1])["load"]))
                 yield batch
         except ConnectionError:  # the replica died (Serve replaces it): retryable, so 503 with Retry-After
             self._forget(tier, address)
@@ -247,9 +247,7 @@ class TierClient:
             logger.debug("load poll of %s at %s failed: %s", tier, status.address, exc)
             self._forget(tier, status.address)
             return
-        held = self._replicas[tier].get(status.replica_id)
-        if held is not None and load.timestamp >= held[0].load.timestamp:
-            self._replicas[tier][status.replica_id] = (replace(held[0], load=load), time.monotonic())
+        self._note_load(tier, status.address, load, heard=True)
 
     async def _poll(self, tier: str) -> None:
         try:
@@ -261,11 +259,12 @@ class TierClient:
         if held is None or status.load.timestamp >= held[0].load.timestamp:  # a slow reply never wins
             self._replicas[tier][status.replica_id] = (status, time.monotonic())
 
-    def _note_load(self, tier: str, address: str, load: dict) -> None:
-        """A load a replica sent in its END frame: the freshest view of it, without a poll."""
+    def _note_load(self, tier: str, address: str, load: EngineLoad, *, heard: bool = False) -> None:
+        """A replica's load from its END frame or a load poll (`heard`: it answered, so it is alive); an older
+        reading never replaces a newer one."""
         for replica_id, (status, seen) in self._replicas[tier].items():
-            if status.address == address and load["timestamp"] >= status.load.timestamp:
-                self._replicas[tier][replica_id] = (replace(status, load=EngineLoad(**load)), seen)
+            if status.address == address and load.timestamp >= status.load.timestamp:
+                self._replicas[tier][replica_id] = (replace(status, load=load), time.monotonic() if heard else seen)
 
     def loads(self, max_age_s: float = 5.0) -> dict[str, EngineLoad]:
         """Per tier, its replicas' loads reported within max_age_s, combined (tiers with none omitted)."""
