@@ -1,19 +1,25 @@
-"""ONNX Runtime copies of the embedder (fp32, or int8 attention weights): the only module that imports onnxruntime.
+"""ONNX Runtime copies of the embedder (fp32, or int8 attention weights): run, checked against torch, cached.
+
+onnxruntime is imported here and, for the one-time export and quantisation, in `router.onnx_export`.
 
 Why: on a CPU router the MiniLM forward pass is most of the routing decision (10.6 ms p50 for one query on
-this machine, idle); ONNX Runtime runs the same graph in 7.3 ms (fp32, vectors equal to torch's) or
-4.7 ms (int8 attention weights; at load average ~1: 7.1-10 ms against fp32's 8.6-11.5). How, so it is the same model:
-- export with torch's dynamo exporter (`torch.onnx.export(dynamo=True)`; the legacy tracer produced wrong
-  activations for this transformers version), pooling and L2-normalisation inside the graph;
-- dynamic int8 quantisation, per output channel, of the attention projections (the square weight
-  matrices); the feed-forward matrices stay fp32 (quantising them too gives 3.3 ms instead of 4.7 ms but
-  minimum cosine 0.979-0.986, below `MIN_COSINE`, and a re-check band over 40% of the shipped exemplars:
-  measured, rejected);
+this machine, idle, in torch). ONNX Runtime runs the same model in 4.3-5 ms with fused transformer ops (fp32,
+vectors equal to torch's; the unfused graph of torch's dynamo exporter took 5-5.7 ms, measured side by side).
+How, so it is the same model:
+- trace with eager attention (torch's legacy exporter), pooling and L2-normalisation inside the graph, and let
+  ONNX Runtime's transformer optimizer fuse each layer (`Attention`, `SkipLayerNormalization`, `BiasGelu`:
+  73 nodes instead of 300); a trace that does not give torch's vectors on the export sample is replaced by
+  the dynamo exporter's unfused graph;
+- dynamic int8 quantisation, per output channel, of the attention projections (the fused QKV product and
+  the square output weights); the feed-forward matrices stay fp32 (quantising them too is 1.7x faster but
+  gives minimum cosine 0.979-0.986, below `MIN_COSINE`, and a re-check band over half of the shipped
+  exemplars; quantising only the feed-forward layers that hurt least still flips clear decisions and needs
+  a band over a third of them: measured, rejected);
 - accepted only if, on the shipped exemplars, every vector has cosine >= `MIN_COSINE` with torch's and a
   leave-one-out kNN over them (the router's own scoring: k=10, similarity weights, boundary 0.5; queries
   embedded by the candidate, exemplars by torch, as the store holds exact vectors) makes the same decisions.
   fp32 must not flip any decision whose torch score is not a near-tie (within `TIE_MARGIN` of the
-  boundary). int8 alone does flip some (score errors up to ~0.1), so it serves only with a re-check
+  boundary). int8 alone does flip some (score errors up to ~0.16), so it serves only with a re-check
   (`router.embedder.RecheckEmbedder`): texts whose int8 score is within a margin of a boundary are
   re-embedded exactly. The margin is `RECHECK_FACTOR` x the largest int8 score error on the probe (at least
   `RECHECK_FLOOR`); the check then requires zero flipped decisions with the re-check, and at most
@@ -24,7 +30,6 @@ this machine, idle); ONNX Runtime runs the same graph in 7.3 ms (fp32, vectors e
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import threading
@@ -35,8 +40,8 @@ from typing import Any
 
 import numpy as np
 
-from router.embedder import Embedder, FlagEmbedder, near_boundary
 from router.config import KnnConfig
+from router.embedder import Embedder, FlagEmbedder, near_boundary
 from router.knn import Search, nearest_neighbors
 from router.scorers import KnnRouter, MatrixIndex
 from router.scoring import tiers_for_scores
@@ -132,7 +137,7 @@ class OnnxEmbedder(Embedder):
                  batch_size: int, dim: int, name: str) -> None:
         import onnxruntime as ort
 
-        self._session = ort.InferenceSession(str(model_file), _session_options(num_threads),
+        self._session = ort.InferenceSession(str(model_file), session_options(num_threads),
                                              providers=["CPUExecutionProvider"])
         self._tokenize = Tokenizer(tokenizer_dir, max_length)
         self._search: Search | None = None
@@ -182,7 +187,7 @@ class OnnxSearch:
              helper.make_tensor_value_info("top_idx", TensorProto.INT64, ["n", "kk"])],
         )
         model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
-        self._session = ort.InferenceSession(model.SerializeToString(), _session_options(_pool_threads or 1),
+        self._session = ort.InferenceSession(model.SerializeToString(), session_options(_pool_threads or 1),
                                              providers=["CPUExecutionProvider"])
 
     def __call__(self, queries: np.ndarray, exemplars: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -199,7 +204,7 @@ _pool_threads: int | None = None
 """Threads of this process's one ONNX Runtime pool (None: not created yet, or per-session pools)."""
 
 
-def _session_options(num_threads: int) -> Any:
+def session_options(num_threads: int) -> Any:
     """Sessions share one process-wide ONNX Runtime thread pool of `num_threads`.
 
     With a pool per session, the int8 copy's pool threads kept spinning while the exact copy re-checked a
@@ -227,65 +232,6 @@ def _session_options(num_threads: int) -> Any:
         options.intra_op_num_threads = num_threads
         options.inter_op_num_threads = 1
     return options
-
-
-def fingerprint(model_dir: Path, pooling: str, max_length: int) -> str:
-    h = hashlib.sha256(f"{pooling}:{max_length}".encode())
-    for f in sorted(model_dir.iterdir()):
-        if f.is_file():
-            h.update(f.name.encode() + str(f.stat().st_size).encode())
-    h.update((model_dir / "config.json").read_bytes())
-    return h.hexdigest()[:16]
-
-
-def export(torch_embedder: FlagEmbedder, out_dir: Path) -> tuple[Path, Path]:
-    """Export `torch_embedder`'s model to ONNX (dynamo exporter) and an int8 copy; returns (fp32, int8)."""
-    import onnx
-    import torch
-    from onnxruntime.quantization import QuantType, quantize_dynamic
-
-    out_dir.mkdir(parents=True, exist_ok=True)
-    encoder = torch_embedder.encoder()
-    pooling = torch_embedder.pooling
-
-    class Dense(torch.nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.encoder = encoder
-
-        def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-            hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-            if pooling == "cls":
-                vec = hidden[:, 0]
-            else:
-                mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
-                vec = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
-            return torch.nn.functional.normalize(vec, dim=-1)
-
-    sample = torch_embedder.tokenize(["a probe sentence for the export", "short"])
-    batch, seq = torch.export.Dim("batch"), torch.export.Dim("seq")
-    fp32 = out_dir / "model-fp32.onnx"
-    program = torch.onnx.export(
-        Dense().eval(), (sample["input_ids"], sample["attention_mask"]), dynamo=True,
-        input_names=["input_ids", "attention_mask"], output_names=["dense_vec"],
-        dynamic_shapes={"input_ids": {0: batch, 1: seq}, "attention_mask": {0: batch, 1: seq}},
-    )
-    program.save(str(fp32))
-    model = onnx.load(str(fp32))
-    weights = {i.name: tuple(i.dims) for i in model.graph.initializer}
-    keep_fp32 = []
-    for node in model.graph.node:
-        if node.op_type != "MatMul":
-            continue
-        shapes = [weights[i] for i in node.input if i in weights]
-        # Quantise only the attention projections (square weights); activation x activation products and
-        # the feed-forward matrices stay fp32.
-        if not shapes or len(shapes[0]) != 2 or shapes[0][0] != shapes[0][1]:
-            keep_fp32.append(node.name)
-    int8 = out_dir / "model-int8.onnx"
-    quantize_dynamic(str(fp32), str(int8), per_channel=True, weight_type=QuantType.QInt8,
-                     nodes_to_exclude=keep_fp32)
-    return fp32, int8
 
 
 def compare(reference: Embedder, candidate: Embedder, texts: Sequence[str], difficulty: Sequence[float], *,
@@ -335,6 +281,9 @@ def load_or_export(torch_embedder: FlagEmbedder, model_dir: Path, cache_dir: Pat
     """The ONNX embedder (`precision` fp32 or int8; exported and checked once per source model), or None
     if it failed its check against torch. With `recheck_with` the check derives and tests a re-check band
     (`OnnxCheck.recheck_margin`) for serving it behind that exact embedder."""
+    # torch's and ONNX Runtime's exporters load only where a model is exported
+    from router.onnx_export import export, fingerprint
+
     source = fingerprint(model_dir, torch_embedder.pooling, max_length)
     folder = cache_dir / f"{model_dir.name}-{source}"
     check_file = folder / f"check-{precision}.json"
@@ -342,7 +291,7 @@ def load_or_export(torch_embedder: FlagEmbedder, model_dir: Path, cache_dir: Pat
     check = None
     if not model_file.is_file():
         logger.info("exporting %s to ONNX in %s (once per model)", model_dir, folder)
-        export(torch_embedder, folder)
+        export(torch_embedder, folder, num_threads=num_threads)
     elif check_file.is_file():
         check = _cached_check(check_file, recheck=recheck_with is not None)
     embedder = OnnxEmbedder(model_file, model_dir, max_length=max_length, num_threads=num_threads,

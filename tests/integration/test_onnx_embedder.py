@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from router import onnx_embedder
+from router import onnx_embedder, onnx_export
 from router.config import EmbedderConfig, RouterConfig
 from router.core import Router
 from router.embedder import FlagEmbedder, RecheckEmbedder, build_embedder
@@ -151,3 +151,64 @@ def test_the_onnx_search_finds_numpys_neighbours_ties_and_short_stores_included(
         assert np.allclose(sims, want_sims, atol=1e-5)
     _, idx = search(queries[:1], exemplars, 3)
     assert list(idx[0][:2]) == [7, 100]
+
+
+def _graph_ops(model_file: Path) -> dict[str, int]:
+    import onnx
+
+    ops: dict[str, int] = {}
+    for node in onnx.load(str(model_file)).graph.node:
+        ops[node.op_type] = ops.get(node.op_type, 0) + 1
+    return ops
+
+
+def test_the_export_fuses_each_layer_and_int8_quantises_only_attention(cache: Path) -> None:
+    (folder,) = (cache / "onnx").iterdir()
+    fp32 = _graph_ops(folder / "model-fp32.onnx")
+    # MiniLM has 6 layers: one fused Attention (packed QKV), two skip layer norms and one BiasGelu each.
+    assert fp32.get("Attention") == 6 and fp32.get("SkipLayerNormalization") == 12 and fp32.get("BiasGelu") == 6
+    assert sum(fp32.values()) < 100  # the unfused dynamo graph has 300 nodes
+    int8 = _graph_ops(folder / "model-int8.onnx")
+    assert int8.get("QAttention") == 6 and "Attention" not in int8
+    assert int8.get("MatMulInteger") == 6  # the square output projections; feed-forward MatMuls stay fp32
+    assert int8.get("MatMul") == fp32["MatMul"] - 6
+
+
+def test_the_bge_m3_layout_exports_fused_with_torchs_vectors(tmp_path: Path) -> None:
+    """XLM-R (CLS pooling, its own position ids): the fused graph gives the torch model's vectors, batched and
+    padded, and exporting leaves the torch model's attention as it was."""
+    import onnxruntime as ort
+
+    from tests.integration.test_bge_m3 import CORPUS, make_tiny_bge_m3
+
+    torch_embedder = build_embedder(EmbedderConfig(kind="bge-m3", model_path=str(make_tiny_bge_m3(tmp_path / "m3")),
+                                                   max_length=120))
+    texts = [*CORPUS[:5], "a longer text that pads the others " * 3]
+    before = torch_embedder.embed(texts)
+    attention = torch_embedder.encoder().config._attn_implementation
+    fp32, _ = onnx_export.export(torch_embedder, tmp_path / "onnx")
+    assert _graph_ops(fp32).get("Attention") == 2
+    session = ort.InferenceSession(str(fp32), onnx_embedder.session_options(1), providers=["CPUExecutionProvider"])
+    inputs = torch_embedder.tokenize(texts)
+    got = session.run(None, {name: inputs[name].numpy() for name in ("input_ids", "attention_mask")})[0]
+    assert np.min(np.sum(got * before, axis=1)) > 0.9999
+    assert torch_embedder.encoder().config._attn_implementation == attention  # traced with eager, then restored
+    assert np.array_equal(torch_embedder.embed(texts), before)
+
+
+def test_a_trace_that_fails_falls_back_to_the_unfused_dynamo_graph(tmp_path: Path, monkeypatch) -> None:
+    from tests.integration.test_bge_m3 import CORPUS, make_tiny_bge_m3
+
+    torch_embedder = build_embedder(EmbedderConfig(kind="bge-m3", model_path=str(make_tiny_bge_m3(tmp_path / "m3")),
+                                                   max_length=120))
+
+    def broken_trace(*args, **kwargs) -> None:
+        raise RuntimeError("this transformers version cannot be traced")
+
+    monkeypatch.setattr(onnx_export, "_trace_eager", broken_trace)
+    fp32, _ = onnx_export.export(torch_embedder, tmp_path / "onnx")
+    assert "Attention" not in _graph_ops(fp32)
+    embedder = OnnxEmbedder(fp32, tmp_path / "m3", max_length=120, num_threads=1, batch_size=8,
+                            dim=torch_embedder.dim, name="m3")
+    texts = CORPUS[:5]
+    assert np.min(np.sum(embedder.embed(texts) * torch_embedder.embed(texts), axis=1)) > 0.9999
