@@ -36,6 +36,23 @@ class AdaptiveBatcher(Generic[T, R]):
         self.wait_s = wait_s
         self._queue: asyncio.Queue[tuple[T, asyncio.Future]] | None = None
         self._worker: asyncio.Task | None = None
+        self._item_s: float | None = None
+        """Recent seconds per item of a batch (moving average; the first batch, which warms up, is not counted)."""
+        self._batches = 0
+        self._running: tuple[int, float] | None = None
+        """Items in the batch that is running, and when it started (monotonic)."""
+
+    def expected_wait_s(self) -> float:
+        """How long an item submitted now would likely take to finish: what is left of the running batch, plus
+        everything queued before it and itself, at the recent time per item. 0 until a batch has been timed."""
+        if self._item_s is None:
+            return 0.0
+        queued = self._queue.qsize() if self._queue is not None else 0
+        left = 0.0
+        if self._running is not None:
+            items, started = self._running
+            left = max(0.0, items * self._item_s - (time.monotonic() - started))
+        return left + (queued + 1) * self._item_s
 
     async def submit(self, item: T) -> R:
         """The result for `item`; raises what `fn` raised for its batch."""
@@ -76,6 +93,8 @@ class AdaptiveBatcher(Generic[T, R]):
                 await self._call(live)
 
     async def _call(self, batch: list[tuple[T, asyncio.Future]]) -> None:
+        started = time.monotonic()
+        self._running = (len(batch), started)
         try:
             results = await asyncio.to_thread(self._fn, [item for item, _ in batch])
             if len(results) != len(batch):
@@ -86,6 +105,16 @@ class AdaptiveBatcher(Generic[T, R]):
                 if not future.done():
                     future.set_exception(exc)
             return
+        finally:
+            self._running = None
+        self._time(len(batch), time.monotonic() - started)
         for (_, future), result in zip(batch, results):
             if not future.done():
                 future.set_result(result)
+
+    def _time(self, items: int, seconds: float) -> None:
+        self._batches += 1
+        if self._batches == 1:
+            return
+        per_item = seconds / items
+        self._item_s = per_item if self._item_s is None else 0.8 * self._item_s + 0.2 * per_item

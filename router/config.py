@@ -213,6 +213,11 @@ class RouterConfig(StrictModel):
     batch_wait_timeout_s: float = Field(default=0.0, ge=0.0, le=1.0)
     """Extra time a batch waits for company after its first request. 0: a batch starts as soon as the
     previous one finishes, with everything that queued meanwhile (no added latency when idle)."""
+    max_queue_wait_s: float | None = Field(default=0.25, gt=0.0, le=60.0)
+    """A request the router would likely take longer than this to decide (the decisions queued before it, at
+    the recent time per decision) gets the heuristic's decision at once, reason `router busy`, instead of
+    queueing: under overload `auto` keeps its latency and loses only routing quality. null: queue up to the
+    ingress's `router_timeout_s`."""
     placement: Literal["deployment", "ingress"] = "deployment"
     """`deployment`: the router is its own Ray Serve deployment (scales apart from the ingress; one Ray hop
     per decision, ~5 ms here). `ingress`: every ingress replica runs the router in its own process (no hop;

@@ -29,8 +29,9 @@ from router.types import Exemplar, Neighbor, RouteDecision, RouteInput, RouterKi
 
 logger = logging.getLogger(__name__)
 
-FallbackCause = Literal["embedder", "store", "store_unavailable", "no_exemplars", "classifier"]
-"""Why kNN could not decide: the embedder raised, the store query raised, no store is open, or it is empty."""
+FallbackCause = Literal["embedder", "store", "store_unavailable", "no_exemplars", "classifier", "busy"]
+"""Why kNN could not decide: the embedder raised, the store query raised, no store is open, it is empty, the
+classifier failed, or the router was too busy to decide in time (`RouterConfig.max_queue_wait_s`)."""
 
 
 class Router:
@@ -114,6 +115,12 @@ class Router:
     ) -> list[RouteDecision]:
         """Decide a tier for each text with the same knobs (see `route_inputs` for per-text knobs)."""
         return self.route_inputs([RouteInput(text=t, threshold=threshold, router=router) for t in texts])
+
+    def busy(self, item: RouteInput, expected_wait_s: float) -> RouteDecision:
+        """The heuristic's decision for a request the router would take `expected_wait_s` to decide."""
+        self._count_fallback("busy")
+        decision = self.decider.fallback(item, "router busy")  # the reason's first part is a metric label
+        return replace(decision, reason=f"{decision.reason}; ~{expected_wait_s:.2f} s of decisions were queued")
 
     def route_inputs(self, inputs: Sequence[RouteInput]) -> list[RouteDecision]:
         """Decide a tier for each input: one scoring pass per router kind (one embedding pass and one kNN

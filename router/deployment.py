@@ -47,12 +47,18 @@ class RouterDeployment:
             # measured, without this the backlog kept the router busy into the next load (a 2.1 s p99 at c=1).
             expired=lambda item: item.deadline is not None and time.time() > item.deadline,
         )
+        self._max_queue_wait_s = router_config.max_queue_wait_s
         self._admin_lock = asyncio.Lock()
 
     async def route(self, request: RouteInput) -> RouteDecision:
-        """The decision for one request; `overhead_ms` covers the wait for its batch and the batch itself."""
+        """The decision for one request; `overhead_ms` covers the wait for its batch and the batch itself.
+        One the router would likely take over `max_queue_wait_s` to decide gets the heuristic's at once."""
         start = time.perf_counter()
-        decision = await self._batcher.submit(request)
+        expected_s = self._batcher.expected_wait_s()
+        if self._max_queue_wait_s is not None and expected_s > self._max_queue_wait_s:
+            decision = self._router.busy(request, expected_s)
+        else:
+            decision = await self._batcher.submit(request)
         return replace(decision, overhead_ms=(time.perf_counter() - start) * 1000)
 
     async def add_exemplars(self, exemplars: Sequence[Exemplar]) -> int:

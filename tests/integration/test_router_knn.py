@@ -248,3 +248,35 @@ def test_embedder_change_is_refused_and_releases_the_folder(tmp_path, embedder):
     with pytest.raises(StoreError, match=r"holds 384-d vectors but the embedder makes 1024-d"):
         ExemplarStore(collection="c", dim=1024, path=tmp_path / "q")
     ExemplarStore(collection="c", dim=embedder.dim, path=tmp_path / "q").close()  # not left locked
+
+
+def test_a_busy_router_answers_the_overflow_with_the_heuristic_at_once(tmp_path, embedder):
+    """A burst beyond `max_queue_wait_s` of work: the first requests are embedded, the rest get the
+    heuristic's decision without queueing; every request is answered and the busy ones are counted."""
+    import asyncio
+
+    from router.deployment import RouterDeployment
+    from router.types import RouteInput
+
+    causes = []
+    deployment = RouterDeployment(RouterConfig(max_queue_wait_s=0.05, batch_max_size=8), TIERS, str(tmp_path),
+                                  embedder=embedder, on_fallback=causes.append)
+    texts = (NEAR_SMALL + NEAR_LARGE) * 8
+
+    async def burst():
+        for text in NEAR_SMALL[:2]:  # time a batch (the first one warms up and is not counted)
+            await deployment.route(RouteInput(text))
+        return await asyncio.gather(*(deployment.route(RouteInput(t)) for t in texts))
+
+    try:
+        decisions = asyncio.run(burst())
+    finally:
+        deployment.close()
+    busy = [d for d in decisions if d.fallback]
+    embedded = [d for d in decisions if not d.fallback]
+    assert len(decisions) == len(texts)
+    assert busy and embedded and all(d.router == "knn" for d in embedded)
+    assert all(d.router == "heuristic" and "router busy" in d.reason for d in busy)
+    assert causes == ["busy"] * len(busy)
+    # The busy ones did not queue behind the embeddings.
+    assert max(d.overhead_ms for d in busy) < min(d.overhead_ms for d in embedded if d.batch_size > 1)

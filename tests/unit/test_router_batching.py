@@ -109,3 +109,35 @@ def test_items_whose_caller_gave_up_while_queued_are_not_run():
     assert first == 0 and results[1] == 4 and results[3] == 8
     assert isinstance(results[0], TimeoutError) and isinstance(results[2], TimeoutError)
     assert fn.sizes == [1, 2]  # the expired ones never reached the batched function
+
+
+class Timed:
+    """A batched function that takes `item_s` per item."""
+
+    def __init__(self, item_s: float) -> None:
+        self.item_s = item_s
+
+    def __call__(self, items: list[int]) -> list[int]:
+        time.sleep(self.item_s * len(items))
+        return items
+
+
+def test_expected_wait_counts_the_running_batch_and_the_queue_at_the_recent_time_per_item():
+    batcher = AdaptiveBatcher(Timed(0.02), max_size=4)
+
+    async def main():
+        assert batcher.expected_wait_s() == 0.0  # nothing timed yet
+        await batcher.submit(0)  # the first batch warms up and is not timed
+        assert batcher.expected_wait_s() == 0.0
+        await batcher.submit(1)
+        idle = batcher.expected_wait_s()  # one item's time: itself
+        tasks = [asyncio.create_task(batcher.submit(i)) for i in range(10)]
+        await asyncio.sleep(0.005)  # a batch of 4 runs (~80 ms); 6 queue behind it
+        busy = batcher.expected_wait_s()
+        await asyncio.gather(*tasks)
+        return idle, busy
+
+    idle, busy = asyncio.run(main())
+    assert 0.015 < idle < 0.06
+    # ~75 ms left of the running batch, then 6 queued and the new one at ~20 ms each: ~0.2 s
+    assert 0.12 < busy < 0.35
