@@ -46,7 +46,7 @@ class Metrics:
             labelnames=("router",), buckets=_OVERHEAD_BUCKETS, registry=r,
         )
         self.router_fallbacks = Counter(
-            "tierserve_router_fallbacks_total", "Requests routed by the heuristic because the router failed.",
+            "tierserve_router_fallbacks_total", "Requests routed by the heuristic because the router failed or was too busy.",
             labelnames=("reason",), registry=r,
         )
         self.escalations = Counter(

@@ -85,12 +85,17 @@ def decision_lines(report: BenchReport) -> list[str]:
         runs = [r.decisions for r in report.runs if r.spec == spec and r.decisions is not None]
         if runs:
             load = _load_label(spec)
-            rows.append(f"| {load} | {sum(d.count for d in runs)} | {statistics.median(d.p50_ms for d in runs):.1f} | "
-                        f"{statistics.median(d.p99_ms for d in runs):.1f} |")
+            by_knn = sum(d.by_router.get("knn", 0) for d in runs)
+            counted = sum(sum(d.by_router.values()) for d in runs)
+            share = f"{100 * by_knn / counted:.0f}%" if counted else "n/a"
+            rows.append(f"| {load} | {sum(d.count for d in runs)} | {share} | "
+                        f"{statistics.median(d.p50_ms for d in runs):.1f} | {statistics.median(d.p99_ms for d in runs):.1f} |")
     if not rows:
         return []
     return ["", 'Routing decision of `model="auto"` (the ingress\'s `tierserve_routing_overhead_seconds`, bucket-'
-            "interpolated):", "", "| load | decisions | p50 ms | p99 ms |", "|---|---|---|---|", *rows]
+            "interpolated; by kNN: the rest fell back to the heuristic, e.g. `router busy` past "
+            "`router.max_queue_wait_s`):", "", "| load | decisions | by kNN | p50 ms | p99 ms |", "|---|---|---|---|---|",
+            *rows]
 
 
 def cost_note(report: BenchReport, cost: BenchCost) -> str:

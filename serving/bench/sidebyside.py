@@ -39,6 +39,8 @@ class Decisions:
     count: int
     p50_ms: float
     p99_ms: float
+    by_router: dict[str, int] = field(default_factory=dict)
+    """How many each router decided: `knn`, or `heuristic` where it fell back (a busy router, a timeout)."""
 
 
 @dataclass
@@ -118,15 +120,19 @@ def run_bench(
                                                 f"{'stream' if spec.stream else 'unary'}")
                             run_spec = spec if target.extra_body is None else _with_body(spec, target.extra_body)
                             routed = target.model == "auto"
-                            before = overhead_buckets(url) if routed else {}
+                            before = (overhead_buckets(url), decision_counts(url)) if routed else None
                             result = run_load(url, target.model, tokenizer, run_spec)
-                            decisions = decision_figures(before, overhead_buckets(url)) if routed else None
+                            decisions = None
+                            if before is not None:
+                                decisions = decision_figures(before[0], overhead_buckets(url),
+                                                             before[1], decision_counts(url))
                             report.runs.append(Run(target.name, rnd, spec, result, decisions))
                             bar.update(1)
     return report
 
 
 _OVERHEAD_BUCKET = "tierserve_routing_overhead_seconds_bucket"
+_OVERHEAD_COUNT = "tierserve_routing_overhead_seconds_count"
 
 
 def overhead_buckets(url: str) -> dict[float, float]:
@@ -143,9 +149,25 @@ def overhead_buckets(url: str) -> dict[float, float]:
     return buckets
 
 
-def decision_figures(before: dict[float, float], after: dict[float, float]) -> Decisions | None:
+def decision_counts(url: str) -> dict[str, float]:
+    """Routing decisions so far per router that took them (the overhead histogram's count per `router`)."""
+    import httpx
+    from prometheus_client.parser import text_string_to_metric_families
+
+    counts: dict[str, float] = {}
+    for family in text_string_to_metric_families(httpx.get(f"{url}/metrics", timeout=10).text):
+        for sample in family.samples:
+            if sample.name == _OVERHEAD_COUNT:
+                router = sample.labels.get("router", "")
+                counts[router] = counts.get(router, 0.0) + sample.value
+    return counts
+
+
+def decision_figures(before: dict[float, float], after: dict[float, float],
+                     counts_before: dict[str, float] | None = None,
+                     counts_after: dict[str, float] | None = None) -> Decisions | None:
     """p50/p99 of the decisions between two scrapes, interpolated within buckets as Prometheus's
-    `histogram_quantile` does (None if there were none)."""
+    `histogram_quantile` does (None if there were none); with the counts per router, who decided them."""
     bounds = sorted(after)
     counts = [after[b] - before.get(b, 0.0) for b in bounds]
     total = counts[-1] if counts else 0.0
@@ -163,7 +185,10 @@ def decision_figures(before: dict[float, float], after: dict[float, float]) -> D
             lower, below = bound, cumulative
         return lower * 1000
 
-    return Decisions(count=int(total), p50_ms=quantile(0.5), p99_ms=quantile(0.99))
+    by_router = {router: int(n - (counts_before or {}).get(router, 0.0))
+                 for router, n in sorted((counts_after or {}).items())}
+    return Decisions(count=int(total), p50_ms=quantile(0.5), p99_ms=quantile(0.99),
+                     by_router={router: n for router, n in by_router.items() if n > 0})
 
 
 def _with_body(spec: LoadSpec, body: dict[str, Any]) -> LoadSpec:

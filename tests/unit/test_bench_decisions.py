@@ -39,7 +39,14 @@ def test_the_markdown_lists_the_decisions_per_load() -> None:
                         tpot_p50_ms=5, tpot_p99_ms=9, itl_p50_ms=5, e2el_p50_ms=400, e2el_p99_ms=600, duration_s=10)
     report = BenchReport(tier="small", runs=[
         Run("tierserve", 0, spec, result),
-        Run("tierserve-auto", 0, spec, result, Decisions(count=160, p50_ms=9.5, p99_ms=31.0)),
+        Run("tierserve-auto", 0, spec, result,
+            Decisions(count=160, p50_ms=9.5, p99_ms=31.0, by_router={"knn": 120, "heuristic": 40})),
     ])
     table = markdown(report)
-    assert "| 64/64 tok, c=32, stream | 160 | 9.5 | 31.0 |" in table
+    assert "| 64/64 tok, c=32, stream | 160 | 75% | 9.5 | 31.0 |" in table
+
+
+def test_decisions_count_who_decided_during_the_run_only() -> None:
+    got = decision_figures(cumulative([0, 0, 0, 0, 0, 0]), cumulative([0, 60, 30, 0, 10, 0]),
+                           {"knn": 50.0, "heuristic": 3.0}, {"knn": 130.0, "heuristic": 23.0, "session": 0.0})
+    assert got.by_router == {"heuristic": 20, "knn": 80}
