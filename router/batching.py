@@ -36,23 +36,27 @@ class AdaptiveBatcher(Generic[T, R]):
         self.wait_s = wait_s
         self._queue: asyncio.Queue[tuple[T, asyncio.Future]] | None = None
         self._worker: asyncio.Task | None = None
-        self._item_s: float | None = None
-        """Recent seconds per item of a batch (moving average; the first batch, which warms up, is not counted)."""
+        self.cost = BatchCost()
+        """Recent seconds per batch by its size (the first batch, which warms up, is not counted)."""
         self._batches = 0
+        self._gathering = 0
+        """Items taken off the queue for the next batch that has not started yet (while `wait_s` gathers)."""
         self._running: tuple[int, float] | None = None
         """Items in the batch that is running, and when it started (monotonic)."""
 
     def expected_wait_s(self) -> float:
-        """How long an item submitted now would likely take to finish: what is left of the running batch, plus
-        everything queued before it and itself, at the recent time per item. 0 until a batch has been timed."""
-        if self._item_s is None:
+        """How long an item submitted now would likely take to finish: what is left of the running batch, then
+        the batches (of up to `max_size`) that everything queued before it and itself will form, at the recent
+        cost per batch. 0 until a batch has been timed."""
+        if not self.cost.known:
             return 0.0
-        queued = self._queue.qsize() if self._queue is not None else 0
+        ahead = (self._queue.qsize() if self._queue is not None else 0) + self._gathering + 1
         left = 0.0
         if self._running is not None:
             items, started = self._running
-            left = max(0.0, items * self._item_s - (time.monotonic() - started))
-        return left + (queued + 1) * self._item_s
+            left = max(0.0, self.cost.seconds(items) - (time.monotonic() - started))
+        full, rest = divmod(ahead, self.max_size)
+        return left + full * self.cost.seconds(self.max_size) + (self.cost.seconds(rest) if rest else 0.0)
 
     async def submit(self, item: T) -> R:
         """The result for `item`; raises what `fn` raised for its batch."""
@@ -72,15 +76,18 @@ class AdaptiveBatcher(Generic[T, R]):
         queue = self._queue
         while True:
             batch = [await queue.get()]
+            self._gathering = 1
             if self.wait_s > 0:
                 deadline = time.monotonic() + self.wait_s
                 while len(batch) < self.max_size and (remaining := deadline - time.monotonic()) > 0:
                     try:
                         batch.append(await asyncio.wait_for(queue.get(), remaining))
+                        self._gathering = len(batch)
                     except TimeoutError:
                         break
             while len(batch) < self.max_size and not queue.empty():
                 batch.append(queue.get_nowait())
+            self._gathering = 0
             live = []
             for item, future in batch:
                 if future.done():  # a cancelled caller
@@ -114,7 +121,40 @@ class AdaptiveBatcher(Generic[T, R]):
 
     def _time(self, items: int, seconds: float) -> None:
         self._batches += 1
-        if self._batches == 1:
-            return
-        per_item = seconds / items
-        self._item_s = per_item if self._item_s is None else 0.8 * self._item_s + 0.2 * per_item
+        if self._batches > 1:
+            self.cost.add(items, seconds)
+
+
+class BatchCost:
+    """Seconds a batch of n items takes, `fixed + per_item * n`, fitted to recent batches (least squares with
+    exponential forgetting). An embedding batch on a CPU costs about n times one item; on a GPU most of it is
+    fixed. Until batches of different sizes have been seen, the cost is taken as proportional to n (on the
+    safe side: a burst after single requests looks dearer than it is, until its own batches are timed)."""
+
+    def __init__(self, decay: float = 0.9) -> None:
+        self._decay = decay
+        self._w = self._n = self._t = self._nn = self._nt = 0.0
+
+    @property
+    def known(self) -> bool:
+        return self._w > 0
+
+    def add(self, items: int, seconds: float) -> None:
+        d = self._decay
+        self._w = d * self._w + 1
+        self._n = d * self._n + items
+        self._t = d * self._t + seconds
+        self._nn = d * self._nn + items * items
+        self._nt = d * self._nt + items * seconds
+
+    def seconds(self, items: int) -> float:
+        """Expected seconds for a batch of `items` (0 before any batch was timed)."""
+        if not self.known:
+            return 0.0
+        mean_n, mean_t = self._n / self._w, self._t / self._w
+        spread = self._nn / self._w - mean_n * mean_n
+        if spread < 0.25:  # (nearly) one batch size so far: proportional
+            return mean_t / mean_n * items
+        per_item = max(0.0, (self._nt / self._w - mean_n * mean_t) / spread)
+        fixed = max(0.0, mean_t - per_item * mean_n)
+        return fixed + per_item * items

@@ -1,7 +1,9 @@
 """`Router`: embedder + exemplar store + scoring + heuristic -> one `RouteDecision` per text.
 
-Routing never raises: when the embedder or the store fails (or the store is empty), the heuristic decides and
-the decision says `fallback=True`; every fallback is logged and counted (`fallbacks`, `on_fallback`).
+Routing never raises: when the embedder or the store fails (or the store is empty), or the router is too busy
+to decide in time (`busy`), the heuristic decides and the decision says `fallback=True`; every fallback is
+counted (`fallbacks`, `on_fallback`), and every failure is logged (a busy router is not: it says so in the
+decision's reason, at the rate of the overload).
 """
 
 from __future__ import annotations
@@ -18,14 +20,14 @@ import numpy as np
 
 from router.classifier import DifficultyClassifier
 from router.config import RouterConfig
-from router.embedder import Embedder, RecheckEmbedder, build_embedder, near_boundary
-from router.exemplars import load_default_exemplars
 from router.decide import Decider
+from router.embedder import Embedder, RecheckEmbedder, build_embedder, near_boundary
+from router.errors import InvalidRequest, StoreError
+from router.exemplars import load_default_exemplars
 from router.scorers import ClassifierRouter, KnnRouter, Nearest, Scores
 from router.scoring import label_difficulty
-from router.errors import InvalidRequest, StoreError
 from router.store import ExemplarStore
-from router.types import Exemplar, Neighbor, RouteDecision, RouteInput, RouterKind
+from router.types import Exemplar, RouteDecision, RouteInput, RouterKind
 
 logger = logging.getLogger(__name__)
 

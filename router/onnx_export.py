@@ -36,10 +36,10 @@ def export(torch_embedder: FlagEmbedder, out_dir: Path, *, num_threads: int = 1)
 
     The graph is traced with eager attention (torch's legacy exporter) so that ONNX Runtime's transformer
     optimizer fuses each layer's attention into one `Attention` op (Q, K and V in one packed product) and its
-    layer norms and GELU into `SkipLayerNormalization` / `BiasGelu`: MiniLM's graph goes from 300 nodes to 73
-    and one query from 5.0-5.5 to 4.3 ms here, with torch's vectors. If that trace does not reproduce torch's
-    vectors on the export sample, the dynamo exporter's unfused graph is used instead. That check runs on
-    this process's ONNX Runtime pool (`num_threads` sizes it if none exists yet).
+    layer norms and GELU into `SkipLayerNormalization` / `BiasGelu` (MiniLM: 73 nodes instead of 300; the
+    figures are in `router.onnx_embedder`'s docstring). If the trace or the fusion fails, or the fused graph
+    does not reproduce torch's vectors on the export sample, the dynamo exporter's unfused graph is used
+    instead. Those checks run on this process's ONNX Runtime pool (`num_threads` sizes it if none exists yet).
     """
     import onnx
     from onnxruntime.quantization import QuantType, quantize_dynamic
@@ -53,14 +53,13 @@ def export(torch_embedder: FlagEmbedder, out_dir: Path, *, num_threads: int = 1)
         traced = Path(scratch) / "traced.onnx"
         try:
             _trace_eager(dense, sample, traced)
-            fused = _same_vectors(traced, dense, sample, num_threads)
-        except Exception:
-            logger.exception("tracing the embedder with eager attention failed")
-            fused = False
-        if fused:
             _fuse(traced, fp32, dense.encoder.config, external_data=large)
-        else:
-            logger.warning("the traced ONNX graph is unusable; exporting the unfused dynamo graph instead")
+            fused = _same_vectors(fp32, dense, sample, num_threads)
+        except Exception:
+            logger.exception("tracing or fusing the embedder with eager attention failed")
+            fused = False
+        if not fused:
+            logger.warning("the fused ONNX graph is unusable; exporting the unfused dynamo graph instead")
             _export_dynamo(dense, sample, fp32)
     model = onnx.load(str(fp32))
     weights = {i.name: tuple(i.dims) for i in model.graph.initializer}
@@ -114,8 +113,8 @@ def _trace_eager(dense: Any, sample: Any, path: Path) -> None:
 
     encoder = dense.encoder
     before = encoder.config._attn_implementation
-    encoder.set_attn_implementation("eager")
     try:
+        encoder.set_attn_implementation("eager")
         with warnings.catch_warnings(), torch.no_grad():
             warnings.simplefilter("ignore")  # tracer warnings about Python branches on shapes
             torch.onnx.export(dense, (sample["input_ids"], sample["attention_mask"]), str(path), dynamo=False,

@@ -309,6 +309,13 @@ class AppConfig(StrictModel):
             raise ValueError(
                 f"router.resources is set but the router {where}; set ingress.resources instead, or remove it."
             )
+        wait = router.max_queue_wait_s
+        if wait is not None and wait >= self.ingress.router_timeout_s:
+            raise ValueError(
+                f"router.max_queue_wait_s ({wait}) must be below ingress.router_timeout_s "
+                f"({self.ingress.router_timeout_s}): the ingress stops waiting first, so a busy router would never "
+                "answer with its heuristic at once. Lower it (e.g. 0.25), or set it to null to queue up to the timeout."
+            )
         return self
 
     def _serve_capacity(self) -> dict[str, int]:

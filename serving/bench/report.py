@@ -8,7 +8,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from serving.bench.load import LoadSpec
-from serving.bench.sidebyside import BenchReport
+from serving.bench.sidebyside import BenchReport, Decisions
 from serving.cost import TierCost
 
 
@@ -84,18 +84,29 @@ def decision_lines(report: BenchReport) -> list[str]:
     for spec in _specs(report):
         runs = [r.decisions for r in report.runs if r.spec == spec and r.decisions is not None]
         if runs:
-            load = _load_label(spec)
-            by_knn = sum(d.by_router.get("knn", 0) for d in runs)
-            counted = sum(sum(d.by_router.values()) for d in runs)
-            share = f"{100 * by_knn / counted:.0f}%" if counted else "n/a"
-            rows.append(f"| {load} | {sum(d.count for d in runs)} | {share} | "
-                        f"{statistics.median(d.p50_ms for d in runs):.1f} | {statistics.median(d.p99_ms for d in runs):.1f} |")
+            p50 = statistics.median(d.p50_ms for d in runs)
+            p99 = statistics.median(d.p99_ms for d in runs)
+            rows.append(f"| {_load_label(spec)} | {sum(d.count for d in runs)} | {_decided_by(runs)} | {p50:.1f} | "
+                        f"{p99:.1f} |")
     if not rows:
         return []
     return ["", 'Routing decision of `model="auto"` (the ingress\'s `tierserve_routing_overhead_seconds`, bucket-'
-            "interpolated; by kNN: the rest fell back to the heuristic, e.g. `router busy` past "
-            "`router.max_queue_wait_s`):", "", "| load | decisions | by kNN | p50 ms | p99 ms |", "|---|---|---|---|---|",
-            *rows]
+            "interpolated; with `knn` as the default router, `heuristic` decisions are fallbacks, e.g. `router busy` "
+            "past `router.max_queue_wait_s`):", "", "| load | decisions | decided by | p50 ms | p99 ms |",
+            "|---|---|---|---|---|", *rows]
+
+
+def _decided_by(runs: list[Decisions]) -> str:
+    """Share of the decisions each router took, largest first, e.g. `knn 39%, heuristic 61%`."""
+    totals: dict[str, int] = {}
+    for d in runs:
+        for router, n in d.by_router.items():
+            totals[router] = totals.get(router, 0) + n
+    counted = sum(totals.values())
+    if not counted:
+        return "n/a"
+    ranked = sorted(totals.items(), key=lambda kv: -kv[1])
+    return ", ".join(f"{router} {100 * n / counted:.0f}%" for router, n in ranked)
 
 
 def cost_note(report: BenchReport, cost: BenchCost) -> str:

@@ -120,12 +120,9 @@ def run_bench(
                                                 f"{'stream' if spec.stream else 'unary'}")
                             run_spec = spec if target.extra_body is None else _with_body(spec, target.extra_body)
                             routed = target.model == "auto"
-                            before = (overhead_buckets(url), decision_counts(url)) if routed else None
+                            before = overhead_snapshot(url) if routed else None
                             result = run_load(url, target.model, tokenizer, run_spec)
-                            decisions = None
-                            if before is not None:
-                                decisions = decision_figures(before[0], overhead_buckets(url),
-                                                             before[1], decision_counts(url))
+                            decisions = decision_figures(before, overhead_snapshot(url)) if before else None
                             report.runs.append(Run(target.name, rnd, spec, result, decisions))
                             bar.update(1)
     return report
@@ -135,41 +132,39 @@ _OVERHEAD_BUCKET = "tierserve_routing_overhead_seconds_bucket"
 _OVERHEAD_COUNT = "tierserve_routing_overhead_seconds_count"
 
 
-def overhead_buckets(url: str) -> dict[float, float]:
-    """The ingress's routing-overhead histogram now: cumulative count per upper bound (s), all routers summed."""
+@dataclass(frozen=True)
+class OverheadSnapshot:
+    """The ingress's routing-overhead histogram at one moment."""
+
+    buckets: dict[float, float]
+    """Cumulative count per upper bound (s), all routers summed."""
+    by_router: dict[str, float]
+    """Decisions so far per router that took them (`knn`, `heuristic`, ...)."""
+
+
+def overhead_snapshot(url: str) -> OverheadSnapshot:
+    """Scrape the ingress's `tierserve_routing_overhead_seconds` once."""
     import httpx
     from prometheus_client.parser import text_string_to_metric_families
 
     buckets: dict[float, float] = {}
+    by_router: dict[str, float] = {}
     for family in text_string_to_metric_families(httpx.get(f"{url}/metrics", timeout=10).text):
         for sample in family.samples:
             if sample.name == _OVERHEAD_BUCKET:
                 bound = float(sample.labels["le"])
                 buckets[bound] = buckets.get(bound, 0.0) + sample.value
-    return buckets
-
-
-def decision_counts(url: str) -> dict[str, float]:
-    """Routing decisions so far per router that took them (the overhead histogram's count per `router`)."""
-    import httpx
-    from prometheus_client.parser import text_string_to_metric_families
-
-    counts: dict[str, float] = {}
-    for family in text_string_to_metric_families(httpx.get(f"{url}/metrics", timeout=10).text):
-        for sample in family.samples:
-            if sample.name == _OVERHEAD_COUNT:
+            elif sample.name == _OVERHEAD_COUNT:
                 router = sample.labels.get("router", "")
-                counts[router] = counts.get(router, 0.0) + sample.value
-    return counts
+                by_router[router] = by_router.get(router, 0.0) + sample.value
+    return OverheadSnapshot(buckets, by_router)
 
 
-def decision_figures(before: dict[float, float], after: dict[float, float],
-                     counts_before: dict[str, float] | None = None,
-                     counts_after: dict[str, float] | None = None) -> Decisions | None:
+def decision_figures(before: OverheadSnapshot, after: OverheadSnapshot) -> Decisions | None:
     """p50/p99 of the decisions between two scrapes, interpolated within buckets as Prometheus's
-    `histogram_quantile` does (None if there were none); with the counts per router, who decided them."""
-    bounds = sorted(after)
-    counts = [after[b] - before.get(b, 0.0) for b in bounds]
+    `histogram_quantile` does, and who decided them (None if there were none)."""
+    bounds = sorted(after.buckets)
+    counts = [after.buckets[b] - before.buckets.get(b, 0.0) for b in bounds]
     total = counts[-1] if counts else 0.0
     if total <= 0:
         return None
@@ -185,8 +180,7 @@ def decision_figures(before: dict[float, float], after: dict[float, float],
             lower, below = bound, cumulative
         return lower * 1000
 
-    by_router = {router: int(n - (counts_before or {}).get(router, 0.0))
-                 for router, n in sorted((counts_after or {}).items())}
+    by_router = {router: int(n - before.by_router.get(router, 0.0)) for router, n in sorted(after.by_router.items())}
     return Decisions(count=int(total), p50_ms=quantile(0.5), p99_ms=quantile(0.99),
                      by_router={router: n for router, n in by_router.items() if n > 0})
 

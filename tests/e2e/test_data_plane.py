@@ -9,7 +9,6 @@ import pytest
 
 from serving.bench.bare import bare_vllm
 from serving.bench.load import LoadSpec, run_load
-
 from tests.e2e.conftest import API_KEY
 
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
@@ -17,7 +16,7 @@ PROMPTS = ["The capital of France is", "def fibonacci(n):", "Once upon a time, i
 
 
 @pytest.fixture(scope="module")
-def bare_url(stack: dict):  # noqa: ANN201
+def bare_url(stack: dict):
     with bare_vllm(stack["config"], "small", 8767) as url:
         yield url
 
@@ -81,13 +80,14 @@ def test_vllm_benchmark_smoke_on_the_live_stack(base_url: str, stack: dict, stre
 
 def test_auto_runs_report_their_routing_decisions_apart(base_url: str, stack: dict, monkeypatch) -> None:
     """What `tierserve bench --auto` prints beside the throughput: the decisions taken during the run."""
-    from serving.bench.sidebyside import decision_figures, overhead_buckets
+    from serving.bench.sidebyside import decision_figures, overhead_snapshot
 
     monkeypatch.setenv("OPENAI_API_KEY", API_KEY)
     tokenizer = str(stack["config"].model_path(stack["config"].tier("small")))
-    before = overhead_buckets(base_url)
+    before = overhead_snapshot(base_url)
     result = run_load(base_url, "auto", tokenizer, LoadSpec(concurrency=4, num_prompts=8, input_len=16, output_len=8))
-    decisions = decision_figures(before, overhead_buckets(base_url))
+    decisions = decision_figures(before, overhead_snapshot(base_url))
     assert (result.completed, result.failed) == (8, 0)
     assert decisions is not None and decisions.count == 8 + 4  # the timed requests and one warm-up wave
+    assert sum(decisions.by_router.values()) == decisions.count  # each decision counted once, by who took it
     assert 0 < decisions.p50_ms <= decisions.p99_ms < 2000

@@ -162,7 +162,7 @@ def _graph_ops(model_file: Path) -> dict[str, int]:
     return ops
 
 
-def test_the_export_fuses_each_layer_and_int8_quantises_only_attention(cache: Path) -> None:
+def test_the_export_fuses_each_layer_and_int8_quantises_only_attention(cache: Path, int8) -> None:
     (folder,) = (cache / "onnx").iterdir()
     fp32 = _graph_ops(folder / "model-fp32.onnx")
     # MiniLM has 6 layers: one fused Attention (packed QKV), two skip layer norms and one BiasGelu each.

@@ -6,17 +6,23 @@ import pytest
 
 from serving.bench.load import LoadResult, LoadSpec
 from serving.bench.report import markdown
-from serving.bench.sidebyside import BenchReport, Decisions, Run, decision_figures
+from serving.bench.sidebyside import (
+    BenchReport,
+    Decisions,
+    OverheadSnapshot,
+    Run,
+    decision_figures,
+)
 
 BOUNDS = (0.005, 0.008, 0.01, 0.05, 0.1, float("inf"))
 
 
-def cumulative(per_bucket: list[int]) -> dict[float, float]:
+def cumulative(per_bucket: list[int], by_router: dict[str, float] | None = None) -> OverheadSnapshot:
     total, out = 0, {}
     for bound, n in zip(BOUNDS, per_bucket, strict=True):
         total += n
         out[bound] = float(total)
-    return out
+    return OverheadSnapshot(out, by_router or {})
 
 
 def test_quantiles_interpolate_within_the_bucket_and_ignore_earlier_decisions() -> None:
@@ -30,7 +36,7 @@ def test_quantiles_interpolate_within_the_bucket_and_ignore_earlier_decisions() 
 
 def test_no_decisions_no_figures_and_overflow_reports_the_last_bound() -> None:
     assert decision_figures(cumulative([1, 0, 0, 0, 0, 0]), cumulative([1, 0, 0, 0, 0, 0])) is None
-    assert decision_figures({}, cumulative([0, 0, 0, 0, 0, 5])).p99_ms == pytest.approx(100.0)
+    assert decision_figures(OverheadSnapshot({}, {}), cumulative([0, 0, 0, 0, 0, 5])).p99_ms == pytest.approx(100.0)
 
 
 def test_the_markdown_lists_the_decisions_per_load() -> None:
@@ -43,10 +49,10 @@ def test_the_markdown_lists_the_decisions_per_load() -> None:
             Decisions(count=160, p50_ms=9.5, p99_ms=31.0, by_router={"knn": 120, "heuristic": 40})),
     ])
     table = markdown(report)
-    assert "| 64/64 tok, c=32, stream | 160 | 75% | 9.5 | 31.0 |" in table
+    assert "| 64/64 tok, c=32, stream | 160 | knn 75%, heuristic 25% | 9.5 | 31.0 |" in table
 
 
 def test_decisions_count_who_decided_during_the_run_only() -> None:
-    got = decision_figures(cumulative([0, 0, 0, 0, 0, 0]), cumulative([0, 60, 30, 0, 10, 0]),
-                           {"knn": 50.0, "heuristic": 3.0}, {"knn": 130.0, "heuristic": 23.0, "session": 0.0})
+    got = decision_figures(cumulative([0, 0, 0, 0, 0, 0], {"knn": 50.0, "heuristic": 3.0}),
+                           cumulative([0, 60, 30, 0, 10, 0], {"knn": 130.0, "heuristic": 23.0, "session": 0.0}))
     assert got.by_router == {"heuristic": 20, "knn": 80}

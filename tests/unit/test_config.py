@@ -74,6 +74,8 @@ def test_serve_config_points_at_the_builder() -> None:
         ("http.colour", "blue", "http.colour: unknown field; remove it or check its spelling."),
         ("device", "tpu", "device: Input should be 'cpu' or 'gpu'"),
         ("tiers", [], "tiers: List should have at least 1 item"),
+        ("router.max_queue_wait_s", 5.0, "router.max_queue_wait_s (5.0) must be below ingress.router_timeout_s (2.0)"),
+        ("router.max_queue_wait_s", 0, "router.max_queue_wait_s: Input should be greater than 0"),
     ],
 )
 def test_bad_field_names_field_value_and_fix(path: str, value: object, expected: str) -> None:

@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from router.batching import AdaptiveBatcher
+from router.batching import AdaptiveBatcher, BatchCost
 
 
 class Recorder:
@@ -122,7 +122,7 @@ class Timed:
         return items
 
 
-def test_expected_wait_counts_the_running_batch_and_the_queue_at_the_recent_time_per_item():
+def test_expected_wait_counts_the_running_batch_and_the_batches_queued_items_will_form():
     batcher = AdaptiveBatcher(Timed(0.02), max_size=4)
 
     async def main():
@@ -139,5 +139,36 @@ def test_expected_wait_counts_the_running_batch_and_the_queue_at_the_recent_time
 
     idle, busy = asyncio.run(main())
     assert 0.015 < idle < 0.06
-    # ~75 ms left of the running batch, then 6 queued and the new one at ~20 ms each: ~0.2 s
-    assert 0.12 < busy < 0.35
+    # ~75 ms left of the running batch, then the 6 queued and the new one at ~20 ms each: ~0.215 s
+    # (without the running batch it would be 0.14 s)
+    assert 0.18 < busy < 0.3
+
+
+def test_batch_cost_separates_fixed_and_per_item_time():
+    cpu, gpu = BatchCost(), BatchCost()
+    cpu.add(1, 0.010)
+    assert cpu.seconds(8) == pytest.approx(0.080)  # one size seen: proportional (on the safe side)
+    for n in (1, 4, 16, 64, 2, 32):
+        cpu.add(n, 0.010 * n)  # an embedding on a CPU: linear in the batch
+        gpu.add(n, 0.020 + 0.0001 * n)  # on a GPU: mostly the fixed cost of a pass
+    assert cpu.seconds(64) == pytest.approx(0.64, rel=0.05)
+    assert gpu.seconds(64) == pytest.approx(0.0264, rel=0.05)
+    assert gpu.seconds(1) == pytest.approx(0.0201, rel=0.05)
+    assert BatchCost().seconds(10) == 0.0 and not BatchCost().known
+
+
+def test_items_gathering_for_the_next_batch_count_as_queued():
+    batcher = AdaptiveBatcher(Timed(0.02), max_size=64, wait_s=0.2)
+
+    async def main():
+        await batcher.submit(0)  # warms up (waits out wait_s alone)
+        await batcher.submit(1)  # timed
+        alone = batcher.expected_wait_s()
+        tasks = [asyncio.create_task(batcher.submit(i)) for i in range(5)]
+        await asyncio.sleep(0.05)  # the 5 are off the queue, gathering for the next batch
+        gathering = batcher.expected_wait_s()
+        await asyncio.gather(*tasks)
+        return alone, gathering
+
+    alone, gathering = asyncio.run(main())
+    assert gathering == pytest.approx(6 * alone, rel=0.01)  # the 5 gathered and the new one, proportional
