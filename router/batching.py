@@ -38,7 +38,7 @@ class AdaptiveBatcher(Generic[T, R]):
         self._worker: asyncio.Task | None = None
         self.cost = BatchCost()
         """Recent seconds per batch by its size (the first batch, which warms up, is not counted)."""
-        self._batches = 0
+        self._warmed = False
         self._gathering = 0
         """Items taken off the queue for the next batch that has not started yet (while `wait_s` gathers)."""
         self._running: tuple[int, float] | None = None
@@ -114,15 +114,12 @@ class AdaptiveBatcher(Generic[T, R]):
             return
         finally:
             self._running = None
-        self._time(len(batch), time.monotonic() - started)
+        if self._warmed:
+            self.cost.add(len(batch), time.monotonic() - started)
+        self._warmed = True
         for (_, future), result in zip(batch, results):
             if not future.done():
                 future.set_result(result)
-
-    def _time(self, items: int, seconds: float) -> None:
-        self._batches += 1
-        if self._batches > 1:
-            self.cost.add(items, seconds)
 
 
 class BatchCost:

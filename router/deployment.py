@@ -54,8 +54,8 @@ class RouterDeployment:
         """The decision for one request; `overhead_ms` covers the wait for its batch and the batch itself.
         One the router would likely take over `max_queue_wait_s` to decide gets the heuristic's at once."""
         start = time.perf_counter()
-        expected_s = self._batcher.expected_wait_s()
-        if self._max_queue_wait_s is not None and expected_s > self._max_queue_wait_s:
+        limit = self._max_queue_wait_s
+        if limit is not None and (expected_s := self._batcher.expected_wait_s()) > limit:
             decision = self._router.busy(request, expected_s)
         else:
             decision = await self._batcher.submit(request)

@@ -8,8 +8,8 @@ vectors equal to torch's; the unfused graph of torch's dynamo exporter took 5-5.
 How, so it is the same model:
 - trace with eager attention (torch's legacy exporter), pooling and L2-normalisation inside the graph, and let
   ONNX Runtime's transformer optimizer fuse each layer (`Attention`, `SkipLayerNormalization`, `BiasGelu`:
-  73 nodes instead of 300); a trace that does not give torch's vectors on the export sample is replaced by
-  the dynamo exporter's unfused graph;
+  73 nodes instead of 300); if the trace or the fusion fails, or the fused graph does not give torch's
+  vectors on the export sample, the dynamo exporter's unfused graph is used instead;
 - dynamic int8 quantisation, per output channel, of the attention projections (the fused QKV product and
   the square output weights); the feed-forward matrices stay fp32 (quantising them too is 1.7x faster but
   gives minimum cosine 0.979-0.986, below `MIN_COSINE`, and a re-check band over half of the shipped

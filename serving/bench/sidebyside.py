@@ -180,9 +180,9 @@ def decision_figures(before: OverheadSnapshot, after: OverheadSnapshot) -> Decis
             lower, below = bound, cumulative
         return lower * 1000
 
-    by_router = {router: int(n - before.by_router.get(router, 0.0)) for router, n in sorted(after.by_router.items())}
-    return Decisions(count=int(total), p50_ms=quantile(0.5), p99_ms=quantile(0.99),
-                     by_router={router: n for router, n in by_router.items() if n > 0})
+    by_router = {router: int(n - before.by_router.get(router, 0.0)) for router, n in sorted(after.by_router.items())
+                 if n > before.by_router.get(router, 0.0)}
+    return Decisions(count=int(total), p50_ms=quantile(0.5), p99_ms=quantile(0.99), by_router=by_router)
 
 
 def _with_body(spec: LoadSpec, body: dict[str, Any]) -> LoadSpec:
