@@ -163,6 +163,7 @@ def bench_config(args: argparse.Namespace) -> RouterConfig:
         embedder=EmbedderConfig(num_threads=args.threads),
         batch_max_size=args.batch_max,
         batch_wait_timeout_s=args.wait_ms / 1000,
+        max_queue_wait_s=None,  # measure every decision the kNN router takes, not the busy fallback
     )
 
 
