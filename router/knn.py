@@ -34,10 +34,42 @@ def nearest_neighbors(
             sims[rows, start + rows] = -np.inf
         if k_eff < sims.shape[1]:
             top = np.argpartition(-sims, k_eff - 1, axis=1)[:, :k_eff]
+            _lowest_index_at_the_cut(sims, top)
         else:
             top = np.broadcast_to(np.arange(sims.shape[1]), sims.shape)
         top_sims = np.take_along_axis(sims, top, axis=1)
         order = np.lexsort((top, -top_sims), axis=1)  # best first; ties by exemplar index
         idx_out[start : start + chunk] = np.take_along_axis(top, order, axis=1)
         sims_out[start : start + chunk] = np.take_along_axis(top_sims, order, axis=1)
+    return sims_out, idx_out
+
+
+def _lowest_index_at_the_cut(sims: np.ndarray, top: np.ndarray) -> None:
+    """Where exemplars tie at the k-th similarity, keep the lowest indices in `top` (argpartition picks any)."""
+    kth = np.take_along_axis(sims, top, axis=1).min(axis=1, keepdims=True)
+    tied = np.flatnonzero((sims == kth).sum(axis=1) > (np.take_along_axis(sims, top, axis=1) == kth).sum(axis=1))
+    for row in tied:
+        above = np.flatnonzero(sims[row] > kth[row])
+        top[row] = np.concatenate([above, np.flatnonzero(sims[row] == kth[row])[: top.shape[1] - len(above)]])
+
+
+def rerank_within_bound(
+    queries: np.ndarray, exemplars: np.ndarray, approx: np.ndarray, kth_approx: np.ndarray, bound: np.ndarray, k: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """`nearest_neighbors`' answer from approximate similarities `approx` (n, rows) that are within `bound` (n,)
+    of the exact ones, `kth_approx` (n,) being each row's k-th largest approximate similarity.
+
+    Why it is exact: the k rows at or above `kth_approx` have exact similarity >= kth_approx - bound, so the
+    true k-th best is at least that; a true top-k row therefore has an approximate similarity >=
+    kth_approx - 2 * bound. Those candidates (a few dozen, typically) are scored exactly and ranked, ties by
+    exemplar index.
+    """
+    k_eff = max(0, min(k, len(exemplars)))
+    sims_out = np.empty((len(queries), k_eff), dtype=np.float32)
+    idx_out = np.empty((len(queries), k_eff), dtype=np.int64)
+    for row, query in enumerate(queries):
+        candidates = np.flatnonzero(approx[row] >= kth_approx[row] - 2 * bound[row])
+        exact = exemplars[candidates] @ query
+        order = np.lexsort((candidates, -exact))[:k_eff]
+        sims_out[row], idx_out[row] = exact[order], candidates[order]
     return sims_out, idx_out

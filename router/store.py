@@ -278,14 +278,18 @@ class _VectorMatrix:
     def put(self, ids: Sequence[str], vectors: np.ndarray, tiers: Sequence[str]) -> None:
         vectors = _unit(vectors)
         new_rows = []
+        updated = None  # a changed matrix is a new array: a search may cache what it derives from one
         for i, point_id in enumerate(ids):
             row = self._row.get(point_id)
             if row is None:
                 self._row[point_id] = len(self._ids) + len(new_rows)
                 new_rows.append(i)
             else:
-                self._vectors[row] = vectors[i]
+                updated = self._vectors.copy() if updated is None else updated
+                updated[row] = vectors[i]
                 self._tiers[row] = tiers[i]
+        if updated is not None:
+            self._vectors = updated
         if new_rows:
             self._vectors = np.concatenate([self._vectors, vectors[new_rows]])
             self._ids.extend(ids[i] for i in new_rows)

@@ -153,6 +153,68 @@ def test_the_onnx_search_finds_numpys_neighbours_ties_and_short_stores_included(
     assert list(idx[0][:2]) == [7, 100]
 
 
+def test_the_int8_first_pass_finds_the_exact_neighbours_of_a_large_store() -> None:
+    """A few queries against >= 2048 exemplars take the int8 path: the same neighbours, ties and order as the
+    exact product, on clustered vectors (close similarities) and with duplicated exemplars."""
+    from router.knn import nearest_neighbors
+    from router.onnx_embedder import OnnxSearch, _Int8Exemplars
+
+    rng = np.random.default_rng(1)
+    centres = rng.standard_normal((20, 384))
+    exemplars = (centres[rng.integers(0, 20, 6000)] + 0.3 * rng.standard_normal((6000, 384))).astype(np.float32)
+    exemplars[[3000, 5999]] = exemplars[11]  # exact ties, one far down the index range
+    exemplars /= np.linalg.norm(exemplars, axis=1, keepdims=True)
+    queries = np.concatenate([exemplars[[11, 500]], (centres[:6] + 0.3 * rng.standard_normal((6, 384)))])
+    queries = (queries / np.linalg.norm(queries, axis=1, keepdims=True)).astype(np.float32)
+    search = OnnxSearch()
+    assert len(exemplars) >= search.INT8_MIN_ROWS
+    for start in range(0, len(queries), search.INT8_MAX_QUERIES):
+        batch = queries[start : start + search.INT8_MAX_QUERIES]
+        for k in (1, 10, 50):
+            sims, idx = search(batch, exemplars, k)
+            want_sims, want_idx = nearest_neighbors(batch, exemplars, k)
+            assert np.array_equal(idx, want_idx)
+            assert np.allclose(sims, want_sims, atol=1e-5)
+    int8 = search._int8
+    assert int8 is not None and int8.source is exemplars
+    _, idx = search(queries[:1], exemplars, 3)
+    assert list(idx[0]) == [11, 3000, 5999]
+
+    # The proven bound holds on every similarity, and is not vacuous.
+    approx, q_scale, _ = int8._session.run(None, {"queries": queries[:4], "k": np.array([10], np.int64)})
+    error = np.abs(approx - queries[:4] @ exemplars.T).max(axis=1)
+    bound = int8.error_bound(queries[:4], float(q_scale))
+    assert np.all(error <= bound) and np.all(bound < 0.1)
+
+    # A changed store is a new matrix: the int8 copy follows it.
+    changed = exemplars.copy()
+    changed[42] = queries[6]
+    _, idx = search(queries[6:7], changed, 1)
+    assert idx[0][0] == 42 and search._int8.source is changed
+    assert isinstance(search._int8, _Int8Exemplars)
+
+
+def test_a_store_searched_through_int8_sees_an_exemplar_it_overwrote(tmp_path: Path) -> None:
+    """Re-importing a text replaces its vector; the store's matrix is then a new array, so the search's int8
+    copy is made again instead of answering from the old vector."""
+    from router.onnx_embedder import OnnxSearch
+    from router.store import ExemplarStore
+    from router.types import Exemplar
+
+    rng = np.random.default_rng(2)
+    vectors = rng.standard_normal((2100, 384)).astype(np.float32)
+    exemplars = [Exemplar(f"exemplar {i}", "small" if i % 2 else "large") for i in range(len(vectors))]
+    store = ExemplarStore(collection="c", dim=384, path=tmp_path / "q", search=OnnxSearch())
+    try:
+        store.upsert(exemplars, vectors)
+        probe = rng.standard_normal((1, 384)).astype(np.float32)
+        assert store.query(probe, 1)[0][0].id != exemplars[5].id
+        store.upsert([exemplars[5]], probe)
+        assert store.query(probe, 1)[0][0].id == exemplars[5].id
+    finally:
+        store.close()
+
+
 def _graph_ops(model_file: Path) -> dict[str, int]:
     import onnx
 
