@@ -56,6 +56,8 @@ def markdown(report: BenchReport, cost: BenchCost | None = None) -> str:
             tpot = report.median(target, spec, "tpot_p50_ms")
             ttft = report.median(target, spec, "ttft_p50_ms")
             ratio = f"{tps / bare_tps:.2f}x" if bare_tps and target != "bare" else ""
+            if ratio and len(per_round := round_ratios(report, target, spec)) > 1:
+                ratio += f" (rounds {min(per_round):.2f}-{max(per_round):.2f}x)"
             tpot_ratio = f"{tpot / bare_tpot:.2f}x" if bare_tpot and tpot and target != "bare" else ""
             if bare_tpot is not None and bare_tpot < 0.1 and spec.stream and target != "bare":
                 tpot_ratio = "n/a: bare sent its tokens in one burst"  # seen at c=1: no per-token figure to compare
@@ -71,6 +73,16 @@ def markdown(report: BenchReport, cost: BenchCost | None = None) -> str:
     if cost:
         lines += ["", cost_note(report, cost)]
     return "\n".join(lines) + "\n"
+
+
+def round_ratios(report: BenchReport, target: str, spec: LoadSpec) -> list[float]:
+    """`target`'s output tok/s over bare vLLM's, round by round (each round ran both, back to back): the
+    spread says how far one invocation's median ratio can be trusted on a machine whose speed drifts."""
+    by_round: dict[int, dict[str, float]] = {}
+    for r in report.runs:
+        if r.spec == spec and r.target in (target, "bare"):
+            by_round.setdefault(r.round, {})[r.target] = r.result.output_tok_s
+    return [t[target] / t["bare"] for _, t in sorted(by_round.items()) if t.get("bare") and target in t]
 
 
 def _load_label(spec: LoadSpec) -> str:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from serving.bench.load import LoadResult, LoadSpec
-from serving.bench.report import markdown
+from serving.bench.report import markdown, round_ratios
 from serving.bench.sidebyside import (
     BenchReport,
     Decisions,
@@ -56,3 +56,22 @@ def test_decisions_count_who_decided_during_the_run_only() -> None:
     got = decision_figures(cumulative([0, 0, 0, 0, 0, 0], {"knn": 50.0, "heuristic": 3.0}),
                            cumulative([0, 60, 30, 0, 10, 0], {"knn": 130.0, "heuristic": 23.0, "session": 0.0}))
     assert got.by_router == {"heuristic": 20, "knn": 80}
+
+
+def test_the_ratio_shows_its_spread_over_rounds() -> None:
+    spec = LoadSpec(concurrency=128)
+
+    def result(tok_s: float) -> LoadResult:
+        return LoadResult(output_tok_s=tok_s, request_s=10, completed=256, failed=0, ttft_p50_ms=50,
+                          ttft_p99_ms=90, tpot_p50_ms=5, tpot_p99_ms=9, itl_p50_ms=5, e2el_p50_ms=400,
+                          e2el_p99_ms=600, duration_s=10)
+
+    report = BenchReport(tier="small", runs=[
+        Run("bare", 0, spec, result(4000)), Run("tierserve", 0, spec, result(3000)),
+        Run("tierserve", 1, spec, result(4400)), Run("bare", 1, spec, result(4000)),
+        Run("bare", 2, spec, result(2000)),  # a round tierserve did not finish has no ratio
+    ])
+    assert round_ratios(report, "tierserve", spec) == pytest.approx([0.75, 1.1])
+    assert "| 3,700 | 0.93x (rounds 0.75-1.10x) |" in markdown(report)
+    single = BenchReport(tier="small", runs=report.runs[:2])
+    assert "| 3,000 | 0.75x |" in markdown(single)
