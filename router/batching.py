@@ -25,46 +25,58 @@ class AdaptiveBatcher(Generic[T, R]):
     """Calls `fn(items) -> results` (same length, same order) in a worker thread, one batch at a time."""
 
     def __init__(self, fn: Callable[[list[T]], Sequence[R]], *, max_size: int, wait_s: float = 0.0,
-                 expired: Callable[[T], bool] | None = None) -> None:
+                 expired: Callable[[T], bool] | None = None, work: Callable[[T], float] | None = None) -> None:
         """`wait_s`: extra time a batch waits for company after its first request (0: start at once).
-        `expired`: items its caller has stopped waiting for; they fail with TimeoutError instead of running."""
+        `expired`: items its caller has stopped waiting for; they fail with TimeoutError instead of running.
+        `work`: what an item costs relative to others (e.g. its text's length); 1 each when not given."""
         if max_size < 1:
             raise ValueError(f"max_size ({max_size}) must be at least 1.")
         self._fn = fn
         self._expired = expired
+        self._work = work or (lambda item: 1.0)
         self.max_size = max_size
         self.wait_s = wait_s
         self._queue: asyncio.Queue[tuple[T, asyncio.Future]] | None = None
         self._worker: asyncio.Task | None = None
         self.cost = BatchCost()
-        """Recent seconds per batch by its size (the first batch, which warms up, is not counted)."""
+        """Recent seconds per batch by its work (the first batch, which warms up, is not counted)."""
         self._warmed = False
-        self._gathering = 0
-        """Items taken off the queue for the next batch that has not started yet (while `wait_s` gathers)."""
-        self._running: tuple[int, float] | None = None
-        """Items in the batch that is running, and when it started (monotonic)."""
+        self._waiting = (0, 0.0)
+        """Items submitted whose batch has not started (queued, or gathering while `wait_s` runs), and their work."""
+        self._running: tuple[float, float] | None = None
+        """Work of the batch that is running, and when it started (monotonic)."""
 
-    def expected_wait_s(self) -> float:
-        """How long an item submitted now would likely take to finish: what is left of the running batch, then
-        the batches (of up to `max_size`) that everything queued before it and itself will form, at the recent
-        cost per batch. 0 until a batch has been timed."""
+    def expected_wait_s(self, item: T) -> float:
+        """How long `item`, submitted now, would likely take to finish: what is left of the running batch, then
+        the batches (of up to `max_size`) that everything waiting before it and itself will form, at the recent
+        cost per batch and per unit of work. 0 until a batch has been timed."""
         if not self.cost.known:
             return 0.0
-        ahead = (self._queue.qsize() if self._queue is not None else 0) + self._gathering + 1
+        items, work = self._waiting
         left = 0.0
         if self._running is not None:
-            items, started = self._running
-            left = max(0.0, self.cost.seconds(items) - (time.monotonic() - started))
-        full, rest = divmod(ahead, self.max_size)
-        return left + full * self.cost.seconds(self.max_size) + (self.cost.seconds(rest) if rest else 0.0)
+            running_work, started = self._running
+            left = max(0.0, self.cost.seconds(running_work) - (time.monotonic() - started))
+        batches = -(-(items + 1) // self.max_size)
+        return left + self.cost.seconds(work + self._work(item), batches=batches)
+
+    def prime(self, timings: Sequence[tuple[Sequence[T], float]]) -> None:
+        """Seed the cost fit with (items, seconds) of batches timed before serving (after a warm-up run), so the
+        expected wait is known before the first burst, and the first served batch is timed too."""
+        for items, seconds in timings:
+            self.cost.add(sum(self._work(item) for item in items), seconds)
+        self._warmed = True
 
     async def submit(self, item: T) -> R:
         """The result for `item`; raises what `fn` raised for its batch."""
         if self._worker is None or self._worker.done():
             # Created lazily so the queue and the worker live on the loop that serves the requests.
             self._queue = asyncio.Queue()
+            self._waiting = (0, 0.0)
             self._worker = asyncio.get_running_loop().create_task(self._run())
         future = asyncio.get_running_loop().create_future()
+        items, work = self._waiting
+        self._waiting = (items + 1, work + self._work(item))
         self._queue.put_nowait((item, future))
         return await future
 
@@ -76,18 +88,17 @@ class AdaptiveBatcher(Generic[T, R]):
         queue = self._queue
         while True:
             batch = [await queue.get()]
-            self._gathering = 1
             if self.wait_s > 0:
                 deadline = time.monotonic() + self.wait_s
                 while len(batch) < self.max_size and (remaining := deadline - time.monotonic()) > 0:
                     try:
                         batch.append(await asyncio.wait_for(queue.get(), remaining))
-                        self._gathering = len(batch)
                     except TimeoutError:
                         break
             while len(batch) < self.max_size and not queue.empty():
                 batch.append(queue.get_nowait())
-            self._gathering = 0
+            items, work = self._waiting
+            self._waiting = (items - len(batch), work - sum(self._work(item) for item, _ in batch))
             live = []
             for item, future in batch:
                 if future.done():  # a cancelled caller
@@ -101,7 +112,8 @@ class AdaptiveBatcher(Generic[T, R]):
 
     async def _call(self, batch: list[tuple[T, asyncio.Future]]) -> None:
         started = time.monotonic()
-        self._running = (len(batch), started)
+        work = sum(self._work(item) for item, _ in batch)
+        self._running = (work, started)
         try:
             results = await asyncio.to_thread(self._fn, [item for item, _ in batch])
             if len(results) != len(batch):
@@ -115,7 +127,7 @@ class AdaptiveBatcher(Generic[T, R]):
         finally:
             self._running = None
         if self._warmed:
-            self.cost.add(len(batch), time.monotonic() - started)
+            self.cost.add(work, time.monotonic() - started)
         self._warmed = True
         for (_, future), result in zip(batch, results):
             if not future.done():
@@ -123,10 +135,11 @@ class AdaptiveBatcher(Generic[T, R]):
 
 
 class BatchCost:
-    """Seconds a batch of n items takes, `fixed + per_item * n`, fitted to recent batches (least squares with
-    exponential forgetting). An embedding batch on a CPU costs about n times one item; on a GPU most of it is
-    fixed. Until batches of different sizes have been seen, the cost is taken as proportional to n (on the
-    safe side: a burst after single requests looks dearer than it is, until its own batches are timed)."""
+    """Seconds a batch takes, `fixed + per_unit * work`, fitted to recent batches (least squares with exponential
+    forgetting); work is what the batcher's `work` gives its items (1 each by default). An embedding batch on a
+    CPU costs about its texts' total length; on a GPU most of it is fixed. Until batches of clearly different
+    work have been seen (a spread under half the mean), the cost is taken as proportional to the work: on the
+    safe side, since a burst then looks dearer than it is until its own batches are timed."""
 
     def __init__(self, decay: float = 0.9) -> None:
         self._decay = decay
@@ -136,22 +149,24 @@ class BatchCost:
     def known(self) -> bool:
         return self._w > 0
 
-    def add(self, items: int, seconds: float) -> None:
+    def add(self, work: float, seconds: float) -> None:
         d = self._decay
         self._w = d * self._w + 1
-        self._n = d * self._n + items
+        self._n = d * self._n + work
         self._t = d * self._t + seconds
-        self._nn = d * self._nn + items * items
-        self._nt = d * self._nt + items * seconds
+        self._nn = d * self._nn + work * work
+        self._nt = d * self._nt + work * seconds
 
-    def seconds(self, items: int) -> float:
-        """Expected seconds for a batch of `items` (0 before any batch was timed)."""
+    def seconds(self, work: float, *, batches: int = 1) -> float:
+        """Expected seconds for `batches` batches holding `work` in all (0 before any batch was timed)."""
         if not self.known:
             return 0.0
         mean_n, mean_t = self._n / self._w, self._t / self._w
         spread = self._nn / self._w - mean_n * mean_n
-        if spread < 0.25:  # (nearly) one batch size so far: proportional
-            return mean_t / mean_n * items
-        per_item = max(0.0, (self._nt / self._w - mean_n * mean_t) / spread)
-        fixed = max(0.0, mean_t - per_item * mean_n)
-        return fixed + per_item * items
+        if mean_n <= 0:
+            return 0.0
+        if spread < 0.25 * mean_n * mean_n:  # (nearly) one batch size so far: proportional
+            return mean_t / mean_n * work
+        per_unit = max(0.0, (self._nt / self._w - mean_n * mean_t) / spread)
+        fixed = max(0.0, mean_t - per_unit * mean_n)
+        return batches * fixed + per_unit * work

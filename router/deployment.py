@@ -19,6 +19,7 @@ from router.batching import AdaptiveBatcher
 from router.config import RouterConfig
 from router.core import FallbackCause, Router
 from router.embedder import Embedder
+from router.exemplars import load_default_exemplars
 from router.types import Exemplar, RouteDecision, RouteInput
 
 logger = logging.getLogger(__name__)
@@ -46,16 +47,40 @@ class RouterDeployment:
             # After an overload, requests whose ingress already routed them by the heuristic are not embedded:
             # measured, without this the backlog kept the router busy into the next load (a 2.1 s p99 at c=1).
             expired=lambda item: item.deadline is not None and time.time() > item.deadline,
+            # The embedding's cost grows with the text (up to the embedder's max_length tokens). Measured at c=32
+            # on 64-random-token prompts: with a cost per request (fitted on shorter texts) the decision p99 was
+            # over 1 s; with this, 0.25-1 s (max 0.54 s), the rest of the tail being this 2-core box's contention.
+            work=lambda item, cap=8 * router_config.embedder.max_length: min(len(item.text), cap) + 16,
         )
         self._max_queue_wait_s = router_config.max_queue_wait_s
         self._admin_lock = asyncio.Lock()
+        self._prime()
+
+    def _prime(self) -> None:
+        """Embed shipped exemplar texts before serving: one run to warm up, then a batch of 1 and one of 8, timed
+        into the busy estimate, so it knows what a batch costs before the first burst (without, it let the
+        whole first burst queue)."""
+        texts = [ex.text for ex in load_default_exemplars()[:8]]
+        embed = self._router.embedder.embed
+        try:
+            embed(texts[:1])
+            timings = []
+            for n in (1, len(texts)):
+                started = time.monotonic()
+                embed(texts[:n])
+                timings.append(([RouteInput(t) for t in texts[:n]], time.monotonic() - started))
+        except Exception:  # requests will show the embedder's failure (heuristic fallback, logged) themselves
+            logger.warning("could not time the embedder before serving; the busy estimate starts unknown",
+                           exc_info=True)
+            return
+        self._batcher.prime(timings)
 
     async def route(self, request: RouteInput) -> RouteDecision:
         """The decision for one request; `overhead_ms` covers the wait for its batch and the batch itself.
         One the router would likely take over `max_queue_wait_s` to decide gets the heuristic's at once."""
         start = time.perf_counter()
         limit = self._max_queue_wait_s
-        if limit is not None and (expected_s := self._batcher.expected_wait_s()) > limit:
+        if limit is not None and (expected_s := self._batcher.expected_wait_s(request)) > limit:
             decision = self._router.busy(request, expected_s)
         else:
             decision = await self._batcher.submit(request)

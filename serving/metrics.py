@@ -12,8 +12,9 @@ from prometheus_client import (
 
 _LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 _TPOT_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.08, 0.15, 0.3, 1)
-_OVERHEAD_BUCKETS = (0.001, 0.0025, 0.005, 0.008, 0.01, 0.015, 0.025, 0.05, 0.1, 0.25, 1, 2.5, 5)
-"""Up to past `ingress.router_timeout_s` (2 s by default): an overloaded router shows as such."""
+_OVERHEAD_BUCKETS = (0.001, 0.0025, 0.005, 0.008, 0.01, 0.015, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5)
+"""Up to past `ingress.router_timeout_s` (2 s by default): an overloaded router shows as such; 0.5 s resolves
+the tail around `router.max_queue_wait_s` (0.25 s by default)."""
 
 
 class Metrics:

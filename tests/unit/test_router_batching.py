@@ -126,14 +126,14 @@ def test_expected_wait_counts_the_running_batch_and_the_batches_queued_items_wil
     batcher = AdaptiveBatcher(Timed(0.02), max_size=4)
 
     async def main():
-        assert batcher.expected_wait_s() == 0.0  # nothing timed yet
+        assert batcher.expected_wait_s(0) == 0.0  # nothing timed yet
         await batcher.submit(0)  # the first batch warms up and is not timed
-        assert batcher.expected_wait_s() == 0.0
+        assert batcher.expected_wait_s(0) == 0.0
         await batcher.submit(1)
-        idle = batcher.expected_wait_s()  # one item's time: itself
+        idle = batcher.expected_wait_s(0)  # one item's time: itself
         tasks = [asyncio.create_task(batcher.submit(i)) for i in range(10)]
         await asyncio.sleep(0.005)  # a batch of 4 runs (~80 ms); 6 queue behind it
-        busy = batcher.expected_wait_s()
+        busy = batcher.expected_wait_s(0)
         await asyncio.gather(*tasks)
         return idle, busy
 
@@ -163,12 +163,64 @@ def test_items_gathering_for_the_next_batch_count_as_queued():
     async def main():
         await batcher.submit(0)  # warms up (waits out wait_s alone)
         await batcher.submit(1)  # timed
-        alone = batcher.expected_wait_s()
+        alone = batcher.expected_wait_s(0)
         tasks = [asyncio.create_task(batcher.submit(i)) for i in range(5)]
         await asyncio.sleep(0.05)  # the 5 are off the queue, gathering for the next batch
-        gathering = batcher.expected_wait_s()
+        gathering = batcher.expected_wait_s(0)
         await asyncio.gather(*tasks)
         return alone, gathering
 
     alone, gathering = asyncio.run(main())
     assert gathering == pytest.approx(6 * alone, rel=0.01)  # the 5 gathered and the new one, proportional
+
+
+def test_a_primed_batcher_estimates_its_first_burst_and_times_its_first_batch():
+    batcher = AdaptiveBatcher(Timed(0.02), max_size=64)
+    batcher.prime([([0], 0.02), (list(range(8)), 0.16)])
+
+    async def main():
+        burst = [asyncio.create_task(batcher.submit(i)) for i in range(10)]
+        await asyncio.sleep(0)  # queued, not started
+        queued = batcher.expected_wait_s(0)
+        await asyncio.gather(*burst)
+        return queued
+
+    queued = asyncio.run(main())
+    assert queued == pytest.approx(11 * 0.02, rel=0.01)  # the 10 queued and the new one, from the primed fit
+    assert batcher.cost.seconds(10) == pytest.approx(0.2, rel=0.15)  # the burst's own batch was timed in
+
+
+def test_the_wait_estimate_counts_work_not_items():
+    """Items that cost more (longer texts) weigh more: a queue of long ones is a longer wait than as many short
+    ones, and the fit learns the cost per unit of work from batches of different work."""
+
+    class ByLength:
+        def __call__(self, items: list[str]) -> list[str]:
+            time.sleep(0.0005 * sum(len(t) for t in items))
+            return items
+
+    batcher = AdaptiveBatcher(ByLength(), max_size=64, work=len)
+    batcher.prime([(["x" * 10], 0.005), (["x" * 40] * 4, 0.08)])
+
+    async def main():
+        long_queue = [asyncio.create_task(batcher.submit("y" * 100)) for _ in range(4)]
+        await asyncio.sleep(0)
+        behind_long = batcher.expected_wait_s("z" * 10)
+        await asyncio.gather(*long_queue)
+        short_queue = [asyncio.create_task(batcher.submit("y" * 10)) for _ in range(4)]
+        await asyncio.sleep(0)
+        behind_short = batcher.expected_wait_s("z" * 10)
+        await asyncio.gather(*short_queue)
+        return behind_long, behind_short
+
+    behind_long, behind_short = asyncio.run(main())
+    assert behind_long == pytest.approx(0.0005 * 410, rel=0.3)  # ~0.2 s: 400 units queued and its own 10
+    assert behind_short == pytest.approx(0.0005 * 50, rel=0.5)
+    assert behind_long > 4 * behind_short
+
+
+def test_the_fit_stays_proportional_until_the_work_differs_clearly():
+    cost = BatchCost()
+    cost.add(100, 0.010)
+    cost.add(110, 0.012)  # about the same work: noise, not a fixed part
+    assert cost.seconds(1000) == pytest.approx(1000 * 0.022 / 210, rel=0.01)
