@@ -36,7 +36,7 @@ class AdaptiveBatcher(Generic[T, R]):
         self._work = work or (lambda item: 1.0)
         self.max_size = max_size
         self.wait_s = wait_s
-        self._queue: asyncio.Queue[tuple[T, asyncio.Future]] | None = None
+        self._queue: asyncio.Queue[tuple[T, asyncio.Future, float]] | None = None
         self._worker: asyncio.Task | None = None
         self.cost = BatchCost()
         """Recent seconds per batch by its work (the first batch, which warms up, is not counted)."""
@@ -65,7 +65,7 @@ class AdaptiveBatcher(Generic[T, R]):
         expected wait is known before the first burst, and the first served batch is timed too."""
         for items, seconds in timings:
             self.cost.add(sum(self._work(item) for item in items), seconds)
-        self._warmed = True
+        self._warmed = self._warmed or bool(timings)
 
     async def submit(self, item: T) -> R:
         """The result for `item`; raises what `fn` raised for its batch."""
@@ -75,9 +75,10 @@ class AdaptiveBatcher(Generic[T, R]):
             self._waiting = (0, 0.0)
             self._worker = asyncio.get_running_loop().create_task(self._run())
         future = asyncio.get_running_loop().create_future()
-        items, work = self._waiting
-        self._waiting = (items + 1, work + self._work(item))
-        self._queue.put_nowait((item, future))
+        work = self._work(item)  # once: the waiting total adds and removes the same figure
+        items, waiting_work = self._waiting
+        self._waiting = (items + 1, waiting_work + work)
+        self._queue.put_nowait((item, future, work))
         return await future
 
     def close(self) -> None:
@@ -98,29 +99,29 @@ class AdaptiveBatcher(Generic[T, R]):
             while len(batch) < self.max_size and not queue.empty():
                 batch.append(queue.get_nowait())
             items, work = self._waiting
-            self._waiting = (items - len(batch), work - sum(self._work(item) for item, _ in batch))
+            self._waiting = (items - len(batch), work - sum(w for _, _, w in batch))
             live = []
-            for item, future in batch:
+            for item, future, w in batch:
                 if future.done():  # a cancelled caller
                     continue
                 if self._expired is not None and self._expired(item):
                     future.set_exception(TimeoutError("the caller's deadline passed while it queued"))
                     continue
-                live.append((item, future))
+                live.append((item, future, w))
             if live:
                 await self._call(live)
 
-    async def _call(self, batch: list[tuple[T, asyncio.Future]]) -> None:
+    async def _call(self, batch: list[tuple[T, asyncio.Future, float]]) -> None:
         started = time.monotonic()
-        work = sum(self._work(item) for item, _ in batch)
+        work = sum(w for _, _, w in batch)
         self._running = (work, started)
         try:
-            results = await asyncio.to_thread(self._fn, [item for item, _ in batch])
+            results = await asyncio.to_thread(self._fn, [item for item, _, _ in batch])
             if len(results) != len(batch):
                 raise RuntimeError(f"batched function returned {len(results)} results for {len(batch)} items")
         except Exception as exc:  # every caller of the batch gets the error; the worker keeps going
             logger.exception("batched call failed for %d items", len(batch))
-            for _, future in batch:
+            for _, future, _ in batch:
                 if not future.done():
                     future.set_exception(exc)
             return
@@ -129,7 +130,7 @@ class AdaptiveBatcher(Generic[T, R]):
         if self._warmed:
             self.cost.add(work, time.monotonic() - started)
         self._warmed = True
-        for (_, future), result in zip(batch, results):
+        for (_, future, _), result in zip(batch, results):
             if not future.done():
                 future.set_result(result)
 
@@ -138,8 +139,8 @@ class BatchCost:
     """Seconds a batch takes, `fixed + per_unit * work`, fitted to recent batches (least squares with exponential
     forgetting); work is what the batcher's `work` gives its items (1 each by default). An embedding batch on a
     CPU costs about its texts' total length; on a GPU most of it is fixed. Until batches of clearly different
-    work have been seen (a spread under half the mean), the cost is taken as proportional to the work: on the
-    safe side, since a burst then looks dearer than it is until its own batches are timed."""
+    work have been seen (a standard deviation of at least half the mean), the cost is taken as proportional to
+    the work: on the safe side, since a burst then looks dearer than it is until its own batches are timed."""
 
     def __init__(self, decay: float = 0.9) -> None:
         self._decay = decay
@@ -162,11 +163,11 @@ class BatchCost:
         if not self.known:
             return 0.0
         mean_n, mean_t = self._n / self._w, self._t / self._w
-        spread = self._nn / self._w - mean_n * mean_n
+        variance = self._nn / self._w - mean_n * mean_n
         if mean_n <= 0:
             return 0.0
-        if spread < 0.25 * mean_n * mean_n:  # (nearly) one batch size so far: proportional
+        if variance < 0.25 * mean_n * mean_n:  # standard deviation under half the mean: proportional
             return mean_t / mean_n * work
-        per_unit = max(0.0, (self._nt / self._w - mean_n * mean_t) / spread)
+        per_unit = max(0.0, (self._nt / self._w - mean_n * mean_t) / variance)
         fixed = max(0.0, mean_t - per_unit * mean_n)
         return batches * fixed + per_unit * work

@@ -224,7 +224,9 @@ class Router:
 
     # -- internals ------------------------------------------------------------------------------------------
 
-    def _knn(self, texts: list[str], thresholds: Sequence[tuple[float, ...]]) -> tuple[Scores, FallbackCause | None, float]:
+    def _knn(
+        self, texts: list[str], thresholds: Sequence[tuple[float, ...]]
+    ) -> tuple[Scores, FallbackCause | None, float]:
         """kNN scores for `texts`. With a `RecheckEmbedder` the fast vectors decide, except for texts whose
         score lands within its margin of one of their `thresholds`: those are embedded and scored again with
         the exact model."""

@@ -9,7 +9,7 @@ import numpy as np
 
 Search = Callable[[np.ndarray, np.ndarray, int], tuple[np.ndarray, np.ndarray]]
 """(unit queries, unit exemplars, k) -> (similarities, indices), both (n, min(k, len(exemplars))), best first,
-ties by exemplar index: `nearest_neighbors`, or `router.onnx_embedder.OnnxSearch` on the embedder's pool."""
+ties by exemplar index: `nearest_neighbors`, or `router.onnx_search.OnnxSearch` on the embedder's pool."""
 
 
 def nearest_neighbors(
@@ -46,29 +46,35 @@ def nearest_neighbors(
 
 def _lowest_index_at_the_cut(sims: np.ndarray, top: np.ndarray) -> None:
     """Where exemplars tie at the k-th similarity, keep the lowest indices in `top` (argpartition picks any)."""
-    kth = np.take_along_axis(sims, top, axis=1).min(axis=1, keepdims=True)
-    tied = np.flatnonzero((sims == kth).sum(axis=1) > (np.take_along_axis(sims, top, axis=1) == kth).sum(axis=1))
-    for row in tied:
+    top_sims = np.take_along_axis(sims, top, axis=1)
+    kth = top_sims.min(axis=1, keepdims=True)
+    for row in np.flatnonzero((sims == kth).sum(axis=1) > (top_sims == kth).sum(axis=1)):
         above = np.flatnonzero(sims[row] > kth[row])
         top[row] = np.concatenate([above, np.flatnonzero(sims[row] == kth[row])[: top.shape[1] - len(above)]])
 
 
 def rerank_within_bound(
-    queries: np.ndarray, exemplars: np.ndarray, approx: np.ndarray, kth_approx: np.ndarray, bound: np.ndarray, k: int
+    queries: np.ndarray, exemplars: np.ndarray, approx: np.ndarray, *, kth_approx: np.ndarray, bound: np.ndarray,
+    k: int,
 ) -> tuple[np.ndarray, np.ndarray]:
     """`nearest_neighbors`' answer from approximate similarities `approx` (n, rows) that are within `bound` (n,)
-    of the exact ones, `kth_approx` (n,) being each row's k-th largest approximate similarity.
+    of the float32 ones, `kth_approx` (n,) being each query's k-th largest approximate similarity.
 
-    Why it is exact: the k rows at or above `kth_approx` have exact similarity >= kth_approx - bound, so the
-    true k-th best is at least that; a true top-k row therefore has an approximate similarity >=
-    kth_approx - 2 * bound. Those candidates (a few dozen, typically) are scored exactly and ranked, ties by
-    exemplar index.
+    Why no neighbour is missed: the k rows at or above `kth_approx` have a similarity >= kth_approx - bound, so
+    the true k-th best is at least that; a true top-k row therefore has an approximate similarity >=
+    kth_approx - 2 * bound. Those candidates (a few dozen, typically) are scored in float32 and ranked, ties by
+    exemplar index. (Scored by a matrix-vector product, two within float32 rounding of each other may come in
+    the other order than `nearest_neighbors`' matrix product gives them.)
     """
     k_eff = max(0, min(k, len(exemplars)))
     sims_out = np.empty((len(queries), k_eff), dtype=np.float32)
     idx_out = np.empty((len(queries), k_eff), dtype=np.int64)
     for row, query in enumerate(queries):
         candidates = np.flatnonzero(approx[row] >= kth_approx[row] - 2 * bound[row])
+        if len(candidates) < k_eff:  # only when the inputs break the premise (NaN): the full product
+            sims, idx = nearest_neighbors(query[None], exemplars, k_eff)
+            sims_out[row], idx_out[row] = sims[0], idx[0]
+            continue
         exact = exemplars[candidates] @ query
         order = np.lexsort((candidates, -exact))[:k_eff]
         sims_out[row], idx_out[row] = exact[order], candidates[order]

@@ -1,6 +1,7 @@
 """ONNX Runtime copies of the embedder (fp32, or int8 attention weights): run, checked against torch, cached.
 
-onnxruntime is imported here and, for the one-time export and quantisation, in `router.onnx_export`.
+onnxruntime is imported here, in `router.onnx_search` (the kNN on the same pool) and, for the one-time export
+and quantisation, in `router.onnx_export`.
 
 Why: on a CPU router the MiniLM forward pass is most of the routing decision (10.6 ms p50 for one query on
 this machine, idle, in torch). ONNX Runtime runs the same model in 4.3-5 ms with fused transformer ops (fp32,
@@ -42,7 +43,7 @@ import numpy as np
 
 from router.config import KnnConfig
 from router.embedder import Embedder, FlagEmbedder, near_boundary
-from router.knn import Search, nearest_neighbors, rerank_within_bound
+from router.knn import Search, nearest_neighbors
 from router.scorers import KnnRouter, MatrixIndex
 from router.scoring import tiers_for_scores
 
@@ -159,115 +160,17 @@ class OnnxEmbedder(Embedder):
         if not _pool_threads:
             return nearest_neighbors
         if self._search is None:
+            from router.onnx_search import OnnxSearch
+
             self._search = OnnxSearch()
         return self._search
 
 
-class OnnxSearch:
-    """Exact top-k cosine neighbours (a `router.knn.Search`) on the process's shared ONNX Runtime pool.
-
-    One query against 10k exemplars is a product bound by memory (15 MB of vectors): right after an embedding
-    has streamed the model's weights through the caches, numpy's one BLAS thread took 1.7 ms for it, the
-    pool's two warm threads 0.5-1 ms. numpy cannot take a second thread: it would fight the pool's spinning ones.
-    For a few queries against a large store it first scores an int8 copy of the exemplars (a quarter of the
-    bytes, VNNI products), then scores exactly the exemplars that could still be among the k best given the
-    int8 copy's proven error bound (`router.knn.rerank_within_bound`): the same neighbours, in 0.58 instead
-    of 1.05 ms at 10k real MMLU exemplars (measured side by side; 28 exact candidates at p50, 352 at p95).
-    Ties keep the lower exemplar index first, as `router.knn.nearest_neighbors` does (ONNX TopK's rule).
-    The exemplar matrix must not change in place while it is searched (`router.store` replaces it).
-    """
-
-    INT8_MIN_ROWS = 2048
-    """Smaller stores fit the caches: the exact product is as fast."""
-    INT8_MAX_QUERIES = 4
-    """Beyond this many queries in one call the exact re-scoring, query by query, costs more than it saves."""
-
-    def __init__(self) -> None:
-        from onnx import TensorProto, helper
-
-        graph = helper.make_graph(
-            [helper.make_node("Gemm", ["queries", "exemplars"], ["sims"], transB=1),
-             helper.make_node("TopK", ["sims", "k"], ["top_sims", "top_idx"], axis=-1, largest=1, sorted=1)],
-            "knn",
-            [helper.make_tensor_value_info("queries", TensorProto.FLOAT, ["n", "dim"]),
-             helper.make_tensor_value_info("exemplars", TensorProto.FLOAT, ["rows", "dim"]),
-             helper.make_tensor_value_info("k", TensorProto.INT64, [1])],
-            [helper.make_tensor_value_info("top_sims", TensorProto.FLOAT, ["n", "kk"]),
-             helper.make_tensor_value_info("top_idx", TensorProto.INT64, ["n", "kk"])],
-        )
-        self._session = _session(graph)
-        self._int8: _Int8Exemplars | None = None
-
-    def __call__(self, queries: np.ndarray, exemplars: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        k_eff = max(0, min(k, len(exemplars)))
-        if k_eff == 0 or len(queries) == 0:
-            return np.empty((len(queries), k_eff), np.float32), np.empty((len(queries), k_eff), np.int64)
-        queries = np.ascontiguousarray(queries, dtype=np.float32)
-        if len(exemplars) >= self.INT8_MIN_ROWS and len(queries) <= self.INT8_MAX_QUERIES:
-            if self._int8 is None or self._int8.source is not exemplars:
-                self._int8 = _Int8Exemplars(exemplars)
-            return self._int8.search(queries, k_eff)
-        feeds = {"queries": queries, "exemplars": np.ascontiguousarray(exemplars, dtype=np.float32),
-                 "k": np.array([k_eff], np.int64)}
-        sims, idx = self._session.run(None, feeds)  # best first, ties by lower index
-        return sims, idx
-
-
-class _Int8Exemplars:
-    """An int8 copy of one exemplar matrix (symmetric, a scale per row) and the session that scores queries
-    against it, quantising them on the fly (ONNX `DynamicQuantizeLinear`: uint8, one scale per call)."""
-
-    def __init__(self, exemplars: np.ndarray) -> None:
-        from onnx import TensorProto, helper, numpy_helper
-
-        self.source = exemplars
-        """The matrix this copy was made from (held, so identity means "unchanged")."""
-        self._exemplars = np.ascontiguousarray(exemplars, dtype=np.float32)
-        self._dim = exemplars.shape[1]
-        scales = np.abs(self._exemplars).max(axis=1) / 127.0
-        scales[scales == 0] = 1.0
-        quantized = np.round(self._exemplars / scales[:, None]).astype(np.int8)
-        self._max_scale = float(scales.max())
-        self._max_l1 = float(np.abs(self._exemplars).sum(axis=1).max())
-        graph = helper.make_graph(
-            [helper.make_node("DynamicQuantizeLinear", ["queries"], ["q8", "q_scale", "q_zero"]),
-             helper.make_node("MatMulInteger", ["q8", "exemplars_t", "q_zero", "zero"], ["dots"]),
-             helper.make_node("Cast", ["dots"], ["dots_f"], to=TensorProto.FLOAT),
-             helper.make_node("Mul", ["dots_f", "q_scale"], ["scaled"]),
-             helper.make_node("Mul", ["scaled", "row_scales"], ["sims"]),
-             helper.make_node("TopK", ["sims", "k"], ["top_sims", "top_idx"], axis=-1, largest=1, sorted=0)],
-            "knn_int8",
-            [helper.make_tensor_value_info("queries", TensorProto.FLOAT, ["n", self._dim]),
-             helper.make_tensor_value_info("k", TensorProto.INT64, [1])],
-            [helper.make_tensor_value_info("sims", TensorProto.FLOAT, ["n", "rows"]),
-             helper.make_tensor_value_info("q_scale", TensorProto.FLOAT, []),
-             helper.make_tensor_value_info("top_sims", TensorProto.FLOAT, ["n", "kk"])],
-            [numpy_helper.from_array(np.ascontiguousarray(quantized.T), "exemplars_t"),
-             numpy_helper.from_array(np.array(0, np.int8), "zero"),
-             numpy_helper.from_array(scales.astype(np.float32), "row_scales")],
-        )
-        self._session = _session(graph)
-
-    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        approx, q_scale, top = self._session.run(None, {"queries": queries, "k": np.array([k], np.int64)})
-        return rerank_within_bound(queries, self._exemplars, approx, top.min(axis=1),
-                                   self.error_bound(queries, float(q_scale)), k)
-
-    def error_bound(self, queries: np.ndarray, q_scale: float) -> np.ndarray:
-        """Largest |int8 - exact| similarity per query. exact - approx = (q - q8).e + q8.(e - e8): each query
-        element is off by at most one quantisation step (half a step when rounding, a step where the zero
-        point saturates), each exemplar element by half its row's step; plus float rounding."""
-        q_l1 = np.abs(queries).sum(axis=1)
-        return q_scale * self._max_l1 + (q_l1 + self._dim * q_scale) * self._max_scale / 2 + 1e-5
-
-
-def _session(graph: Any) -> Any:
+def pooled_session(model: bytes) -> Any:
+    """An ONNX Runtime session for a serialized model, on this process's shared pool where there is one."""
     import onnxruntime as ort
-    from onnx import helper
 
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
-    return ort.InferenceSession(model.SerializeToString(), session_options(_pool_threads or 1),
-                                providers=["CPUExecutionProvider"])
+    return ort.InferenceSession(model, session_options(_pool_threads or 1), providers=["CPUExecutionProvider"])
 
 
 _pool_threads: int | None = None

@@ -276,24 +276,26 @@ class _VectorMatrix:
         self._row: dict[str, int] = {}
 
     def put(self, ids: Sequence[str], vectors: np.ndarray, tiers: Sequence[str]) -> None:
+        """Add or overwrite rows. The matrix is replaced by a new array, never changed in place: a search may
+        keep what it derives from one (`router.onnx_search`)."""
         vectors = _unit(vectors)
-        new_rows = []
-        updated = None  # a changed matrix is a new array: a search may cache what it derives from one
+        new_rows, overwrite = [], {}
         for i, point_id in enumerate(ids):
             row = self._row.get(point_id)
             if row is None:
                 self._row[point_id] = len(self._ids) + len(new_rows)
                 new_rows.append(i)
             else:
-                updated = self._vectors.copy() if updated is None else updated
-                updated[row] = vectors[i]
+                overwrite[row] = i
                 self._tiers[row] = tiers[i]
-        if updated is not None:
-            self._vectors = updated
-        if new_rows:
-            self._vectors = np.concatenate([self._vectors, vectors[new_rows]])
-            self._ids.extend(ids[i] for i in new_rows)
-            self._tiers.extend(tiers[i] for i in new_rows)
+        if not new_rows and not overwrite:
+            return
+        matrix = np.concatenate([self._vectors, vectors[new_rows]]) if new_rows else self._vectors.copy()
+        for row, i in overwrite.items():
+            matrix[row] = vectors[i]
+        self._vectors = matrix
+        self._ids.extend(ids[i] for i in new_rows)
+        self._tiers.extend(tiers[i] for i in new_rows)
 
     def query(self, queries: np.ndarray, k: int) -> list[list[Neighbor]]:
         if not self._ids:

@@ -40,12 +40,12 @@ def test_rerank_within_bound_gives_the_exact_neighbours_from_a_noisy_first_pass(
     noisy = exact + rng.uniform(-0.02, 0.02, exact.shape)  # within the bound, never beyond
     for k in (1, 5, 10):
         kth = -np.sort(-noisy, axis=1)[:, k - 1]
-        sims, idx = rerank_within_bound(queries, exemplars, noisy, kth, bound, k)
+        sims, idx = rerank_within_bound(queries, exemplars, noisy, kth_approx=kth, bound=bound, k=k)
         want_sims, want_idx = nearest_neighbors(queries, exemplars, k)
         assert np.array_equal(idx, want_idx)
         assert np.allclose(sims, want_sims, atol=1e-6)
-    _, idx = rerank_within_bound(queries[:1], exemplars, noisy[:1], -np.sort(-noisy[:1], axis=1)[:, 2],
-                                 bound[:1], 3)
+    _, idx = rerank_within_bound(queries[:1], exemplars, noisy[:1], kth_approx=-np.sort(-noisy[:1], axis=1)[:, 2],
+                                 bound=bound[:1], k=3)
     assert list(idx[0][:2]) == [10, 2500]
 
 
@@ -58,6 +58,16 @@ def test_a_bound_too_small_for_the_noise_can_miss_a_neighbour() -> None:
     exact = queries @ exemplars.T
     noisy = exact + rng.uniform(-0.05, 0.05, exact.shape)
     kth = -np.sort(-noisy, axis=1)[:, 9]
-    _, idx = rerank_within_bound(queries, exemplars, noisy, kth, np.zeros(len(queries)), 10)
+    _, idx = rerank_within_bound(queries, exemplars, noisy, kth_approx=kth, bound=np.zeros(len(queries)), k=10)
     _, want_idx = nearest_neighbors(queries, exemplars, 10)
     assert not np.array_equal(idx, want_idx)
+
+
+def test_a_first_pass_without_usable_scores_falls_back_to_the_full_product() -> None:
+    rng = np.random.default_rng(6)
+    exemplars = _unit(rng.standard_normal((200, 16)))
+    queries = _unit(rng.standard_normal((2, 16)))
+    approx = np.full((2, 200), np.nan)  # e.g. a NaN from the first pass: no candidate passes the bound
+    sims, idx = rerank_within_bound(queries, exemplars, approx, kth_approx=np.full(2, np.nan), bound=np.ones(2), k=5)
+    want_sims, want_idx = nearest_neighbors(queries, exemplars, 5)
+    assert np.array_equal(idx, want_idx) and np.allclose(sims, want_sims)

@@ -176,7 +176,7 @@ def test_items_gathering_for_the_next_batch_count_as_queued():
 
 def test_a_primed_batcher_estimates_its_first_burst_and_times_its_first_batch():
     batcher = AdaptiveBatcher(Timed(0.02), max_size=64)
-    batcher.prime([([0], 0.02), (list(range(8)), 0.16)])
+    batcher.prime([([0], 0.01), (list(range(8)), 0.08)])  # primed at half the real cost per item
 
     async def main():
         burst = [asyncio.create_task(batcher.submit(i)) for i in range(10)]
@@ -186,8 +186,9 @@ def test_a_primed_batcher_estimates_its_first_burst_and_times_its_first_batch():
         return queued
 
     queued = asyncio.run(main())
-    assert queued == pytest.approx(11 * 0.02, rel=0.01)  # the 10 queued and the new one, from the primed fit
-    assert batcher.cost.seconds(10) == pytest.approx(0.2, rel=0.15)  # the burst's own batch was timed in
+    assert queued == pytest.approx(11 * 0.01, rel=0.01)  # the 10 queued and the new one, from the primed fit
+    # The burst's own batch (10 items, 0.2 s) was timed in, though it was the first one served.
+    assert batcher.cost.seconds(10) > 0.11
 
 
 def test_the_wait_estimate_counts_work_not_items():
