@@ -163,9 +163,9 @@ class BatchCost:
         if not self.known:
             return 0.0
         mean_n, mean_t = self._n / self._w, self._t / self._w
-        variance = self._nn / self._w - mean_n * mean_n
         if mean_n <= 0:
             return 0.0
+        variance = self._nn / self._w - mean_n * mean_n
         if variance < 0.25 * mean_n * mean_n:  # standard deviation under half the mean: proportional
             return mean_t / mean_n * work
         per_unit = max(0.0, (self._nt / self._w - mean_n * mean_t) / variance)
