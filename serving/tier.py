@@ -38,7 +38,7 @@ class TierServer:
         started = time.perf_counter()
         await self.engine.warmup()  # a replacement replica must not answer its first requests seconds late
         logger.info("tier %s: engine warmed up in %.1f s", tier.name, time.perf_counter() - started)
-        if device == "cpu" and tier.engine.cpu_threads_bind:  # after start: the engine's processes keep theirs
+        if device == "cpu" and tier.engine.cpu_threads_bind:  # after start: the worker has bound its cores
             pin_off_engine_cores(tier.engine.cpu_threads_bind, f"tier {tier.name} replica")
         self.replica_id = serve.get_replica_context().replica_id.unique_id
         self.wire = WireServer(self.engine, wire_token)

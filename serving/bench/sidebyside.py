@@ -76,7 +76,7 @@ def loads_for(concurrency: list[int], modes: list[str], num_prompts: int, input_
         for c in concurrency:
             specs.append(LoadSpec(concurrency=c, num_prompts=max(num_prompts, c * 2), input_len=input_len,
                                   output_len=output_len, stream=stream))
-    specs.append(LoadSpec(concurrency=1, num_prompts=24, input_len=input_len, output_len=output_len, stream=True))
+    specs.append(LoadSpec(concurrency=1, num_prompts=48, input_len=input_len, output_len=output_len, stream=True))
     return specs
 
 
