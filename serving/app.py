@@ -9,12 +9,23 @@ from typing import Any
 from ray import serve
 from ray.serve import Application
 
+from serving.affinity import engine_cores
 from serving.config import AppConfig, TierConfig, load_config
 from serving.engines.base import Engine
 from serving.engines.vllm import engine_env
 from serving.placement import actor_options
 
 logger = logging.getLogger(__name__)
+
+
+def _other_engine_cores(config: AppConfig, tier: TierConfig) -> list[int]:
+    """Cores the other tiers' CPU engines bind: the processes around this tier's engine avoid them where a node
+    has cores no engine binds (`serving.affinity.placement_cores`)."""
+    cores: set[int] = set()
+    for other in config.tiers:
+        if other is not tier and other.engine.cpu_threads_bind:
+            cores |= engine_cores(other.engine.cpu_threads_bind) or set()
+    return sorted(cores)
 
 
 def _tier_deployment_options(config: AppConfig, tier: TierConfig) -> dict[str, Any]:
@@ -61,7 +72,8 @@ def build_app(config: AppConfig, *, engine_cls: type[Engine] | None = None) -> A
         model_path = config.model_path(tier)
         deployment = serve.deployment(TierServer).options(**_tier_deployment_options(config, tier))
         tier_apps[tier.name] = deployment.bind(
-            tier, str(model_path), config.device, wire_token, engine_cls=engine_cls or VllmEngine
+            tier, str(model_path), config.device, wire_token, engine_cls=engine_cls or VllmEngine,
+            other_engine_cpus=_other_engine_cores(config, tier),
         )
 
     router_app = None

@@ -11,12 +11,13 @@ from pathlib import Path
 from typing import Annotated, Literal
 
 import yaml
-from pydantic import Field, ValidationError, model_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 
 from router.config import RouterConfig
 from router.configbase import StrictModel
 from router.errors import ConfigError
 from router.placement import Placement
+from serving.affinity import engine_cores
 from serving.capacity.config import CapacityConfig
 from serving.cascade.config import CascadeConfig
 from serving.placement import ResourcesConfig
@@ -53,13 +54,26 @@ class EngineConfig(StrictModel):
     enforce_eager: bool = False
     """Skip CUDA graphs / torch.compile: faster start, slower steps. True keeps CPU start at ~20 s."""
     cpu_threads_bind: str | None = None
-    """CPU only: cores for this engine's OpenMP threads (VLLM_CPU_OMP_THREADS_BIND), e.g. "0" or "0-3"."""
+    """CPU only: cores for this engine's OpenMP threads (VLLM_CPU_OMP_THREADS_BIND), e.g. "0" or "0-3", "0-3|4-7"
+    with one group per tensor-parallel rank, or vLLM's "auto" / "nobind". The tier replica and vLLM's scheduler
+    process move off these cores (`serving.affinity`)."""
     seed: int = 0
     """Engine RNG seed."""
     vllm_metrics: bool = False
     """Also record vLLM's own engine metrics (`vllm:*`: iterations, KV cache, preemptions, prefix-cache hits,
     per-request latencies) through Ray's metrics agent, scraped at each node's Ray metrics port. Off by default:
     vLLM observes histograms for every token (measured: the largest per-token cost in the tier replica)."""
+
+    @field_validator("cpu_threads_bind")
+    @classmethod
+    def _bind_parses(cls, value: str | None) -> str | None:
+        if value is not None:
+            try:
+                engine_cores(value)
+            except ValueError as exc:
+                raise ValueError(f'{exc}; use cores like "0" or "0-3", "0-3|4-7" for tensor-parallel ranks, '
+                                 f'or "auto"') from None
+        return value
 
     @model_validator(mode="after")
     def _batch_fits_sequences(self) -> EngineConfig:

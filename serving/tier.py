@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import ray
@@ -29,7 +30,8 @@ class TierServer:
     """One replica of one tier: an engine (`engine_cls`, vLLM by default) behind a wire server."""
 
     async def __init__(
-        self, tier: TierConfig, model_path: str, device: str, wire_token: str, *, engine_cls: type[Engine] = VllmEngine
+        self, tier: TierConfig, model_path: str, device: str, wire_token: str, *, engine_cls: type[Engine] = VllmEngine,
+        other_engine_cpus: Sequence[int] = (),
     ) -> None:
         self.reaper = EngineReaper()  # the engine's processes die with this replica, however it dies
         self.engine = engine_cls(tier, Path(model_path), device)
@@ -39,7 +41,8 @@ class TierServer:
         await self.engine.warmup()  # a replacement replica must not answer its first requests seconds late
         logger.info("tier %s: engine warmed up in %.1f s", tier.name, time.perf_counter() - started)
         if device == "cpu" and tier.engine.cpu_threads_bind:  # after start: the worker has bound its cores
-            pin_off_engine_cores(tier.engine.cpu_threads_bind, f"tier {tier.name} replica")
+            pin_off_engine_cores(tier.engine.cpu_threads_bind, f"tier {tier.name} replica",
+                                 other_engines=set(other_engine_cpus))
         self.replica_id = serve.get_replica_context().replica_id.unique_id
         self.wire = WireServer(self.engine, wire_token)
         self.address = await self.wire.start(ray.util.get_node_ip_address())

@@ -1,13 +1,14 @@
 """Bare vLLM's own OpenAI server, started from a tier's config: the yardstick for `tierserve bench`.
 
-Same engine arguments (`serving.engines.vllm.engine_kwargs`, stats logging on as in vLLM's default) and the same
-environment (core binding included, `serving.engines.vllm.engine_env`) as the tier's engine inside tierserve, so
-a side-by-side run compares only what tierserve puts around the engine. The server's own processes are left
-where the OS puts them, as a user runs it. Measured on the 2-core CPU box, both alternatives made bare vLLM
-worse: with `--disable-log-stats` it failed up to 30 of 640 requests at 32 concurrent non-streaming and, when
-its server shared a core with its engine's scheduler, held a stream's tokens back and sent them in one burst
-(TTFT 150-215 ms at concurrency 1 instead of 8); pinned off the engine's core as tierserve places its own
-processes (`serving.affinity`), it carried 1,000-2,700 tok/s instead of 3,300-4,600.
+Same engine arguments (`serving.engines.vllm.engine_kwargs`) and the same environment (core binding included,
+`serving.engines.vllm.engine_env`) as the tier's engine inside tierserve, so a side-by-side run compares only
+what tierserve puts around the engine. Stats logging is on in both, vLLM's default; bare vLLM then runs vLLM's
+own Prometheus and console stat loggers, which tierserve replaces with a lighter load tracker (part of what it
+puts around the engine). The server's own processes stay where the OS puts them, as a user runs it: pinned off
+the engine's core the way tierserve places its own (`serving.affinity`), bare vLLM carried 1,064-2,697 tok/s
+instead of 3,369-4,614 at 32 and 128 concurrent streams on the 2-core CPU box, and with `--disable-log-stats`
+also held each stream's tokens back and sent them in one burst (TTFT 146-216 ms at concurrency 1, 8 ms
+unpinned).
 """
 
 from __future__ import annotations

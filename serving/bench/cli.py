@@ -31,8 +31,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--concurrency", default="32,128", help="comma-separated concurrency levels (default 32,128)")
     p.add_argument("--modes", default="stream,unary", help="stream, unary or both (default both)")
     p.add_argument("--num-prompts", type=int, default=640,
-                   help="prompts per run (at least 2x concurrency; default 640: about 10 s of load at 32 concurrent "
-                        "on the CPU box, where 160-prompt runs of 2-4 s swung up to 2x from round to round)")
+                   help="prompts per run (at least 2x concurrency; the concurrency-1 run sends 48; default 640: about "
+                        "10 s of load at 32 concurrent on the CPU box, where 160-prompt runs of 2-4 s swung up to "
+                        "2x from round to round)")
     p.add_argument("--input-len", type=int, default=64)
     p.add_argument("--output-len", type=int, default=64)
     p.add_argument("--port", type=int, default=8011, help="port for the servers under test (default 8011)")

@@ -13,7 +13,8 @@ import contextlib
 import io
 import json
 import time
-from dataclasses import dataclass
+from collections import Counter
+from dataclasses import dataclass, field
 from typing import Any
 
 NONSTREAM_BACKEND = "openai-nonstream"
@@ -24,7 +25,7 @@ class LoadSpec:
     """One load shape: vLLM's random dataset, greedy, ignore_eos (as the issue's measurements)."""
 
     concurrency: int = 32
-    num_prompts: int = 160
+    num_prompts: int = 640
     input_len: int = 64
     output_len: int = 64
     stream: bool = True
@@ -49,6 +50,8 @@ class LoadResult:
     e2el_p50_ms: float
     e2el_p99_ms: float
     duration_s: float
+    errors: dict[str, int] = field(default_factory=dict)
+    """Why requests failed: each distinct error (its first 120 characters) and how often."""
 
     @staticmethod
     def from_vllm(result: dict[str, Any]) -> LoadResult:
@@ -65,6 +68,7 @@ class LoadResult:
             e2el_p50_ms=float(result["median_e2el_ms"]),
             e2el_p99_ms=float(result["p99_e2el_ms"]),
             duration_s=float(result["duration"]),
+            errors=dict(Counter(str(e).strip()[:120] for e in result.get("errors", []) if e)),
         )
 
 

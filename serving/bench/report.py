@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import statistics
+from collections import Counter
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -69,6 +70,7 @@ def markdown(report: BenchReport, cost: BenchCost | None = None) -> str:
                 f"{report.median(target, spec, 'itl_p50_ms'):.2f} | {_failed(report, target, spec)} |"
                 + (f" {cost.label(tps) if target != 'plumbing' else '-'} |" if cost else "")
             )
+    lines += failure_lines(report)
     lines += decision_lines(report)
     if cost:
         lines += ["", cost_note(report, cost)]
@@ -136,6 +138,21 @@ def cost_note(report: BenchReport, cost: BenchCost) -> str:
         note += (f" At c={c} tierserve made {tps:,.0f} tok/s: set cost.output_tokens_per_s.{t.tier}: "
                  f"{tps / cost.replicas:.0f} (per replica) for `tierserve eval` and `tierserve report`.")
     return note
+
+
+def failure_lines(report: BenchReport) -> list[str]:
+    """Why requests failed, per load and target, over all rounds (none: no lines)."""
+    lines = []
+    for spec in _specs(report):
+        for target in _targets(report):
+            errors: Counter[str] = Counter()
+            for run in report.runs:
+                if run.target == target and run.spec == spec:
+                    errors.update(run.result.errors)
+            if errors:
+                reasons = "; ".join(f"{count} x `{error}`" for error, count in errors.most_common(3))
+                lines.append(f"- {_load_label(spec)}, {target}: {reasons}")
+    return ["", "Failed requests:", "", *lines] if lines else []
 
 
 def _failed(report: BenchReport, target: str, spec: LoadSpec) -> str:

@@ -1,5 +1,5 @@
-"""Placement off the engine's cores, on a real process tree (a stand-in for a tier replica, vLLM's EngineCore
-and its Worker)."""
+"""Placement off the engine's cores: the pure choice of cores, and the move on a real process tree (stand-ins
+for a tier replica, vLLM's EngineCore with a second thread, the Worker it spawns, and another helper)."""
 
 from __future__ import annotations
 
@@ -10,38 +10,61 @@ import sys
 
 import pytest
 
-# A "replica" that starts a "scheduler" (inherits its mask) and a "worker" that binds itself to core 0, as
-# vLLM's Worker binds its OpenMP threads to `cpu_threads_bind`, then places itself off the engine's cores.
+from serving.affinity import engine_cores, placement_cores
+
+
+def test_engine_cores_parse_ranks_and_leave_auto_to_vllm() -> None:
+    assert engine_cores("0-3|4-7") == set(range(8)) and engine_cores("1") == {1}
+    assert engine_cores("auto") is None and engine_cores("nobind") is None
+    with pytest.raises(ValueError, match="'x'"):
+        engine_cores("0|x")
+
+
+def test_helpers_prefer_cores_no_engine_binds() -> None:
+    mask = set(range(16))
+    assert placement_cores(mask, own={0, 1, 2, 3, 4, 5, 6, 7}, other_engines={8, 9, 10, 11, 12, 13}) == {14, 15}
+    # Every core is some engine's (the 2-core box): off its own engine's cores, onto the other engine's.
+    assert placement_cores({0, 1}, own={0}, other_engines={1}) == {1}
+    assert placement_cores({0, 1}, own={0, 1}, other_engines=set()) == set()
+
+
+# The "replica" starts a "scheduler" (inherits its mask) which starts a second thread, a "worker" that binds
+# itself to core 0 as vLLM's Worker binds its OpenMP threads to `cpu_threads_bind`, and an unbound helper;
+# then the replica places itself and its tree off the engine's core.
 TREE = """
 import json, os, subprocess, sys, time
 import psutil
 from serving.affinity import pin_off_engine_cores
-sched = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+SCHEDULER = '''
+import os, subprocess, sys, threading, time
+threading.Thread(target=time.sleep, args=(60,), daemon=True).start()
 worker = subprocess.Popen([sys.executable, "-c", "import os, time; os.sched_setaffinity(0, {0}); time.sleep(60)"])
-deadline = time.monotonic() + 20
-while psutil.Process(worker.pid).cpu_affinity() != [0] and time.monotonic() < deadline:
-    time.sleep(0.05)
-pin_off_engine_cores(ENGINE, "test")
-print(json.dumps({name: psutil.Process(pid).cpu_affinity()
-                  for name, pid in [("replica", os.getpid()), ("scheduler", sched.pid), ("worker", worker.pid)]}))
-sched.kill(); worker.kill()
+helper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+print(worker.pid, helper.pid, flush=True)
+time.sleep(60)
+'''
+sched = subprocess.Popen([sys.executable, "-c", SCHEDULER], stdout=subprocess.PIPE, text=True)
+try:
+    worker, helper = map(int, sched.stdout.readline().split())
+    deadline = time.monotonic() + 20
+    while (psutil.Process(worker).cpu_affinity() != [0] or psutil.Process(sched.pid).num_threads() < 2) \\
+            and time.monotonic() < deadline:
+        time.sleep(0.05)
+    pin_off_engine_cores("0", "test")
+    threads = {name: sorted({tuple(sorted(os.sched_getaffinity(int(t)))) for t in os.listdir(f"/proc/{pid}/task")})
+               for name, pid in [("replica", os.getpid()), ("scheduler", sched.pid), ("worker", worker),
+                                 ("helper", helper)]}
+    print(json.dumps(threads))
+finally:
+    for child in psutil.Process().children(recursive=True):
+        child.kill()
 """
 
 
-def _placement(engine_cpus: str) -> dict[str, list[int]]:
-    script = TREE.replace("ENGINE", repr(engine_cpus))
-    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60, check=True)
-    return json.loads(out.stdout.strip().splitlines()[-1])
-
-
 @pytest.mark.skipif(not {0, 1} <= os.sched_getaffinity(0), reason="needs cores 0 and 1")
-def test_the_replica_and_scheduler_move_off_the_engine_cores_the_worker_stays() -> None:
-    off = sorted(os.sched_getaffinity(0) - {0})
-    assert _placement("0") == {"replica": off, "scheduler": off, "worker": [0]}
-
-
-@pytest.mark.skipif(0 not in os.sched_getaffinity(0), reason="needs core 0")
-def test_nothing_moves_when_the_engine_has_every_core() -> None:
-    every = sorted(os.sched_getaffinity(0))
-    placed = _placement(",".join(map(str, every)))
-    assert placed["replica"] == every and placed["scheduler"] == every
+def test_every_thread_of_the_tree_moves_off_the_engine_core_except_the_worker() -> None:
+    out = subprocess.run([sys.executable, "-c", TREE], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr[-2000:]
+    placed = json.loads(out.stdout.strip().splitlines()[-1])
+    off = [sorted(os.sched_getaffinity(0) - {0})]
+    assert placed == {"replica": off, "scheduler": off, "worker": [[0]], "helper": off}

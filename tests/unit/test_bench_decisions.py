@@ -75,3 +75,28 @@ def test_the_ratio_shows_its_spread_over_rounds() -> None:
     assert "| 3,700 | 0.93x (rounds 0.75-1.10x) |" in markdown(report)
     single = BenchReport(tier="small", runs=report.runs[:2])
     assert "| 3,000 | 0.75x |" in markdown(single)
+
+
+def test_failed_requests_are_listed_with_their_reasons() -> None:
+    spec = LoadSpec(concurrency=128, stream=False)
+
+    def result(failed: int, errors: dict[str, int]) -> LoadResult:
+        return LoadResult(output_tok_s=1000, request_s=10, completed=640 - failed, failed=failed, ttft_p50_ms=50,
+                          ttft_p99_ms=90, tpot_p50_ms=0, tpot_p99_ms=0, itl_p50_ms=0, e2el_p50_ms=400,
+                          e2el_p99_ms=600, duration_s=10, errors=errors)
+
+    report = BenchReport(tier="small", runs=[
+        Run("bare", 0, spec, result(3, {"ServerDisconnectedError()": 3})),
+        Run("bare", 1, spec, result(5, {"ServerDisconnectedError()": 4, "timeout": 1})),
+        Run("tierserve", 0, spec, result(0, {})),
+    ])
+    table = markdown(report)
+    assert "- 64/64 tok, c=128, unary, bare: 7 x `ServerDisconnectedError()`; 1 x `timeout`" in table
+    assert "tierserve:" not in table.split("Failed requests:")[1]
+
+
+def test_a_benchmark_result_keeps_each_distinct_error_once_with_its_count() -> None:
+    raw = {"output_throughput": 1.0, "request_throughput": 1.0, "completed": 1, "failed": 3, "median_ttft_ms": 1,
+           "p99_ttft_ms": 1, "median_tpot_ms": 1, "p99_tpot_ms": 1, "median_itl_ms": 1, "median_e2el_ms": 1,
+           "p99_e2el_ms": 1, "duration": 1.0, "errors": ["", "boom", "boom", "x" * 300]}
+    assert LoadResult.from_vllm(raw).errors == {"boom": 2, "x" * 120: 1}

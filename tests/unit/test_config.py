@@ -76,6 +76,7 @@ def test_serve_config_points_at_the_builder() -> None:
         ("tiers", [], "tiers: List should have at least 1 item"),
         ("router.max_queue_wait_s", 5.0, "router.max_queue_wait_s (5.0) must be below ingress.router_timeout_s (2.0)"),
         ("router.max_queue_wait_s", 0, "router.max_queue_wait_s: Input should be greater than 0"),
+        ("tiers.0.engine.cpu_threads_bind", "0,x", "tiers.0.engine.cpu_threads_bind: cpu list '0,x': 'x' is not a core"),
     ],
 )
 def test_bad_field_names_field_value_and_fix(path: str, value: object, expected: str) -> None:
