@@ -146,18 +146,21 @@ def failure_lines(report: BenchReport) -> list[str]:
     for spec in _specs(report):
         for target in _targets(report):
             errors: Counter[str] = Counter()
-            for run in report.runs:
-                if run.target == target and run.spec == spec:
-                    errors.update(run.result.errors)
+            for run in _runs(report, target, spec):
+                errors.update(run.result.errors)
             if errors:
                 reasons = "; ".join(f"{count} x `{error}`" for error, count in errors.most_common(3))
                 lines.append(f"- {_load_label(spec)}, {target}: {reasons}")
     return ["", "Failed requests:", "", *lines] if lines else []
 
 
+def _runs(report: BenchReport, target: str, spec: LoadSpec) -> list:
+    return [r for r in report.runs if r.target == target and r.spec == spec]
+
+
 def _failed(report: BenchReport, target: str, spec: LoadSpec) -> str:
     """Failed requests over all rounds, out of those sent (a throughput with failures is not comparable)."""
-    runs = [r for r in report.runs if r.target == target and r.spec == spec]
+    runs = _runs(report, target, spec)
     return f"{sum(r.result.failed for r in runs)}/{sum(r.result.completed + r.result.failed for r in runs)}"
 
 
