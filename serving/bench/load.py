@@ -138,6 +138,8 @@ def run_load(base_url: str, model: str, tokenizer: str, spec: LoadSpec, *, quiet
         "--percentile-metrics", "ttft,tpot,itl,e2el",
         "--metric-percentiles", "50,99",
         "--disable-tqdm",
+        # Keeps each request's error in the result (main_async drops the per-request lists without it).
+        "--save-detailed",
         # One wave of warm-up requests before the timed ones: the first load after a server starts ran
         # up to 30% slower than the next (either server), which swamped the ratios.
         "--num-warmups", str(spec.concurrency),

@@ -18,6 +18,7 @@ import pytest
 import ray.cloudpickle
 
 from serving.engines.scripted import ScriptedEngine
+from tests.conftest import REPO
 from tests.integration.scripted import running_app, scripted_config
 
 PORT = 8766
@@ -182,3 +183,23 @@ def test_request_timeout_is_a_504_and_stops_the_engine_work(app: str) -> None:
     while _running("small") and time.monotonic() < deadline:
         time.sleep(0.1)
     assert _running("small") == 0
+
+
+@pytest.mark.parametrize("stream", [True, False])
+def test_the_benchmark_keeps_why_requests_failed(app: str, stream: bool) -> None:
+    """`tierserve bench` lists each failure's reason: 200 concurrent half-second requests overflow the two ingress
+    replicas' admission limit (64 in flight each), and the refusals reach the result with their reasons."""
+    from serving.bench.load import LoadSpec, run_load
+    from serving.cli_serve import ensure_tiny_models
+    from serving.config import load_config
+
+    config = load_config(REPO / "deploy" / "cpu.yaml")
+    ensure_tiny_models(config)  # vLLM's random dataset needs a tokenizer
+    tokenizer = str(config.model_path(config.tier("small")))
+    spec = LoadSpec(concurrency=200, num_prompts=400, input_len=8, output_len=100, stream=stream)
+    result = run_load(app, "small", tokenizer, spec)
+    assert result.failed > 0 and result.completed + result.failed == 400
+    assert sum(result.errors.values()) == result.failed
+    # a stream's failure is the status line's reason (vLLM's request function), a unary one the error's body
+    reasons = ("Too Many Requests", "Service Unavailable") if stream else ("requests in flight",)
+    assert result.errors and all(any(r in e for r in reasons) for e in result.errors), result.errors
