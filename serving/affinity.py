@@ -5,18 +5,22 @@ a tier replica's frontend or the ingress scheduled onto those cores delays every
 this 2-core machine with the small engine on core 0: one stream's time per output token 2.8 ms with the
 replica and ingress free to run anywhere, 2.4 ms with them kept on core 1.
 
-The same holds for the engine's own scheduler process (`VLLM::EngineCore`): it waits for each step's result by
-spinning on shared memory (`sched_yield`, for up to a second after the last step), 50-100% of a core under
-load. Left free to run anywhere, it lands on the engine's cores part of the time and takes their cycles. So
-`pin_off_engine_cores` moves it too: every process of the replica's tree that did not bind itself to the
-engine's cores (vLLM's `VLLM::Worker` does) goes to cores no engine binds, or where every core is some
-engine's (this machine), to the other engines' cores. Measured with `tierserve bench --modes stream`, three
-pairs alternated, the other tier idle: the level stayed (c=128: 3,635-5,358 tok/s with the scheduler free,
-4,744-5,199 moved), the slow rounds went (one stream's time per token 2.56-3.91 ms free, 2.56-2.57 ms moved).
+vLLM's scheduler process (`VLLM::EngineCore`) is the other way round: it goes onto its engine's cores. On CPU,
+vLLM runs the scheduler and the worker's step in series (`platforms/cpu.py` turns async scheduling off): the
+worker computes a step while the scheduler waits, then waits while the scheduler takes the outputs and plans the
+next step. Each waits by spinning on shared memory with `sched_yield`, which on a shared core hands the core
+straight to the other. Elsewhere, the scheduler's turn waited for a slot on a core shared with the replica, the
+ingress and the clients: under load that core was saturated, and the worker idled a tenth of the time. Measured
+with `tierserve bench --modes stream --num-prompts 640`, three pairs alternated: c=32 3,556-4,772 tok/s with
+the scheduler beside its worker against 2,774-3,321 away from it, c=128 3,943-6,103 against 3,042-3,622, and
+time per output token at c=128 4.5-7.6 ms against 8.3-9.9 ms. `pin_engine_processes` places the whole tree: the scheduler (the process whose children are the
+engine's workers) on the first rank's cores, every other process that did not bind itself (the replica, the
+reaper) on cores no engine binds or, where every core is some engine's (this machine), the other engines' cores.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 
@@ -37,12 +41,18 @@ def parse_cpus(spec: str) -> set[int]:
     return cpus
 
 
-def engine_cores(spec: str) -> set[int] | None:
-    """The cores a `cpu_threads_bind` value binds ("0-3", or "0-3|4-7": one group per tensor-parallel rank);
-    None for vLLM's own "auto" and "nobind", which leave the placement to vLLM. ValueError naming a bad part."""
+def rank_cores(spec: str) -> list[set[int]] | None:
+    """The cores of each tensor-parallel rank in a `cpu_threads_bind` value ("0-3", or "0-3|4-7"); None for
+    vLLM's own "auto" and "nobind", which leave the placement to vLLM. ValueError naming a bad part."""
     if spec in ("auto", "nobind"):
         return None
-    return set().union(*(parse_cpus(rank) for rank in spec.split("|")))
+    return [parse_cpus(rank) for rank in spec.split("|")]
+
+
+def engine_cores(spec: str) -> set[int] | None:
+    """Every core a `cpu_threads_bind` value binds (None for "auto"/"nobind")."""
+    ranks = rank_cores(spec)
+    return None if ranks is None else set().union(*ranks)
 
 
 def placement_cores(mask: set[int], *, own: set[int], other_engines: set[int]) -> set[int]:
@@ -66,31 +76,37 @@ def pin_this_process(cpus: set[int], what: str) -> None:
     logger.info("%s: pinned to cores %s", what, sorted(usable))
 
 
-def pin_off_engine_cores(engine_cpus: str, what: str, *, other_engines: set[int] | None = None) -> None:
-    """Move this process and every descendant that did not bind itself to its engine's cores (vLLM's
-    EngineCore, not its Worker) off those cores (`placement_cores`; `other_engines`: the cores other engines on
-    this node bind). Call it once the engine has started its processes."""
-    own = engine_cores(engine_cpus)
-    if own is None:
+def pin_engine_processes(engine_cpus: str, what: str, *, other_engines: set[int] | None = None) -> None:
+    """Place this process's tree around its CPU engine: the engine's scheduler (the parent of the processes
+    bound to the engine's cores, vLLM's workers) on the first rank's cores, every other process that did not
+    bind itself off the engine's cores (`placement_cores`; `other_engines`: the cores other engines on this node
+    bind). Call it once the engine has started its processes."""
+    ranks = rank_cores(engine_cpus)
+    if ranks is None:
         return
+    own = set().union(*ranks)
     root = psutil.Process()
-    target = placement_cores(set(root.cpu_affinity()), own=own, other_engines=other_engines or set())
-    if not target:
-        logger.info("%s: every core here is its engine's; left where it is", what)
-        return
-    moved = []
-    for proc in [root, *root.children(recursive=True)]:
-        try:
+    off = placement_cores(set(root.cpu_affinity()), own=own, other_engines=other_engines or set())
+    tree = [root, *root.children(recursive=True)]
+    workers = set()
+    for proc in tree:
+        with contextlib.suppress(psutil.Error):
             if set(proc.cpu_affinity()) <= own:
-                continue  # an engine worker, bound to its cores
-            if _pin_threads(proc.pid, target):
-                moved.append(f"{proc.name()}({proc.pid})")
+                workers.add(proc.pid)
+    moved = []
+    for proc in tree:
+        if proc.pid in workers:
+            continue
+        try:
+            scheduler = any(child.pid in workers for child in proc.children())
+            target = ranks[0] if scheduler else off
+            if target and _pin_threads(proc.pid, target):
+                moved.append(f"{proc.name()}({proc.pid}) -> {sorted(target)}")
         except psutil.NoSuchProcess:
             continue
         except (psutil.Error, OSError) as exc:
-            logger.warning("%s: could not move process %d off the engine's cores: %s", what, proc.pid, exc)
-    logger.info("%s: %s pinned to cores %s, off the engine's %s", what, ", ".join(moved) or "nothing",
-                sorted(target), sorted(own))
+            logger.warning("%s: could not place process %d: %s", what, proc.pid, exc)
+    logger.info("%s: engine on cores %s; placed %s", what, sorted(own), ", ".join(moved) or "nothing")
 
 
 def _pin_threads(pid: int, cpus: set[int]) -> bool:

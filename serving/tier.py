@@ -15,7 +15,7 @@ from pathlib import Path
 import ray
 from ray import serve
 
-from serving.affinity import pin_off_engine_cores
+from serving.affinity import pin_engine_processes
 from serving.config import TierConfig
 from serving.engines.base import Engine
 from serving.engines.vllm import VllmEngine
@@ -41,7 +41,7 @@ class TierServer:
         await self.engine.warmup()  # a replacement replica must not answer its first requests seconds late
         logger.info("tier %s: engine warmed up in %.1f s", tier.name, time.perf_counter() - started)
         if device == "cpu" and tier.engine.cpu_threads_bind:  # after start: the worker has bound its cores
-            pin_off_engine_cores(tier.engine.cpu_threads_bind, f"tier {tier.name} replica",
+            pin_engine_processes(tier.engine.cpu_threads_bind, f"tier {tier.name} replica",
                                  other_engines=set(other_engine_cpus))
         self.replica_id = serve.get_replica_context().replica_id.unique_id
         self.wire = WireServer(self.engine, wire_token)

@@ -1,5 +1,5 @@
-"""Placement off the engine's cores: the pure choice of cores, and the move on a real process tree (stand-ins
-for a tier replica, vLLM's EngineCore with a second thread, the Worker it spawns, and another helper)."""
+"""Placement around a CPU engine: the pure choice of cores, and the moves on a real process tree (stand-ins for
+a tier replica, vLLM's EngineCore with a second thread, the Worker it spawns, and another helper)."""
 
 from __future__ import annotations
 
@@ -10,11 +10,12 @@ import sys
 
 import pytest
 
-from serving.affinity import engine_cores, placement_cores
+from serving.affinity import engine_cores, placement_cores, rank_cores
 
 
 def test_engine_cores_parse_ranks_and_leave_auto_to_vllm() -> None:
     assert engine_cores("0-3|4-7") == set(range(8)) and engine_cores("1") == {1}
+    assert rank_cores("0-1|4") == [{0, 1}, {4}]
     assert engine_cores("auto") is None and engine_cores("nobind") is None
     with pytest.raises(ValueError, match="'x'"):
         engine_cores("0|x")
@@ -30,11 +31,11 @@ def test_helpers_prefer_cores_no_engine_binds() -> None:
 
 # The "replica" starts a "scheduler" (inherits its mask) which starts a second thread, a "worker" that binds
 # itself to core 0 as vLLM's Worker binds its OpenMP threads to `cpu_threads_bind`, and an unbound helper;
-# then the replica places itself and its tree off the engine's core.
+# then the replica places its tree: the scheduler joins the worker's core, the rest leave it.
 TREE = """
 import json, os, subprocess, sys, time
 import psutil
-from serving.affinity import pin_off_engine_cores
+from serving.affinity import pin_engine_processes
 SCHEDULER = '''
 import os, subprocess, sys, threading, time
 threading.Thread(target=time.sleep, args=(60,), daemon=True).start()
@@ -50,7 +51,7 @@ try:
     while (psutil.Process(worker).cpu_affinity() != [0] or psutil.Process(sched.pid).num_threads() < 2) \\
             and time.monotonic() < deadline:
         time.sleep(0.05)
-    pin_off_engine_cores("0", "test")
+    pin_engine_processes("0", "test")
     threads = {name: sorted({tuple(sorted(os.sched_getaffinity(int(t)))) for t in os.listdir(f"/proc/{pid}/task")})
                for name, pid in [("replica", os.getpid()), ("scheduler", sched.pid), ("worker", worker),
                                  ("helper", helper)]}
@@ -62,9 +63,9 @@ finally:
 
 
 @pytest.mark.skipif(not {0, 1} <= os.sched_getaffinity(0), reason="needs cores 0 and 1")
-def test_every_thread_of_the_tree_moves_off_the_engine_core_except_the_worker() -> None:
+def test_the_scheduler_joins_its_worker_and_every_other_thread_leaves_the_engine_core() -> None:
     out = subprocess.run([sys.executable, "-c", TREE], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr[-2000:]
     placed = json.loads(out.stdout.strip().splitlines()[-1])
     off = [sorted(os.sched_getaffinity(0) - {0})]
-    assert placed == {"replica": off, "scheduler": off, "worker": [[0]], "helper": off}
+    assert placed == {"replica": off, "scheduler": [[0]], "worker": [[0]], "helper": off}
