@@ -5,17 +5,22 @@ a tier replica's frontend or the ingress scheduled onto those cores delays every
 this 2-core machine with the small engine on core 0: one stream's time per output token 2.8 ms with the
 replica and ingress free to run anywhere, 2.4 ms with them kept on core 1.
 
-vLLM's scheduler process (`VLLM::EngineCore`) is the other way round: it goes onto its engine's cores. On CPU,
-vLLM runs the scheduler and the worker's step in series (`platforms/cpu.py` turns async scheduling off): the
-worker computes a step while the scheduler waits, then waits while the scheduler takes the outputs and plans the
-next step. Each waits by spinning on shared memory with `sched_yield`, which on a shared core hands the core
-straight to the other. Elsewhere, the scheduler's turn waited for a slot on a core shared with the replica, the
-ingress and the clients: under load that core was saturated, and the worker idled a tenth of the time. Measured
-with `tierserve bench --modes stream --num-prompts 640`, three pairs alternated: c=32 3,556-4,772 tok/s with
-the scheduler beside its worker against 2,774-3,321 away from it, c=128 3,943-6,103 against 3,042-3,622, and
-time per output token at c=128 4.5-7.6 ms against 8.3-9.9 ms. `pin_engine_processes` places the whole tree: the scheduler (the process whose children are the
-engine's workers) on the first rank's cores, every other process that did not bind itself (the replica, the
-reaper) on cores no engine binds or, where every core is some engine's (this machine), the other engines' cores.
+vLLM's scheduler process (`VLLM::EngineCore`) is the other way round where no core is free of every engine
+(this machine): it goes onto its engine's cores. On CPU, vLLM runs the scheduler and the worker's step in
+series (`platforms/cpu.py` turns async scheduling off): the worker computes a step while the scheduler waits,
+then waits while the scheduler takes the outputs and plans the next step. Each waits by spinning on shared
+memory with `sched_yield`, which on a shared core hands the core straight to the other. Elsewhere, the
+scheduler's turn waited for a slot on a core shared with the replica, the ingress and the clients: under load
+that core was saturated, and the worker idled a tenth of the time. Measured with `tierserve bench --modes
+stream --num-prompts 640`, three pairs alternated: c=32 3,556-4,772 tok/s with the scheduler beside its worker
+against 2,774-3,321 away from it, c=128 3,943-6,103 against 3,042-3,622, and time per output token at c=128
+4.5-7.6 ms against 8.3-9.9 ms (one-core engines). Where the node has cores no engine binds, the scheduler goes
+there with the replica: that core is not the saturated one, and a multi-core rank's OpenMP threads keep their
+cores (vLLM's own "auto" binding leaves the scheduler a core of its own too).
+
+`pin_engine_processes` places the whole tree: the scheduler (the process whose children are the engine's
+workers) by `scheduler_cores`, every other process that did not bind itself (the replica, the reaper) by
+`placement_cores`.
 """
 
 from __future__ import annotations
@@ -62,6 +67,14 @@ def placement_cores(mask: set[int], *, own: set[int], other_engines: set[int]) -
     return (off_own - other_engines) or off_own
 
 
+def scheduler_cores(mask: set[int], *, ranks: list[set[int]], other_engines: set[int]) -> set[int]:
+    """Where an engine's scheduler process goes: with the replica on cores no engine binds if the node has any,
+    else beside its first rank's worker (see the module's docstring)."""
+    own = set().union(*ranks)
+    spare = mask - own - other_engines
+    return spare or ranks[0]
+
+
 def pin_this_process(cpus: set[int], what: str) -> None:
     """Keep every thread of this process on `cpus` (threads started later inherit it)."""
     usable = cpus & os.sched_getaffinity(0)
@@ -78,7 +91,7 @@ def pin_this_process(cpus: set[int], what: str) -> None:
 
 def pin_engine_processes(engine_cpus: str, what: str, *, other_engines: set[int] | None = None) -> None:
     """Place this process's tree around its CPU engine: the engine's scheduler (the parent of the processes
-    bound to the engine's cores, vLLM's workers) on the first rank's cores, every other process that did not
+    bound to the engine's cores, vLLM's workers) by `scheduler_cores`, every other process that did not
     bind itself off the engine's cores (`placement_cores`; `other_engines`: the cores other engines on this node
     bind). Call it once the engine has started its processes."""
     ranks = rank_cores(engine_cpus)
@@ -86,7 +99,9 @@ def pin_engine_processes(engine_cpus: str, what: str, *, other_engines: set[int]
         return
     own = set().union(*ranks)
     root = psutil.Process()
-    off = placement_cores(set(root.cpu_affinity()), own=own, other_engines=other_engines or set())
+    mask, others = set(root.cpu_affinity()), other_engines or set()
+    off = placement_cores(mask, own=own, other_engines=others)
+    beside = scheduler_cores(mask, ranks=ranks, other_engines=others)
     tree = [root, *root.children(recursive=True)]
     workers = set()
     for proc in tree:
@@ -98,8 +113,9 @@ def pin_engine_processes(engine_cpus: str, what: str, *, other_engines: set[int]
         if proc.pid in workers:
             continue
         try:
-            scheduler = any(child.pid in workers for child in proc.children())
-            target = ranks[0] if scheduler else off
+            # the replica itself is never the scheduler (a second call must not take it for one)
+            scheduler = proc.pid != root.pid and any(child.pid in workers for child in proc.children())
+            target = beside if scheduler else off
             if target and _pin_threads(proc.pid, target):
                 moved.append(f"{proc.name()}({proc.pid}) -> {sorted(target)}")
         except psutil.NoSuchProcess:

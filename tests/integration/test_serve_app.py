@@ -200,6 +200,9 @@ def test_the_benchmark_keeps_why_requests_failed(app: str, stream: bool) -> None
     result = run_load(app, "small", tokenizer, spec)
     assert result.failed > 0 and result.completed + result.failed == 400
     assert sum(result.errors.values()) == result.failed
-    # a stream's failure is the status line's reason (vLLM's request function), a unary one the error's body
-    reasons = ("Too Many Requests", "Service Unavailable") if stream else ("requests in flight",)
-    assert result.errors and all(any(r in e for r in reasons) for e in result.errors), result.errors
+    # a stream's failure is the status line's reason (vLLM's request function), a unary one the error's body;
+    # on a busy machine a queued unary request may also hit the app's 1.5 s request timeout
+    refused = ("Too Many Requests", "Service Unavailable") if stream else ("requests in flight",)
+    timed_out = ("Gateway Timeout", "request_timeout_s")
+    assert any(any(r in e for r in refused) for e in result.errors), result.errors
+    assert all(any(r in e for r in refused + timed_out) for e in result.errors), result.errors

@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from serving.affinity import engine_cores, placement_cores, rank_cores
+from serving.affinity import engine_cores, placement_cores, rank_cores, scheduler_cores
 
 
 def test_engine_cores_parse_ranks_and_leave_auto_to_vllm() -> None:
@@ -27,6 +27,12 @@ def test_helpers_prefer_cores_no_engine_binds() -> None:
     # Every core is some engine's (the 2-core box): off its own engine's cores, onto the other engine's.
     assert placement_cores({0, 1}, own={0}, other_engines={1}) == {1}
     assert placement_cores({0, 1}, own={0, 1}, other_engines=set()) == set()
+
+
+def test_the_scheduler_joins_its_first_rank_only_where_no_core_is_spare() -> None:
+    assert scheduler_cores({0, 1}, ranks=[{0}], other_engines={1}) == {0}  # the 2-core box
+    assert scheduler_cores(set(range(8)), ranks=[{0, 1}, {2, 3}], other_engines={4, 5, 6, 7}) == {0, 1}
+    assert scheduler_cores(set(range(16)), ranks=[set(range(8))], other_engines={8, 9}) == set(range(10, 16))
 
 
 # The "replica" starts a "scheduler" (inherits its mask) which starts a second thread, a "worker" that binds
@@ -51,7 +57,8 @@ try:
     while (psutil.Process(worker).cpu_affinity() != [0] or psutil.Process(sched.pid).num_threads() < 2) \\
             and time.monotonic() < deadline:
         time.sleep(0.05)
-    pin_engine_processes("0", "test")
+    pin_engine_processes("0", "test", other_engines={1})  # the 2-core box: core 1 is the other engine's
+    pin_engine_processes("0", "test", other_engines={1})  # again: the replica stays off
     threads = {name: sorted({tuple(sorted(os.sched_getaffinity(int(t)))) for t in os.listdir(f"/proc/{pid}/task")})
                for name, pid in [("replica", os.getpid()), ("scheduler", sched.pid), ("worker", worker),
                                  ("helper", helper)]}
