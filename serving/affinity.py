@@ -103,19 +103,19 @@ def pin_engine_processes(engine_cpus: str, what: str, *, other_engines: set[int]
     off = placement_cores(mask, own=own, other_engines=others)
     beside = scheduler_cores(mask, ranks=ranks, other_engines=others)
     tree = [root, *root.children(recursive=True)]
-    workers = set()
+    workers, schedulers = set(), set()
     for proc in tree:
         with contextlib.suppress(psutil.Error):
             if set(proc.cpu_affinity()) <= own:
                 workers.add(proc.pid)
+                schedulers.add(proc.ppid())
+    schedulers.discard(root.pid)  # the replica itself is never the scheduler (a second call must not take it)
     moved = []
     for proc in tree:
         if proc.pid in workers:
             continue
         try:
-            # the replica itself is never the scheduler (a second call must not take it for one)
-            scheduler = proc.pid != root.pid and any(child.pid in workers for child in proc.children())
-            target = beside if scheduler else off
+            target = beside if proc.pid in schedulers else off
             if target and _pin_threads(proc.pid, target):
                 moved.append(f"{proc.name()}({proc.pid}) -> {sorted(target)}")
         except psutil.NoSuchProcess:

@@ -4,11 +4,11 @@ Same engine arguments (`serving.engines.vllm.engine_kwargs`) and the same enviro
 `serving.engines.vllm.engine_env`) as the tier's engine inside tierserve, so a side-by-side run compares only
 what tierserve puts around the engine. Stats logging is on in both, vLLM's default; bare vLLM then runs vLLM's
 own Prometheus and console stat loggers, which tierserve replaces with a lighter load tracker (part of what it
-puts around the engine). The server's own processes stay where the OS puts them, as a user runs it: with its server
-and scheduler pinned off the engine's core (tierserve's placement then), bare vLLM carried 1,064-2,697 tok/s
-instead of 3,369-4,614 at 32 and 128 concurrent streams on the 2-core CPU box, and with `--disable-log-stats`
-also held each stream's tokens back and sent them in one burst (TTFT 146-216 ms at concurrency 1, 8 ms
-unpinned).
+puts around the engine). The server's own processes stay where the OS puts them, as a user runs it: with
+its server and scheduler pinned off the engine's core (tierserve's placement then), bare vLLM carried
+1,064-2,697 tok/s instead of 3,369-4,614 at 32 and 128 concurrent streams on the 2-core CPU box, and with
+`--disable-log-stats` also held each stream's tokens back and sent them in one burst (TTFT 146-216 ms at
+concurrency 1, 8 ms unpinned).
 """
 
 from __future__ import annotations

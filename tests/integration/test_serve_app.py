@@ -17,6 +17,9 @@ import openai
 import pytest
 import ray.cloudpickle
 
+from serving.bench.load import LoadSpec, run_load
+from serving.cli_serve import ensure_tiny_models
+from serving.config import load_config
 from serving.engines.scripted import ScriptedEngine
 from tests.conftest import REPO
 from tests.integration.scripted import running_app, scripted_config
@@ -189,10 +192,6 @@ def test_request_timeout_is_a_504_and_stops_the_engine_work(app: str) -> None:
 def test_the_benchmark_keeps_why_requests_failed(app: str, stream: bool) -> None:
     """`tierserve bench` lists each failure's reason: 200 concurrent half-second requests overflow the two ingress
     replicas' admission limit (64 in flight each), and the refusals reach the result with their reasons."""
-    from serving.bench.load import LoadSpec, run_load
-    from serving.cli_serve import ensure_tiny_models
-    from serving.config import load_config
-
     config = load_config(REPO / "deploy" / "cpu.yaml")
     ensure_tiny_models(config)  # vLLM's random dataset needs a tokenizer
     tokenizer = str(config.model_path(config.tier("small")))
