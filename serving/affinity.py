@@ -5,18 +5,13 @@ a tier replica's frontend or the ingress scheduled onto those cores delays every
 this 2-core machine with the small engine on core 0: one stream's time per output token 2.8 ms with the
 replica and ingress free to run anywhere, 2.4 ms with them kept on core 1.
 
-vLLM's scheduler process (`VLLM::EngineCore`) is the other way round where no core is free of every engine
-(this machine): it goes onto its engine's cores. On CPU, vLLM runs the scheduler and the worker's step in
-series (`platforms/cpu.py` turns async scheduling off): the worker computes a step while the scheduler waits,
-then waits while the scheduler takes the outputs and plans the next step. Each waits by spinning on shared
-memory with `sched_yield`, which on a shared core hands the core straight to the other. Elsewhere, the
-scheduler's turn waited for a slot on a core shared with the replica, the ingress and the clients: under load
-that core was saturated, and the worker idled a tenth of the time. Measured with `tierserve bench --modes
-stream --num-prompts 640`, three pairs alternated: c=32 3,556-4,772 tok/s with the scheduler beside its worker
-against 2,774-3,321 away from it, c=128 3,943-6,103 against 3,042-3,622, and time per output token at c=128
-4.5-7.6 ms against 8.3-9.9 ms (one-core engines). Where the node has cores no engine binds, the scheduler goes
-there with the replica: that core is not the saturated one, and a multi-core rank's OpenMP threads keep their
-cores (vLLM's own "auto" binding leaves the scheduler a core of its own too).
+vLLM's scheduler process (`VLLM::EngineCore`) is different. On CPU, vLLM runs the scheduler and the worker's
+step in series (`platforms/cpu.py` turns async scheduling off): the worker computes a step while the scheduler
+waits, then waits while the scheduler takes the outputs and plans the next step. Each waits by spinning on shared
+memory with `sched_yield`. Where the node has cores no engine binds, the scheduler goes there with the replica:
+a multi-core rank's OpenMP threads keep their cores (vLLM's own "auto" binding leaves the scheduler a core of its
+own too). Where every core is some engine's (the 2-core box), the load decides: off its engine's cores while they
+have room, beside its worker once everything else saturates them (`serving.scheduler_side`).
 
 `pin_engine_processes` places the whole tree: the scheduler (the process whose children are the engine's
 workers) by `scheduler_cores`, every other process that did not bind itself (the replica, the reaper) by
@@ -28,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+from dataclasses import dataclass
 
 import psutil
 
@@ -67,12 +63,27 @@ def placement_cores(mask: set[int], *, own: set[int], other_engines: set[int]) -
     return (off_own - other_engines) or off_own
 
 
-def scheduler_cores(mask: set[int], *, ranks: list[set[int]], other_engines: set[int]) -> set[int]:
-    """Where an engine's scheduler process goes: with the replica on cores no engine binds if the node has any,
-    else beside its first rank's worker (see the module's docstring)."""
+def scheduler_cores(mask: set[int], *, ranks: list[set[int]], other_engines: set[int]) -> set[int] | None:
+    """Where an engine's scheduler process stays: with the replica on cores no engine binds if the node has any,
+    beside its first rank's worker if its engine binds every core; None where every core is some engine's and
+    some are another engine's: there the load decides (`serving.scheduler_side`)."""
     own = set().union(*ranks)
     spare = mask - own - other_engines
-    return spare or ranks[0]
+    if spare:
+        return spare
+    return None if mask - own else ranks[0]
+
+
+@dataclass(frozen=True)
+class EnginePlacement:
+    """Where an engine's scheduler may go when the load decides (`serving.scheduler_side`)."""
+
+    schedulers: set[int]
+    """The scheduler process(es): the parents of the engine's workers."""
+    beside: set[int]
+    """Its first rank's cores."""
+    off: set[int]
+    """The cores the replica runs on, where the scheduler starts."""
 
 
 def pin_this_process(cpus: set[int], what: str) -> None:
@@ -82,50 +93,56 @@ def pin_this_process(cpus: set[int], what: str) -> None:
         logger.warning("%s: none of cores %s is available here; left unpinned", what, sorted(cpus))
         return
     try:
-        _pin_threads(os.getpid(), usable)
+        pin_threads(os.getpid(), usable)
     except OSError as exc:
         logger.warning("%s: could not pin to cores %s (%s); left unpinned", what, sorted(usable), exc)
         return
     logger.info("%s: pinned to cores %s", what, sorted(usable))
 
 
-def pin_engine_processes(engine_cpus: str, what: str, *, other_engines: set[int] | None = None) -> None:
+def pin_engine_processes(engine_cpus: str, what: str, *, other_engines: set[int] | None = None
+                         ) -> EnginePlacement | None:
     """Place this process's tree around its CPU engine: the engine's scheduler (the parent of the processes
     bound to the engine's cores, vLLM's workers) by `scheduler_cores`, every other process that did not
     bind itself off the engine's cores (`placement_cores`; `other_engines`: the cores other engines on this node
-    bind). Call it once the engine has started its processes."""
+    bind). Call it once the engine has started its processes. Returns where the scheduler may go when the load
+    decides (it starts off, with the replica), else None."""
     ranks = rank_cores(engine_cpus)
     if ranks is None:
-        return
+        return None
     own = set().union(*ranks)
     root = psutil.Process()
     mask, others = set(root.cpu_affinity()), other_engines or set()
     off = placement_cores(mask, own=own, other_engines=others)
-    beside = scheduler_cores(mask, ranks=ranks, other_engines=others)
+    fixed = scheduler_cores(mask, ranks=ranks, other_engines=others)
     tree = [root, *root.children(recursive=True)]
-    workers, schedulers = set(), set()
+    bound, schedulers = set(), set()
     for proc in tree:
         with contextlib.suppress(psutil.Error):
             if set(proc.cpu_affinity()) <= own:
-                workers.add(proc.pid)
+                bound.add(proc.pid)
                 schedulers.add(proc.ppid())
     schedulers.discard(root.pid)  # the replica itself is never the scheduler (a second call must not take it)
+    workers = bound - schedulers  # a scheduler already beside its workers is bound to their cores too
     moved = []
     for proc in tree:
         if proc.pid in workers:
             continue
         try:
-            target = beside if proc.pid in schedulers else off
-            if target and _pin_threads(proc.pid, target):
+            target = (fixed or off) if proc.pid in schedulers else off
+            if target and pin_threads(proc.pid, target):
                 moved.append(f"{proc.name()}({proc.pid}) -> {sorted(target)}")
         except psutil.NoSuchProcess:
             continue
         except (psutil.Error, OSError) as exc:
             logger.warning("%s: could not place process %d: %s", what, proc.pid, exc)
     logger.info("%s: engine on cores %s; placed %s", what, sorted(own), ", ".join(moved) or "nothing")
+    if fixed is not None or not schedulers:
+        return None
+    return EnginePlacement(schedulers=schedulers, beside=ranks[0], off=off)
 
 
-def _pin_threads(pid: int, cpus: set[int]) -> bool:
+def pin_threads(pid: int, cpus: set[int]) -> bool:
     """Pin every thread of `pid` to `cpus`; False if the process is gone. OSError if the kernel refuses."""
     try:
         tids = os.listdir(f"/proc/{pid}/task")

@@ -20,6 +20,7 @@ from serving.config import TierConfig
 from serving.engines.base import Engine
 from serving.engines.vllm import VllmEngine
 from serving.reaper import EngineReaper
+from serving.scheduler_side import SchedulerSide
 from serving.types import ReplicaStatus, TierInfo
 from serving.wire import WireServer
 
@@ -40,9 +41,12 @@ class TierServer:
         started = time.perf_counter()
         await self.engine.warmup()  # a replacement replica must not answer its first requests seconds late
         logger.info("tier %s: engine warmed up in %.1f s", tier.name, time.perf_counter() - started)
+        self.scheduler_side: SchedulerSide | None = None
         if device == "cpu" and tier.engine.cpu_threads_bind:  # after start: the worker has bound its cores
-            pin_engine_processes(tier.engine.cpu_threads_bind, f"tier {tier.name} replica",
-                                 other_engines=set(other_engine_cpus))
+            what = f"tier {tier.name} replica"
+            placement = pin_engine_processes(tier.engine.cpu_threads_bind, what, other_engines=set(other_engine_cpus))
+            if placement is not None:  # every core is some engine's: the load decides where the scheduler runs
+                self.scheduler_side = SchedulerSide(placement, what).start()
         self.replica_id = serve.get_replica_context().replica_id.unique_id
         self.wire = WireServer(self.engine, wire_token)
         self.address = await self.wire.start(ray.util.get_node_ip_address())
@@ -61,6 +65,9 @@ class TierServer:
         await self.engine.check_health()
 
     def __del__(self) -> None:
+        side = getattr(self, "scheduler_side", None)
+        if side is not None:
+            side.close()
         wire = getattr(self, "wire", None)
         if wire is not None:
             wire.close()

@@ -29,15 +29,18 @@ def test_helpers_prefer_cores_no_engine_binds() -> None:
     assert placement_cores({0, 1}, own={0, 1}, other_engines=set()) == set()
 
 
-def test_the_scheduler_joins_its_first_rank_only_where_no_core_is_spare() -> None:
-    assert scheduler_cores({0, 1}, ranks=[{0}], other_engines={1}) == {0}  # the 2-core box
-    assert scheduler_cores(set(range(8)), ranks=[{0, 1}, {2, 3}], other_engines={4, 5, 6, 7}) == {0, 1}
+def test_the_load_places_the_scheduler_only_where_every_core_is_some_engines() -> None:
     assert scheduler_cores(set(range(16)), ranks=[set(range(8))], other_engines={8, 9}) == set(range(10, 16))
+    assert scheduler_cores({0, 1}, ranks=[{0}], other_engines={1}) is None  # the 2-core box
+    assert scheduler_cores(set(range(8)), ranks=[{0, 1}, {2, 3}], other_engines={4, 5, 6, 7}) is None
+    assert scheduler_cores({0, 1}, ranks=[{0}, {1}], other_engines=set()) == {0}  # its engine has every core
 
 
 # The "replica" starts a "scheduler" (inherits its mask) which starts a second thread, a "worker" that binds
 # itself to core 0 as vLLM's Worker binds its OpenMP threads to `cpu_threads_bind`, and an unbound helper;
-# then the replica places its tree: the scheduler joins the worker's core, the rest leave it.
+# then the replica places its tree: the scheduler starts off the worker's core with the rest (the load moves it
+# later, see test_scheduler_side.py); a second call, with the scheduler already beside its worker, keeps the
+# replica off and tells the scheduler apart from the worker.
 TREE = """
 import json, os, subprocess, sys, time
 import psutil
@@ -57,8 +60,11 @@ try:
     while (psutil.Process(worker).cpu_affinity() != [0] or psutil.Process(sched.pid).num_threads() < 2) \\
             and time.monotonic() < deadline:
         time.sleep(0.05)
-    pin_engine_processes("0", "test", other_engines={1})  # the 2-core box: core 1 is the other engine's
-    pin_engine_processes("0", "test", other_engines={1})  # again: the replica stays off
+    placement = pin_engine_processes("0", "test", other_engines={1})  # the 2-core box: core 1 is the other's
+    os.sched_setaffinity(sched.pid, {0})  # as SchedulerSide moves it under load
+    again = pin_engine_processes("0", "test", other_engines={1})
+    assert placement == again and placement.schedulers == {sched.pid}, (placement, again)
+    assert placement.beside == {0} and placement.off == os.sched_getaffinity(0) - {0}
     threads = {name: sorted({tuple(sorted(os.sched_getaffinity(int(t)))) for t in os.listdir(f"/proc/{pid}/task")})
                for name, pid in [("replica", os.getpid()), ("scheduler", sched.pid), ("worker", worker),
                                  ("helper", helper)]}
@@ -70,9 +76,9 @@ finally:
 
 
 @pytest.mark.skipif(not {0, 1} <= os.sched_getaffinity(0), reason="needs cores 0 and 1")
-def test_the_scheduler_joins_its_worker_and_every_other_thread_leaves_the_engine_core() -> None:
+def test_the_scheduler_and_every_other_thread_leave_the_engine_core() -> None:
     out = subprocess.run([sys.executable, "-c", TREE], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr[-2000:]
     placed = json.loads(out.stdout.strip().splitlines()[-1])
     off = [sorted(os.sched_getaffinity(0) - {0})]
-    assert placed == {"replica": off, "scheduler": [[0]], "worker": [[0]], "helper": off}
+    assert placed == {"replica": off, "scheduler": off, "worker": [[0]], "helper": off}
