@@ -61,7 +61,9 @@ def markdown(report: BenchReport, cost: BenchCost | None = None) -> str:
                 ratio += f" (rounds {min(per_round):.2f}-{max(per_round):.2f}x)"
             tpot_ratio = f"{tpot / bare_tpot:.2f}x" if bare_tpot and tpot and target != "bare" else ""
             if bare_tpot is not None and bare_tpot < 0.1 and spec.stream and target != "bare":
-                tpot_ratio = "n/a: bare sent its tokens in one burst"  # seen at c=1: no per-token figure to compare
+                # Seen at c=1: no per-token figure to compare, so compare when the whole answer had arrived.
+                e2el, bare_e2el = (report.median(t, spec, "e2el_p50_ms") for t in (target, "bare"))
+                tpot_ratio = f"n/a: bare sent its tokens in one burst; whole answer p50 {e2el / bare_e2el:.2f}x"
             if target != "bare" and bare_ttft is not None and spec.concurrency == 1:
                 ratio += f" (TTFT {ttft - bare_ttft:+.1f} ms)"
             lines.append(

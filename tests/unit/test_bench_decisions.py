@@ -77,6 +77,21 @@ def test_the_ratio_shows_its_spread_over_rounds() -> None:
     assert "| 3,000 | 0.75x |" in markdown(single)
 
 
+def test_a_burst_from_bare_is_compared_by_the_whole_answers_latency() -> None:
+    spec = LoadSpec(concurrency=1, num_prompts=48)
+
+    def result(ttft: float, tpot: float, e2el: float) -> LoadResult:
+        return LoadResult(output_tok_s=600, request_s=9, completed=48, failed=0, ttft_p50_ms=ttft, ttft_p99_ms=ttft,
+                          tpot_p50_ms=tpot, tpot_p99_ms=tpot, itl_p50_ms=tpot, e2el_p50_ms=e2el, e2el_p99_ms=e2el,
+                          duration_s=5)
+
+    # bare vLLM held every token back and sent the answer at once: TPOT 0, TTFT = the whole answer.
+    report = BenchReport(tier="small", runs=[Run("bare", 0, spec, result(90.0, 0.0, 91.0)),
+                                             Run("tierserve", 0, spec, result(8.5, 1.5, 100.1))])
+    row = next(line for line in markdown(report).splitlines() if "| tierserve |" in line)
+    assert "(TTFT -81.5 ms)" in row and "bare sent its tokens in one burst; whole answer p50 1.10x" in row
+
+
 def test_failed_requests_are_listed_with_their_reasons() -> None:
     spec = LoadSpec(concurrency=128, stream=False)
 
