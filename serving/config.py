@@ -55,9 +55,9 @@ class EngineConfig(StrictModel):
     """Skip CUDA graphs / torch.compile: faster start, slower steps. True keeps CPU start at ~20 s."""
     cpu_threads_bind: str | None = None
     """CPU only: cores for this engine's OpenMP threads (VLLM_CPU_OMP_THREADS_BIND), e.g. "0" or "0-3", "0-3|4-7"
-    with one group per tensor-parallel rank, or vLLM's "auto" / "nobind". The tier replica moves off these cores;
-    vLLM's scheduler process joins the first rank's cores where no core is free of every engine, else goes with
-    the replica (`serving.affinity`)."""
+    with one group per tensor-parallel rank, or vLLM's "auto" / "nobind". The tier replica moves off these cores
+    and vLLM's scheduler process goes with it; where no core is free of every engine, it moves to the first rank's
+    cores whenever everything else saturates the others (`serving.affinity`, `serving.scheduler_side`)."""
     seed: int = 0
     """Engine RNG seed."""
     vllm_metrics: bool = False
