@@ -78,17 +78,28 @@ class SchedulerSide:
         self.side: Side = "off"
         self.moves = 0
         """Moves since start (each is logged)."""
+        self._procs: list[psutil.Process] = []
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="scheduler-side", daemon=True)
 
     def start(self) -> SchedulerSide:
-        """Place the scheduler off its engine's cores and start re-deciding."""
-        self._move(self.side)
+        """Place the scheduler off its engine's cores and start re-deciding (nothing to do if it is gone)."""
+        try:
+            self._procs = [psutil.Process(pid) for pid in sorted(self.pids)]
+            self._move(self.side)
+        except psutil.NoSuchProcess:
+            logger.warning("%s: the engine's scheduler is gone; not placing it", self.what)
+            return self
         self._thread.start()
         return self
 
     def close(self) -> None:
         self._stop.set()
+
+    @property
+    def active(self) -> bool:
+        """Whether it is still re-deciding (it stops once the scheduler is gone)."""
+        return self._thread.is_alive()
 
     def _run(self) -> None:
         try:
@@ -111,15 +122,18 @@ class SchedulerSide:
             logger.exception("%s: stopped placing the engine's scheduler", self.what)
 
     def _move(self, side: Side) -> None:
-        for pid in self.pids:
-            if not pin_threads(pid, self.beside if side == "beside" else self.off):
-                raise psutil.NoSuchProcess(pid)
+        for proc in self._procs:
+            # is_running() also tells a new process that took a dead scheduler's pid apart from it
+            if not proc.is_running() or not pin_threads(proc.pid, self.beside if side == "beside" else self.off):
+                raise psutil.NoSuchProcess(proc.pid)
 
     def _sample(self) -> _Sample:
         busy = cores_busy_s(self.off)
         sched = 0.0
-        for pid in self.pids:
-            t = psutil.Process(pid).cpu_times()
+        for proc in self._procs:
+            if not proc.is_running():
+                raise psutil.NoSuchProcess(proc.pid)
+            t = proc.cpu_times()
             sched += t.user + t.system
         return _Sample(at=time.monotonic(), cores_busy_s=busy, scheduler_s=sched)
 

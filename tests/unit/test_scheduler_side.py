@@ -86,6 +86,13 @@ def test_the_scheduler_follows_the_load_on_the_other_cores() -> None:
             spinner.kill()
             spinner.wait()
         assert _wait_for(scheduler.pid, off), "once they have room again it goes back off"
+        scheduler.kill()
+        scheduler.wait()
+        deadline = time.monotonic() + 10
+        while side.active and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not side.active, "it stops once the scheduler is gone"
+        assert not SchedulerSide(EnginePlacement({scheduler.pid}, beside={0}, off=off), "test").start().active
     finally:
         side.close()
         for proc in [scheduler, *spinners]:
