@@ -34,8 +34,8 @@ Side = Literal["off", "beside"]
 
 BUSY_TO_BESIDE = 0.6
 """Share of the off cores' time used by everything but the scheduler at or above which the scheduler goes beside
-its worker. On the 2-core box one stream kept core 1 37-42% busy, 32 streams 70% with the scheduler there and 94%
-without it."""
+its worker. On the 2-core box one stream kept core 1 34-52% busy second by second, 8 streams and more 58-99%
+(32 streams: 70% with the scheduler there, 94% without it)."""
 
 BUSY_TO_OFF = 0.5
 """The share at or below which it goes back off; the gap keeps a load near the line from moving it every second."""
@@ -45,11 +45,11 @@ SMOOTHING = 0.5
 the other core 48-71% busy second by second, and unsmoothed the scheduler moved every few seconds."""
 
 
-def next_side(side: Side, others_busy: float) -> Side:
+def next_side(side: Side, busy: float) -> Side:
     """Where the scheduler goes next, from where it is and how busy everything else kept the off cores (0-1)."""
-    if side == "off" and others_busy >= BUSY_TO_BESIDE:
+    if side == "off" and busy >= BUSY_TO_BESIDE:
         return "beside"
-    if side == "beside" and others_busy <= BUSY_TO_OFF:
+    if side == "beside" and busy <= BUSY_TO_OFF:
         return "off"
     return side
 
