@@ -145,7 +145,9 @@ def cores_busy_s(cores: set[int], stat: str = "/proc/stat") -> float:
     with open(stat) as f:
         for line in f:
             name, *fields = line.split()
-            if name.startswith("cpu") and name[3:].isdigit() and int(name[3:]) in cores:
+            if not name.startswith("cpu"):
+                break  # the per-core lines come first; the long interrupt counts after them are not needed
+            if name[3:].isdigit() and int(name[3:]) in cores:
                 user, nice, system, idle, iowait, irq, softirq, steal = map(int, fields[:8])
                 busy += user + nice + system + irq + softirq + steal
     return busy / tick
