@@ -26,11 +26,17 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from router.embedder import default_embedder  # noqa: E402
+from router.embed import default_embedder  # noqa: E402
 from router.eval.calibrate import confidence_threshold_for_rate, threshold_for_share  # noqa: E402
-from router.eval.datasets import BUILTIN, CASCADE_BUILTIN, default_data_dir, load_dataset  # noqa: E402
+from router.eval.datasets import (  # noqa: E402
+    BUILTIN,
+    CASCADE_BUILTIN,
+    default_data_dir,
+    load_dataset,
+)
 from router.eval.embcache import EmbeddingCache  # noqa: E402
-from router.eval.runner import ROUTERS, build_routers, format_table, score_routers, write_report  # noqa: E402
+from router.eval.report import format_table, write_report  # noqa: E402
+from router.eval.runner import ROUTERS, build_routers, score_routers  # noqa: E402
 
 OUT = ROOT / "benchmarks" / "results" / "routing"
 MD = ROOT / "benchmarks" / "routing_quality.md"

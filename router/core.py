@@ -21,13 +21,13 @@ import numpy as np
 from router.classifier import DifficultyClassifier
 from router.config import RouterConfig
 from router.decide import Decider
-from router.embedder import Embedder, RecheckEmbedder, build_embedder, near_boundary
+from router.embed import Embedder, RecheckEmbedder, build_embedder, near_boundary
 from router.errors import InvalidRequest, StoreError
 from router.exemplars import load_default_exemplars
 from router.scorers import ClassifierRouter, KnnRouter, Nearest, Scores
 from router.scoring import label_difficulty
 from router.store import ExemplarStore
-from router.types import Exemplar, RouteDecision, RouteInput, RouterKind
+from router.types import Exemplar, RouteDecision, RouteInput
 
 logger = logging.getLogger(__name__)
 
@@ -111,12 +111,6 @@ class Router:
         return self._store
 
     # -- routing --------------------------------------------------------------------------------------------
-
-    def route(
-        self, texts: Sequence[str], *, threshold: float | None = None, router: RouterKind | None = None
-    ) -> list[RouteDecision]:
-        """Decide a tier for each text with the same knobs (see `route_inputs` for per-text knobs)."""
-        return self.route_inputs([RouteInput(text=t, threshold=threshold, router=router) for t in texts])
 
     def busy(self, item: RouteInput, expected_wait_s: float) -> RouteDecision:
         """The heuristic's decision for a request the router would take `expected_wait_s` to decide."""

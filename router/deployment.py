@@ -19,7 +19,7 @@ from pathlib import Path
 from router.batching import AdaptiveBatcher
 from router.config import RouterConfig
 from router.core import FallbackCause, Router
-from router.embedder import Embedder
+from router.embed import Embedder
 from router.exemplars import load_default_exemplars
 from router.types import Exemplar, RouteDecision, RouteInput
 

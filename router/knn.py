@@ -9,7 +9,7 @@ import numpy as np
 
 Search = Callable[[np.ndarray, np.ndarray, int], tuple[np.ndarray, np.ndarray]]
 """(unit queries, unit exemplars, k) -> (similarities, indices), both (n, min(k, len(exemplars))), best first,
-ties by exemplar index: `nearest_neighbors`, or `router.onnx_search.OnnxSearch` on the embedder's pool."""
+ties by exemplar index: `nearest_neighbors`, or `router.embed.onnx_search.OnnxSearch` on the embedder's pool."""
 
 
 def nearest_neighbors(

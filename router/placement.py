@@ -4,7 +4,7 @@ Both are Ray's own mechanisms. A custom resource is declared by the nodes that o
 (`ray start --resources '{"gpu_group": 1000}'`) and taken by each replica (`ray_actor_options["resources"]`);
 a small amount per replica pins without limiting how many fit. A node label is set at `ray start --labels`
 and matched by the replica's `label_selector`. This model checks the syntax Ray would refuse at deploy
-time, so a config error names the field instead; `serving.placement` turns it into Ray's options.
+time, so a config error names the field instead; `serving.config.placement` turns it into Ray's options.
 """
 
 from __future__ import annotations

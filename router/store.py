@@ -277,7 +277,7 @@ class _VectorMatrix:
 
     def put(self, ids: Sequence[str], vectors: np.ndarray, tiers: Sequence[str]) -> None:
         """Add or overwrite rows. The matrix is replaced by a new array, never changed in place: a search may
-        keep what it derives from one (`router.onnx_search`)."""
+        keep what it derives from one (`router.embed.onnx_search`)."""
         vectors = _unit(vectors)
         new_rows, overwrite = [], {}
         for i, point_id in enumerate(ids):

@@ -9,18 +9,18 @@ from typing import Any
 from ray import serve
 from ray.serve import Application
 
-from serving.affinity import engine_cores
 from serving.config import AppConfig, TierConfig, load_config
+from serving.config.placement import actor_options
+from serving.cpu.affinity import engine_cores
 from serving.engines.base import Engine
 from serving.engines.vllm import engine_env
-from serving.placement import actor_options
 
 logger = logging.getLogger(__name__)
 
 
 def _other_engine_cores(config: AppConfig, tier: TierConfig) -> list[int]:
     """Cores the other tiers' CPU engines bind: the processes around this tier's engine avoid them where a node
-    has cores no engine binds (`serving.affinity.placement_cores`)."""
+    has cores no engine binds (`serving.cpu.affinity.placement_cores`)."""
     cores: set[int] = set()
     for other in config.tiers:
         if other is not tier and other.engine.cpu_threads_bind:
@@ -62,9 +62,9 @@ def build_app(config: AppConfig, *, engine_cls: type[Engine] | None = None) -> A
 
     `engine_cls` replaces vLLM in every tier (e.g. `ScriptedEngine` to measure the plumbing alone).
     """
+    from serving.channel.replica import TierServer
     from serving.engines.vllm import VllmEngine
     from serving.ingress.app import Ingress
-    from serving.tier import TierServer
 
     wire_token = secrets.token_hex(16)  # the tier replicas' data ports answer only this app's ingress
     tier_apps = {}

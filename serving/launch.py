@@ -10,14 +10,18 @@ from typing import Any
 
 import httpx
 
-from router.errors import StartupError
+from router.errors import TierserveError
 from serving.config import AppConfig
+from serving.config.placement import unmet
 from serving.engines.base import Engine
-from serving.placement import unmet
 
 logger = logging.getLogger(__name__)
 
 APP_NAME = "tierserve"
+
+
+class StartupError(TierserveError):
+    """The stack (or a benchmark's server) could not start: a missing model, a server that never got ready."""
 
 
 def check_models(config: AppConfig) -> None:

@@ -116,7 +116,7 @@ class ReplicaStatus:
 
     replica_id: str
     address: str
-    """host:port of the replica's data plane (`serving.wire`)."""
+    """host:port of the replica's data plane (`serving.channel.wire`)."""
     load: EngineLoad
     local_path: str | None = None
     """The same data plane on a node-local Unix socket, for an ingress on the replica's node."""

@@ -4,8 +4,8 @@ Heavy pieces (embedder, scikit-learn, matplotlib) are imported by the modules th
 """
 
 from router.eval.calibrate import (
-    CascadeCalibration,
     Calibration,
+    CascadeCalibration,
     confidence_threshold_for_pgr,
     confidence_threshold_for_rate,
     threshold_for_pgr,

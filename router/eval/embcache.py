@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from router.embedder import Embedder
+from router.embed import Embedder
 
 logger = logging.getLogger(__name__)
 

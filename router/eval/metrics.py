@@ -236,9 +236,3 @@ def oracle_curve(strong: np.ndarray, weak: np.ndarray, steps: int = 100) -> Curv
     """The optimal curve at `steps + 1` evenly spaced strong-call shares."""
     shares = np.linspace(0.0, 1.0, steps + 1)
     return Curve(shares * 100.0, np.array([optimal_quality(strong, weak, s) for s in shares]))
-
-
-def random_curve(strong: np.ndarray, weak: np.ndarray) -> Curve:
-    """The expected curve of a router that picks the strong model at random: a straight line."""
-    s, w = float(np.mean(strong)) * 100.0, float(np.mean(weak)) * 100.0
-    return Curve(np.array([0.0, 100.0]), np.array([w, s]))

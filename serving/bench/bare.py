@@ -25,9 +25,9 @@ from typing import Any
 
 import httpx
 
-from router.errors import StartupError
 from serving.config import AppConfig
 from serving.engines.vllm import engine_env, engine_kwargs
+from serving.launch import StartupError
 
 
 def server_args(kwargs: dict[str, Any]) -> list[str]:

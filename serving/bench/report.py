@@ -10,7 +10,7 @@ from pathlib import Path
 
 from serving.bench.load import LoadSpec
 from serving.bench.sidebyside import BenchReport, Decisions
-from serving.cost import TierCost
+from serving.plan.cost import TierCost
 
 
 @dataclass(frozen=True)

@@ -14,6 +14,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from decimal import Decimal, InvalidOperation
 
+from router.judge import token_key, yes_no_mass
 from serving.cascade.config import (
     DEFAULT_VERIFY_TEMPLATE,
     AnswerNormalization,
@@ -21,8 +22,6 @@ from serving.cascade.config import (
     FormatValidator,
     LogprobAggregate,
 )
-from router.judge import token_key
-from router.judge import yes_no_mass
 from serving.types import TokenLogprob
 
 _NUMBER = re.compile(r"(?:(?<!\w)-)?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?")

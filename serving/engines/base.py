@@ -13,8 +13,31 @@ from collections.abc import AsyncIterator
 from contextlib import aclosing
 from pathlib import Path
 
+from router.errors import InvalidRequest, TierserveError
 from serving.config import TierConfig
-from serving.types import EngineLoad, GenerationChunk, GenerationRequest, GenerationResult, SamplingOptions, TierInfo
+from serving.types import (
+    EngineLoad,
+    GenerationChunk,
+    GenerationRequest,
+    GenerationResult,
+    SamplingOptions,
+    TierInfo,
+)
+
+
+class EngineError(TierserveError):
+    """The engine failed on a request, or cannot start (a 500; the message names the tier)."""
+
+
+def prompt_too_long(prompt_tokens: int, max_tokens: int, max_model_len: int, tier: str) -> InvalidRequest:
+    """OpenAI's context-length error, naming both numbers."""
+    return InvalidRequest(
+        f"This model's maximum context length is {max_model_len} tokens (tier '{tier}'). However, you "
+        f"requested {prompt_tokens + max_tokens} tokens ({prompt_tokens} in the messages, {max_tokens} in "
+        "the completion). Please reduce the length of the messages or completion.",
+        param="messages",
+        code="context_length_exceeded",
+    )
 
 
 class Engine(ABC):

@@ -14,9 +14,15 @@ import asyncio
 import time
 from collections.abc import AsyncIterator
 
-from router.errors import EngineError, InvalidRequest, prompt_too_long
-from serving.engines.base import Engine
-from serving.types import EngineLoad, GenerationChunk, GenerationRequest, TierInfo, TokenLogprob
+from router.errors import InvalidRequest
+from serving.engines.base import Engine, EngineError, prompt_too_long
+from serving.types import (
+    EngineLoad,
+    GenerationChunk,
+    GenerationRequest,
+    TierInfo,
+    TokenLogprob,
+)
 
 _WORDS = ("alpha", "beta", "gamma", "delta", "epsilon", "zeta", "eta", "theta")
 

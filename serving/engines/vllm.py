@@ -18,10 +18,17 @@ from contextlib import aclosing
 from pathlib import Path
 from typing import Any
 
-from router.errors import EngineError, InvalidRequest, prompt_too_long
+from router.errors import InvalidRequest
 from serving.config import TierConfig
-from serving.engines.base import Engine
-from serving.types import EngineLoad, GenerationChunk, GenerationRequest, GenerationResult, TierInfo, TokenLogprob
+from serving.engines.base import Engine, EngineError, prompt_too_long
+from serving.types import (
+    EngineLoad,
+    GenerationChunk,
+    GenerationRequest,
+    GenerationResult,
+    TierInfo,
+    TokenLogprob,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -209,9 +216,8 @@ class VllmEngine(Engine):
 
     async def generate(self, request: GenerationRequest, *, whole: bool = False) -> AsyncIterator[GenerationChunk]:
         """Stream typed deltas (one chunk at the end with `whole`); a cancelled consumer aborts the request."""
-        from vllm.inputs import TokensPrompt
-
         from vllm.exceptions import VLLMClientError
+        from vllm.inputs import TokensPrompt
 
         ids = self.prompt_token_ids(request)
         try:

@@ -11,21 +11,24 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
+import ray
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response
 from pydantic import ValidationError
-import ray
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
-from router.errors import InvalidRequest, PayloadTooLarge, RequestTimeout, TierserveError, to_envelope
+from router.errors import InvalidRequest, TierserveError
 from router.types import Exemplar
-from serving.affinity import parse_cpus, pin_this_process
+from serving.channel.tiers import SseRelay, TierClient
 from serving.config import AppConfig
+from serving.cpu.affinity import parse_cpus, pin_this_process
 from serving.ingress.auth import Keys, Scope
+from serving.ingress.errors import PayloadTooLarge, RequestTimeout, to_envelope
+from serving.ingress.http import IngressApp, SseResponse, unless_disconnected
+from serving.ingress.openai import DONE, response, sse
 from serving.ingress.outcome import Outcome
 from serving.ingress.pipeline import Pipeline, StreamFormat
-from serving.ingress.router_calls import router_calls
 from serving.ingress.protocol import (
     SEED_LABELS,
     AddExemplarsRequest,
@@ -34,12 +37,10 @@ from serving.ingress.protocol import (
     ReleaseStoreRequest,
     check_limits,
 )
-from serving.ingress.http import IngressApp, SseResponse, unless_disconnected
+from serving.ingress.router_calls import router_calls
 from serving.ingress.server import DirectServer
 from serving.ingress.sessions import SESSION_HEADER, SessionKey, session_key
-from serving.ingress.tiers import SseRelay, TierClient
 from serving.metrics import Metrics
-from serving.responses import DONE, response, sse
 from serving.types import ChatMessage, GenerationRequest
 
 logger = logging.getLogger(__name__)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import hmac
 from enum import Enum
 
-from router.errors import Forbidden, Unauthorized
+from serving.ingress.errors import Forbidden, Unauthorized
 
 
 class Scope(Enum):

@@ -25,9 +25,16 @@ from serving.cascade import (
     verify_prompt,
     verify_sampling,
 )
-from router.errors import Overloaded
-from serving.ingress.calls import TierCalls
-from serving.types import ChatMessage, GenerationChunk, GenerationRequest, GenerationResult, SamplingOptions
+from serving.channel.calls import TierCalls
+from serving.channel.errors import Overloaded
+from serving.types import (
+    ChatMessage,
+    GenerationChunk,
+    GenerationRequest,
+    GenerationResult,
+    SamplingOptions,
+)
+
 
 def _question(request: GenerationRequest) -> str:
     if request.messages is not None:

@@ -17,7 +17,12 @@ from openai.types.chat import ChatCompletion, ChatCompletionChunk
 from pydantic import BaseModel
 from pydantic.json_schema import models_json_schema
 
-from serving.ingress.protocol import AddExemplarsRequest, ChatCompletionRequest, CompletionRequest, ReleaseStoreRequest
+from serving.ingress.protocol import (
+    AddExemplarsRequest,
+    ChatCompletionRequest,
+    CompletionRequest,
+    ReleaseStoreRequest,
+)
 
 
 class ErrorDetail(BaseModel):

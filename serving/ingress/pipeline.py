@@ -10,21 +10,21 @@ from dataclasses import dataclass, replace
 
 from router.types import RouteDecision
 from serving.cascade import CascadeOverride, CascadePolicy, CascadeTrace, cascade_policy
+from serving.channel.admission import CapacityController
+from serving.channel.calls import TierCalls
+from serving.channel.tiers import SseRelay, TierClient
+from serving.channel.wire import SseOptions
 from serving.config import AppConfig
-from serving.ingress.admission import CapacityController
-from serving.ingress.calls import TierCalls
 from serving.ingress.cascade_run import CascadeRunner, strip_logprobs
+from serving.ingress.openai import ChunkEncoder, Kind, encode_stream
 from serving.ingress.outcome import Outcome, status_word
 from serving.ingress.protocol import TierserveOptions
-from serving.querylog import QueryLog, QueryRecord
 from serving.ingress.router_calls import RouterCalls
 from serving.ingress.routing import Planner
 from serving.ingress.sessions import SessionKey, SessionStore, tier_to_remember
-from serving.ingress.tiers import SseRelay, TierClient
 from serving.metrics import Metrics
-from serving.responses import ChunkEncoder, Kind, encode_stream
+from serving.querylog import QueryLog, QueryRecord
 from serving.types import GenerationChunk, GenerationRequest, GenerationResult
-from serving.wire import SseOptions
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,4 @@
-"""OpenAI wire models: what clients send, validated. The response shapes are in `serving.responses`."""
+"""OpenAI wire models: what clients send, validated. The response shapes are in `serving.ingress.openai`."""
 
 from __future__ import annotations
 

@@ -14,10 +14,16 @@ from dataclasses import replace
 
 from router.decide import Decider
 from router.judge import JudgeRouter
-from router.types import Chosen, RouteDecision, RouteInput, RouterKind, parse_router_model
-from router.errors import ModelNotFound
+from router.types import (
+    Chosen,
+    RouteDecision,
+    RouteInput,
+    RouterKind,
+    parse_router_model,
+)
+from serving.channel.calls import TierCalls, judge_completion
 from serving.config import AppConfig
-from serving.ingress.calls import TierCalls, judge_completion
+from serving.ingress.errors import ModelNotFound
 from serving.ingress.protocol import TierserveOptions
 from serving.ingress.router_calls import RouterCalls
 from serving.ingress.sessions import SessionKey, SessionStore, sticky_reason

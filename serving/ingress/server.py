@@ -15,7 +15,7 @@ import socket
 import uvicorn
 from fastapi import FastAPI
 
-from router.errors import StartupError
+from serving.launch import StartupError
 
 logger = logging.getLogger(__name__)
 

@@ -76,7 +76,14 @@ def _module_docs(name: str) -> list[str]:
 
 def train_tokenizer(out_dir: Path) -> None:
     """Train a byte-level BPE tokenizer and save it in Hugging Face's layout."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from tokenizers import (
+        Tokenizer,
+        decoders,
+        models,
+        pre_tokenizers,
+        processors,
+        trainers,
+    )
     from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE(unk_token=None))

@@ -8,7 +8,7 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 import pandas as pd
 
-from serving.cost import FleetCost, TierCost, fleet_cost
+from serving.plan.cost import FleetCost, TierCost, fleet_cost
 from serving.querylog.log import QueryRecord
 
 

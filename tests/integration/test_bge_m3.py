@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from router.config import EmbedderConfig
-from router.embedder import build_embedder
+from router.embed import build_embedder
 
 HIDDEN = 32
 CORPUS = [
@@ -27,7 +27,15 @@ CORPUS = [
 
 
 def make_tiny_bge_m3(path: Path, *, heads: bool = True) -> Path:
-    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+    from tokenizers import (
+        Tokenizer,
+        decoders,
+        models,
+        normalizers,
+        pre_tokenizers,
+        processors,
+        trainers,
+    )
     from transformers import XLMRobertaConfig, XLMRobertaModel, XLMRobertaTokenizer
 
     specials = ["<s>", "<pad>", "</s>", "<unk>", "<mask>"]  # XLM-R ids 0..3 keep their meaning

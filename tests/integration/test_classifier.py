@@ -22,7 +22,7 @@ pytestmark = pytest.mark.skipif(
 
 @pytest.fixture(scope="module")
 def gsm8k(tmp_path_factory):
-    from router.embedder import default_embedder
+    from router.embed import default_embedder
 
     cache = EmbeddingCache(default_embedder(), tmp_path_factory.mktemp("emb"))
     ds = load_dataset("gsm8k", DATA)

@@ -11,9 +11,10 @@ import pytest
 from router.classifier import DifficultyClassifier
 from router.config import RouterConfig
 from router.core import Router
-from router.embedder import default_embedder
+from router.embed import default_embedder
 from router.errors import ClassifierMismatchError
 from router.exemplars import load_default_exemplars
+from tests.routing import route
 
 ROUTINE = [
     "Pull the phone number out of this line: 'Call Dana at 555-0142 after lunch.'",
@@ -47,7 +48,7 @@ def test_live_router_routes_with_the_saved_classifier(embedder, saved_classifier
                        store={"path": str(tmp_path / "qdrant")}, seed_default_exemplars=False)
     router = Router.build(cfg, ["small", "large"], data_dir, embedder=embedder)
     try:
-        decisions = router.route(ROUTINE + HARD)
+        decisions = route(router, ROUTINE + HARD)
         assert [d.router for d in decisions] == ["classifier"] * 4
         assert [d.tier for d in decisions] == ["small", "small", "large", "large"]
         assert all(not d.fallback for d in decisions)
@@ -55,7 +56,7 @@ def test_live_router_routes_with_the_saved_classifier(embedder, saved_classifier
         direct = DifficultyClassifier.load(saved_classifier).predict_difficulty(embedder.embed(ROUTINE + HARD))
         assert [d.score for d in decisions] == pytest.approx(direct.tolist(), abs=1e-6)
         # Per-request threshold still applies: at 1.0 nothing goes to large.
-        assert {d.tier for d in router.route(HARD, threshold=1.0, router="classifier")} == {"small"}
+        assert {d.tier for d in route(router, HARD, threshold=1.0, router_kind="classifier")} == {"small"}
     finally:
         router.close()
 
@@ -64,7 +65,7 @@ def test_router_without_a_classifier_falls_back_per_request(embedder, tmp_path: 
     cfg = RouterConfig(store={"path": str(tmp_path / "qdrant")}, seed_default_exemplars=False)
     router = Router.build(cfg, ["small", "large"], tmp_path, embedder=embedder)
     try:
-        (decision,) = router.route([HARD[0]], router="classifier")
+        (decision,) = route(router, [HARD[0]], router_kind="classifier")
         assert decision.fallback and decision.router == "heuristic"
         assert router.fallbacks["classifier"] == 1
     finally:

@@ -6,7 +6,12 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from router.eval.datasets import default_data_dir, describe, hash_split, load_dataset, load_table
+from router.eval.datasets import (
+    default_data_dir,
+    hash_split,
+    load_dataset,
+    load_table,
+)
 
 DATA = default_data_dir()
 needs_data = pytest.mark.skipif(
@@ -82,8 +87,7 @@ def test_hash_split_is_deterministic_and_never_straddles():
     train, test = set(ds.train["prompt"]), set(ds.test["prompt"])
     assert not train & test  # duplicated MMLU prompts land on one side
     assert 0.48 < len(ds.test) / len(ds.frame) < 0.52
-    info = describe(ds)
-    assert info["train"]["n"] + info["test"]["n"] == 14_037
+    assert len(ds.train) + len(ds.test) == 14_037
 
 
 def test_hash_split_depends_on_seed_and_fraction():
@@ -97,7 +101,7 @@ def test_hash_split_depends_on_seed_and_fraction():
 
 
 def test_strip_shared_shots_keeps_each_question():
-    from router.eval.datasets import strip_shared_shots
+    from router.eval.builtin import strip_shared_shots
 
     shots = "Q: 1+1?\nA: 2\n\n" * 20
     prompts = pd.Series([shots + "Q: capital of France?", shots + "Q: 7*6?"])
@@ -185,7 +189,8 @@ def test_score_max_on_binary_data_and_negative_scores(tmp_path):
 
 
 def test_a_dearer_weak_model_is_flagged_and_the_table_stays_aligned(tmp_path):
-    from router.eval.runner import evaluate, format_table
+    from router.eval.report import format_table
+    from router.eval.runner import evaluate
 
     n = 60
     path = _write(tmp_path, "w.csv", prompt=[f"q{i}" for i in range(n)], strong=[1] * n,

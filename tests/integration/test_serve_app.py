@@ -18,7 +18,7 @@ import pytest
 import ray.cloudpickle
 
 from serving.bench.load import LoadSpec, run_load
-from serving.cli_serve import ensure_tiny_models
+from serving.cli.serve import ensure_tiny_models
 from serving.config import load_config
 from serving.engines.scripted import ScriptedEngine
 from tests.conftest import REPO

@@ -10,7 +10,12 @@ import sys
 
 import pytest
 
-from serving.affinity import engine_cores, placement_cores, rank_cores, scheduler_cores
+from serving.cpu.affinity import (
+    engine_cores,
+    placement_cores,
+    rank_cores,
+    scheduler_cores,
+)
 
 
 def test_engine_cores_parse_ranks_and_leave_auto_to_vllm() -> None:
@@ -44,7 +49,7 @@ def test_the_load_places_the_scheduler_only_where_every_core_is_some_engines() -
 TREE = """
 import json, os, subprocess, sys, time
 import psutil
-from serving.affinity import pin_engine_processes
+from serving.cpu.affinity import pin_engine_processes
 SCHEDULER = '''
 import os, subprocess, sys, threading, time
 threading.Thread(target=time.sleep, args=(60,), daemon=True).start()

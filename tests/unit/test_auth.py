@@ -6,10 +6,15 @@ from pathlib import Path
 
 import pytest
 
-from router.errors import ConfigError, Forbidden, InvalidRequest, Unauthorized
+from router.errors import ConfigError, InvalidRequest
 from serving.config import LimitsConfig, parse_config
 from serving.ingress.auth import Keys, Scope
-from serving.ingress.protocol import ChatCompletionRequest, CompletionRequest, check_limits
+from serving.ingress.errors import Forbidden, Unauthorized
+from serving.ingress.protocol import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    check_limits,
+)
 
 MIN_CONFIG = {"device": "gpu", "tiers": [{"name": "small", "model": "m", "resources": {"num_gpus": 1}}]}
 

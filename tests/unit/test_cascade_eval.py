@@ -155,7 +155,7 @@ def test_discrete_scores_get_the_nearest_share_and_a_warning():
 
 def test_results_json_names_cascades_next_to_routers(tmp_path):
     from router.eval.datasets import LabelledSet
-    from router.eval.runner import write_report
+    from router.eval.report import write_report
 
     rng = np.random.default_rng(5)
     n = 400

@@ -13,8 +13,8 @@ from serving.config import parse_config
 from serving.ingress.outcome import Outcome
 from serving.ingress.pipeline import Pipeline
 from serving.ingress.protocol import TierserveOptions
-from serving.querylog import read_records
 from serving.metrics import Metrics
+from serving.querylog import read_records
 
 
 def _pipeline(tmp_path) -> tuple[Pipeline, Metrics]:
@@ -66,11 +66,16 @@ def test_a_stream_whose_escalation_is_refused_keeps_its_trace(tmp_path):
 
     import pytest
 
-    from router.errors import Overloaded
-    from serving.ingress.calls import TierCalls
+    from serving.channel.calls import TierCalls
+    from serving.channel.errors import Overloaded
     from serving.ingress.cascade_run import CascadeRunner
     from serving.ingress.pipeline import StreamFormat
-    from serving.types import GenerationChunk, GenerationRequest, SamplingOptions, TokenLogprob
+    from serving.types import (
+        GenerationChunk,
+        GenerationRequest,
+        SamplingOptions,
+        TokenLogprob,
+    )
 
     class RefusingLarge(TierCalls):
         def __init__(self) -> None:  # no TierClient, no admission: scripted

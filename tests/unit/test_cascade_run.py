@@ -10,11 +10,17 @@ import asyncio
 
 import pytest
 
-from router.errors import Overloaded
 from serving.cascade import CascadeConfig, CascadeTrace, cascade_policy
-from serving.ingress.calls import TierCalls
+from serving.channel.calls import TierCalls
+from serving.channel.errors import Overloaded
 from serving.ingress.cascade_run import CascadeRunner, _all_or_nothing
-from serving.types import GenerationChunk, GenerationRequest, GenerationResult, SamplingOptions, TokenLogprob
+from serving.types import (
+    GenerationChunk,
+    GenerationRequest,
+    GenerationResult,
+    SamplingOptions,
+    TokenLogprob,
+)
 
 TIERS = ["small", "large"]
 REQUEST = GenerationRequest(request_id="r1", sampling=SamplingOptions(max_tokens=8), prompt="q")

@@ -195,7 +195,7 @@ def test_placement_becomes_ray_actor_options_that_ray_accepts() -> None:
     from ray import serve
 
     from serving.app import _tier_deployment_options
-    from serving.placement import actor_options
+    from serving.config.placement import actor_options
 
     config = parse_config(_pinned())
     small = _tier_deployment_options(config, config.tier("small"))["ray_actor_options"]
@@ -275,7 +275,8 @@ def test_placement_problems_name_the_deployments_no_node_can_host() -> None:
 def test_up_address_flag_joins_instead_of_starting(monkeypatch: pytest.MonkeyPatch) -> None:
     import argparse
 
-    from serving import cli_serve, launch
+    from serving import launch
+    from serving.cli import serve as cli_serve
 
     seen = {}
     monkeypatch.setattr(launch, "start", lambda config: seen.setdefault("config", config) and "http://x:1")

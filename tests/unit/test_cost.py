@@ -6,12 +6,22 @@ import numpy as np
 import pytest
 
 from router.eval.metrics import Curve, summarize
-from router.eval.runner import EvalReport, format_table
+from router.eval.report import format_table
+from router.eval.runner import EvalReport
 from serving.bench.load import LoadResult, LoadSpec
 from serving.bench.report import BenchCost, markdown
 from serving.bench.sidebyside import BenchReport, Run
 from serving.config import parse_config
-from serving.cost import CPU_NA, FleetCost, TierCost, fleet_cost, format_self_hosted, tier_costs, usd, with_self_hosted
+from serving.plan.cost import (
+    CPU_NA,
+    FleetCost,
+    TierCost,
+    fleet_cost,
+    format_self_hosted,
+    tier_costs,
+    usd,
+    with_self_hosted,
+)
 
 
 def _gpu_config(**cost: object) -> dict:

@@ -6,14 +6,12 @@ import pickle
 
 import pytest
 
-from router.errors import (
-    EngineError,
+from serving.channel.errors import Overloaded, ServiceUnavailable
+from serving.engines.base import EngineError, prompt_too_long
+from serving.ingress.errors import (
     ModelNotFound,
-    Overloaded,
-    ServiceUnavailable,
     Unauthorized,
     find_tierserve_error,
-    prompt_too_long,
     to_envelope,
 )
 

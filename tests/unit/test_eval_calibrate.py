@@ -7,7 +7,7 @@ import pytest
 import yaml
 
 from router.eval.calibrate import threshold_for_pgr, threshold_for_share
-from serving.cli_calibrate import write_threshold
+from serving.cli.calibrate import write_threshold
 from serving.config import load_config
 
 

@@ -70,12 +70,6 @@ def test_oracle_binary_and_judge_scores():
     assert curve.points() == [[0.0, 25.0], [25.0, 50.0], [50.0, 75.0], [75.0, 75.0], [100.0, 75.0]]
 
 
-def test_random_curve_is_the_diagonal():
-    curve = m.random_curve(np.array([1, 1, 0, 1]), np.array([0, 1, 0, 0]))
-    assert m.apgr(curve, 75.0, 25.0) == pytest.approx(0.5)
-    assert m.cpt(curve, 0.5, 75.0, 25.0) == pytest.approx(50.0)
-
-
 def _routellm_reference(scores, strong, weak):
     """RouteLLM's Benchmark.evaluate + generate_results, transcribed."""
     _, thresholds = pd.qcut(scores, 10, retbins=True)

@@ -72,7 +72,7 @@ def test_cascade_escalation_against_its_target_flags_drift():
 
 
 def test_report_cost_counts_answers_and_escalated_drafts_per_tier():
-    from serving.cost import TierCost
+    from serving.plan.cost import TierCost
     from serving.querylog.report import format_cost, output_tokens_by_tier
 
     records = [replace(_rec(i, hour=0), completion_tokens=100) for i in range(8)]

@@ -38,7 +38,7 @@ import pytest
 import yaml
 
 from serving.config import parse_config
-from serving.placement import actor_options
+from serving.config.placement import actor_options
 
 REPO = Path(__file__).resolve().parents[2]
 CHART = REPO / "helm" / "tierserve"

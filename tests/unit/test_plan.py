@@ -16,11 +16,17 @@ from pathlib import Path
 import pytest
 import yaml
 
-from router.errors import PlanError
 from serving.cli import main
 from serving.config import load_config, parse_config
-from serving.plan import GPU_TYPES, TierRequest, gpu_seconds_per_1k_tokens, plan, usd_per_1k_tokens
-from serving.plan_shape import ModelShape
+from serving.plan.memory import (
+    GPU_TYPES,
+    PlanError,
+    TierRequest,
+    gpu_seconds_per_1k_tokens,
+    plan,
+    usd_per_1k_tokens,
+)
+from serving.plan.shape import ModelShape
 
 REPO = Path(__file__).resolve().parents[2]
 GPU_CONFIG = REPO / "deploy" / "gpu-7b-34b.yaml"
@@ -169,7 +175,7 @@ def _safetensors_tensors(path: Path) -> dict:
 def test_tiny_models_match_their_checkpoint_files() -> None:
     from serving.config import default_data_dir
     from serving.models.tiny import generate_tiny_models
-    from serving.plan_shape import load_shape
+    from serving.plan.shape import load_shape
 
     for path in generate_tiny_models(default_data_dir() / "models").values():
         tensors = _safetensors_tensors(path / "model.safetensors")
@@ -199,7 +205,7 @@ def test_h100_hosts_the_7b_and_the_32b_awq_on_one_gpu() -> None:
     assert sum(t.gpu_memory_utilization for t in result.tiers) <= 0.9
     for t, req in zip(result.tiers, tiers, strict=True):
         assert t.num_gpus == t.gpu_memory_utilization, t.name
-        assert t.footprint_bytes <= t.gpu_memory_utilization * H100, t.name  # Ray's packing keeps memory in bounds
+        assert t.weight_bytes + t.overhead_bytes + t.kv_cache_bytes <= t.gpu_memory_utilization * H100, t.name  # Ray's packing keeps memory in bounds
         assert t.seqs_at(req.seq_len) >= req.concurrency, t.name
         assert t.seqs_at(req.max_model_len) >= 1, t.name
         assert t.max_num_seqs == req.concurrency

@@ -17,8 +17,8 @@ import pytest
 
 from router.config import KnnConfig, RouterConfig
 from router.core import Router
-from router.embedder import Embedder, RecheckEmbedder, near_boundary
-from router.onnx_embedder import (
+from router.embed import Embedder, RecheckEmbedder, near_boundary
+from router.embed.onnx import (
     MAX_RECHECK_SHARE,
     RECHECK_FLOOR,
     OnnxCheck,
@@ -28,6 +28,7 @@ from router.onnx_embedder import (
 )
 from router.store import ExemplarStore
 from router.types import Exemplar, RouteInput
+from tests.routing import route
 
 TIERS = ["small", "large"]
 
@@ -141,11 +142,11 @@ def _router(store: ExemplarStore, embedder: Embedder) -> Router:
 def test_router_rechecks_only_near_the_boundary_and_decides_on_the_exact_vector(store: ExemplarStore) -> None:
     fast, exact = TableEmbedder(FAST), TableEmbedder(EXACT)
     recheck = RecheckEmbedder(fast, exact, margin=0.1)
-    clear, close = _router(store, recheck).route(["clear", "close"])
+    clear, close = _router(store, recheck).route_inputs([RouteInput(t) for t in ["clear", "close"]])
     assert fast.calls == [["clear", "close"]] and exact.calls == [["close"]]
     assert (recheck.fast_texts, recheck.rechecked_texts) == (2, 1)
     assert clear.tier == "small" and clear.score < 0.1
-    exact_close = _router(store, exact).route(["close"])[0]
+    exact_close = _router(store, exact).route_inputs([RouteInput(t) for t in ["close"]])[0]
     assert close.tier == "large" == exact_close.tier
     assert close.score == pytest.approx(exact_close.score) and close.neighbors == exact_close.neighbors
     assert close.embed_ms > 0
@@ -163,7 +164,7 @@ def test_band_follows_the_per_request_threshold(store: ExemplarStore) -> None:
 def test_failing_recheck_falls_back_to_the_heuristic(store: ExemplarStore) -> None:
     recheck = RecheckEmbedder(TableEmbedder(FAST), TableEmbedder({"unrelated": [0, 0, 1]}), margin=0.1)
     router = _router(store, recheck)
-    decisions = router.route(["clear", "close"])
+    decisions = route(router, ["clear", "close"])
     assert [d.router for d in decisions] == ["heuristic", "heuristic"] and all(d.fallback for d in decisions)
     assert router.fallbacks["embedder"] == 2
 

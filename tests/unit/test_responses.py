@@ -8,7 +8,7 @@ import json
 from openai.types import Completion
 from openai.types.chat import ChatCompletionChunk
 
-from serving.responses import DONE, ChunkEncoder, encode_stream
+from serving.ingress.openai import DONE, ChunkEncoder, encode_stream
 from serving.types import GenerationChunk, TokenLogprob
 
 

@@ -12,8 +12,15 @@ from pathlib import Path
 
 import pytest
 
-from serving.affinity import EnginePlacement
-from serving.scheduler_side import BUSY_TO_BESIDE, BUSY_TO_OFF, SchedulerSide, cores_busy_s, next_side, others_busy
+from serving.cpu.affinity import EnginePlacement
+from serving.cpu.scheduler_side import (
+    BUSY_TO_BESIDE,
+    BUSY_TO_OFF,
+    SchedulerSide,
+    cores_busy_s,
+    next_side,
+    others_busy,
+)
 
 
 def test_the_scheduler_goes_beside_its_worker_only_once_the_other_cores_are_saturated() -> None:

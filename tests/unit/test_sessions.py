@@ -10,8 +10,8 @@ import pytest
 
 from router.errors import ConfigError, InvalidRequest
 from serving.capacity.policy import CapacityDecision
-from serving.config import parse_config
 from serving.cascade import CascadeTrace, TierAttempt
+from serving.config import parse_config
 from serving.ingress.outcome import Outcome
 from serving.ingress.pipeline import Pipeline
 from serving.ingress.protocol import TierserveOptions

@@ -15,11 +15,9 @@ from pathlib import Path
 import pytest
 from openai.types.chat import ChatCompletionChunk
 
-from router.errors import InvalidRequest, ServiceUnavailable, Unauthorized, error_from_dict
-from serving.config import EngineConfig, TierConfig
-from serving.engines.scripted import ScriptedEngine
-from serving.types import ChatMessage, EngineLoad, GenerationRequest, SamplingOptions, TokenLogprob
-from serving.wire import (
+from router.errors import ClientError, InvalidRequest
+from serving.channel.errors import ServiceUnavailable, error_from_frame
+from serving.channel.wire import (
     CHUNK,
     END,
     RESULT,
@@ -33,6 +31,15 @@ from serving.wire import (
     error_frame,
     open_stream,
     result_from,
+)
+from serving.config import EngineConfig, TierConfig
+from serving.engines.scripted import ScriptedEngine
+from serving.types import (
+    ChatMessage,
+    EngineLoad,
+    GenerationRequest,
+    SamplingOptions,
+    TokenLogprob,
 )
 
 TIER = TierConfig(name="small", model="unused", engine=EngineConfig(max_model_len=256, max_num_seqs=8))
@@ -65,10 +72,11 @@ def test_errors_keep_their_class_status_param_and_headers() -> None:
     for exc in (InvalidRequest("stop: bad", param="stop"),
                 ServiceUnavailable.make("full", retry_after_s=3, status_code=503)):
         frame = error_frame(exc)
-        back = error_from_dict(json.loads(frame[5:]))
-        assert type(back) is type(exc) and back.status_code == exc.status_code
+        back = error_from_frame(json.loads(frame[5:]))
+        assert type(back) is type(exc)
+        assert back.status_code == exc.status_code and back.error_type == exc.error_type
         assert (back.message, back.param, back.headers) == (exc.message, exc.param, exc.headers)
-    assert error_from_dict({"class": "NoSuchError", "message": "x"}).status_code == 500
+    assert error_from_frame({"message": "x"}).status_code == 500
 
 
 async def _serve(engine_cls: type[ScriptedEngine] = FastEngine) -> tuple[ScriptedEngine, WireServer, str]:
@@ -193,7 +201,7 @@ def test_engine_refusals_come_back_as_their_client_error() -> None:
             with pytest.raises(InvalidRequest) as err:
                 await _frames(address, WireRequest(chat_request(stop=("fail",)), "result"))
             assert err.value.param == "stop" and err.value.status_code == 400
-            with pytest.raises(Unauthorized):
+            with pytest.raises(ClientError, match="bad deployment token"):
                 await _frames(address, WireRequest(chat_request(), "result"), token="wrong")
         finally:
             server.close()
@@ -240,7 +248,7 @@ def test_a_replica_that_is_gone_is_a_503_with_retry_after() -> None:
 
 def test_the_ingress_load_view_follows_the_end_frames_without_a_poll() -> None:
     """After a request the ingress sees the replica as it is now (idle), not as its last poll saw it (busy)."""
-    from serving.ingress.tiers import TierClient
+    from serving.channel.tiers import TierClient
     from serving.types import ReplicaStatus
 
     async def main() -> EngineLoad:
@@ -260,15 +268,15 @@ def test_the_ingress_load_view_follows_the_end_frames_without_a_poll() -> None:
 
 
 def test_a_load_poll_answers_over_the_data_plane_and_a_gone_replica_is_forgotten() -> None:
-    from serving.ingress.tiers import TierClient
+    from serving.channel.tiers import TierClient
+    from serving.channel.wire import poll_load
     from serving.types import ReplicaStatus
-    from serving.wire import poll_load
 
     async def main() -> None:
         engine, server, address = await _serve()
         load = await poll_load(address, "secret", local_path=server.local_path)
         assert load == EngineLoad(**{**asdict(engine.load()), "timestamp": load.timestamp})
-        with pytest.raises(Unauthorized):
+        with pytest.raises(ClientError, match="bad deployment token"):
             await poll_load(address, "wrong")
         client = TierClient({"small": None}, wire_token="secret", node_ip="127.0.0.1")
         stale = EngineLoad(tier="small", running=3, waiting=0, kv_cache_usage=0.5, max_num_seqs=8, timestamp=1.0)

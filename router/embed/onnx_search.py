@@ -19,8 +19,8 @@ import threading
 
 import numpy as np
 
+from router.embed.ort import pooled_session
 from router.knn import nearest_neighbors, rerank_within_bound
-from router.onnx_embedder import pooled_session
 
 logger = logging.getLogger(__name__)
 

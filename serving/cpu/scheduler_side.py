@@ -2,7 +2,7 @@
 every second from how busy everything else keeps the other cores.
 
 On CPU, vLLM runs the scheduler's turn and the worker's step in series, each waiting for the other by spinning
-with `sched_yield` (see `serving.affinity`). Where no core is free of every engine (the 2-core box), the
+with `sched_yield` (see `serving.cpu.affinity`). Where no core is free of every engine (the 2-core box), the
 scheduler has two places, and which is better depends on the load:
 
 - off its engine's cores, with the replica: at light load those cores have room, so the scheduler's turn
@@ -26,7 +26,7 @@ from typing import Literal
 
 import psutil
 
-from serving.affinity import EnginePlacement, pin_threads
+from serving.cpu.affinity import EnginePlacement, pin_threads
 
 logger = logging.getLogger(__name__)
 

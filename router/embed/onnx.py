@@ -1,7 +1,7 @@
 """ONNX Runtime copies of the embedder (fp32, or int8 attention weights): run, checked against torch, cached.
 
-onnxruntime is imported here, in `router.onnx_search` (the kNN on the same pool) and, for the one-time export
-and quantisation, in `router.onnx_export`.
+onnxruntime itself is imported in `router.embed.ort` (one process-wide pool), the kNN on that pool is
+`router.embed.onnx_search`, and the one-time export and quantisation `router.embed.onnx_export`.
 
 Why: on a CPU router the MiniLM forward pass is most of the routing decision (10.6 ms p50 for one query on
 this machine, idle, in torch). ONNX Runtime runs the same model in 4.3-5 ms with fused transformer ops (fp32,
@@ -21,7 +21,7 @@ How, so it is the same model:
   embedded by the candidate, exemplars by torch, as the store holds exact vectors) makes the same decisions.
   fp32 must not flip any decision whose torch score is not a near-tie (within `TIE_MARGIN` of the
   boundary). int8 alone does flip some (score errors up to ~0.16), so it serves only with a re-check
-  (`router.embedder.RecheckEmbedder`): texts whose int8 score is within a margin of a boundary are
+  (`router.embed.RecheckEmbedder`): texts whose int8 score is within a margin of a boundary are
   re-embedded exactly. The margin is `RECHECK_FACTOR` x the largest int8 score error on the probe (at least
   `RECHECK_FLOOR`); the check then requires zero flipped decisions with the re-check, and at most
   `MAX_RECHECK_SHARE` of the probe inside the band (a wider band would make the exact model the common
@@ -37,12 +37,13 @@ import threading
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
 from router.config import KnnConfig
-from router.embedder import Embedder, FlagEmbedder, near_boundary
+from router.embed.base import Embedder, near_boundary
+from router.embed.flag import FlagEmbedder
+from router.embed.ort import pool_threads, session
 from router.knn import Search, nearest_neighbors
 from router.scorers import KnnRouter, MatrixIndex
 from router.scoring import tiers_for_scores
@@ -136,10 +137,7 @@ class OnnxEmbedder(Embedder):
 
     def __init__(self, model_file: Path, tokenizer_dir: Path, *, max_length: int, num_threads: int,
                  batch_size: int, dim: int, name: str) -> None:
-        import onnxruntime as ort
-
-        self._session = ort.InferenceSession(str(model_file), session_options(num_threads),
-                                             providers=["CPUExecutionProvider"])
+        self._session = session(str(model_file), num_threads)
         self._tokenize = Tokenizer(tokenizer_dir, max_length)
         self._search: Search | None = None
         self._batch_size = batch_size
@@ -157,54 +155,14 @@ class OnnxEmbedder(Embedder):
 
     def neighbor_search(self) -> Search:
         """`OnnxSearch` on the shared pool (one per embedder); numpy's where sessions have pools of their own."""
-        if not _pool_threads:
+        if not pool_threads():
             return nearest_neighbors
         if self._search is None:
-            from router.onnx_search import OnnxSearch
+            from router.embed.onnx_search import OnnxSearch
 
             self._search = OnnxSearch()
         return self._search
 
-
-def pooled_session(model: bytes) -> Any:
-    """An ONNX Runtime session for a serialized model, on this process's shared pool where there is one."""
-    import onnxruntime as ort
-
-    return ort.InferenceSession(model, session_options(_pool_threads or 1), providers=["CPUExecutionProvider"])
-
-
-_pool_threads: int | None = None
-"""Threads of this process's one ONNX Runtime pool (None: not created yet, or per-session pools)."""
-
-
-def session_options(num_threads: int) -> Any:
-    """Sessions share one process-wide ONNX Runtime thread pool of `num_threads`.
-
-    With a pool per session, the int8 copy's pool threads kept spinning while the exact copy re-checked a
-    text on its own pool, three busy threads on two cores. One shared pool also ran a single embedding
-    faster here (5.2-6 ms against 6.1-7.6 ms). The first embedder's `num_threads` sizes it for the process.
-    """
-    global _pool_threads
-    import onnxruntime as ort
-    from onnxruntime.capi import _pybind_state
-
-    options = ort.SessionOptions()
-    if _pool_threads is None:
-        try:
-            _pybind_state.set_global_thread_pool_sizes(num_threads, 1)
-            _pool_threads = num_threads
-        except RuntimeError as exc:  # the runtime's environment exists already: a pool per session
-            logger.info("ONNX Runtime thread pool per session (%s)", exc)
-            _pool_threads = 0
-    if _pool_threads:
-        if num_threads != _pool_threads:
-            logger.info("ONNX embedder asks for %d threads; this process's shared pool has %d",
-                        num_threads, _pool_threads)
-        options.use_per_session_threads = False
-    else:
-        options.intra_op_num_threads = num_threads
-        options.inter_op_num_threads = 1
-    return options
 
 
 def compare(reference: Embedder, candidate: Embedder, texts: Sequence[str], difficulty: Sequence[float], *,
@@ -255,7 +213,7 @@ def load_or_export(torch_embedder: FlagEmbedder, model_dir: Path, cache_dir: Pat
     if it failed its check against torch. With `recheck_with` the check derives and tests a re-check band
     (`OnnxCheck.recheck_margin`) for serving it behind that exact embedder."""
     # torch's and ONNX Runtime's exporters load only where a model is exported
-    from router.onnx_export import export, fingerprint
+    from router.embed.onnx_export import export, fingerprint
 
     source = fingerprint(model_dir, torch_embedder.pooling, max_length)
     folder = cache_dir / f"{model_dir.name}-{source}"

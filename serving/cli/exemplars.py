@@ -69,7 +69,7 @@ def _import(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from router.core import Router
-    from router.embedder import build_embedder
+    from router.embed import build_embedder
     from router.exemplars import parse_label_map, read_exemplars
 
     cfg = _load(args.config)
@@ -135,7 +135,7 @@ def _load(path: str) -> AppConfig:
 
 
 def _open_store(cfg: AppConfig) -> ExemplarStore:
-    from router.embedder import embedder_dim
+    from router.embed import embedder_dim
     from router.store import ExemplarStore
 
     return ExemplarStore.open(

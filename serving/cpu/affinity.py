@@ -11,7 +11,7 @@ waits, then waits while the scheduler takes the outputs and plans the next step.
 memory with `sched_yield`. Where the node has cores no engine binds, the scheduler goes there with the replica:
 a multi-core rank's OpenMP threads keep their cores (vLLM's own "auto" binding leaves the scheduler a core of its
 own too). Where every core is some engine's (the 2-core box), the load decides: off its engine's cores while they
-have room, beside its worker once everything else saturates them (`serving.scheduler_side`).
+have room, beside its worker once everything else saturates them (`serving.cpu.scheduler_side`).
 
 `pin_engine_processes` places the whole tree: the scheduler (the process whose children are the engine's
 workers) by `scheduler_cores`, every other process that did not bind itself (the replica, the reaper) by
@@ -66,7 +66,7 @@ def placement_cores(mask: set[int], *, own: set[int], other_engines: set[int]) -
 def scheduler_cores(mask: set[int], *, ranks: list[set[int]], other_engines: set[int]) -> set[int] | None:
     """Where an engine's scheduler process stays: with the replica on cores no engine binds if the node has any,
     beside its first rank's worker if its engine binds every core; None where every core is some engine's and
-    some are another engine's: there the load decides (`serving.scheduler_side`)."""
+    some are another engine's: there the load decides (`serving.cpu.scheduler_side`)."""
     own = set().union(*ranks)
     spare = mask - own - other_engines
     if spare:
@@ -76,7 +76,7 @@ def scheduler_cores(mask: set[int], *, ranks: list[set[int]], other_engines: set
 
 @dataclass(frozen=True)
 class EnginePlacement:
-    """Where an engine's scheduler may go when the load decides (`serving.scheduler_side`)."""
+    """Where an engine's scheduler may go when the load decides (`serving.cpu.scheduler_side`)."""
 
     schedulers: set[int]
     """The scheduler process(es): the parents of the engine's workers."""

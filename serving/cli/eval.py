@@ -1,17 +1,20 @@
-"""`tierserve eval / calibrate / train-router / report`: routing quality on labelled data, thresholds, the
-classifier router, and what the query log says about live traffic. `calibrate` runs in `serving.cli_calibrate`.
-"""
+"""`tierserve eval / train-router / report`: routing quality on labelled data, the classifier router, and what
+the query log says about live traffic (`calibrate` is `serving.cli.calibrate`)."""
 
 from __future__ import annotations
 
 import argparse
 import os
-import re
-import sys
-import time
-from pathlib import Path
 
-ROUTER_CHOICES = ("random", "heuristic", "knn", "classifier")
+from serving.cli.data import (
+    ROUTER_CHOICES,
+    dataset_args,
+    embedding_cache,
+    load_dataset_noting,
+    parse_since,
+    querylog_dir,
+)
+
 EVAL_CHOICES = (*ROUTER_CHOICES, "judge")
 CASCADE_CHOICES = ("cascade", *(f"cascade+{r}" for r in ROUTER_CHOICES if r != "random"), "cascade-learned")
 
@@ -19,7 +22,7 @@ CASCADE_CHOICES = ("cascade", *(f"cascade+{r}" for r in ROUTER_CHOICES if r != "
 def register(sub: argparse._SubParsersAction) -> None:
     """Add the evaluation subcommands to the `tierserve` parser."""
     ev = sub.add_parser("eval", help="score routers on labelled data with RouteLLM's metrics")
-    _dataset_args(ev)
+    dataset_args(ev)
     ev.add_argument("--routers", default="random,heuristic,knn,classifier",
                     help="comma-separated, from: " + ", ".join(EVAL_CHOICES) + "; with --weak-confidence-col also "
                          + ", ".join(CASCADE_CHOICES) + " (cascades: the weak call first, escalated below a "
@@ -31,29 +34,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     ev.add_argument("--classifier-models", default="logreg", help="models the classifier tuning tries: logreg,mlp")
     ev.set_defaults(func=_eval)
 
-    cal = sub.add_parser("calibrate", help="pick the router (or cascade) threshold for a target share or quality")
-    _dataset_args(cal, required=False)
-    cal.add_argument("--router", default="knn", choices=ROUTER_CHOICES)
-    cal.add_argument("--cascade", action="store_true",
-                     help="calibrate the cascade's confidence threshold (cascade.tier_thresholds[--tier]) instead")
-    cal.add_argument("--tier", help="--cascade: the tier whose answers are scored (default: the cheapest in --config)")
-    cal.add_argument("--from-querylog", metavar="DIR",
-                     help="calibrate on the router scores (or, with --cascade, the confidences) in this query log")
-    cal.add_argument("--since", help="query-log window start: 24h, 7d or an ISO date")
-    cal.add_argument("--holdout", type=float, default=0.3,
-                     help="query log: the latest share of records kept out of calibration to check it (0.3)")
-    target = cal.add_mutually_exclusive_group(required=True)
-    target.add_argument("--target-strong-share", type=float, help="share of requests for the strong tier, 0..1")
-    target.add_argument("--target-escalation-rate", type=float,
-                        help="--cascade: share of the tier's answers to escalate, 0..1")
-    target.add_argument("--target-pgr", type=float, help="fraction of the quality gap to recover, 0..1")
-    cal.add_argument("--write", action="store_true",
-                     help="write the threshold into --config (router.thresholds, or with --cascade "
-                          "cascade.tier_thresholds and cascade.tier_target_escalation_rates); the old file is kept as .bak")
-    cal.set_defaults(func=_calibrate)
-
     tr = sub.add_parser("train-router", help="train the classifier router and save it")
-    _dataset_args(tr, required=False)
+    dataset_args(tr, required=False)
     tr.add_argument("--from-querylog", metavar="DIR", help="train on labelled query-log rows instead")
     tr.add_argument("--since", help="query-log window start: 24h, 7d or an ISO date")
     tr.add_argument("--save", required=True, metavar="DIR", help="folder to write model.joblib + manifest.json")
@@ -75,71 +57,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     rep.set_defaults(func=_report)
 
 
-def _dataset_args(p: argparse.ArgumentParser, *, required: bool = True) -> None:
-    p.add_argument("--dataset", required=required,
-                   help="mmlu, gsm8k, mt-bench, arc-challenge, mbpp, winogrande, or a .csv/.jsonl path")
-    p.add_argument("--data-dir", help="shared routing data (default: $TIERSERVE_EVAL_DATA or <repo>/../shared/data)")
-    p.add_argument("--config", default=os.environ.get("TIERSERVE_CONFIG"),
-                   help="tierserve YAML config; its router.embedder is used (default: the bundled MiniLM), and "
-                        "eval also prices the policies in GPU time from its cost.* and resources.num_gpus")
-    p.add_argument("--cache-dir", help="embedding cache (default: <tierserve data dir>/eval-cache)")
-    p.add_argument("--test-fraction", type=float, default=0.5, help="hash split for sets without one")
-    p.add_argument("--split-seed", type=int, default=0)
-    p.add_argument("--strong-model", help="RouterBench column of the strong model")
-    p.add_argument("--weak-model", help="RouterBench column of the weak model")
-    for col in ("prompt", "strong", "weak"):
-        p.add_argument(f"--{col}-col", default=col, help=f"generic file: column of the {col} (default {col})")
-    p.add_argument("--split-col", help="generic file: column holding train/test")
-    p.add_argument("--strong-cost-col")
-    p.add_argument("--weak-cost-col")
-    p.add_argument("--score-max", type=float, default=1.0, help="generic file: divide scores by this")
-    p.add_argument("--weak-confidence-col",
-                   help="generic file: column of the weak model's confidence in its answer (enables cascades)")
-    p.add_argument("--weak-confidence-kind", choices=("prob", "logprob"),
-                   help="what --weak-confidence-col holds: a probability or a log-probability (default: inferred)")
-    p.add_argument("--cost-ratio", type=float,
-                   help="weak/strong cost of one call, for data without cost columns (e.g. 0.114 for 8B vs 70B); "
-                        "without it and without cost columns only strong calls are counted")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
-
-
-def _load(args):
-    from router.eval.datasets import default_data_dir, load_dataset
-
-    data_dir = Path(args.data_dir).expanduser() if args.data_dir else default_data_dir()
-    return load_dataset(
-        args.dataset, data_dir, test_fraction=args.test_fraction, seed=args.split_seed,
-        strong_model=args.strong_model, weak_model=args.weak_model, prompt_col=args.prompt_col,
-        strong_col=args.strong_col, weak_col=args.weak_col, split_col=args.split_col,
-        strong_cost_col=args.strong_cost_col, weak_cost_col=args.weak_cost_col, score_max=args.score_max,
-        weak_confidence_col=args.weak_confidence_col, weak_confidence_kind=args.weak_confidence_kind,
-    )
-
-
-def load_dataset_noting(args):
-    """Load `--dataset` and print, on stderr, everything the loader decided on its own."""
-    ds = _load(args)
-    for note in ds.notices:
-        print(f"note: {note}", file=sys.stderr)
-    return ds
-
-
-def embedding_cache(args):
-    """The embedding cache over `--config`'s router embedder (default: the bundled MiniLM)."""
-    from router.embedder import build_embedder, default_embedder
-    from router.eval.embcache import EmbeddingCache
-
-    if args.config:
-        from serving.config import load_config
-
-        embedder = build_embedder(load_config(args.config).router.embedder)
-    else:
-        embedder = default_embedder()
-    return EmbeddingCache(embedder, args.cache_dir)
-
-
 def _eval(args) -> int:
-    from router.eval.runner import format_table, write_report
+    from router.eval.report import format_table, write_report
     from router.eval.runner import evaluate as run_eval
 
     names = [n.strip() for n in args.routers.split(",") if n.strip()]
@@ -166,7 +85,7 @@ def _eval(args) -> int:
                       extra=extra, cost_ratio=args.cost_ratio)
     if args.config:  # GPU time beside the API-price view: the cheapest tier as weak, the last as strong
         from serving.config import load_config
-        from serving.cost import tier_costs, with_self_hosted
+        from serving.plan.cost import tier_costs, with_self_hosted
 
         app = load_config(args.config)
         costs = tier_costs(app)
@@ -174,17 +93,11 @@ def _eval(args) -> int:
     json_path, png_path = write_report(report, args.out)
     print(format_table(report))
     if report.self_hosted:
-        from serving.cost import format_self_hosted
+        from serving.plan.cost import format_self_hosted
 
         print("\n".join(format_self_hosted(report.self_hosted)))
     print(f"\nwrote {json_path} and {png_path}")
     return 0
-
-
-def _calibrate(args) -> int:
-    from serving.cli_calibrate import calibrate
-
-    return calibrate(args)
 
 
 def _train_router(args) -> int:
@@ -233,9 +146,14 @@ def _train_router(args) -> int:
 def _report(args) -> int:
     from router.eval.plot import plot_report
     from serving.querylog import read_records
-    from serving.querylog.report import cascade_over_time, format_cascade, format_report, routing_over_time
+    from serving.querylog.report import (
+        cascade_over_time,
+        format_cascade,
+        format_report,
+        routing_over_time,
+    )
 
-    directory = args.querylog or _querylog_dir(args.config)
+    directory = args.querylog or querylog_dir(args.config)
     records = list(read_records(directory, since=parse_since(args.since)))
     table = routing_over_time(records, args.bucket)
     print(f"{len(records)} requests in {directory}")
@@ -261,30 +179,8 @@ def _report_cost(records, config: str | None) -> str:
     if not config:
         return "self-hosted cost: give --config for GPU-seconds per tier (resources.num_gpus, cost.*)"
     from serving.config import load_config
-    from serving.cost import tier_costs
+    from serving.plan.cost import tier_costs
     from serving.querylog.report import format_cost
 
     app = load_config(config)
     return format_cost(records, tier_costs(app), baseline=app.tier_names[-1])
-
-
-def _querylog_dir(config: str | None) -> Path:
-    if not config:
-        raise ValueError("give --querylog DIR or --config FILE")
-    from serving.config import load_config
-
-    app = load_config(config)
-    return app.query_log.resolved_path(app.resolved_data_dir())
-
-
-def parse_since(value: str | None) -> float | None:
-    """'24h', '7d', '30m' back from now, or an ISO date/time."""
-    if not value:
-        return None
-    m = re.fullmatch(r"(\d+(?:\.\d+)?)([mhd])", value.strip())
-    if m:
-        return time.time() - float(m.group(1)) * {"m": 60, "h": 3600, "d": 86_400}[m.group(2)]
-    from datetime import UTC, datetime
-
-    parsed = datetime.fromisoformat(value)
-    return (parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)).timestamp()

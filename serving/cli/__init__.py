@@ -6,19 +6,19 @@ import argparse
 import logging
 import sys
 
-from serving import cli_eval, cli_exemplars, cli_plan, cli_serve
-from serving.bench import cli as bench_cli
+from serving.cli import bench, calibrate, eval, exemplars, plan, serve
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tierserve", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    cli_serve.register(sub)
-    cli_exemplars.register(sub)
-    cli_eval.register(sub)
-    bench_cli.register(sub)
-    cli_plan.register(sub)
+    serve.register(sub)
+    exemplars.register(sub)
+    eval.register(sub)
+    calibrate.register(sub)
+    bench.register(sub)
+    plan.register(sub)
     return parser
 
 
@@ -41,5 +41,3 @@ def main(argv: list[str] | None = None) -> int:
         raise
 
 
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,7 +1,7 @@
 """The Ray Serve deployment hosting one tier's engine.
 
 Ray Serve owns the replica's life (placement, health checks, restarts, scaling); the tokens leave
-through the replica's own data-plane port (`serving.wire`), whose address the ingress learns from
+through the replica's own data-plane port (`serving.channel.wire`), whose address the ingress learns from
 `status()`.
 """
 
@@ -15,14 +15,14 @@ from pathlib import Path
 import ray
 from ray import serve
 
-from serving.affinity import pin_engine_processes
+from serving.channel.reaper import EngineReaper
+from serving.channel.wire import WireServer
 from serving.config import TierConfig
+from serving.cpu.affinity import pin_engine_processes
+from serving.cpu.scheduler_side import SchedulerSide
 from serving.engines.base import Engine
 from serving.engines.vllm import VllmEngine
-from serving.reaper import EngineReaper
-from serving.scheduler_side import SchedulerSide
 from serving.types import ReplicaStatus, TierInfo
-from serving.wire import WireServer
 
 logger = logging.getLogger(__name__)
 

@@ -1,6 +1,6 @@
 """The ingress's view of the tier deployments: the data-plane calls, readiness and a cached load view.
 
-Tokens travel over each replica's wire port (`serving.wire`), whose END frame also brings the replica's
+Tokens travel over each replica's wire port (`serving.channel.wire`), whose END frame also brings the replica's
 load as each request leaves it; the background poll asks known replicas for their load over the same
 port. Ray handles carry only the control plane: `status()` to find replicas (every couple of seconds,
 never per request) and `info()` for /health.
@@ -19,10 +19,9 @@ from dataclasses import replace
 
 from ray.serve.handle import DeploymentHandle
 
-from router.errors import EngineError, ServiceUnavailable
 from serving.capacity import combine_loads
-from serving.types import EngineLoad, GenerationChunk, GenerationRequest, GenerationResult, ReplicaStatus, TierInfo
-from serving.wire import (
+from serving.channel.errors import ServiceUnavailable
+from serving.channel.wire import (
     CHUNK,
     END,
     RESULT,
@@ -34,6 +33,15 @@ from serving.wire import (
     open_stream,
     poll_load,
     result_from,
+)
+from serving.engines.base import EngineError
+from serving.types import (
+    EngineLoad,
+    GenerationChunk,
+    GenerationRequest,
+    GenerationResult,
+    ReplicaStatus,
+    TierInfo,
 )
 
 logger = logging.getLogger(__name__)

@@ -1,7 +1,7 @@
 """What a self-hosted operator pays: GPU-seconds (and dollars) per 1k output tokens, per tier.
 
 A replica holding `resources.num_gpus` GPUs and producing `tokens_per_s` output tokens per second spends
-num_gpus x 1000 / tokens_per_s GPU-seconds per 1k output tokens (`serving.plan.gpu_seconds_per_1k_tokens`);
+num_gpus x 1000 / tokens_per_s GPU-seconds per 1k output tokens (`serving.plan.memory.gpu_seconds_per_1k_tokens`);
 `cost.usd_per_gpu_hour` turns that into dollars. Throughput comes from a measurement (`tierserve bench`
 prints it; `cost.output_tokens_per_s` keeps it in the config). CPU tiers (num_gpus 0) have no GPU cost: they
 are shown as "n/a (CPU)" rather than priced on a made-up CPU rate. `tierserve eval --config` prices the
@@ -16,7 +16,7 @@ from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
 from serving.config import AppConfig
-from serving.plan import gpu_seconds_per_1k_tokens
+from serving.plan.memory import gpu_seconds_per_1k_tokens
 
 if TYPE_CHECKING:
     from router.eval.runner import EvalReport

@@ -1,6 +1,6 @@
 """GPU memory planner: from model shapes and a GPU, the engine and Ray numbers that fit.
 
-Everything here is a pure function of its arguments; `serving/cli_plan.py` reads files and prints.
+Everything here is a pure function of its arguments; `serving/cli/plan.py` reads files and prints.
 
 Per engine and GPU the planner counts
   weights    parameters from the shape (embeddings, q/k/v/o with GQA, gate/up/down, norms, lm_head unless
@@ -22,8 +22,12 @@ import math
 from dataclasses import dataclass, replace
 from typing import Literal
 
-from router.errors import PlanError
-from serving.plan_shape import ModelShape, dtype_bytes
+from router.errors import TierserveError
+from serving.plan.shape import ModelShape, dtype_bytes
+
+
+class PlanError(TierserveError, ValueError):
+    """A GPU plan that cannot work; the message names the tier, the shortfall and the fix."""
 
 GIB = 1 << 30
 MIB = 1 << 20
@@ -96,10 +100,6 @@ class TierPlan:
     def seqs_at(self, length: int) -> int:
         """Sequences of `length` tokens the KV cache holds at once."""
         return self.kv_tokens // _blocks(length)
-
-    @property
-    def footprint_bytes(self) -> int:
-        return self.weight_bytes + self.overhead_bytes + self.kv_cache_bytes
 
 
 @dataclass(frozen=True)

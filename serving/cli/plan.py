@@ -1,16 +1,16 @@
-"""`tierserve plan`: size each tier's engine and GPU share from its model's shape (see serving/plan.py)."""
+"""`tierserve plan`: size each tier's engine and GPU share from its model's shape (see serving/plan/memory.py)."""
 
 from __future__ import annotations
 
 import argparse
 from collections.abc import Callable
 
-from router.errors import PlanError
-from serving.plan import (
+from serving.plan.memory import (
     DEFAULT_RESERVE,
     GIB,
     GPU_TYPES,
     Plan,
+    PlanError,
     TierRequest,
     gpu_seconds_per_1k_tokens,
     plan,
@@ -122,7 +122,7 @@ def per_tier(flag: str, spec: str | None, names: list[str], cast: Callable[[str]
 def build_requests(args: argparse.Namespace) -> list[TierRequest]:
     """One TierRequest per tier, from the config file and flags (or from --model alone for a what-if)."""
     from serving.config import load_config
-    from serving.plan_shape import load_shape
+    from serving.plan.shape import load_shape
 
     if any("=" not in m for m in args.model):
         raise PlanError(f"--model {args.model}: each must be TIER=PATH, e.g. --model large=/models/Qwen2.5-32B.")
@@ -208,7 +208,7 @@ def render_report(result: Plan, gpu_name: str) -> str:
     if any(t.device == "gpu" for t in result.tiers):
         lines.append(
             "(per GPU; overhead = CUDA context + CUDA graphs + NCCL + peak activations, logits and any "
-            "dequantized weight copy: see serving/plan.py)"
+            "dequantized weight copy: see serving/plan/memory.py)"
         )
     shared = [t for t in result.tiers if t.device == "gpu" and t.tensor_parallel_size == 1]
     if len(shared) > 1:

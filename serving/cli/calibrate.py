@@ -5,6 +5,7 @@ tier's confidence threshold for a target escalation rate or quality, from labell
 
 from __future__ import annotations
 
+import argparse
 import logging
 import shutil
 import sys
@@ -21,12 +22,44 @@ from router.eval.calibrate import (
     threshold_for_share,
 )
 from router.eval.cascade_calibrate import CascadeCheck, check_labelled
-from serving.cli_eval import embedding_cache, load_dataset_noting, parse_since
+from serving.cli.data import (
+    ROUTER_CHOICES,
+    dataset_args,
+    embedding_cache,
+    load_dataset_noting,
+    parse_since,
+)
 from serving.config import load_config, parse_config
 from serving.querylog import read_records
 from serving.querylog.report import logged_confidences
 
 logger = logging.getLogger(__name__)
+
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    """Add `tierserve calibrate` to the parser."""
+    cal = sub.add_parser("calibrate", help="pick the router (or cascade) threshold for a target share or quality")
+    dataset_args(cal, required=False)
+    cal.add_argument("--router", default="knn", choices=ROUTER_CHOICES)
+    cal.add_argument("--cascade", action="store_true",
+                     help="calibrate the cascade's confidence threshold (cascade.tier_thresholds[--tier]) instead")
+    cal.add_argument("--tier", help="--cascade: the tier whose answers are scored (default: the cheapest in --config)")
+    cal.add_argument("--from-querylog", metavar="DIR",
+                     help="calibrate on the router scores (or, with --cascade, the confidences) in this query log")
+    cal.add_argument("--since", help="query-log window start: 24h, 7d or an ISO date")
+    cal.add_argument("--holdout", type=float, default=0.3,
+                     help="query log: the latest share of records kept out of calibration to check it (0.3)")
+    target = cal.add_mutually_exclusive_group(required=True)
+    target.add_argument("--target-strong-share", type=float, help="share of requests for the strong tier, 0..1")
+    target.add_argument("--target-escalation-rate", type=float,
+                        help="--cascade: share of the tier's answers to escalate, 0..1")
+    target.add_argument("--target-pgr", type=float, help="fraction of the quality gap to recover, 0..1")
+    cal.add_argument("--write", action="store_true",
+                     help="write the threshold into --config (router.thresholds, or with --cascade "
+                          "cascade.tier_thresholds and cascade.tier_target_escalation_rates); the old file is kept as .bak")
+    cal.set_defaults(func=calibrate)
+
 
 
 def calibrate(args) -> int:

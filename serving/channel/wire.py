@@ -32,9 +32,10 @@ from contextlib import aclosing
 from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
-from router.errors import EngineError, ServiceUnavailable, TierserveError, Unauthorized, error_from_dict
-from serving.engines.base import Engine
-from serving.responses import DONE, ChunkEncoder, Kind
+from router.errors import ClientError, TierserveError
+from serving.channel.errors import ServiceUnavailable, error_from_frame, error_payload
+from serving.engines.base import Engine, EngineError
+from serving.ingress.openai import DONE, ChunkEncoder, Kind
 from serving.types import (
     ChatMessage,
     EngineLoad,
@@ -125,8 +126,7 @@ def decode_request(payload: bytes) -> tuple[str, WireRequest]:
 
 
 def error_frame(exc: TierserveError) -> bytes:
-    return frame(ERROR, _dump({"class": type(exc).__name__, "message": exc.message, "param": exc.param,
-                                "code": exc.code, "headers": exc.headers}))
+    return frame(ERROR, _dump(error_payload(exc)))
 
 
 # ---- replica side ------------------------------------------------------------------------------
@@ -169,7 +169,7 @@ class WireServer:
             payload = await reader.readexactly(length)
             token, wire = decode_request(payload) if kind == REQUEST else (json.loads(payload)["token"], None)
             if not hmac.compare_digest(token.encode(), self.token.encode()):
-                writer.write(error_frame(Unauthorized("wire: bad deployment token")))
+                writer.write(error_frame(ClientError("wire: bad deployment token", code="unauthorized")))
                 return
             if wire is None:
                 writer.write(self._end({}))
@@ -279,7 +279,7 @@ class WireStream:
                     break
                 payload = bytes(buf[pos + _HEADER.size:end])
                 if kind == ERROR:
-                    raise error_from_dict(json.loads(payload))
+                    raise error_from_frame(json.loads(payload))
                 out.append((kind, payload))
                 pos = end
             del buf[:pos]
@@ -331,7 +331,7 @@ async def poll_load(address: str, token: str, *, local_path: str | None = None, 
             kind, length = _HEADER.unpack(await reader.readexactly(_HEADER.size))
             payload = json.loads(await reader.readexactly(length))
             if kind == ERROR:
-                raise error_from_dict(payload)
+                raise error_from_frame(payload)
             return EngineLoad(**payload["load"])
         finally:
             writer.close()

@@ -5,7 +5,7 @@ replica. A replica that exits cleanly shuts them down; one killed with SIGKILL, 
 by its raylet dying, leaves them orphaned, holding their memory (and on a GPU node their GPU memory, so the
 next start fails).
 
-So each replica starts a small watchdog process (`python -m serving.reaper`, in its own session so a
+So each replica starts a small watchdog process (`python -m serving.channel.reaper`, in its own session so a
 signal to the replica's process group does not take it along). Its stdin is a pipe whose write end only
 the replica holds. While the replica lives, the watchdog keeps a snapshot of the replica's descendants
 (refreshed every `POLL_S` and whenever the replica writes a line, as it does once its engine has started).
@@ -33,7 +33,7 @@ class EngineReaper:
 
     def __init__(self) -> None:
         self._proc = subprocess.Popen(
-            [sys.executable, "-m", "serving.reaper", str(os.getpid())],
+            [sys.executable, "-m", "serving.channel.reaper", str(os.getpid())],
             stdin=subprocess.PIPE,
             start_new_session=True,
             close_fds=True,

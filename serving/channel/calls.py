@@ -12,10 +12,16 @@ from collections.abc import AsyncIterator, Sequence
 from contextlib import aclosing
 
 from router.judge import Complete
-from serving.ingress.admission import CapacityController
-from serving.ingress.tiers import SseRelay, TierClient
-from serving.types import ChatMessage, GenerationChunk, GenerationRequest, GenerationResult, SamplingOptions
-from serving.wire import SseOptions
+from serving.channel.admission import CapacityController
+from serving.channel.tiers import SseRelay, TierClient
+from serving.channel.wire import SseOptions
+from serving.types import (
+    ChatMessage,
+    GenerationChunk,
+    GenerationRequest,
+    GenerationResult,
+    SamplingOptions,
+)
 
 
 class TierCalls:

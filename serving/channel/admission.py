@@ -7,10 +7,10 @@ from collections import deque
 from collections.abc import Sequence
 
 from router.config import resolve_thresholds
-from router.errors import Overloaded
 from serving.capacity import CapacityDecision, admit, choose_tier
 from serving.capacity.config import CapacityConfig
-from serving.ingress.tiers import TierClient
+from serving.channel.errors import Overloaded
+from serving.channel.tiers import TierClient
 from serving.metrics import Metrics
 
 

@@ -44,7 +44,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 def cmd_bench(args: argparse.Namespace) -> int:
     from serving.bench import report as report_mod
     from serving.bench.sidebyside import Target, loads_for, run_bench
-    from serving.cli_serve import ensure_tiny_models
+    from serving.cli.serve import ensure_tiny_models
     from serving.config import load_config, parse_config
 
     # SIGTERM ends the run like Ctrl-C, so every server under test is stopped (no orphaned engines).
@@ -90,7 +90,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 def _bench_cost(config, tier: str):
     """The tier's GPU share and replica count, to price the measured throughput (autoscaled: min_replicas)."""
     from serving.bench.report import BenchCost
-    from serving.cost import tier_costs
+    from serving.plan.cost import tier_costs
 
     d = config.tier(tier).deployment
     replicas = max(1, d.autoscaling.min_replicas) if d.autoscaling else d.num_replicas

