@@ -6,7 +6,7 @@ PIP_FLAGS ?= -q --disable-pip-version-check
 CONFIG ?= deploy/cpu.yaml
 PYTEST_ARGS ?=
 
-.PHONY: install up test test-unit bench clean
+.PHONY: install system-deps up test test-unit bench clean
 
 install: $(VENV)/.installed
 
@@ -17,10 +17,13 @@ $(VENV)/.installed: requirements/cpu.lock.txt pyproject.toml
 	$(VENV)/bin/python -c "import vllm, ray.serve, FlagEmbedding, qdrant_client, serving, router"
 	touch $@
 
-up: install
+system-deps:
+	./deploy/system-deps.sh
+
+up: install system-deps
 	$(VENV)/bin/tierserve up --config $(CONFIG)
 
-test: install
+test: install system-deps
 	$(VENV)/bin/python -m pytest tests $(PYTEST_ARGS)
 
 test-unit: install
