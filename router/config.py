@@ -226,6 +226,9 @@ class RouterConfig(StrictModel):
     """Router deployment replicas. Embedded Qdrant (no `store.url`) allows only one."""
     num_cpus: float = Field(default=1.0, ge=0.0)
     """Logical CPUs reserved per router replica (match embedder.num_threads)."""
+    num_gpus: float = Field(default=0.0, ge=0.0, le=1.0)
+    """GPU share per router replica (Ray `num_gpus`), e.g. what is left of a GPU beside the tiers' engines,
+    so the embedder runs on `cuda` (set embedder.device). 0: the router runs on CPU."""
     resources: Placement = Placement()
     """Where router deployment replicas may run (`custom` resources, `node_labels`), e.g. on the CPU nodes."""
 
@@ -240,6 +243,16 @@ class RouterConfig(StrictModel):
             raise ValueError(
                 "default_router 'classifier' needs classifier_path: the folder `tierserve train-router` wrote "
                 "(e.g. classifiers/mmlu); or choose default_router 'knn'."
+            )
+        if self.num_gpus > 0 and self.placement == "ingress":
+            raise ValueError(
+                f"num_gpus ({self.num_gpus}) reserves a GPU share for the router deployment, but placement is "
+                "'ingress' (the router runs inside the ingress replicas); use placement 'deployment' or num_gpus 0."
+            )
+        if self.num_gpus > 0 and not self.embedder.device.startswith("cuda"):
+            raise ValueError(
+                f"num_gpus ({self.num_gpus}) reserves a GPU share but embedder.device is {self.embedder.device!r}; "
+                "set embedder.device to 'cuda' (and use_fp16: true) or num_gpus to 0."
             )
         if self.num_replicas > 1 and self.store.url is None:
             raise ValueError(

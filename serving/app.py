@@ -89,6 +89,7 @@ def build_app(config: AppConfig, *, engine_cls: type[Engine] | None = None) -> A
                 logging_config={"enable_access_log": False},
                 ray_actor_options={
                     "num_cpus": config.router.num_cpus,
+                    "num_gpus": config.router.num_gpus,
                     "runtime_env": {"env_vars": {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}},
                     **actor_options(config.router.resources),
                 },
