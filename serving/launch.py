@@ -20,6 +20,26 @@ logger = logging.getLogger(__name__)
 APP_NAME = "tierserve"
 
 
+LOCAL_CLUSTER_ENV = {
+    # Ray Serve's HAProxy ingress: HAProxy on every node forwards http.port to each ingress replica's own HTTP
+    # server (Ray's direct ingress), with no Python proxy hop per streamed chunk. A cluster that tierserve
+    # joins, or the Helm chart's, sets it on every node itself.
+    "RAY_SERVE_ENABLE_HA_PROXY": "1",
+    # Serve's controller loop every 0.5 s instead of 0.1 s: on a small machine it took 5% of a core (and the
+    # GCS 2% more) from the engines; a failure or a scaling step is acted on up to 0.4 s later.
+    "RAY_SERVE_CONTROL_LOOP_INTERVAL_S": "0.5",
+}
+"""Environment a local cluster started by `tierserve up` gets."""
+
+
+def http_options(config: AppConfig) -> dict[str, object]:
+    """Ray Serve's `http_options` for the config: where the ingress listens, and how long Serve lets a request run
+    (a little past `http.request_timeout_s`, so tierserve's own 504 names the setting first)."""
+    return {"host": config.http.host, "port": config.http.port,
+            "request_timeout_s": config.http.request_timeout_s + 5,
+            "keep_alive_timeout_s": int(config.http.keep_alive_s)}
+
+
 class StartupError(TierserveError):
     """The stack (or a benchmark's server) could not start: a missing model, a server that never got ready."""
 
@@ -63,10 +83,8 @@ def start(config: AppConfig, *, wait_s: float = 600.0, engine_cls: type[Engine] 
         if joined:
             ray.init(address=config.ray.address)
         else:
-            # Serve's controller loop (every 0.1 s by default) took 5% of a core here, and the GCS 2% more
-            # answering it, on the cores the engines use; every 0.5 s it takes 1.6% and the GCS 0.9%.
-            # A replica's failure or a scaling step is acted on up to 0.4 s later. The caller's value wins.
-            os.environ.setdefault("RAY_SERVE_CONTROL_LOOP_INTERVAL_S", "0.5")
+            for name, value in LOCAL_CLUSTER_ENV.items():  # the caller's own values win
+                os.environ.setdefault(name, value)
             ray.init(
                 num_cpus=config.ray.num_cpus,
                 object_store_memory=config.ray.object_store_memory_bytes,
@@ -88,15 +106,7 @@ def start(config: AppConfig, *, wait_s: float = 600.0, engine_cls: type[Engine] 
     if joined and config.http.host in ("127.0.0.1", "localhost", "::1"):
         logger.warning("http.host %s: each ingress replica listens on its own node's loopback, reachable only "
                        "from that node; set http.host 0.0.0.0 on a cluster", config.http.host)
-    serve.start(
-        # http.proxy false: the ingress replicas serve the port themselves, no proxy actors.
-        proxy_location="EveryNode" if config.http.proxy else "Disabled",
-        http_options={
-            "host": config.http.host,
-            "port": config.http.port,
-            "request_timeout_s": config.http.request_timeout_s,
-        },
-    )
+    serve.start(proxy_location="EveryNode", http_options=http_options(config))
     serve.run(build_app(config, engine_cls=engine_cls), name=APP_NAME, route_prefix="/", blocking=False)
     deadline = time.monotonic() + wait_s
     host = config.http.host

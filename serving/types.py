@@ -68,6 +68,22 @@ class GenerationChunk:
     """Running total of generated tokens."""
 
 
+    @staticmethod
+    def joined(chunks: list[GenerationChunk]) -> GenerationChunk:
+        """Consecutive deltas of one answer as one chunk (its totals are the last chunk's)."""
+        if not chunks:
+            raise ValueError("no chunks to join")
+        last = chunks[-1]
+        return GenerationChunk(
+            text="".join(c.text for c in chunks),
+            token_logprobs=tuple(lp for c in chunks for lp in c.token_logprobs),
+            num_new_tokens=sum(c.num_new_tokens for c in chunks),
+            finish_reason=last.finish_reason,
+            prompt_tokens=last.prompt_tokens,
+            completion_tokens=last.completion_tokens,
+        )
+
+
 @dataclass(frozen=True)
 class GenerationResult:
     """A whole answer, gathered from its chunks."""

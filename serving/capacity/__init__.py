@@ -8,6 +8,7 @@ from serving.capacity.policy import (
     choose_tier,
     combine_loads,
     is_known,
+    pick_replica,
     retry_after,
     saturation,
 )
@@ -21,6 +22,7 @@ __all__ = [
     "choose_tier",
     "combine_loads",
     "is_known",
+    "pick_replica",
     "retry_after",
     "saturation",
 ]

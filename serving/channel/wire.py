@@ -1,20 +1,22 @@
-"""The data plane between the ingress and the tier replicas: one TCP connection per request, framed.
+"""The data plane between the ingress and the tier replicas: one connection per request, framed, both ends.
 
-Why not Ray's streaming generators (the control plane still uses Ray handles): every item of a Ray
-stream is a task-return report through both core workers, about 1 ms of CPU per token on this
-machine, so a 32-stream load spent more CPU on the hop than the engine spent decoding (0.17x of bare
-vLLM). Here a token costs one `write` on the replica and a share of one `read` on the ingress: the
-ingress reads whatever has arrived, so frames coalesce by themselves under load and never wait on a
-timer. Closing the connection is the cancellation signal: the replica aborts the engine request.
+Why not Ray's streaming generators (the control plane still uses Ray handles): every item of a Ray stream
+is a task-return report through both core workers, about 1 ms of CPU per token on a 2-core box, more than
+the engine spent decoding it. Here a token costs one `write` on the replica and a share of one `read` on the
+ingress, which reads whatever has arrived, so frames coalesce under load without a timer. Closing the
+connection is the cancellation signal: the replica aborts the engine request.
 
-Frames are `kind (1 byte) | length (4 bytes, big-endian) | payload`. The request frame is JSON (never
-pickle: the port is reachable inside the cluster) and carries a per-deployment token. Every request ends
-with an END frame that carries the replica's engine load as the request left it, so the ingress's load
-view is fresh after every request without a control-plane call; a LOAD frame asks for that load alone
-(the ingress's background poll), answered with an END frame.
+A connection opens with a fixed-size hello, `kind | token (32 bytes) | length (4 bytes)`, checked before any
+body is read; the body (the request as JSON, never pickle: the port is reachable inside the cluster) is
+bounded by `MAX_REQUEST_BYTES` and both are read within `HELLO_TIMEOUT_S`. The replica then sends frames
+`kind (1 byte) | length (4 bytes, big-endian) | payload`: CHUNKs (a compact binary delta), and one END frame
+with the summary and the replica's engine load as the request left it, or an ERROR frame. While a request
+produces nothing (a long prefill, a queue) the replica sends a PING every `HEARTBEAT_S`, so the ingress can
+tell a silent replica from a dead link (`WireStream.silent_for`). A LOAD hello asks for the load alone.
 
 A replica also listens on an abstract Unix socket; an ingress on the same node connects there instead of
-TCP loopback (measured: a loopback TCP write was a fifth of the replica's CPU per streamed token).
+TCP loopback (cheaper per write). TCP connections use keepalive and TCP_USER_TIMEOUT, so a link that is cut
+while the replica writes fails its writes within `_TCP_USER_TIMEOUT_MS` and the engine request is aborted.
 """
 
 from __future__ import annotations
@@ -27,120 +29,175 @@ import logging
 import os
 import socket
 import struct
+import time
 from collections.abc import AsyncIterator
 from contextlib import aclosing
 from dataclasses import asdict, dataclass
-from typing import Any, Literal
+from typing import Any
 
-from router.errors import ClientError, TierserveError
+from router.errors import ClientError, InvalidRequest, TierserveError
 from serving.channel.errors import ServiceUnavailable, error_from_frame, error_payload
 from serving.engines.base import Engine, EngineError
-from serving.ingress.openai import DONE, ChunkEncoder, Kind
 from serving.types import (
     ChatMessage,
     EngineLoad,
     GenerationChunk,
     GenerationRequest,
-    GenerationResult,
     SamplingOptions,
     TokenLogprob,
 )
 
 logger = logging.getLogger(__name__)
 
-_HEADER = struct.Struct("!cI")
-REQUEST, LOAD, SSE, CHUNK, RESULT, END, ERROR = b"Q", b"L", b"S", b"C", b"R", b"E", b"X"
-_MAX_FRAME = 64 << 20
+TOKEN_BYTES = 32
+"""Length of the per-deployment token (`secrets.token_hex(16)`)."""
+_HELLO = struct.Struct(f"!c{TOKEN_BYTES}sI")
+_FRAME = struct.Struct("!cI")
+REQUEST, LOAD = b"Q", b"L"
+CHUNK, END, ERROR, PING = b"C", b"E", b"X", b"P"
+MAX_REQUEST_BYTES = 16 << 20
+"""Largest request body a replica reads (a request at http.limits.max_body_bytes, JSON-escaped, fits)."""
+HELLO_TIMEOUT_S = 5.0
+"""The hello and the request body must arrive within this; a client that stalls is dropped."""
+HEARTBEAT_S = 2.0
+"""A replica sends a PING on a connection that has carried nothing for this long."""
+STALE_AFTER_S = 10.0
+"""The ingress gives a stream up (503, replica lost) when it has heard nothing for this long: 5 missed PINGs."""
+CONNECT_TIMEOUT_S = 3.0
 _HIGH_WATER = 256 << 10
 """Replica-side buffered bytes past which a write waits for the ingress to read (a slow client)."""
-
-Mode = Literal["sse", "chunks", "result"]
-
-
-def frame(kind: bytes, payload: bytes) -> bytes:
-    return _HEADER.pack(kind, len(payload)) + payload
-
-
-@dataclass(frozen=True)
-class SseOptions:
-    """How the replica encodes a plain stream: what the ingress would have put in each event."""
-
-    kind: Kind
-    model: str
-    logprobs: bool
-    include_usage: bool
-    meta: dict[str, Any]
-    """The `tierserve` object for the first and last chunk."""
+_TCP_USER_TIMEOUT_MS = 10_000
+_FINISH = {None: 0, "stop": 1, "length": 2, "abort": 3}
+_FINISH_BACK = {v: k for k, v in _FINISH.items()}
+_CHUNK = struct.Struct("!BBHIII")
+"""finish reason, has logprobs, new tokens, prompt tokens, completion tokens, text bytes; then the text, then
+the logprobs as JSON when present."""
 
 
 @dataclass(frozen=True)
 class WireRequest:
+    """What the ingress asks a replica for: one generation, as deltas or (`whole`) one final chunk."""
+
     request: GenerationRequest
-    mode: Mode
-    sse: SseOptions | None = None
+    whole: bool = False
 
 
-# ---- JSON of the typed values ------------------------------------------------------------------
+@dataclass(frozen=True)
+class End:
+    """The last frame of a request: how it finished and the replica's engine load as it left."""
+
+    finish_reason: str | None
+    prompt_tokens: int
+    completion_tokens: int
+    load: EngineLoad | None = None
+    """The replica's engine load as the request left it (None only where a cascade gathered a whole answer)."""
+
+
+# ---- encoding ------------------------------------------------------------------------------------
+
+
+def frame(kind: bytes, payload: bytes) -> bytes:
+    return _FRAME.pack(kind, len(payload)) + payload
 
 
 def _dump(value: Any) -> bytes:
     return json.dumps(value, separators=(",", ":")).encode()
 
 
-def _request_from(d: dict[str, Any]) -> GenerationRequest:
-    s = d["sampling"]
-    sampling = SamplingOptions(**{**s, "stop": tuple(s["stop"])})
-    messages = d.get("messages")
-    return GenerationRequest(
-        request_id=d["request_id"],
-        sampling=sampling,
-        prompt=d.get("prompt"),
-        messages=tuple(ChatMessage(**m) for m in messages) if messages is not None else None,
-    )
-
-
-def _logprobs_from(items: list[dict[str, Any]]) -> tuple[TokenLogprob, ...]:
-    return tuple(
-        TokenLogprob(token=i["token"], logprob=i["logprob"], top=tuple((t, v) for t, v in i["top"])) for i in items
-    )
-
-
-def chunk_from(d: dict[str, Any]) -> GenerationChunk:
-    return GenerationChunk(**{**d, "token_logprobs": _logprobs_from(d["token_logprobs"])})
-
-
-def result_from(d: dict[str, Any]) -> GenerationResult:
-    return GenerationResult(**{**d, "token_logprobs": _logprobs_from(d["token_logprobs"])})
+def hello(kind: bytes, token: str, payload: bytes = b"") -> bytes:
+    return _HELLO.pack(kind, token.encode(), len(payload)) + payload
 
 
 def encode_request(token: str, wire: WireRequest) -> bytes:
-    body = {"token": token, "mode": wire.mode, "request": asdict(wire.request),
-            "sse": asdict(wire.sse) if wire.sse else None}
-    return frame(REQUEST, _dump(body))
+    return hello(REQUEST, token, _dump({"request": asdict(wire.request), "whole": wire.whole}))
 
 
-def decode_request(payload: bytes) -> tuple[str, WireRequest]:
+def decode_request(payload: bytes) -> WireRequest:
+    """The request from its JSON; any malformation is a 400 that names nothing internal."""
+    try:
+        d = json.loads(payload)
+        r = d["request"]
+        s = r["sampling"]
+        sampling = SamplingOptions(**{**s, "stop": tuple(s["stop"])})
+        messages = r.get("messages")
+        request = GenerationRequest(
+            request_id=str(r["request_id"]), sampling=sampling, prompt=r.get("prompt"),
+            messages=tuple(ChatMessage(**m) for m in messages) if messages is not None else None,
+        )
+        return WireRequest(request, whole=bool(d.get("whole", False)))
+    except (ValueError, TypeError, KeyError, AttributeError) as exc:
+        raise InvalidRequest("wire: malformed request frame", code="malformed_frame") from exc
+
+
+def encode_chunk(c: GenerationChunk) -> bytes:
+    text = c.text.encode()
+    lps = _dump([[lp.token, lp.logprob, lp.top] for lp in c.token_logprobs]) if c.token_logprobs else b""
+    head = _CHUNK.pack(_FINISH[c.finish_reason], 1 if lps else 0, c.num_new_tokens, c.prompt_tokens,
+                       c.completion_tokens, len(text))
+    return frame(CHUNK, head + text + lps)
+
+
+def decode_chunk(payload: bytes) -> GenerationChunk:
+    finish, has_lps, new, prompt, completion, n = _CHUNK.unpack_from(payload)
+    start = _CHUNK.size
+    text = payload[start:start + n].decode()
+    lps: tuple[TokenLogprob, ...] = ()
+    if has_lps:
+        lps = tuple(TokenLogprob(token=t, logprob=v, top=tuple((a, b) for a, b in top))
+                    for t, v, top in json.loads(payload[start + n:]))
+    return GenerationChunk(text=text, token_logprobs=lps, num_new_tokens=new, finish_reason=_FINISH_BACK[finish],
+                           prompt_tokens=prompt, completion_tokens=completion)
+
+
+def end_frame(last: GenerationChunk | None, load: EngineLoad) -> bytes:
+    summary = {"finish_reason": last.finish_reason, "prompt_tokens": last.prompt_tokens,
+               "completion_tokens": last.completion_tokens} if last else {}
+    return frame(END, _dump({**summary, "load": asdict(load)}))
+
+
+def decode_end(payload: bytes) -> End:
     d = json.loads(payload)
-    sse = SseOptions(**d["sse"]) if d.get("sse") else None
-    return d["token"], WireRequest(request=_request_from(d["request"]), mode=d["mode"], sse=sse)
+    return End(d.get("finish_reason"), d.get("prompt_tokens", 0), d.get("completion_tokens", 0),
+               EngineLoad(**d["load"]))
 
 
 def error_frame(exc: TierserveError) -> bytes:
     return frame(ERROR, _dump(error_payload(exc)))
 
 
-# ---- replica side ------------------------------------------------------------------------------
+def _tune(writer: asyncio.StreamWriter) -> None:
+    """TCP: no Nagle delay, keepalive, and unacknowledged writes fail after `_TCP_USER_TIMEOUT_MS`."""
+    sock = writer.transport.get_extra_info("socket")
+    if sock is None or sock.family == socket.AF_UNIX:
+        return
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    for option, value in (("TCP_KEEPIDLE", 5), ("TCP_KEEPINTVL", 2), ("TCP_KEEPCNT", 3),
+                          ("TCP_USER_TIMEOUT", _TCP_USER_TIMEOUT_MS)):
+        if hasattr(socket, option):
+            sock.setsockopt(socket.IPPROTO_TCP, getattr(socket, option), value)
+
+
+# ---- replica side --------------------------------------------------------------------------------
 
 
 class WireServer:
-    """Serves one replica's engine to the ingress: a task per connection, aborted when it closes."""
+    """Serves one replica's engine to the ingresses: a task per connection, its engine request aborted when
+    the connection closes. Refuses requests past `max_ongoing` (503 with Retry-After)."""
 
-    def __init__(self, engine: Engine, token: str) -> None:
+    def __init__(self, engine: Engine, token: str, *, max_ongoing: int) -> None:
+        if len(token) != TOKEN_BYTES:
+            raise ValueError(f"wire token must be {TOKEN_BYTES} characters")
         self.engine = engine
-        self.token = token
+        self._token = token.encode()
+        self.max_ongoing = max_ongoing
         self.local_path: str | None = None
         """The abstract Unix socket an ingress on this node connects to (None where there is none)."""
+        self.ongoing = 0
+        """Requests inside this server now (admitted, not yet ended)."""
         self._servers: list[asyncio.Server] = []
+        self._last_write: dict[asyncio.StreamWriter, float] = {}
+        self._heartbeat: asyncio.Task | None = None
 
     async def start(self, host: str, port: int = 0) -> str:
         """Listen on host:port (0: any free port) and on a node-local Unix socket; return "host:port"."""
@@ -153,53 +210,82 @@ class WireServer:
             self.local_path = path
         except OSError as exc:  # TCP alone still serves every ingress
             logger.warning("wire: no node-local socket (%s); same-node ingresses use TCP", exc)
+        self._heartbeat = asyncio.get_running_loop().create_task(self._beat())
         return f"{host}:{bound[1]}"
 
     def close(self) -> None:
         for server in self._servers:
             server.close()
+        if self._heartbeat is not None:
+            self._heartbeat.cancel()
+
+    async def _beat(self) -> None:
+        """PING every connection that has carried nothing for `HEARTBEAT_S` (one timer for all of them)."""
+        ping = frame(PING, b"")
+        while True:
+            await asyncio.sleep(HEARTBEAT_S / 2)
+            now = time.monotonic()
+            for writer, last in list(self._last_write.items()):
+                if now - last >= HEARTBEAT_S and not writer.is_closing():
+                    writer.write(ping)
+                    self._last_write[writer] = now
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        _no_delay(writer)
+        _tune(writer)
         watcher: asyncio.Task | None = None
         try:
-            kind, length = _HEADER.unpack(await reader.readexactly(_HEADER.size))
-            if kind not in (REQUEST, LOAD) or length > _MAX_FRAME:
-                return
-            payload = await reader.readexactly(length)
-            token, wire = decode_request(payload) if kind == REQUEST else (json.loads(payload)["token"], None)
-            if not hmac.compare_digest(token.encode(), self.token.encode()):
-                writer.write(error_frame(ClientError("wire: bad deployment token", code="unauthorized")))
-                return
+            wire = await asyncio.wait_for(self._read_hello(reader, writer), HELLO_TIMEOUT_S)
             if wire is None:
-                writer.write(self._end({}))
                 return
             # The ingress closes the connection when its client goes away: cancel the generation then.
             watcher = asyncio.get_running_loop().create_task(_cancel_on_eof(reader, asyncio.current_task()))
+            self._last_write[writer] = time.monotonic()
             await self._serve(wire, writer)
         except asyncio.CancelledError:
             logger.debug("wire: ingress closed the stream")
-        except (asyncio.IncompleteReadError, ConnectionError):
+        except (TimeoutError, asyncio.IncompleteReadError, ConnectionError):
             pass
         finally:
+            self._last_write.pop(writer, None)
             if watcher is not None:
                 watcher.cancel()
             writer.close()
 
+    async def _read_hello(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> WireRequest | None:
+        """The request after a valid hello; None when answered already (a load poll, a refusal)."""
+        kind, token, length = _HELLO.unpack(await reader.readexactly(_HELLO.size))
+        if not hmac.compare_digest(token, self._token):
+            writer.write(error_frame(ClientError("wire: bad deployment token", code="unauthorized")))
+            return None
+        if kind == LOAD:
+            writer.write(end_frame(None, self.engine.load()))
+            return None
+        if kind != REQUEST or length > MAX_REQUEST_BYTES:
+            writer.write(error_frame(InvalidRequest("wire: malformed request frame", code="malformed_frame")))
+            return None
+        try:
+            return decode_request(await reader.readexactly(length))
+        except InvalidRequest as exc:
+            writer.write(error_frame(exc))
+            return None
+
     async def _serve(self, wire: WireRequest, writer: asyncio.StreamWriter) -> None:
         request = wire.request
+        if self.ongoing >= self.max_ongoing:
+            writer.write(error_frame(ServiceUnavailable.make(
+                f"this replica of the tier is at its limit of {self.max_ongoing} requests "
+                "(deployment.max_ongoing_requests); retry shortly.", retry_after_s=1, status_code=503)))
+            return
+        self.ongoing += 1
+        last: GenerationChunk | None = None
         try:
-            if wire.mode == "result":
-                result = await self.engine.complete(request)
-                writer.write(frame(RESULT, _dump(asdict(result))) + self._end({}))
-                return
-            async with aclosing(self.engine.generate(request)) as chunks:
-                if wire.mode == "chunks":
-                    async for chunk in chunks:
-                        await _send(writer, frame(CHUNK, _dump(asdict(chunk))))
-                    writer.write(self._end({}))
-                else:
-                    await self._serve_sse(wire.sse, request.request_id, chunks, writer)
+            async with aclosing(self.engine.generate(request, whole=wire.whole)) as chunks:
+                async for chunk in chunks:
+                    last = chunk
+                    await self._send(writer, encode_chunk(chunk))
+            if last is None:
+                raise EngineError("the tier's engine ended the stream without output")
+            writer.write(end_frame(last, self.engine.load()))
         except TierserveError as exc:
             writer.write(error_frame(exc))
         except (asyncio.CancelledError, ConnectionError):
@@ -207,84 +293,75 @@ class WireServer:
         except Exception:  # an engine bug: logged here, a plain 500 for the client (no internals)
             logger.exception("tier engine failed on %s", request.request_id)
             writer.write(error_frame(EngineError("the tier's engine failed on this request")))
+        finally:
+            self.ongoing -= 1
 
-    async def _serve_sse(
-        self, opts: SseOptions, request_id: str, chunks: AsyncIterator[GenerationChunk], writer: asyncio.StreamWriter
-    ) -> None:
-        encoder = ChunkEncoder(kind=opts.kind, request_id=request_id, model=opts.model, logprobs=opts.logprobs,
-                               include_usage=opts.include_usage)
-        last: GenerationChunk | None = None
-        async for chunk in chunks:
-            edge = last is None or chunk.finish_reason is not None
-            last = chunk
-            await _send(writer, frame(SSE, encoder.encode(chunk, opts.meta if edge else None)))
-        if last is None:
-            raise EngineError("the tier's engine ended the stream without output")
-        tail = (encoder.usage_chunk(last, opts.meta) if opts.include_usage else b"") + DONE
-        summary = {"prompt_tokens": last.prompt_tokens, "completion_tokens": last.completion_tokens,
-                   "finish_reason": last.finish_reason}
-        writer.write(frame(SSE, tail) + self._end(summary))
-
-    def _end(self, summary: dict[str, Any]) -> bytes:
-        """The END frame: `summary`, plus the engine's load now that this request has left it."""
-        return frame(END, _dump({**summary, "load": asdict(self.engine.load())}))
-
-
-def _no_delay(writer: asyncio.StreamWriter) -> None:
-    sock = writer.transport.get_extra_info("socket")
-    if sock is not None and sock.family != socket.AF_UNIX:
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-
-
-async def _send(writer: asyncio.StreamWriter, data: bytes) -> None:
-    writer.write(data)
-    if writer.transport.get_write_buffer_size() > _HIGH_WATER:
-        await writer.drain()
+    async def _send(self, writer: asyncio.StreamWriter, data: bytes) -> None:
+        writer.write(data)
+        self._last_write[writer] = time.monotonic()
+        if writer.transport.get_write_buffer_size() > _HIGH_WATER:
+            await writer.drain()
 
 
 async def _cancel_on_eof(reader: asyncio.StreamReader, task: asyncio.Task | None) -> None:
-    try:
+    with contextlib.suppress(ConnectionError):
         await reader.read(1)
-    except ConnectionError:
-        pass
     if task is not None:
         task.cancel()
 
 
-# ---- ingress side ------------------------------------------------------------------------------
+# ---- ingress side --------------------------------------------------------------------------------
 
 
 class WireStream:
-    """One request's frames from a replica. Iterate for batches of frames, one batch per socket read."""
+    """One request's frames from a replica: `batches()` yields what each socket read completed."""
 
     def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self._reader = reader
         self._writer = writer
-        self._buffer = bytearray()
+        self._heard = time.monotonic()
 
-    async def batches(self) -> AsyncIterator[list[tuple[bytes, bytes]]]:
-        """Complete frames as they arrive; an ERROR frame raises its error."""
-        buf = self._buffer
+    def silent_for(self, now: float) -> float:
+        """Seconds since the replica last sent anything (PINGs included)."""
+        return now - self._heard
+
+    async def batches(self) -> AsyncIterator[list[GenerationChunk | End]]:
+        """Chunks, then the END summary, a list per socket read. An ERROR frame raises its error once the
+        frames that arrived before it have been yielded; a connection that ends early raises
+        ConnectionResetError."""
+        buf = bytearray()
         while True:
             data = await self._reader.read(1 << 16)
             if not data:
                 raise ConnectionResetError("the tier replica closed the stream early")
+            self._heard = time.monotonic()
             buf += data
-            out: list[tuple[bytes, bytes]] = []
+            out: list[GenerationChunk | End] = []
+            error: TierserveError | None = None
             pos = 0
-            while len(buf) - pos >= _HEADER.size:
-                kind, length = _HEADER.unpack_from(buf, pos)
-                end = pos + _HEADER.size + length
+            while len(buf) - pos >= _FRAME.size:
+                kind, length = _FRAME.unpack_from(buf, pos)
+                end = pos + _FRAME.size + length
                 if end > len(buf):
                     break
-                payload = bytes(buf[pos + _HEADER.size:end])
-                if kind == ERROR:
-                    raise error_from_frame(json.loads(payload))
-                out.append((kind, payload))
+                payload = bytes(buf[pos + _FRAME.size:end])
                 pos = end
+                if kind == CHUNK:
+                    out.append(decode_chunk(payload))
+                elif kind == END:
+                    out.append(decode_end(payload))
+                elif kind == ERROR:
+                    error = error_from_frame(json.loads(payload))
+                    break
             del buf[:pos]
             if out:
                 yield out
+            if error is not None:
+                raise error
+
+    def abort(self) -> None:
+        """Drop the connection now (a stale link): a pending read ends with ConnectionError."""
+        self._writer.transport.abort()
 
     def close(self) -> None:
         """Close the connection; mid-stream this aborts the engine request on the replica."""
@@ -296,19 +373,18 @@ class WireStream:
         self._writer.close()
 
 
-async def open_stream(
-    address: str, token: str, wire: WireRequest, *, tier: str, local_path: str | None = None
-) -> WireStream:
-    """Connect to a replica (at `local_path` when it is on this node) and send the request; a refused
-    connection is a 503 with Retry-After."""
+async def open_stream(address: str, token: str, wire: WireRequest, *, tier: str, local_path: str | None = None
+                      ) -> WireStream:
+    """Connect to a replica (at `local_path` when it is on this node) and send the request; a refused or
+    timed-out connection is a 503 with Retry-After."""
     try:
-        reader, writer = await _connect(address, local_path)
-    except OSError as exc:
+        reader, writer = await asyncio.wait_for(_connect(address, local_path), CONNECT_TIMEOUT_S)
+    except (OSError, TimeoutError) as exc:
         raise ServiceUnavailable.make(
             f"tier '{tier}' has no reachable replica right now ({type(exc).__name__}); retry shortly.",
-            retry_after_s=2, status_code=503,
+            retry_after_s=2, status_code=503, code="no_replica",
         ) from None
-    _no_delay(writer)
+    _tune(writer)
     writer.write(encode_request(token, wire))
     return WireStream(reader, writer)
 
@@ -321,18 +397,19 @@ async def _connect(address: str, local_path: str | None) -> tuple[asyncio.Stream
     return await asyncio.open_connection(host, int(port), limit=1 << 20)
 
 
-async def poll_load(address: str, token: str, *, local_path: str | None = None, timeout_s: float = 2.0) -> EngineLoad:
+async def poll_load(address: str, token: str, *, local_path: str | None = None, timeout_s: float = 2.0
+                    ) -> EngineLoad:
     """A replica's engine load now, over its data plane (no Ray call); OSError/TimeoutError if it is gone."""
 
     async def ask() -> EngineLoad:
         reader, writer = await _connect(address, local_path)
         try:
-            writer.write(frame(LOAD, _dump({"token": token})))
-            kind, length = _HEADER.unpack(await reader.readexactly(_HEADER.size))
-            payload = json.loads(await reader.readexactly(length))
+            writer.write(hello(LOAD, token))
+            kind, length = _FRAME.unpack(await reader.readexactly(_FRAME.size))
+            payload = await reader.readexactly(length)
             if kind == ERROR:
-                raise error_from_frame(payload)
-            return EngineLoad(**payload["load"])
+                raise error_from_frame(json.loads(payload))
+            return decode_end(payload).load
         finally:
             writer.close()
 

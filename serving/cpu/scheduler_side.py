@@ -1,18 +1,12 @@
-"""Which side of its engine vLLM's scheduler process runs on where every core is some engine's, re-decided
-every second from how busy everything else keeps the other cores.
+"""CPU-only: which side of its engine vLLM's scheduler process runs on where every core is some engine's,
+re-decided every second from how busy everything else keeps the other cores.
 
-On CPU, vLLM runs the scheduler's turn and the worker's step in series, each waiting for the other by spinning
-with `sched_yield` (see `serving.cpu.affinity`). Where no core is free of every engine (the 2-core box), the
-scheduler has two places, and which is better depends on the load:
-
-- off its engine's cores, with the replica: at light load those cores have room, so the scheduler's turn
-  starts at once and its spinning never takes the worker's core. One stream on the 2-core box: 1.71 ms per
-  output token there, 2.97 ms beside the worker (bare vLLM, whose scheduler floats: 1.16-1.6 ms).
-- beside its worker: under load the other cores are saturated by the replica, the ingress and the clients, and
-  there the scheduler's turn waited for a slot while the worker idled. 32 streams: 6,772 tok/s beside, 3,895 off.
-
-`SchedulerSide` starts off and moves the scheduler (every thread) by `next_side`, a pure function of the share
-of the off cores' time that everything but the scheduler used (smoothed over the last seconds).
+Off its engine's cores (with the replica) the scheduler's turn starts at once while those cores have room, and
+its spinning never takes the worker's core: right at light load. Beside its worker is right once everything else
+saturates the other cores, where the scheduler's turn would wait for a slot while the worker idles. `SchedulerSide`
+starts off and moves the scheduler (every thread) by `next_side`, a pure function of the share of the off cores'
+time that everything but the scheduler used, smoothed; the thresholds and the A/B behind them are in
+benchmarks/cpu_placement.md.
 """
 
 from __future__ import annotations

@@ -19,7 +19,6 @@ from serving.types import (
     EngineLoad,
     GenerationChunk,
     GenerationRequest,
-    GenerationResult,
     SamplingOptions,
     TierInfo,
 )
@@ -64,16 +63,12 @@ class Engine(ABC):
         """Raise if the engine is dead (Ray Serve then restarts the replica)."""
 
     @abstractmethod
-    def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationChunk]:
-        """Stream typed deltas; the last has `finish_reason`. Closing the iterator early aborts the request.
+    def generate(self, request: GenerationRequest, *, whole: bool = False) -> AsyncIterator[GenerationChunk]:
+        """Stream typed deltas; the last has `finish_reason`. With `whole`, one chunk holding the whole answer
+        (the engine may then skip per-step work). Closing the iterator early aborts the request.
 
         Raises a `ClientError` (before the first chunk) for a request the engine refuses.
         """
-
-    async def complete(self, request: GenerationRequest) -> GenerationResult:
-        """The whole answer (engines that can produce it in one piece override this)."""
-        async with aclosing(self.generate(request)) as chunks:
-            return GenerationResult.from_chunks([c async for c in chunks])
 
     async def warmup(self) -> None:
         """Run the paths a first request would pay for (e.g. logprobs), before the replica reports ready."""
@@ -82,8 +77,10 @@ class Engine(ABC):
             sampling=SamplingOptions(max_tokens=2, temperature=0.0, logprobs=True, top_logprobs=20),
             prompt="Warm up.",
         )
-        for _ in range(2):  # the first call compiles, the second settles
-            await self.complete(request)
+        for whole in (True, False):  # the first call compiles, the second settles
+            async with aclosing(self.generate(request, whole=whole)) as chunks:
+                async for _ in chunks:
+                    pass
 
     @abstractmethod
     def shutdown(self) -> None: ...

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator
+from contextlib import aclosing
 
 from router.errors import InvalidRequest
 from serving.engines.base import Engine, EngineError, prompt_too_long
@@ -87,7 +88,17 @@ class ScriptedEngine(Engine):
             self._step = asyncio.Event()
         self._ticker = None
 
-    async def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationChunk]:
+    async def generate(self, request: GenerationRequest, *, whole: bool = False) -> AsyncIterator[GenerationChunk]:
+        if whole:  # the same steps, delivered as one chunk
+            async with aclosing(self._steps(request)) as steps:
+                chunks = [c async for c in steps]
+            yield GenerationChunk.joined(chunks)
+            return
+        async with aclosing(self._steps(request)) as steps:
+            async for chunk in steps:
+                yield chunk
+
+    async def _steps(self, request: GenerationRequest) -> AsyncIterator[GenerationChunk]:
         s = request.sampling
         if "fail" in s.stop:
             raise InvalidRequest("stop: the scripted engine refuses the stop word 'fail'.", param="stop")

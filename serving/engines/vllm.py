@@ -14,7 +14,6 @@ import logging
 import os
 import time
 from collections.abc import AsyncIterator
-from contextlib import aclosing
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +24,6 @@ from serving.types import (
     EngineLoad,
     GenerationChunk,
     GenerationRequest,
-    GenerationResult,
     TierInfo,
     TokenLogprob,
 )
@@ -208,11 +206,6 @@ class VllmEngine(Engine):
             # requests (deltas joined can differ where a token splits a multi-byte character).
             output_kind=RequestOutputKind.FINAL_ONLY if whole else RequestOutputKind.DELTA,
         )
-
-    async def complete(self, request: GenerationRequest) -> GenerationResult:
-        """The whole answer from one final engine output."""
-        async with aclosing(self.generate(request, whole=True)) as chunks:
-            return GenerationResult.from_chunks([c async for c in chunks])
 
     async def generate(self, request: GenerationRequest, *, whole: bool = False) -> AsyncIterator[GenerationChunk]:
         """Stream typed deltas (one chunk at the end with `whole`); a cancelled consumer aborts the request."""

@@ -1,56 +1,75 @@
-"""The OpenAI-compatible ingress: authorize, parse, plan, answer (HTTP routing lives in `serving.ingress.http`)."""
+"""The OpenAI-compatible ingress: Ray Serve's HTTP ingress hands it every request; a completion reads
+
+    key = self.keys.check(...)                                  # serving.ingress.protocol
+    body = await parse(http, ChatCompletionRequest, ...)         # serving.ingress.protocol
+    outcome = self.planner.place(await self.planner.plan(...))   # serving.ingress.plan: router, session, load
+    call = await self.channel.open(outcome.entry_tier, request)  # serving.channel: admission, replica, wire
+        (a cascade instead: self.cascade.stream / .run)          # serving.cascade.runner, over the channel
+    SseResponse / JSONResponse                                   # serving.ingress.openai
+    self.recorder.record(...)                                   # serving.ingress.record: metrics, session, query log
+
+Every other endpoint is in `serving.ingress.routes`.
+"""
 
 from __future__ import annotations
 
 import asyncio
-import json
-import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from dataclasses import replace
 from typing import Any
 
 import ray
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response
-from pydantic import ValidationError
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
-from router.errors import InvalidRequest, TierserveError
-from router.types import Exemplar
-from serving.channel.tiers import SseRelay, TierClient
+from serving.cascade import CascadePolicy
+from serving.cascade.runner import CascadeRunner, CascadeStream
+from serving.channel.channel import TierCall, TierChannel
+from serving.channel.errors import Overloaded
 from serving.config import AppConfig
-from serving.cpu.affinity import parse_cpus, pin_this_process
-from serving.ingress.auth import Keys, Scope
-from serving.ingress.errors import PayloadTooLarge, RequestTimeout, to_envelope
-from serving.ingress.http import IngressApp, SseResponse, unless_disconnected
-from serving.ingress.openai import DONE, response, sse
-from serving.ingress.outcome import Outcome
-from serving.ingress.pipeline import Pipeline, StreamFormat
+from serving.engines.base import EngineError
+from serving.ingress.errors import RequestTimeout, error_response, to_envelope
+from serving.ingress.openai import (
+    Kind,
+    SseEncoder,
+    SseResponse,
+    headers,
+    response,
+    sse,
+    tierserve_object,
+)
+from serving.ingress.plan import Outcome, Planner
 from serving.ingress.protocol import (
-    SEED_LABELS,
-    AddExemplarsRequest,
     ChatCompletionRequest,
     CompletionRequest,
-    ReleaseStoreRequest,
+    Keys,
+    Scope,
     check_limits,
+    parse,
 )
+from serving.ingress.record import Recorder
 from serving.ingress.router_calls import router_calls
-from serving.ingress.server import DirectServer
-from serving.ingress.sessions import SESSION_HEADER, SessionKey, session_key
+from serving.ingress.routes import build_routes
+from serving.ingress.sessions import (
+    SESSION_HEADER,
+    SessionKey,
+    SessionStore,
+    session_key,
+)
 from serving.metrics import Metrics
-from serving.types import ChatMessage, GenerationRequest
+from serving.types import GenerationChunk, GenerationRequest
 
-logger = logging.getLogger(__name__)
+_COMPLETIONS: dict[str, Kind] = {"/v1/chat/completions": "chat", "/v1/completions": "completion"}
 
 
 def _timeout_error() -> RequestTimeout:
-    return RequestTimeout(
-        "The request ran past http.request_timeout_s and was stopped; raise that setting or ask for fewer "
-        "tokens (max_tokens).", param="max_tokens", code="timeout",
-    )
+    return RequestTimeout("The request ran past http.request_timeout_s and was stopped; raise that setting or ask "
+                          "for fewer tokens (max_tokens).", param="max_tokens", code="timeout")
 
 
 @asynccontextmanager
@@ -63,272 +82,135 @@ async def _deadline(when: float) -> AsyncIterator[None]:
         raise _timeout_error() from None
 
 
-def error_response(exc: BaseException, extra_headers: dict[str, str] | None = None) -> JSONResponse:
-    status, body, headers = to_envelope(exc)
-    if status in (503, 504):  # overload, a lost replica, a timeout: expected, counted in the metrics
-        logger.debug("request answered %d: %s", status, body["error"]["message"])
-    elif status >= 500:
-        logger.exception("request failed", exc_info=exc)
-    return JSONResponse(body, status_code=status, headers={**headers, **(extra_headers or {})})
-
-
-def _validation_error(exc: ValidationError) -> InvalidRequest:
-    first = exc.errors()[0]
-    param = ".".join(str(p) for p in first["loc"]) or None
-    problems = "; ".join(
-        f"{'.'.join(str(p) for p in e['loc']) or 'body'}: {e['msg'].removeprefix('Value error, ')}"
-        for e in exc.errors()
-    )
-    return InvalidRequest(f"Invalid request: {problems}", param=param)
-
-
-async def _parse(request: Request, model: type, without_messages: type | None = None, *, limit: int) -> Any:
-    """Validate the JSON body as `model` (as `without_messages` when given and the body has no messages);
-    a body over `limit` bytes is refused (413) before it is read in full."""
-    try:
-        body = json.loads(await _read_body(request, limit))
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        raise InvalidRequest("The request body is not valid JSON.", param="body") from None
-    except RecursionError:
-        raise InvalidRequest("The request body nests arrays or objects too deeply.", param="body") from None
-    if not isinstance(body, dict):
-        raise InvalidRequest("The request body must be a JSON object.", param="body")
-    if without_messages is not None and "messages" not in body:
-        model = without_messages
-    try:
-        return model.model_validate(body)
-    except ValidationError as exc:
-        raise _validation_error(exc) from None
-
-
-async def _read_body(request: Request, limit: int) -> bytes:
-    declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise _too_large(int(declared), limit)
-    chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise _too_large(size, limit)
-        chunks.append(chunk)
-    return b"".join(chunks)
-
-
-def _too_large(size: int, limit: int) -> PayloadTooLarge:
-    return PayloadTooLarge(
-        f"The request body is {size:,} bytes or more; the limit is {limit:,} (http.limits.max_body_bytes).",
-        param="body", code="body_too_large",
-    )
-
-
-def _session(request: Request, body: ChatCompletionRequest | CompletionRequest,
-             messages: tuple[ChatMessage, ...] | None) -> SessionKey | None:
-    """The conversation this request continues: the session header, else derived from a chat's messages."""
-    return session_key(request.headers.get(SESSION_HEADER), body.user, messages)
-
-
 @serve.ingress()
 class Ingress:
-    """Parses, authorizes and answers; the decisions live in `Pipeline`.
+    """One ingress replica: parses, authorizes and answers; the decisions live in `Planner`, the calls in
+    `TierChannel`. Ray Serve's ingress (HAProxy in front of each replica's own HTTP port) serves it."""
 
-    With `http.proxy: false` (the default) each ingress replica serves `http.host:port` itself
-    (`serving.ingress.server`, SO_REUSEPORT across replicas on a node), as bare vLLM's server does; with
-    `http.proxy: true` Ray Serve's HTTP proxy serves it and forwards every request and chunk here.
-    """
-
-    async def __init__(
-        self,
-        config: AppConfig,
-        tier_handles: dict[str, DeploymentHandle],
-        router: DeploymentHandle | None = None,
-        *,
-        wire_token: str,
-    ) -> None:
-        self.config = config
+    async def __init__(self, config: AppConfig, tier_handles: dict[str, DeploymentHandle],
+                       router: DeploymentHandle | None = None, *, wire_token: str) -> None:
         if config.device == "cpu" and config.ingress.cpu_affinity:
-            pin_this_process(parse_cpus(config.ingress.cpu_affinity), "ingress")
-        self.metrics = Metrics()
-        self.tiers = TierClient(tier_handles, wire_token=wire_token, poll_interval_s=config.capacity.poll_interval_s,
-                                node_ip=ray.util.get_node_ip_address())
-        self.router = router_calls(config, router)
-        self.pipeline = Pipeline(config, self.tiers, self.metrics, self.router)
-        self.keys = Keys(config.api_keys(), config.admin_keys())
-        self.http_app = IngressApp(self)
-        self.server: DirectServer | None = None
-        if not config.http.proxy:
-            self.server = await DirectServer.start(self.http_app, config.http.host, config.http.port,
-                                                   timeout_keep_alive_s=config.http.keep_alive_s)
-        self.tiers.start_polling()
+            from serving.config.cores import parse_cpus
+            from serving.cpu import (
+                pin_this_process,  # CPU-only placement; the GPU path never imports it
+            )
 
-    def __serve_build_asgi_app__(self) -> IngressApp:
-        """The app Ray Serve's proxy forwards to (with `http.proxy: true`); the same one served directly."""
-        return self.http_app
+            pin_this_process(parse_cpus(config.ingress.cpu_affinity), "ingress")
+        self.config = config
+        self.metrics = Metrics()
+        self.keys = Keys(config.api_keys(), config.admin_keys())
+        self.channel = TierChannel(config.tier_names, config.capacity, token=wire_token, handles=tier_handles,
+                                   node_ip=ray.util.get_node_ip_address())
+        self.router = router_calls(config, router)
+        self.sessions = (SessionStore(config.sessions.ttl_s, config.sessions.max_entries)
+                         if config.sessions.enabled else None)
+        self.planner = Planner(config, self.channel, self.metrics, self.router, self.sessions)
+        self.cascade = CascadeRunner(config.tier_names, self.channel)
+        self.recorder = Recorder(config, self.metrics, self.sessions)
+        self.routes = build_routes(self)
+        self.channel.start(config.capacity.poll_interval_s)
+
+    def __serve_build_asgi_app__(self) -> _Asgi:
+        return _Asgi(self)
 
     async def __del__(self) -> None:
-        server = getattr(self, "server", None)  # absent when __init__ failed
-        if server is not None:
-            await server.stop(self.config.http.drain_s)
-        close = getattr(getattr(self, "router", None), "close", None)  # an in-process router holds the store's folder lock
+        self.channel.close()
+        self.recorder.close()
+        close = getattr(self.router, "close", None)  # an in-process router holds the store's folder lock
         if close is not None:
             close()
 
-    # ---- plumbing -----------------------------------------------------------------------------
+    # ---- a completion, top to bottom ------------------------------------------------------------------
 
-    def _authorize(self, request: Request, scope: Scope = Scope.DATA) -> None:
-        self.keys.check(request.headers.get("authorization"), scope)
-
-    # ---- routes -------------------------------------------------------------------------------
-
-    async def health(self) -> JSONResponse:
-        """Ready only when every tier's engine answers."""
-        infos = await asyncio.gather(*(self.tiers.info(name) for name in self.tiers.names))
-        tiers = {name: bool(info and info.ready) for name, info in zip(self.tiers.names, infos, strict=True)}
-        ready = all(tiers.values())
-        return JSONResponse({"status": "ready" if ready else "starting", "tiers": tiers}, status_code=200 if ready else 503)
-
-    async def render_metrics(self, request: Request) -> Response:
-        if self.config.http.metrics_auth:
-            try:
-                self._authorize(request)
-            except TierserveError as exc:
-                return error_response(exc)
-        for tier, load in self.tiers.loads().items():
-            self.metrics.engine_running.labels(tier).set(load.running)
-            self.metrics.engine_waiting.labels(tier).set(load.waiting)
-            self.metrics.engine_kv_usage.labels(tier).set(load.kv_cache_usage)
-        return Response(self.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
-
-    async def models(self, request: Request) -> JSONResponse:
-        try:
-            self._authorize(request)
-        except TierserveError as exc:
-            return error_response(exc)
-        created = int(time.time())
-        data = [{"id": "auto", "object": "model", "created": created, "owned_by": "tierserve"}]
-        for t in self.config.tiers:
-            data.append(
-                {
-                    "id": t.name,
-                    "object": "model",
-                    "created": created,
-                    "owned_by": "tierserve",
-                    "root": self.config.model_path(t).as_posix(),
-                    "max_model_len": t.engine.max_model_len,
-                }
-            )
-        return JSONResponse({"object": "list", "data": data})
-
-    async def route(self, request: Request) -> JSONResponse:
-        """The routing decision for a chat or completion request, without generating."""
-        try:
-            self._authorize(request)
-            body = await _parse(request, ChatCompletionRequest, CompletionRequest,
-                                limit=self.config.http.limits.max_body_bytes)
-            check_limits(body, self.config.http.limits)
-            messages = body.chat_messages() if isinstance(body, ChatCompletionRequest) else None
-            plan = await self.pipeline.plan(body.model, body.routing_text(), body.options,
-                                            _session(request, body, messages))
-            outcome = Outcome.unmoved(plan)
-            return JSONResponse({"object": "tierserve.route", **outcome.meta()}, headers=outcome.headers())
-        except Exception as exc:
-            return error_response(exc)
-
-    async def add_exemplars(self, request: Request) -> JSONResponse:
-        """Add labelled exemplars at runtime: {"exemplars": [{"text": ..., "tier": ...}, ...]}."""
-        try:
-            self._authorize(request, Scope.ADMIN)
-            body = await _parse(request, AddExemplarsRequest, limit=self.config.http.limits.max_body_bytes)
-            unknown = sorted({e.tier for e in body.exemplars} - set(self.config.tier_names) - SEED_LABELS)
-            if unknown:
-                raise InvalidRequest(
-                    f"exemplars name unknown tiers {unknown}; use one of {self.config.tier_names}.",
-                    param="exemplars.tier",
-                )
-            if self.router is None:
-                raise InvalidRequest("no router deployment is configured", param="model")
-            exemplars = [Exemplar(text=e.text, tier=e.tier, source=e.source) for e in body.exemplars]
-            written = await self.router.add_exemplars(exemplars)
-            total = await self.router.count()
-            return JSONResponse({"object": "tierserve.exemplars", "written": written, "count": total})
-        except Exception as exc:
-            return error_response(exc)
-
-    async def release_store(self, request: Request) -> JSONResponse:
-        """Close the router's exemplar store for `seconds` (heuristic routing meanwhile), e.g. so that
-        `tierserve exemplars import` can write to an embedded Qdrant folder while the stack serves."""
-        try:
-            self._authorize(request, Scope.ADMIN)
-            body = await _parse(request, ReleaseStoreRequest, limit=self.config.http.limits.max_body_bytes)
-            if self.router is None:
-                raise InvalidRequest("no router deployment is configured", param="model")
-            await self.router.release_store(body.seconds)
-            return JSONResponse({"object": "tierserve.store", "released_for_s": body.seconds})
-        except Exception as exc:
-            return error_response(exc)
-
-    # ---- the request path -----------------------------------------------------------------------
-
-    async def complete(self, http: Request, kind: str) -> Response:
+    async def complete(self, http: Request, kind: Kind) -> Response:
         started = time.perf_counter()
         endpoint = "chat" if kind == "chat" else "completions"
         outcome: Outcome | None = None
         request_id = ""
         try:
-            self._authorize(http)
-            body = await _parse(http, ChatCompletionRequest if kind == "chat" else CompletionRequest,
-                                limit=self.config.http.limits.max_body_bytes)
+            self.keys.check(http.headers.get("authorization"), Scope.DATA)
+            body = await parse(http, ChatCompletionRequest if kind == "chat" else CompletionRequest,
+                               limit=self.config.http.limits.max_body_bytes)
             check_limits(body, self.config.http.limits)
             request_id = f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex}"
-            gen_request = GenerationRequest(
-                request_id=request_id,
-                sampling=body.sampling(),
+            request = GenerationRequest(
+                request_id=request_id, sampling=body.sampling(),
                 messages=body.chat_messages() if kind == "chat" else None,
                 prompt=body.prompt_text() if kind != "chat" else None,
             )
-            decision = await self.pipeline.plan(body.model, body.routing_text(), body.options,
-                                                _session(http, body, gen_request.messages))
-            outcome = self.pipeline.place(decision)
-            logprobs = gen_request.sampling.logprobs
+            decision = await self.planner.plan(body.model, body.routing_text(), body.options,
+                                               self._session(http, body, request))
+            outcome = self.planner.place(decision)
+            policy = self.planner.cascade(outcome, body.options)
             deadline = asyncio.get_running_loop().time() + self.config.http.request_timeout_s
             if body.stream:
-                fmt = StreamFormat(kind=kind, model=body.model, include_usage=body.include_usage)
-                stream = self.pipeline.stream(gen_request, outcome, body.options, fmt)
-                try:
-                    async with _deadline(deadline):
-                        relay = await stream.start()
-                finally:
-                    outcome = stream.outcome()  # a cascade has decided by its first event (or failed)
-                first_at = time.perf_counter()
-                self.metrics.ttft.labels(outcome.tier).observe(first_at - started)
-                body_bytes = self._sse(endpoint, relay, stream.outcome, started, request_id, deadline, first_at)
-                return SseResponse(body_bytes, outcome.headers())
+                encoder = SseEncoder(kind=kind, request_id=request_id, model=body.model,
+                                     logprobs=request.sampling.logprobs, include_usage=body.include_usage)
+                return await self._stream(request, outcome, policy, encoder, endpoint, started, deadline)
             async with _deadline(deadline):
-                result, outcome = await unless_disconnected(
-                    http, self.pipeline.generate(gen_request, outcome, body.options)
-                )
-            payload = response(kind, request_id, body.model, result, logprobs, outcome.meta())
-            self.pipeline.record(
-                endpoint, outcome, 200, started, result, request_id=request_id, routing_text=body.routing_text()
-            )
-            return JSONResponse(payload, headers=outcome.headers())
+                if policy is None:
+                    result, _ = await self.channel.complete(outcome.entry_tier, request)
+                else:
+                    result, trace = await self.cascade.run(request, policy, self._index(outcome))
+                    outcome = replace(outcome, trace=trace, cascade_thresholds=policy.thresholds)
+            self.recorder.record(endpoint, outcome, 200, started, result.prompt_tokens, result.completion_tokens,
+                         request_id=request_id, routing_text=body.routing_text())
+            payload = response(kind, request_id, body.model, result, request.sampling.logprobs,
+                               tierserve_object(outcome))
+            return JSONResponse(payload, headers=headers(outcome))
         except asyncio.CancelledError:  # the client went away; the tier call was cancelled with us
             if outcome is not None:
                 self.metrics.aborts.labels(outcome.tier).inc()
-                self.pipeline.record(endpoint, outcome, 499, started, request_id=request_id)
+                self.recorder.record(endpoint, outcome, 499, started, request_id=request_id)
             raise
-        except Exception as exc:
-            status, _, _ = to_envelope(exc)
+        except Exception as exc:  # noqa: BLE001 - every error becomes OpenAI's envelope
+            status = to_envelope(exc)[0]
             if outcome is not None:
-                self.pipeline.record(endpoint, outcome, status, started, request_id=request_id)
+                if isinstance(exc, Overloaded) and exc.code == "overloaded":
+                    self.metrics.rejections.labels(outcome.entry_tier, str(status)).inc()
+                self.recorder.record(endpoint, outcome, status, started, request_id=request_id)
             else:
                 self.metrics.requests.labels(endpoint, "none", str(status)).inc()
-            return error_response(exc, outcome.headers() if outcome else None)
+            return error_response(exc, headers(outcome) if outcome else None)
 
-    async def _sse(
-        self, endpoint: str, relay: SseRelay, outcome: Callable[[], Outcome], started: float, request_id: str,
-        deadline: float, first_at: float,
-    ) -> AsyncIterator[bytes]:
-        # One timer per stream for http.request_timeout_s (not a timeout context per chunk: 5 us each).
+    async def _stream(self, request: GenerationRequest, outcome: Outcome, policy: CascadePolicy | None,
+                      encoder: SseEncoder, endpoint: str, started: float, deadline: float) -> Response:
+        """Open the answer and read its first batch, so an error still gets a real status (recorded with what a
+        cascade did before it: an escalation the tier above refused, say); then stream the rest as SSE."""
+        answer: TierCall | CascadeStream | None = None
+        try:
+            async with _deadline(deadline):
+                if policy is None:
+                    answer = await self.channel.open(outcome.entry_tier, request)
+                else:
+                    answer = self.cascade.stream(request, policy, self._index(outcome))
+                    outcome = replace(outcome, cascade_thresholds=policy.thresholds)
+                first = await anext(aiter(answer), None)
+                if first is None:
+                    raise EngineError("the tier ended the stream without output")
+        except Exception as exc:  # noqa: BLE001 - before the headers: a real status
+            if answer is not None:
+                await answer.aclose()
+                outcome = _with_trace(outcome, answer)
+            status = to_envelope(exc)[0]
+            if isinstance(exc, Overloaded) and exc.code == "overloaded":
+                self.metrics.rejections.labels(outcome.tier, str(status)).inc()
+            self.recorder.record(endpoint, outcome, status, started, request_id=request.request_id)
+            return error_response(exc, headers(outcome))
+        except BaseException:
+            if answer is not None:
+                await answer.aclose()
+            raise
+        outcome = _with_trace(outcome, answer)  # a cascade has decided by its first batch
+        first_at = time.perf_counter()
+        self.metrics.ttft.labels(outcome.tier).observe(first_at - started)
+        body = self._sse(answer, first, outcome, encoder, endpoint, started, first_at, deadline, request.request_id)
+        return SseResponse(body, headers(outcome))
+
+    async def _sse(self, answer: TierCall | CascadeStream, first: list[GenerationChunk], outcome: Outcome,
+                   encoder: SseEncoder, endpoint: str, started: float, first_at: float, deadline: float,
+                   request_id: str) -> AsyncIterator[bytes]:
+        # One timer per stream for http.request_timeout_s (not a timeout context per batch).
         task = asyncio.current_task()
         expired = False
 
@@ -339,38 +221,68 @@ class Ingress:
                 task.cancel()
 
         timer = asyncio.get_running_loop().call_at(deadline, expire)
+        meta = tierserve_object(outcome)
+        end = None
         try:
-            yield relay.first
-            async for data in relay:
-                yield data
-            tokens = relay.summary.completion_tokens if relay.summary else 0
+            yield encoder.batch(first, meta)
+            async for batch in answer:
+                yield encoder.batch(batch, meta)
+            outcome, end = _with_trace(outcome, answer), answer.end
+            tokens = end.completion_tokens if end else 0
+            yield encoder.tail(end.prompt_tokens if end else 0, tokens, tierserve_object(outcome))
             if tokens > 1:
-                self.metrics.tpot.labels(outcome().tier).observe((time.perf_counter() - first_at) / (tokens - 1))
-            self.pipeline.record(endpoint, outcome(), 200, started, relay.summary, request_id=request_id)
-        except asyncio.CancelledError:
-            if not expired or task is None:
-                self.metrics.aborts.labels(outcome().tier).inc()
-                self.pipeline.record(endpoint, outcome(), 499, started, relay.summary, request_id=request_id)
+                self.metrics.tpot.labels(outcome.tier).observe((time.perf_counter() - first_at) / (tokens - 1))
+            self.recorder.record(endpoint, outcome, 200, started, end.prompt_tokens if end else 0, tokens,
+                         request_id=request_id)
+        except (asyncio.CancelledError, GeneratorExit):
+            if not expired or task is None:  # the client went away
+                self.metrics.aborts.labels(outcome.tier).inc()
+                self.recorder.record(endpoint, _with_trace(outcome, answer), 499, started, request_id=request_id)
                 raise
             task.uncancel()  # our own deadline: end the stream with the error, in-band
-            await relay.aclose()
-            async for event in self._stream_error(endpoint, outcome(), started, relay, request_id, _timeout_error()):
-                yield event
-        except GeneratorExit:
-            self.metrics.aborts.labels(outcome().tier).inc()
-            self.pipeline.record(endpoint, outcome(), 499, started, relay.summary, request_id=request_id)
-            raise
-        except Exception as exc:  # headers are gone: report in-band, then end the stream
-            async for event in self._stream_error(endpoint, outcome(), started, relay, request_id, exc):
-                yield event
+            await answer.aclose()
+            yield self._stream_error(endpoint, _with_trace(outcome, answer), started, request_id, _timeout_error())
+        except Exception as exc:  # noqa: BLE001 - headers are gone: report in-band, then end the stream
+            yield self._stream_error(endpoint, _with_trace(outcome, answer), started, request_id, exc)
         finally:
             timer.cancel()
-            await relay.aclose()
+            await answer.aclose()
 
-    async def _stream_error(
-        self, endpoint: str, outcome: Outcome, started: float, relay: SseRelay, request_id: str, exc: BaseException
-    ) -> AsyncIterator[bytes]:
+    def _stream_error(self, endpoint: str, outcome: Outcome, started: float, request_id: str,
+                      exc: BaseException) -> bytes:
         status, envelope, _ = to_envelope(exc)
-        self.pipeline.record(endpoint, outcome, status, started, relay.summary, request_id=request_id)
-        yield sse(envelope)
-        yield DONE
+        self.recorder.record(endpoint, outcome, status, started, request_id=request_id)
+        return sse(envelope) + sse("[DONE]")
+
+    def _session(self, http: Request, body: ChatCompletionRequest | CompletionRequest,
+                 request: GenerationRequest) -> SessionKey | None:
+        """The conversation a routed request continues (the session header, else derived from its messages)."""
+        if self.sessions is None or body.model in self.config.tier_names:
+            return None
+        return session_key(http.headers.get(SESSION_HEADER), body.user, request.messages)
+
+    def _index(self, outcome: Outcome) -> int:
+        return self.config.tier_names.index(outcome.entry_tier)
+
+
+class _Asgi:
+    """The ASGI app Ray Serve's ingress serves. The completion endpoints carry every token, so they skip
+    FastAPI's routing and middleware (coroutine layers around every chunk's `send`); the rest is FastAPI's."""
+
+    def __init__(self, ingress: Ingress) -> None:
+        self.ingress = ingress
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        kind = _COMPLETIONS.get(scope.get("path", "")) if scope["type"] == "http" else None
+        if kind is None or scope["method"] != "POST":
+            await self.ingress.routes(scope, receive, send)
+            return
+        answer = await self.ingress.complete(Request(scope, receive), kind)
+        await answer(scope, receive, send)
+
+
+def _with_trace(outcome: Outcome, answer: TierCall | CascadeStream) -> Outcome:
+    """The outcome as the cascade has told it so far (a plain call has no trace)."""
+    if isinstance(answer, CascadeStream) and answer.trace.attempts:
+        return replace(outcome, trace=answer.trace)
+    return outcome

@@ -67,6 +67,13 @@ class Health(BaseModel):
     tiers: dict[str, bool]
 
 
+_SERVED_APART = {
+    ("/v1/chat/completions", "post"): "Chat completion (stream: true for server-sent events)",
+    ("/v1/completions", "post"): "Completion (stream: true for server-sent events)",
+}
+"""The completion endpoints carry every token, so the ingress serves them without FastAPI's routing and
+middleware; they are documented here all the same."""
+
 _REQUESTS: dict[tuple[str, str], tuple[type[BaseModel], ...]] = {  # one of these bodies
     ("/v1/chat/completions", "post"): (ChatCompletionRequest,),
     ("/v1/completions", "post"): (CompletionRequest,),
@@ -105,6 +112,9 @@ def _build(api: FastAPI) -> dict[str, Any]:
     refs, defs = models_json_schema(list(dict.fromkeys(models)), ref_template="#/components/schemas/{model}")
     schema.setdefault("components", {}).setdefault("schemas", {}).update(defs.get("$defs", {}))
     error = {"description": "OpenAI error envelope", "content": {"application/json": {"schema": refs[(ErrorResponse, "serialization")]}}}
+    for (path, method), summary in _SERVED_APART.items():  # answered by the ingress before FastAPI's router
+        schema["paths"].setdefault(path, {})[method] = {"summary": summary,
+                                                        "operationId": path.strip("/").replace("/", "_")}
     for (path, method), bodies in _REQUESTS.items():
         refs_ = [refs[(m, "validation")] for m in bodies]
         operation = schema["paths"][path][method]

@@ -1,12 +1,24 @@
-"""OpenAI wire models: what clients send, validated. The response shapes are in `serving.ingress.openai`."""
+"""What clients send: the API key checked against its scope, the body read within its size limit, and OpenAI's
+request models validated, every refusal naming the field. The response shapes are in `serving.ingress.openai`.
+
+Keys are compared in constant time (`hmac.compare_digest` against every key, no early exit), so response timing
+tells nothing about how much of a guessed key matched. /health is always open; /metrics is open unless
+`http.metrics_auth` is set.
+"""
 
 from __future__ import annotations
 
+import hashlib
+import hmac
+import json
+from enum import Enum
 from typing import TYPE_CHECKING, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from fastapi import Request
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from router.errors import InvalidRequest
+from serving.ingress.errors import Forbidden, PayloadTooLarge, Unauthorized
 from serving.types import ChatMessage, SamplingOptions
 
 if TYPE_CHECKING:
@@ -228,3 +240,106 @@ class ReleaseStoreRequest(BaseModel):
 
     seconds: float = Field(default=30.0, gt=0, le=3600)
     """How long the store stays closed before the router reopens it."""
+
+
+# ---- the API key -----------------------------------------------------------------------------------
+
+
+class Scope(Enum):
+    DATA = "data"
+    ADMIN = "admin"
+
+
+class Keys:
+    """Data-plane keys open /v1/*, admin keys open /admin/* (and /v1/*)."""
+
+    def __init__(self, api_keys: set[str], admin_keys: set[str]) -> None:
+        self._api = [k.encode() for k in sorted(api_keys)]
+        self._admin = [k.encode() for k in sorted(admin_keys)]
+
+    @property
+    def enabled(self) -> bool:
+        """False when no key is configured anywhere: a local stack with no auth."""
+        return bool(self._api or self._admin)
+
+    def check(self, authorization: str | None, scope: Scope) -> str:
+        """The key's id (a short hash; "anonymous" with no auth configured). Raises Unauthorized (401) for a
+        missing or unknown key, Forbidden (403) for a key without `scope`."""
+        if not self.enabled:
+            return "anonymous"
+        scheme, _, key = (authorization or "").partition(" ")
+        given = key.strip().encode()
+        is_admin = _matches(given, self._admin)
+        is_api = _matches(given, self._api)
+        if scheme.lower() != "bearer" or not (is_admin or is_api):
+            raise Unauthorized(
+                "Incorrect or missing API key. Send it as 'Authorization: Bearer <key>'.", code="invalid_api_key"
+            )
+        if scope is Scope.ADMIN and not is_admin:
+            raise Forbidden(
+                "This key has no admin scope; /admin/* needs a key from http.admin_keys (or TIERSERVE_ADMIN_KEYS)."
+                if self._admin
+                else "The admin endpoints are closed: no admin key is configured. Set http.admin_keys "
+                "(or TIERSERVE_ADMIN_KEYS) and send one of those keys.",
+                code="insufficient_scope",
+            )
+        return hashlib.sha256(given).hexdigest()[:16]
+
+
+def _matches(given: bytes, keys: list[bytes]) -> bool:
+    found = False
+    for key in keys:  # every key compared, whatever matched, in constant time each
+        found |= hmac.compare_digest(given, key)
+    return found
+
+
+# ---- the body --------------------------------------------------------------------------------------
+
+
+async def parse(request: Request, model: type, without_messages: type | None = None, *, limit: int) -> Any:
+    """Validate the JSON body as `model` (as `without_messages` when given and the body has no messages); a body
+    over `limit` bytes is refused (413) before it is read in full."""
+    try:
+        body = json.loads(await _read_body(request, limit))
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise InvalidRequest("The request body is not valid JSON.", param="body") from None
+    except RecursionError:
+        raise InvalidRequest("The request body nests arrays or objects too deeply.", param="body") from None
+    if not isinstance(body, dict):
+        raise InvalidRequest("The request body must be a JSON object.", param="body")
+    if without_messages is not None and "messages" not in body:
+        model = without_messages
+    try:
+        return model.model_validate(body)
+    except ValidationError as exc:
+        raise _validation_error(exc) from None
+
+
+async def _read_body(request: Request, limit: int) -> bytes:
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise _too_large(int(declared), limit)
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise _too_large(size, limit)
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _too_large(size: int, limit: int) -> PayloadTooLarge:
+    return PayloadTooLarge(
+        f"The request body is {size:,} bytes or more; the limit is {limit:,} (http.limits.max_body_bytes).",
+        param="body", code="body_too_large",
+    )
+
+
+def _validation_error(exc: ValidationError) -> InvalidRequest:
+    first = exc.errors()[0]
+    param = ".".join(str(p) for p in first["loc"]) or None
+    problems = "; ".join(
+        f"{'.'.join(str(p) for p in e['loc']) or 'body'}: {e['msg'].removeprefix('Value error, ')}"
+        for e in exc.errors()
+    )
+    return InvalidRequest(f"Invalid request: {problems}", param=param)

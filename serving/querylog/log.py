@@ -114,6 +114,17 @@ class CascadeDecisionRecord:
     escalated: bool
 
 
+def status_word(status: int) -> Status:
+    """An HTTP status as the record's `status`."""
+    if status < 400:
+        return "ok"
+    if status in (429, 503):
+        return "rejected"
+    if status == 499:
+        return "cancelled"
+    return "error"
+
+
 def _day_file(directory: Path, ts: float) -> Path:
     return directory / f"querylog-{datetime.fromtimestamp(ts, UTC):%Y%m%d}.jsonl"
 

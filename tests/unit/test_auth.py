@@ -8,11 +8,12 @@ import pytest
 
 from router.errors import ConfigError, InvalidRequest
 from serving.config import LimitsConfig, parse_config
-from serving.ingress.auth import Keys, Scope
 from serving.ingress.errors import Forbidden, Unauthorized
 from serving.ingress.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
+    Keys,
+    Scope,
     check_limits,
 )
 

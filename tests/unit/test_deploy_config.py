@@ -84,7 +84,7 @@ def test_replicas_accept_a_full_batch(config: AppConfig) -> None:
 def test_cpu_lists_parse_and_name_a_bad_part() -> None:
     import pytest
 
-    from serving.cpu.affinity import parse_cpus
+    from serving.config.cores import parse_cpus
 
     assert parse_cpus("0-3,6") == {0, 1, 2, 3, 6} and parse_cpus("1") == {1}
     with pytest.raises(ValueError, match="'x'"):

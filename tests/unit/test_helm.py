@@ -409,13 +409,27 @@ def test_default_render_has_every_component(default_objects: list[dict]) -> None
     ]
 
 
+def test_the_chart_runs_the_mode_tierserve_up_runs(default_objects: list[dict]) -> None:
+    """Ray Serve's HAProxy ingress on every node (the one serving mode), no tierserve proxy switch left."""
+    from serving.launch import LOCAL_CLUSTER_ENV
+
+    rayservice = _one(default_objects, "RayService")
+    assert yaml.safe_load(rayservice["spec"]["serveConfigV2"])["proxy_location"] == "EveryNode"
+    for role, pod in _ray_pod_specs(rayservice).items():
+        env = {e["name"]: e.get("value") for e in pod["containers"][0]["env"]}
+        assert env["RAY_SERVE_ENABLE_HA_PROXY"] == LOCAL_CLUSTER_ENV["RAY_SERVE_ENABLE_HA_PROXY"], role
+    config = yaml.safe_load(_one(default_objects, "ConfigMap")["data"]["tierserve.yaml"])
+    assert "proxy" not in config["http"]
+
+
 def test_serve_config_builds_the_app_from_the_mounted_config(default_objects: list[dict]) -> None:
     rayservice = _one(default_objects, "RayService")
     serve = yaml.safe_load(rayservice["spec"]["serveConfigV2"])
     (app,) = serve["applications"]
     assert app["import_path"] == "serving.app:app_builder"
     assert app["route_prefix"] == "/"
-    assert serve["http_options"] == {"host": "0.0.0.0", "port": 8000}
+    # Serve's own timeout sits past tierserve's, so the 504 that names http.request_timeout_s comes first.
+    assert serve["http_options"] == {"host": "0.0.0.0", "port": 8000, "request_timeout_s": 605}
 
     config_path = PurePosixPath(app["args"]["config"])
     configmap = _one(default_objects, "ConfigMap")
@@ -445,7 +459,6 @@ def test_configmap_holds_a_valid_tierserve_config(render, name: str) -> None:
 @pytest.mark.parametrize("name", ["default", "config-file", "ci-gpu-7b-34b"])
 def test_default_config_is_deploy_gpu_7b_34b(render, name: str) -> None:
     expected = yaml.safe_load(GPU_CONFIG.read_text())
-    expected["http"]["proxy"] = True  # the chart's one addition: KubeRay's serve Service needs the Serve proxy
     assert _without_store(_tierserve_yaml(render(*SCENARIOS[name]))) == expected
 
 

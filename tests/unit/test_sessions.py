@@ -4,17 +4,17 @@ from __future__ import annotations
 
 import asyncio
 import time
-from types import SimpleNamespace
+from dataclasses import dataclass
 
 import pytest
 
 from router.errors import ConfigError, InvalidRequest
-from serving.capacity.policy import CapacityDecision
 from serving.cascade import CascadeTrace, TierAttempt
-from serving.config import parse_config
-from serving.ingress.outcome import Outcome
-from serving.ingress.pipeline import Pipeline
+from serving.channel.channel import TierChannel
+from serving.config import AppConfig, parse_config
+from serving.ingress.plan import Outcome, Planner
 from serving.ingress.protocol import TierserveOptions
+from serving.ingress.record import Recorder
 from serving.ingress.sessions import (
     Remembered,
     SessionKey,
@@ -24,7 +24,7 @@ from serving.ingress.sessions import (
     tier_to_remember,
 )
 from serving.metrics import Metrics
-from serving.types import ChatMessage
+from serving.types import ChatMessage, EngineLoad, ReplicaStatus
 
 
 def _chat(*turns: tuple[str, str]) -> tuple[ChatMessage, ...]:
@@ -139,67 +139,89 @@ def test_sessions_config_defaults_and_bounds_name_the_field() -> None:
         parse_config(_config(ttl=5))
 
 
-# ---- the pipeline's decision (no Ray: the tiers are never called) ------------------------------------------
+# ---- the planner's decision and the recorder's memory (no Ray: the tiers are never called) ------------------
 
 
-def _pipeline(**sessions: object) -> Pipeline:
+@dataclass
+class Ingress:
+    """The parts of an ingress replica that decide and remember a conversation's tier."""
+
+    config: AppConfig
+    channel: TierChannel
+    planner: Planner
+    recorder: Recorder
+
+    @property
+    def sessions(self) -> SessionStore | None:
+        return self.planner.sessions
+
+    async def plan(self, model: str, text: str, options: TierserveOptions, session):
+        return await self.planner.plan(model, text, options, session)
+
+
+def _ingress(capacity: dict | None = None, **sessions: object) -> Ingress:
     tier = {"engine": {"kv_cache_memory_bytes": 1 << 20}}
     config = parse_config({"tiers": [{"name": "small", "model": "m1", **tier}, {"name": "large", "model": "m2", **tier}],
                            "router": {"default_router": "cheapest"}, "query_log": {"enabled": False},
-                           "sessions": sessions})
-    return Pipeline(config, tiers=SimpleNamespace(), metrics=Metrics())
+                           "sessions": sessions, "capacity": capacity or {}})
+    metrics = Metrics()
+    store = SessionStore(config.sessions.ttl_s, config.sessions.max_entries) if config.sessions.enabled else None
+    channel = TierChannel(config.tier_names, config.capacity, token="t" * 32)
+    return Ingress(config, channel, Planner(config, channel, metrics, None, store), Recorder(config, metrics, store))
 
 
-def _answered(pipeline, plan, chain: list[str], *, escalated: bool = False, capacity: str | None = None,
+def _answered(ingress: Ingress, plan, chain: list[str], *, escalated: bool = False, capacity: str | None = None,
               status: int = 200) -> None:
     attempts = tuple(TierAttempt(t, 1, 1, None, escalated and i < len(chain) - 1) for i, t in enumerate(chain))
     outcome = Outcome(plan, chain[0], capacity=capacity, trace=CascadeTrace(attempts))
-    pipeline.record("chat", outcome, status, time.perf_counter())
+    ingress.recorder.record("chat", outcome, status, time.perf_counter(), request_id="r")
 
 
-def test_pipeline_keeps_an_escalated_session_on_its_tier_and_lets_a_named_tier_win() -> None:
-    pipeline, opts = _pipeline(), TierserveOptions()
+def test_a_conversation_keeps_an_escalated_session_on_its_tier_and_a_named_tier_wins() -> None:
+    ingress, opts = _ingress(), TierserveOptions()
     first, later = session_key(None, None, FIRST), session_key(None, None, SECOND)
 
     async def flow() -> None:
-        plan = await pipeline.plan("auto", "x", opts, first)
+        plan = await ingress.plan("auto", "x", opts, first)
         assert (plan.router, plan.tier, plan.session) == ("cheapest", "small", first.key)
-        _answered(pipeline, plan, ["small", "large"], escalated=True)
-        sticky = await pipeline.plan("auto", "x", opts, later)
+        _answered(ingress, plan, ["small", "large"], escalated=True)
+        sticky = await ingress.plan("auto", "x", opts, later)
         assert (sticky.router, sticky.tier) == ("session", "large") and "stays on large" in sticky.reason
-        named = await pipeline.plan("small", "x", opts, later)
+        named = await ingress.plan("small", "x", opts, later)
         assert (named.router, named.session) == ("explicit", None)
-        forced = await pipeline.plan("auto", "x", TierserveOptions(tier="small"), later)
+        forced = await ingress.plan("auto", "x", TierserveOptions(tier="small"), later)
         assert forced.router == "forced"
-        assert (await pipeline.plan("auto", "x", TierserveOptions(routing=False), later)).router == "cheapest"
-        _answered(pipeline, sticky, ["large"], status=503)  # a failed turn changes nothing
-        assert (await pipeline.plan("auto", "x", opts, later)).tier == "large"
+        assert (await ingress.plan("auto", "x", TierserveOptions(routing=False), later)).router == "cheapest"
+        _answered(ingress, sticky, ["large"], status=503)  # a failed turn changes nothing
+        assert (await ingress.plan("auto", "x", opts, later)).tier == "large"
 
     asyncio.run(flow())
 
 
 def test_a_saturated_sticky_tier_spills_for_one_turn_and_says_so() -> None:
-    pipeline = _pipeline()
+    ingress = _ingress(capacity={"enabled": True, "hard_mode": "latency_first"})
+    now = time.time()
+    for tier, running in (("small", 0), ("large", 32)):  # the large tier's batch is full, the small one idle
+        load = EngineLoad(tier=tier, running=running, waiting=0, kv_cache_usage=0.1, max_num_seqs=32, timestamp=now)
+        ingress.channel.add_replica(tier, ReplicaStatus(f"{tier}-1", "127.0.0.1:1", load))
     key = session_key("conv-9", None, None)
-    pipeline.sessions.put(key.key, "large")
-    spill = CapacityDecision("spill_down", 0, "small", 1, "spill_down_latency_first")
-    pipeline.capacity = SimpleNamespace(place=lambda tier, score, thresholds: spill)
+    ingress.sessions.put(key.key, "large")
 
     async def flow() -> None:
-        plan = await pipeline.plan("auto", "x", TierserveOptions(), key)
-        outcome = pipeline.place(plan)
+        plan = await ingress.plan("auto", "x", TierserveOptions(), key)
+        outcome = ingress.planner.place(plan)
         assert outcome.entry_tier == "small"
         assert outcome.decision.reason.endswith("; large is saturated, so this turn moved to small (spill_down); "
                                                 "the session stays on large")
         assert outcome.capacity == "spill_down:spill_down_latency_first"
-        _answered(pipeline, outcome.decision, ["small"], capacity=outcome.capacity)
-        assert (await pipeline.plan("auto", "x", TierserveOptions(), key)).tier == "large"
+        _answered(ingress, outcome.decision, ["small"], capacity=outcome.capacity)
+        assert (await ingress.plan("auto", "x", TierserveOptions(), key)).tier == "large"
 
     asyncio.run(flow())
 
 
 def test_sessions_off_route_every_turn_afresh() -> None:
-    pipeline = _pipeline(enabled=False)
-    assert pipeline.sessions is None
-    plan = asyncio.run(pipeline.plan("auto", "x", TierserveOptions(), session_key("conv-1", None, None)))
+    ingress = _ingress(enabled=False)
+    assert ingress.sessions is None
+    plan = asyncio.run(ingress.plan("auto", "x", TierserveOptions(), session_key("conv-1", None, None)))
     assert plan.router == "cheapest" and plan.session is None

@@ -99,13 +99,6 @@ app.kubernetes.io/component: qdrant
 {{- $_ := set $router "store" $store }}
 {{- $_ := set $cfg "router" $router }}
 {{- end }}
-{{- /* KubeRay's serve Service selects the pods whose Serve HTTP proxy is healthy, so on Kubernetes the
-proxy serves the port (one more hop per streamed chunk than the ingress serving it directly). */}}
-{{- $http := $cfg.http | default dict }}
-{{- if not (hasKey $http "proxy") }}
-{{- $_ := set $http "proxy" true }}
-{{- end }}
-{{- $_ := set $cfg "http" $http }}
 {{- toYaml $cfg }}
 {{- end }}
 
@@ -116,7 +109,9 @@ proxy serves the port (one more hop per streamed chunk than the ingress serving 
 {{/* The Ray Serve config (serveConfigV2): one application built by serving.app:app_builder. */}}
 {{- define "tierserve.serveConfig" -}}
 {{- $app := dict "name" "tierserve" "route_prefix" "/" "import_path" "serving.app:app_builder" "args" (dict "config" (include "tierserve.configPath" .)) }}
-{{- $http := dict "host" "0.0.0.0" "port" (int .Values.serve.port) }}
+{{- $cfg := include "tierserve.config" . | fromYaml }}
+{{- $timeout := add (int ((($cfg.http | default dict).request_timeout_s) | default 300)) 5 }}
+{{- $http := dict "host" "0.0.0.0" "port" (int .Values.serve.port) "request_timeout_s" $timeout }}
 {{- toYaml (dict "proxy_location" "EveryNode" "http_options" $http "applications" (list $app)) }}
 {{- end }}
 
@@ -128,8 +123,12 @@ proxy serves the port (one more hop per streamed chunk than the ingress serving 
 {{- end }}
 {{- end }}
 
-{{/* Env shared by the head and worker containers. */}}
+{{/* Env shared by the head and worker containers. RAY_SERVE_ENABLE_HA_PROXY: Ray Serve's HAProxy ingress on
+     every node (the mode `tierserve up` runs too): HAProxy on the serve port forwards to each ingress replica's
+     own HTTP server and answers KubeRay's /-/healthz; no Python proxy hop per streamed chunk. */}}
 {{- define "tierserve.env" -}}
+- name: RAY_SERVE_ENABLE_HA_PROXY
+  value: "1"
 - name: TIERSERVE_DATA_DIR
   value: {{ .Values.data.mountPath | quote }}
 {{- with include "tierserve.apiKeySecretName" . }}

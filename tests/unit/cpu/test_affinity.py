@@ -10,10 +10,9 @@ import sys
 
 import pytest
 
+from serving.config.cores import engine_cores, rank_cores
 from serving.cpu.affinity import (
-    engine_cores,
     placement_cores,
-    rank_cores,
     scheduler_cores,
 )
 

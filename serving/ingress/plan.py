@@ -1,8 +1,10 @@
-"""Where a request starts: a tier it names, its conversation's tier, or a router's decision.
+"""Where a request goes, before the call: the tier it names, its conversation's tier, or a router's decision
+(`Planner.plan`); the neighbour the tiers' load moves it to (`Planner.place`); and the cascade it runs.
 
 kNN and the classifier run in the router (its deployment, or in this process: `router.placement: ingress`);
 the heuristic and `cheapest` decide here with the router's own `router.decide.Decider`, and so does every
 fallback when the router is down or slow (never a 5xx for that). The LLM judge asks the cheapest tier.
+What happened is one frozen `Outcome`, reported in the response and the query log.
 """
 
 from __future__ import annotations
@@ -10,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
 from router.decide import Decider
 from router.judge import JudgeRouter
@@ -21,52 +23,90 @@ from router.types import (
     RouterKind,
     parse_router_model,
 )
-from serving.channel.calls import TierCalls, judge_completion
+from serving.capacity import choose_tier
+from serving.cascade import CascadeOverride, CascadePolicy, CascadeTrace, cascade_policy
+from serving.channel.channel import TierChannel
 from serving.config import AppConfig
 from serving.ingress.errors import ModelNotFound
 from serving.ingress.protocol import TierserveOptions
 from serving.ingress.router_calls import RouterCalls
 from serving.ingress.sessions import SessionKey, SessionStore, sticky_reason
 from serving.metrics import Metrics
+from serving.types import ChatMessage, GenerationRequest, SamplingOptions
 
 logger = logging.getLogger(__name__)
 
 
-class Planner:
-    """Decides each request's entry tier (before load is considered: that is `Pipeline.place`)."""
+@dataclass(frozen=True)
+class Outcome:
+    """What happened to a request: the routing decision, the tier load moved it to, the cascade's trace."""
 
-    def __init__(
-        self, config: AppConfig, calls: TierCalls, metrics: Metrics, router: RouterCalls | None,
-        sessions: SessionStore | None,
-    ) -> None:
+    decision: RouteDecision
+    """Where the request was routed (the router's decision, or the tier it named)."""
+    entry_tier: str
+    """The tier it started on: the routed one, or a neighbour when load moved it."""
+    capacity: str | None = None
+    """How load moved the request (e.g. `spill_up:spill_up`), None when it stayed on its routed tier."""
+    trace: CascadeTrace | None = None
+    """The cascade's tiers and confidences (None: no cascade, the entry tier answered)."""
+    cascade_thresholds: tuple[float, ...] = ()
+    """The request's cascade threshold per tier index (empty without a cascade)."""
+
+    @property
+    def tier_chain(self) -> tuple[str, ...]:
+        return self.trace.tier_chain if self.trace and self.trace.attempts else (self.entry_tier,)
+
+    @property
+    def tier(self) -> str:
+        """The tier that answered (so far)."""
+        return self.tier_chain[-1]
+
+    @property
+    def escalated(self) -> bool:
+        return self.trace is not None and self.trace.escalated
+
+    @property
+    def confidences(self) -> tuple[float, ...]:
+        return tuple(c for c in self.trace.confidences if c is not None) if self.trace else ()
+
+    def scored_thresholds(self, tier_names: list[str]) -> tuple[float, ...]:
+        """The threshold each recorded confidence was compared with (confidences are the chain's first tiers)."""
+        if not self.cascade_thresholds:
+            return ()
+        return tuple(self.cascade_thresholds[tier_names.index(t)] for t in self.tier_chain[: len(self.confidences)])
+
+
+class Planner:
+    """Decides each request's entry tier, moves it by load, and resolves its cascade policy."""
+
+    def __init__(self, config: AppConfig, channel: TierChannel, metrics: Metrics, router: RouterCalls | None,
+                 sessions: SessionStore | None) -> None:
         self.config = config
+        self.channel = channel
         self.metrics = metrics
         self.router = router
         """The kNN / classifier router, in this process or behind its deployment's handle (None: none runs)."""
         self.sessions = sessions
         self.local = Decider(config.router, config.tier_names)
         """Heuristic, cheapest, judge and fallback decisions, made here."""
-        self._judge = JudgeRouter(judge_completion(calls, config.tier_names[0]))
+        self._judge = JudgeRouter(self._ask_cheapest)
         self._served = {(t.served_model_name or t.name): t.name for t in config.tiers}
 
-    async def plan(
-        self, model: str, routing_text: str, options: TierserveOptions, session: SessionKey | None = None
-    ) -> RouteDecision:
+    async def plan(self, model: str, routing_text: str, options: TierserveOptions,
+                   session: SessionKey | None = None) -> RouteDecision:
         """The entry tier from `model` and the per-request options (a named tier wins over a session)."""
         names = self.config.tier_names
         if options.tier is not None:
             if options.tier not in names:
-                raise ModelNotFound(
-                    f"tierserve.tier '{options.tier}' is not a tier; choose one of {names}.", param="tierserve.tier"
-                )
+                raise ModelNotFound(f"tierserve.tier '{options.tier}' is not a tier; choose one of {names}.",
+                                    param="tierserve.tier")
             return self._chosen(options.tier, "forced", "tierserve.tier in the request")
         if model in names or model in self._served:
             return self._chosen(model if model in names else self._served[model], "explicit", "model names a tier")
         if model != "auto" and not model.startswith("router-"):
             raise ModelNotFound(
                 f"The model '{model}' does not exist. Use 'auto', 'router-<name>[-<threshold>]' or a tier: {names}.",
-                param="model",
-                code="model_not_found",
+                param="model", code="model_not_found",
             )
         if not options.routing:
             return self._chosen(names[0], "cheapest", "routing disabled by the request")
@@ -74,6 +114,33 @@ class Planner:
             return await self._route(model, routing_text, options)
         return self._remembered(session) or replace(await self._route(model, routing_text, options),
                                                     session=session.key)
+
+    def place(self, decision: RouteDecision) -> Outcome:
+        """The routed tier, or a neighbour when load says so (only for routed requests)."""
+        if not decision.routed:
+            return Outcome(decision, decision.tier)
+        names, cfg = self.config.tier_names, self.config.capacity
+        thresholds = decision.thresholds if len(decision.thresholds) == len(names) - 1 else self.local.thresholds
+        moved = choose_tier(names.index(decision.tier), 0.5 if decision.score is None else decision.score,
+                            thresholds, self.channel.loads(cfg.stats_max_age_s), names, cfg, now=time.time(),
+                            inflight=self.channel.inflight)
+        if moved.action == "keep":
+            return Outcome(decision, decision.tier)
+        self.metrics.capacity_moves.labels(decision.tier, moved.tier).inc()
+        if decision.router == "session" and moved.tier != decision.tier:
+            decision = replace(decision, reason=f"{decision.reason}; {decision.tier} is saturated, so this turn "
+                                                f"moved to {moved.tier} ({moved.action}); the session stays on "
+                                                f"{decision.tier}")
+        return Outcome(decision, moved.tier, capacity=f"{moved.action}:{moved.reason}")
+
+    def cascade(self, placed: Outcome, options: TierserveOptions) -> CascadePolicy | None:
+        """The request's cascade policy (config and its `tierserve` options), None when it does not cascade."""
+        override = None
+        if options.cascade is not None or options.cascade_method or options.cascade_threshold is not None:
+            override = CascadeOverride(enabled=options.cascade, method=options.cascade_method,
+                                       threshold=options.cascade_threshold)
+        return cascade_policy(self.config.cascade, self.config.tier_names, routed=placed.decision.routed,
+                              override=override)
 
     def _chosen(self, tier: str, how: RouterKind | Chosen, reason: str) -> RouteDecision:
         return RouteDecision(tier=tier, tier_index=self.config.tier_names.index(tier), router=how, score=None,
@@ -134,6 +201,17 @@ class Planner:
             logger.warning("router deployment took over ingress.router_timeout_s (%.1f s); heuristic fallback",
                            timeout_s)
             return self.local.fallback(item, "router deployment: timed out")
-        except Exception as exc:  # the router deployment is down: never a 5xx for that
+        except Exception as exc:  # noqa: BLE001 - the router deployment is down: never a 5xx for that
             logger.warning("router deployment failed (%s: %s); heuristic fallback", type(exc).__name__, exc)
             return self.local.fallback(item, f"router deployment: {type(exc).__name__}")
+
+    async def _ask_cheapest(self, prompt: str) -> list[tuple[str, float]]:
+        """The LLM judge's call: one greedy token from the cheapest tier, with its top alternatives."""
+        request = GenerationRequest(
+            request_id=f"judge-{time.monotonic_ns()}",
+            sampling=SamplingOptions(max_tokens=1, temperature=0.0, logprobs=True, top_logprobs=20),
+            messages=(ChatMessage(role="user", content=prompt),),
+        )
+        result, _ = await self.channel.complete(self.config.tier_names[0], request)
+        first = result.token_logprobs[0]
+        return [(first.token, first.logprob), *first.top]

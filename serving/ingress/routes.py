@@ -1,0 +1,142 @@
+"""Every endpoint but the two completion ones: health, metrics, models, the routing decision alone, and the
+admin endpoints. FastAPI routes them (and documents all of them, completions included, in /openapi.json)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Protocol
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response
+
+from router.errors import InvalidRequest
+from router.types import Exemplar
+from serving.channel.channel import TierChannel
+from serving.config import AppConfig
+from serving.ingress.errors import error_response
+from serving.ingress.openai import headers, tierserve_object
+from serving.ingress.openapi import document
+from serving.ingress.plan import Planner
+from serving.ingress.protocol import (
+    SEED_LABELS,
+    AddExemplarsRequest,
+    ChatCompletionRequest,
+    CompletionRequest,
+    Keys,
+    ReleaseStoreRequest,
+    Scope,
+    check_limits,
+    parse,
+)
+from serving.ingress.router_calls import RouterCalls
+from serving.ingress.sessions import SESSION_HEADER, session_key
+from serving.metrics import Metrics
+
+
+class Parts(Protocol):
+    """What the endpoints use of the ingress replica."""
+
+    config: AppConfig
+    keys: Keys
+    channel: TierChannel
+    planner: Planner
+    router: RouterCalls | None
+    metrics: Metrics
+
+
+def build_routes(parts: Parts) -> FastAPI:
+    """The FastAPI app for the endpoints above, each a thin function over the ingress's parts."""
+    api = FastAPI(title="tierserve", description="OpenAI-compatible, tier-routing LLM gateway")
+    config, keys, limit = parts.config, parts.keys, parts.config.http.limits.max_body_bytes
+
+    @api.get("/health")
+    async def health() -> Response:
+        """200 only when every tier's engine answers."""
+        names = parts.channel.names
+        infos = await asyncio.gather(*(parts.channel.info(name) for name in names))
+        tiers = {name: bool(info and info.ready) for name, info in zip(names, infos, strict=True)}
+        ready = all(tiers.values())
+        return JSONResponse({"status": "ready" if ready else "starting", "tiers": tiers},
+                            status_code=200 if ready else 503)
+
+    @api.get("/metrics")
+    async def metrics(request: Request) -> Response:
+        """Prometheus metrics (open unless `http.metrics_auth`)."""
+        if config.http.metrics_auth:
+            try:
+                keys.check(request.headers.get("authorization"), Scope.DATA)
+            except Exception as exc:  # noqa: BLE001 - the key's error, as an envelope
+                return error_response(exc)
+        m = parts.metrics
+        for tier, load in parts.channel.loads().items():
+            m.engine_running.labels(tier).set(load.running)
+            m.engine_waiting.labels(tier).set(load.waiting)
+            m.engine_kv_usage.labels(tier).set(load.kv_cache_usage)
+        for tier, count in parts.channel.inflight.items():
+            m.inflight.labels(tier).set(count)
+        return Response(m.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    @api.get("/v1/models")
+    async def models(request: Request) -> Response:
+        try:
+            keys.check(request.headers.get("authorization"), Scope.DATA)
+        except Exception as exc:  # noqa: BLE001
+            return error_response(exc)
+        created = int(time.time())
+        data = [{"id": "auto", "object": "model", "created": created, "owned_by": "tierserve"}]
+        data += [{"id": t.name, "object": "model", "created": created, "owned_by": "tierserve",
+                  "root": config.model_path(t).as_posix(), "max_model_len": t.engine.max_model_len}
+                 for t in config.tiers]
+        return JSONResponse({"object": "list", "data": data})
+
+    @api.post("/v1/route")
+    async def route(request: Request) -> Response:
+        """The routing decision for a chat or completion request, without generating."""
+        try:
+            keys.check(request.headers.get("authorization"), Scope.DATA)
+            body = await parse(request, ChatCompletionRequest, CompletionRequest, limit=limit)
+            check_limits(body, config.http.limits)
+            messages = body.chat_messages() if isinstance(body, ChatCompletionRequest) else None
+            session = session_key(request.headers.get(SESSION_HEADER), body.user, messages)
+            decision = await parts.planner.plan(body.model, body.routing_text(), body.options, session)
+            placed = parts.planner.place(decision)
+            return JSONResponse({"object": "tierserve.route", **tierserve_object(placed)}, headers=headers(placed))
+        except Exception as exc:  # noqa: BLE001
+            return error_response(exc)
+
+    @api.post("/admin/exemplars")
+    async def add_exemplars(request: Request) -> Response:
+        """Add labelled exemplars at runtime: {"exemplars": [{"text": ..., "tier": ...}, ...]}."""
+        try:
+            keys.check(request.headers.get("authorization"), Scope.ADMIN)
+            body = await parse(request, AddExemplarsRequest, limit=limit)
+            unknown = sorted({e.tier for e in body.exemplars} - set(config.tier_names) - SEED_LABELS)
+            if unknown:
+                raise InvalidRequest(f"exemplars name unknown tiers {unknown}; use one of {config.tier_names}.",
+                                     param="exemplars.tier")
+            if parts.router is None:
+                raise InvalidRequest("no router deployment is configured", param="model")
+            written = await parts.router.add_exemplars([Exemplar(text=e.text, tier=e.tier, source=e.source)
+                                                        for e in body.exemplars])
+            return JSONResponse({"object": "tierserve.exemplars", "written": written,
+                                 "count": await parts.router.count()})
+        except Exception as exc:  # noqa: BLE001
+            return error_response(exc)
+
+    @api.post("/admin/router/release-store")
+    async def release_store(request: Request) -> Response:
+        """Close the router's exemplar store for `seconds` (heuristic routing meanwhile), e.g. so that
+        `tierserve exemplars import` can write to an embedded Qdrant folder while the stack serves."""
+        try:
+            keys.check(request.headers.get("authorization"), Scope.ADMIN)
+            body = await parse(request, ReleaseStoreRequest, limit=limit)
+            if parts.router is None:
+                raise InvalidRequest("no router deployment is configured", param="model")
+            await parts.router.release_store(body.seconds)
+            return JSONResponse({"object": "tierserve.store", "released_for_s": body.seconds})
+        except Exception as exc:  # noqa: BLE001
+            return error_response(exc)
+
+    document(api)
+    return api
