@@ -33,7 +33,7 @@ from router.config import StoreConfig
 from router.errors import StoreError, StoreLockedError
 from router.knn import Search, VectorMatrix, nearest_neighbors
 from router.types import Exemplar, Neighbor, StoredExemplar, normalize_text
-from router.versions import StoreVersion, VersionKind, check_rollback, lineage
+from router.versions import StoreVersion, VersionKind, check_rollback, lineage, version_kind
 
 logger = logging.getLogger(__name__)
 
@@ -80,6 +80,8 @@ class ExemplarStore:
         self.active = 0
         """The version queries answer from (0: the empty store)."""
         self._chain: tuple[int, ...] = ()
+        self._others: dict[int, VectorMatrix] = {}
+        """In-memory copies of versions other than the active one (a shadow router's), dropped on writes."""
         try:
             self._ensure_collections()
             self._load_versions()
@@ -116,6 +118,10 @@ class ExemplarStore:
         with self._lock:
             self._read_versions()
             return [v for _, v in sorted(self._versions.items()) if v.committed]
+
+    def record(self, version: int) -> StoreVersion | None:
+        """The record of one version (as this client last read it)."""
+        return self._versions.get(version)
 
     def begin(self, kind: VersionKind, note: str = "", *, parent: int | None = None) -> int:
         """A new draft version on top of the active one (or `parent`): writes given `version=` it are not served
@@ -180,8 +186,9 @@ class ExemplarStore:
         if not exemplars:
             return 0
         with self._lock:
+            self._others = {}
             own = version is None
-            target = self.begin(_kind_of(exemplars)) if own else version
+            target = self.begin(version_kind(ex.provenance for ex in exemplars)) if own else version
             chain = lineage(self._versions, target)
             now = time.time()
             for start in range(0, len(exemplars), _UPSERT_CHUNK):
@@ -208,6 +215,7 @@ class ExemplarStore:
         if not (ids or source or tier or everything):
             raise ValueError("delete needs ids, a source, a tier, or everything=True.")
         with self._lock:
+            self._others = {}
             own = version is None
             target = self.begin("delete") if own else version
             chain = lineage(self._versions, target)
@@ -228,6 +236,7 @@ class ExemplarStore:
         now = time.time() if now is None else now
         flt = models.Filter(must=[models.FieldCondition(key="expires_at", range=models.Range(lt=now))])
         with self._lock:
+            self._others = {}
             gone = [str(r.id) for r in self._scroll(flt)]
             if gone:
                 self._client.delete(self.collection, models.PointIdsList(points=gone), wait=True)
@@ -237,8 +246,9 @@ class ExemplarStore:
 
     # -- reads ----------------------------------------------------------------------------------------------
 
-    def query(self, vectors: np.ndarray, k: int) -> list[list[Neighbor]]:
-        """The k most similar exemplars (cosine) of the active version for each query vector, most similar first."""
+    def query(self, vectors: np.ndarray, k: int, *, version: int | None = None) -> list[list[Neighbor]]:
+        """The k most similar exemplars (cosine) of the active version (or `version`, e.g. a shadow router's)
+        for each query vector, most similar first."""
         vectors = np.asarray(vectors, dtype=np.float32)
         if vectors.ndim != 2 or vectors.shape[1] != self.dim:
             raise ValueError(f"query vectors have shape {vectors.shape}; expected (n, {self.dim}).")
@@ -246,13 +256,15 @@ class ExemplarStore:
             return []
         if self.closed:
             raise StoreError(f"the exemplar store at {self.location} is closed.")
-        matrix = self._matrix  # read once: a version switch swaps in a whole new copy
-        if matrix is not None:
+        other = version is not None and version != self.active
+        matrix = self._other_matrix(version) if other and self._use_matrix else None if other else self._matrix
+        if matrix is not None:  # read once: a version switch swaps in a whole new copy
             return matrix.query(vectors, k)
         with self._lock:
-            if not self._chain:
+            chain = lineage(self._versions, version) if other else self._chain
+            if not chain:
                 return [[] for _ in vectors]
-            flt = _visible(self._chain)
+            flt = _visible(chain)
             responses = self._client.query_batch_points(
                 self.collection,
                 requests=[models.QueryRequest(query=v.tolist(), limit=k, filter=flt, with_payload=["tier"])
@@ -262,6 +274,16 @@ class ExemplarStore:
             [Neighbor(id=str(p.id), tier=p.payload["tier"], similarity=float(p.score)) for p in r.points]
             for r in responses
         ]
+
+    def _other_matrix(self, version: int) -> VectorMatrix:
+        """An in-memory copy of a version that is not served (kept until the next write or switch)."""
+        with self._lock:
+            cached = self._others.get(version)
+            if cached is None:
+                self._read_versions()
+                cached = self._build_matrix(lineage(self._versions, version))
+                self._others = {version: cached}
+            return cached
 
     def count(self, *, tier: str | None = None, source: str | None = None, version: int | None = None) -> int:
         """Exemplars the active version (or `version`) holds, optionally filtered."""
@@ -477,15 +499,6 @@ def _pointer(active: int) -> models.PointStruct:
 
 def _versioned_id(text: str, version: int) -> str:
     return str(uuid.uuid5(_VERSIONED_ID, f"{version}\x00{normalize_text(text)}"))
-
-
-def _kind_of(exemplars: Sequence[Exemplar]) -> VersionKind:
-    kinds = {ex.provenance for ex in exemplars}
-    if kinds <= {"cascade", "feedback"}:
-        return "learn"
-    if kinds == {"seed"}:
-        return "seed"
-    return "admin" if kinds == {"admin"} else "import"
 
 
 def _connect(*, path: str | Path | None, url: str | None, api_key: str | None, timeout_s: float) -> QdrantClient:

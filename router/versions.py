@@ -9,7 +9,7 @@ A rollback to V is a new version whose parent is V: history is kept, so one can 
 
 from __future__ import annotations
 
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import Literal
 
@@ -82,3 +82,13 @@ def check_rollback(versions: Mapping[int, StoreVersion], target: int, active: in
     if target == active:
         raise ValueError(f"version {target} is already the active version; nothing to roll back.")
     return record
+
+
+def version_kind(provenances: Iterable[str]) -> VersionKind:
+    """The kind of a version written from exemplars of these provenances."""
+    kinds = set(provenances)
+    if kinds and kinds <= {"cascade", "feedback"}:
+        return "learn"
+    if kinds == {"seed"}:
+        return "seed"
+    return "admin" if kinds == {"admin"} else "import"
