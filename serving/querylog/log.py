@@ -85,6 +85,16 @@ class QueryRecord:
     """Routed text; kept only when `store_prompts` is on."""
     label: float | None = None
     """Optional difficulty label in [0, 1] (from feedback or offline grading) for `train-router`."""
+    routed_tier: str | None = None
+    """The tier the live router chose (before load moved it, or exploration tried the cheapest tier)."""
+    explored: bool = False
+    """The router chose a higher tier and exploration tried the cheapest one first (`router.learn`)."""
+    shadow_router: str | None = None
+    """The candidate router of `router.shadow` (e.g. `version:3`), when it decided this request."""
+    shadow_tier: str | None = None
+    """The tier the candidate would have chosen."""
+    shadow_score: float | None = None
+    """The candidate's difficulty score."""
     timestamp: float = field(default_factory=time.time)
     """Unix seconds when the request finished."""
 
