@@ -12,6 +12,7 @@ from typing import Annotated, Literal
 from pydantic import Field, model_validator
 
 from router.configbase import StrictModel
+from router.learn.config import LearnConfig, ShadowConfig
 from router.placement import Placement
 from router.types import RouterKind
 
@@ -84,6 +85,9 @@ class StoreConfig(StrictModel):
     """Local mode only. `matrix`: answer kNN from an in-memory copy of the vectors with one matrix product per
     batch (exact, same results; 64 queries at 10k points in milliseconds). `qdrant`: ask qdrant-client's local
     engine, which scores each query separately in Python (~16 ms per query at 10k points here)."""
+    refresh_s: float = Field(default=2.0, gt=0.0, le=60.0)
+    """How often the router checks which store version is active, so a rollback or import another process
+    made (the CLI, on a Qdrant server) is served within this long, without a restart."""
 
     @model_validator(mode="after")
     def _one_backend(self) -> StoreConfig:
@@ -231,6 +235,10 @@ class RouterConfig(StrictModel):
     so the embedder runs on `cuda` (set embedder.device). 0: the router runs on CPU."""
     resources: Placement = Placement()
     """Where router deployment replicas may run (`custom` resources, `node_labels`), e.g. on the CPU nodes."""
+    learn: LearnConfig = LearnConfig()
+    """Learning exemplars from decided cascades and client feedback (off by default)."""
+    shadow: ShadowConfig = ShadowConfig()
+    """A candidate router decided beside the live one and logged next to it (off by default)."""
 
     @model_validator(mode="after")
     def _check(self) -> RouterConfig:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections import Counter
+from collections import Counter, OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -27,7 +27,8 @@ from router.exemplars import load_default_exemplars
 from router.scorers import ClassifierRouter, KnnRouter, Nearest, Scores
 from router.scoring import label_difficulty
 from router.store import ExemplarStore
-from router.types import Exemplar, RouteDecision, RouteInput
+from router.types import Exemplar, RouteDecision, RouteInput, normalize_text
+from router.versions import version_kind
 
 logger = logging.getLogger(__name__)
 
@@ -68,6 +69,8 @@ class Router:
         self._store_retry_s = store_retry_s
         self._on_fallback = on_fallback
         self._label_cache: dict[str, float] = {}
+        self._recent: OrderedDict[str, np.ndarray] = OrderedDict()
+        """Vectors of the latest routed texts, kept only for a shadow router (`embed_recent`)."""
         self.classifier: DifficultyClassifier | None = None
         """The trained classifier for `router: classifier` (loaded by `build` from `classifier_path`)."""
 
@@ -159,6 +162,33 @@ class Router:
                 return _NO_SCORES, "classifier", 0.0
         return self._knn(texts, [self.decider.thresholds_for(item) for item in items])
 
+    def embed_recent(self, texts: Sequence[str]) -> np.ndarray:
+        """Vectors of `texts`: those the live router embedded lately are reused (a shadow router decides on
+        the same vectors without embedding again), the others embedded now."""
+        found = [self._recent.get(normalize_text(t)) for t in texts]  # .get: the routing thread writes meanwhile
+        missing = [i for i, vector in enumerate(found) if vector is None]
+        if missing:
+            for i, vector in zip(missing, self.embedder.embed([texts[i] for i in missing])):
+                found[i] = vector
+        return np.asarray(found, dtype=np.float32)
+
+    def refresh_store(self) -> int | None:
+        """Serve the version another writer made active meanwhile; returns it (None: unchanged or no store)."""
+        store = self._current_store()
+        if store is None:
+            return None
+        try:
+            return store.refresh()
+        except Exception:
+            logger.exception("could not check the exemplar store's active version; serving the one held")
+            return None
+
+    def _keep_recent(self, texts: Sequence[str], vectors: np.ndarray) -> None:
+        for text, vector in zip(texts, vectors):
+            self._recent[normalize_text(text)] = vector
+        while len(self._recent) > _RECENT_VECTORS:
+            self._recent.popitem(last=False)
+
     def release_store(self, seconds: float) -> None:
         """Close the exemplar store and keep it closed for `seconds` (the heuristic routes meanwhile).
 
@@ -179,8 +209,11 @@ class Router:
         store: ExemplarStore | None = None,
         chunk_size: int = 256,
         progress: Callable[[int], None] | None = None,
+        version: int | None = None,
     ) -> int:
-        """Embed and upsert exemplars (idempotent). Labels must be tier names or seed labels.
+        """Embed and upsert exemplars (idempotent) as one store version: into `version` if given, else a new
+        one committed once every chunk is written (so no request is routed on half an import). Labels must be
+        tier names or seed labels.
 
         Unlike routing this raises: it is an admin action and the caller must know it failed.
         """
@@ -192,12 +225,17 @@ class Router:
         store = store or self._current_store()
         if store is None:
             raise StoreError("the exemplar store is unavailable; see the router's log for the cause.")
+        if not exemplars:
+            return 0
+        target = version if version is not None else store.begin(version_kind(ex.provenance for ex in exemplars))
         written = 0
         for start in range(0, len(exemplars), chunk_size):
             chunk = exemplars[start : start + chunk_size]
-            written += store.upsert(chunk, self.embedder.embed([ex.text for ex in chunk]))
+            written += store.upsert(chunk, self.embedder.embed([ex.text for ex in chunk]), version=target)
             if progress is not None:
                 progress(len(chunk))
+        if version is None:
+            store.commit(target)
         return written
 
     def seed_defaults(self, store: ExemplarStore) -> int:
@@ -254,6 +292,8 @@ class Router:
             logger.exception("embedder failed on %d texts; routing them with the heuristic", len(texts))
             return _NO_SCORES, "embedder", 0.0
         embed_ms = (time.perf_counter() - t0) * 1000
+        if self.cfg.shadow.enabled:
+            self._keep_recent(texts, vectors)
         try:
             return knn.score_vectors(vectors), None, embed_ms
         except Exception:
@@ -296,6 +336,7 @@ class Router:
 
 
 _NO_SCORES = Scores(np.empty(0), ())
+_RECENT_VECTORS = 4096
 
 
 @dataclass
@@ -304,9 +345,11 @@ class StoreIndex:
 
     store: ExemplarStore
     label: Callable[[str], float]
+    version: int | None = None
+    """Store version to search (None: the active one)."""
 
     def nearest(self, vectors: np.ndarray, k: int) -> Nearest:
-        found = self.store.query(vectors, k)
+        found = self.store.query(vectors, k, version=self.version)
         sims = np.full((len(found), k), np.nan)
         labels = np.full((len(found), k), np.nan)
         for row, neighbors in enumerate(found):

@@ -20,8 +20,12 @@ from router.batching import AdaptiveBatcher
 from router.config import RouterConfig
 from router.core import FallbackCause, Router
 from router.embed import Embedder
+from router.errors import StoreError
 from router.exemplars import load_default_exemplars
+from router.learn import Feedback, Learner, LearnResult, RequestOutcome
+from router.learn.shadow import ShadowRunner
 from router.types import Exemplar, RouteDecision, RouteInput
+from router.versions import StoreVersion
 
 logger = logging.getLogger(__name__)
 
@@ -53,10 +57,17 @@ class RouterDeployment:
         *,
         embedder: Embedder | None = None,
         on_fallback: Callable[[FallbackCause], None] | None = None,
+        retention_s: float | None = None,
     ) -> None:
+        """`retention_s`: the query log's retention (`query_log.retention_s`): learned exemplars expire after it."""
         self._router = Router.build(
             router_config, tier_names, Path(data_dir), embedder=embedder, on_fallback=on_fallback
         )
+        self._cfg = router_config
+        self._learner = Learner(router_config.learn, tier_names, retention_s=retention_s)
+        self._shadow = (ShadowRunner(router_config.shadow, self._router, data_dir)
+                        if router_config.shadow.enabled else None)
+        self._maintenance: asyncio.Task | None = None
         self._batcher = AdaptiveBatcher(
             self._router.route_inputs,
             max_size=router_config.batch_max_size,
@@ -93,6 +104,7 @@ class RouterDeployment:
     async def route(self, request: RouteInput) -> RouteDecision:
         """The decision for one request; `overhead_ms` covers the wait for its batch and the batch itself.
         One the router would likely take over `max_queue_wait_s` to decide gets the heuristic's at once."""
+        self._start_maintenance()
         start = time.perf_counter()
         limit = self._max_queue_wait_s
         if limit is not None and (expected_s := self._batcher.expected_wait_s(request)) > limit:
@@ -125,7 +137,103 @@ class RouterDeployment:
         async with self._admin_lock:
             await asyncio.to_thread(self._router.release_store, seconds)
 
+    # -- learning, versions, shadow -----------------------------------------------------------------------------
+
+    async def observe(self, outcome: RequestOutcome) -> LearnResult:
+        """Learn from one answered request (the ingress calls it after answering; never on the request's path).
+        Exemplars learned are written at the next flush (`router.learn.flush_interval_s`)."""
+        self._start_maintenance()
+        return self._learner.observe(outcome)
+
+    async def feedback(self, feedback: Feedback) -> LearnResult:
+        """A client's score of an answer (`POST /v1/feedback`); refuses an unknown or foreign response id."""
+        self._start_maintenance()
+        return self._learner.feedback(feedback)
+
+    async def flush_learned(self) -> int:
+        """Embed and store what was learned since the last flush; returns how many exemplars were written."""
+        exemplars = self._learner.drain()
+        if not exemplars:
+            return 0
+        async with self._admin_lock:
+            return await asyncio.to_thread(write_learned, self._router, exemplars,
+                                           self._cfg.learn.version_every_s)
+
+    async def versions(self) -> list[StoreVersion]:
+        """The exemplar store's versions, oldest first (`tierserve exemplars versions`)."""
+        store = self._router.store
+        return [] if store is None else await asyncio.to_thread(store.versions)
+
+    async def active_version(self) -> int:
+        store = self._router.store
+        return 0 if store is None else store.active
+
+    async def rollback(self, version: int) -> StoreVersion:
+        """Serve what `version` held, as a new version (no restart; decisions in flight finish on the old copy)."""
+        async with self._admin_lock:
+            store = self._router.store
+            if store is None:
+                raise StoreError("the exemplar store is unavailable; see the router's log for the cause.")
+            return await asyncio.to_thread(store.rollback, version)
+
+    async def shadow(self, request: RouteInput, request_key: str) -> RouteDecision | None:
+        """The candidate router's decision for a request the live router decided (`router.shadow`); None when
+        no shadow is configured, the request is not sampled, the live router is busy, or the candidate failed."""
+        runner = self._shadow
+        if runner is None or not runner.wanted(request_key):
+            return None
+        if self._batcher.expected_wait_s(request) > self._cfg.shadow.max_queue_wait_s:
+            return None
+        try:
+            return (await asyncio.to_thread(runner.decide, [request]))[0]
+        except Exception:
+            logger.warning("shadow router %s failed; the live decision stands", runner.label, exc_info=True)
+            return None
+
+    def _start_maintenance(self) -> None:
+        if self._maintenance is None or self._maintenance.done():
+            self._maintenance = asyncio.get_running_loop().create_task(self._maintain())
+
+    async def _maintain(self) -> None:
+        """Follow the store's active version, flush learned exemplars, drop expired ones: each on its period."""
+        store_cfg, learn = self._cfg.store, self._cfg.learn
+        tick = min(store_cfg.refresh_s, learn.flush_interval_s)
+        due = {"refresh": 0.0, "flush": 0.0, "expire": 0.0}
+        while True:
+            await asyncio.sleep(tick)
+            now = time.monotonic()
+            try:
+                if now >= due["refresh"]:
+                    due["refresh"] = now + store_cfg.refresh_s
+                    await asyncio.to_thread(self._router.refresh_store)
+                if now >= due["flush"]:
+                    due["flush"] = now + learn.flush_interval_s
+                    await self.flush_learned()
+                if now >= due["expire"] and (store := self._router.store) is not None:
+                    due["expire"] = now + EXPIRE_EVERY_S
+                    await asyncio.to_thread(store.expire)
+            except Exception:  # the next tick tries again; routing never depends on this loop
+                logger.exception("router maintenance failed")
+
     def close(self) -> None:
-        """Stop batching and release the store's folder lock."""
+        """Stop batching and maintenance, and release the store's folder lock."""
+        if self._maintenance is not None:
+            self._maintenance.cancel()
         self._batcher.close()
         self._router.close()
+
+
+EXPIRE_EVERY_S = 600.0
+"""How often expired learned exemplars are deleted (retention is counted in days)."""
+
+
+def write_learned(router: Router, exemplars: Sequence[Exemplar], version_every_s: float) -> int:
+    """Write learned exemplars into the open `learn` version while it is younger than `version_every_s` and
+    served, else into a new one: learning adds at most one version per period (the rollback grain)."""
+    store = router.store
+    if store is None:
+        raise StoreError("the exemplar store is unavailable; learned exemplars wait for the next flush.")
+    record = store.record(store.active)
+    if record is not None and record.kind == "learn" and time.time() - record.created_at < version_every_s:
+        return router.add_exemplars(exemplars, version=store.active)
+    return router.add_exemplars(exemplars)

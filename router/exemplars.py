@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 from collections.abc import Iterator, Mapping
+from dataclasses import replace
 from importlib import resources
 from pathlib import Path
 
@@ -17,7 +18,8 @@ def load_default_exemplars() -> list[Exemplar]:
     """The shipped set (router/data/default_exemplars.jsonl): routine -> small, medium -> medium, hard -> large."""
     data = resources.files("router").joinpath("data/default_exemplars.jsonl")
     with resources.as_file(data) as path:
-        return read_exemplars(path, source=DEFAULT_SOURCE, category_column="category")
+        exemplars = read_exemplars(path, source=DEFAULT_SOURCE, category_column="category")
+    return [replace(ex, provenance="seed") for ex in exemplars]
 
 
 def read_exemplars(

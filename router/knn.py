@@ -3,9 +3,11 @@ matrix (`router.store`) and of evaluation over a train split."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import numpy as np
+
+from router.types import Neighbor
 
 Search = Callable[[np.ndarray, np.ndarray, int], tuple[np.ndarray, np.ndarray]]
 """(unit queries, unit exemplars, k) -> (similarities, indices), both (n, min(k, len(exemplars))), best first,
@@ -79,3 +81,75 @@ def rerank_within_bound(
         order = np.lexsort((candidates, -exact))[:k_eff]
         sims_out[row], idx_out[row] = exact[order], candidates[order]
     return sims_out, idx_out
+
+
+class VectorMatrix:
+    """Unit-normalized vectors in one array, with their ids and tier labels: exact cosine kNN for a whole batch
+    in one matrix product (the embedded store's in-memory copy of one exemplar version).
+
+    Every change replaces the (ids, tiers, vectors) snapshot as a whole, never an array in place: a query
+    running meanwhile keeps the one it read, and a search may keep what it derives from an array
+    (`router.embed.onnx_search`)."""
+
+    def __init__(self, dim: int, search: Search = nearest_neighbors) -> None:
+        self._search = search
+        self._state: tuple[list[str], list[str], np.ndarray] = ([], [], np.empty((0, dim), dtype=np.float32))
+        self._row: dict[str, int] = {}
+
+    def __len__(self) -> int:
+        return len(self._state[0])
+
+    @property
+    def ids(self) -> list[str]:
+        return list(self._state[0])
+
+    def put(self, ids: Sequence[str], vectors: np.ndarray, tiers: Sequence[str]) -> None:
+        """Add or overwrite rows by id."""
+        old_ids, old_tiers, old_vectors = self._state
+        vectors = unit(np.asarray(vectors, dtype=np.float32))
+        row_of = dict(self._row)
+        new_rows, overwrite = [], {}
+        for i, point_id in enumerate(ids):
+            row = row_of.get(point_id)
+            if row is None:
+                row_of[point_id] = len(old_ids) + len(new_rows)
+                new_rows.append(i)
+            else:
+                overwrite[row] = i
+        if not new_rows and not overwrite:
+            return
+        matrix = np.concatenate([old_vectors, vectors[new_rows]]) if new_rows else old_vectors.copy()
+        tiers_now = list(old_tiers)
+        for row, i in overwrite.items():
+            matrix[row] = vectors[i]
+            tiers_now[row] = tiers[i]
+        tiers_now.extend(tiers[i] for i in new_rows)
+        self._row = row_of
+        self._state = (old_ids + [ids[i] for i in new_rows], tiers_now, matrix)
+
+    def drop(self, ids: Sequence[str]) -> None:
+        """Remove rows by id (ids not present are ignored)."""
+        old_ids, old_tiers, old_vectors = self._state
+        gone = {self._row[i] for i in ids if i in self._row}
+        if not gone:
+            return
+        keep = np.array([r not in gone for r in range(len(old_ids))], dtype=bool)
+        new_ids = [i for i, k in zip(old_ids, keep) if k]
+        self._row = {point_id: row for row, point_id in enumerate(new_ids)}
+        self._state = (new_ids, [t for t, k in zip(old_tiers, keep) if k], old_vectors[keep])
+
+    def query(self, queries: np.ndarray, k: int) -> list[list[Neighbor]]:
+        ids, tiers, vectors = self._state
+        if not ids:
+            return [[] for _ in queries]
+        sims, idx = self._search(unit(queries), vectors, k)
+        return [
+            [Neighbor(id=ids[j], tier=tiers[j], similarity=float(s)) for j, s in zip(row, row_sims)]
+            for row, row_sims in zip(idx, sims)
+        ]
+
+
+def unit(vectors: np.ndarray) -> np.ndarray:
+    """Rows scaled to unit length (zero rows stay zero)."""
+    norms = np.linalg.norm(vectors, axis=1, keepdims=True)
+    return vectors / np.where(norms == 0, 1.0, norms)

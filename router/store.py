@@ -1,20 +1,28 @@
 """Exemplar store on Qdrant: the only module that imports qdrant_client.
 
 One collection per router; each point is an exemplar's embedding with payload `tier`, `source`, `text_hash`,
-`text` (and `category`). Point ids are uuid5 of the normalized text, so upserts are idempotent.
+`text`, `category`, its provenance (`provenance`, `created_at`, `key_id`, `expires_at`) and its versions
+(`version`: the store version that added it; `removed_in`: the versions that dropped it; see
+`router.versions`). The version records and the active-version pointer (point 0) live in a small second
+collection, `<collection>__versions`. A point's id is uuid5 of its normalized text (of text and version when
+a later version relabels a text), so re-writing the same text with the same label is idempotent.
 
 Embedded local mode (`path=`) is the default and the same code talks to a Qdrant server (`url=`). Local mode
 allows one client per folder: the router deployment owns it while serving, so the CLI fails with
 `StoreLockedError` then (use the admin endpoint, stop the router, or run a Qdrant server). Local mode searches by
 brute force and gets slow past ~10k points (a warning says so); by default its kNN runs on an in-memory copy of
-the vectors (`local_search="matrix"`), which is exact and keeps 64-query batches fast.
+the active version's vectors (`local_search="matrix"`), exact, and keeps 64-query batches fast. A switch of
+version builds the new copy beside the old one and swaps it in, so no query waits or fails meanwhile.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
+import time
+import uuid
 from collections.abc import Iterator, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Literal
 
@@ -23,16 +31,20 @@ from qdrant_client import QdrantClient, models
 
 from router.config import StoreConfig
 from router.errors import StoreError, StoreLockedError
-from router.knn import Search, nearest_neighbors
-from router.types import Exemplar, Neighbor, StoredExemplar
+from router.knn import Search, VectorMatrix, nearest_neighbors
+from router.types import Exemplar, Neighbor, StoredExemplar, normalize_text
+from router.versions import StoreVersion, VersionKind, check_rollback, lineage, version_kind
 
 logger = logging.getLogger(__name__)
 
 _UPSERT_CHUNK = 256
+_POINTER = 0
+"""Point id of the active-version pointer in the versions collection (versions are 1, 2, ...)."""
+_VERSIONED_ID = uuid.UUID("0c8f1d52-7a43-5f0e-b3a1-5e8d2c6b9f17")
 
 
 class ExemplarStore:
-    """Labelled exemplar vectors in one Qdrant collection; thread-safe."""
+    """Labelled exemplar vectors in one Qdrant collection, versioned; thread-safe."""
 
     def __init__(
         self,
@@ -51,6 +63,7 @@ class ExemplarStore:
         if (path is None) == (url is None):
             raise ValueError("ExemplarStore needs exactly one of path (embedded Qdrant) or url (Qdrant server).")
         self.collection = collection
+        self.versions_collection = f"{collection}__versions"
         self.dim = dim
         self.location = str(path) if path is not None else str(url)
         self.is_local = path is not None
@@ -59,15 +72,21 @@ class ExemplarStore:
         self.closed = False
         self._lock = threading.RLock()
         self._client = _connect(path=path, url=url, api_key=api_key, timeout_s=timeout_s)
-        # The in-memory copy is exact only while this client is the sole writer, which local mode guarantees.
-        self._matrix: _VectorMatrix | None = None
         self._search = search
+        self._use_matrix = self.is_local and local_search == "matrix"
+        # The in-memory copy is exact only while this client is the sole writer, which local mode guarantees.
+        self._matrix: VectorMatrix | None = None
+        self._versions: dict[int, StoreVersion] = {}
+        self.active = 0
+        """The version queries answer from (0: the empty store)."""
+        self._chain: tuple[int, ...] = ()
+        self._others: dict[int, VectorMatrix] = {}
+        """In-memory copies of versions other than the active one (a shadow router's), dropped on writes."""
         try:
-            self._ensure_collection()
-            if self.is_local and local_search == "matrix":
-                self._matrix = _VectorMatrix(dim, search)
-                for ids, vectors, tiers in self._scan_vectors():
-                    self._matrix.put(ids, vectors, tiers)
+            self._ensure_collections()
+            self._load_versions()
+            if self._use_matrix:
+                self._matrix = self._build_matrix(self._chain)
         except BaseException:
             self._client.close()  # release local mode's folder lock
             raise
@@ -92,32 +111,93 @@ class ExemplarStore:
             search=search,
         )
 
+    # -- versions -------------------------------------------------------------------------------------------
+
+    def versions(self) -> list[StoreVersion]:
+        """Every committed version, oldest first (re-read, so another writer's versions show)."""
+        with self._lock:
+            self._read_versions()
+            return [v for _, v in sorted(self._versions.items()) if v.committed]
+
+    def record(self, version: int) -> StoreVersion | None:
+        """The record of one version (as this client last read it)."""
+        return self._versions.get(version)
+
+    def begin(self, kind: VersionKind, note: str = "", *, parent: int | None = None) -> int:
+        """A new draft version on top of the active one (or `parent`): writes given `version=` it are not served
+        until `commit`."""
+        with self._lock:
+            self._read_versions()
+            number = max(self._versions, default=0) + 1
+            record = StoreVersion(number, self.active if parent is None else parent, kind, time.time(), note)
+            self._write_version(record)
+            return number
+
+    def commit(self, version: int) -> StoreVersion:
+        """Make `version` the active one: queries answer from it from now on (a new in-memory copy is built
+        beside the old one, then swapped in)."""
+        with self._lock:
+            chain = lineage(self._versions, version)
+            record = self._versions[version]
+            size = self._count(_visible(chain))
+            record = replace(record, committed=True, size=size, updated_at=time.time())
+            previous = self.active
+            self._write_version(record)
+            self._switch(version, chain, delta_from=previous if record.parent == previous else None)
+            self._client.upsert(self.versions_collection, points=[_pointer(version)], wait=True)
+            logger.info("exemplar store %s: version %d (%s) active, %d exemplars", self.location, version,
+                        record.kind, size)
+            return record
+
+    def rollback(self, version: int, note: str = "") -> StoreVersion:
+        """A new version holding exactly what `version` held, made active; earlier versions stay listed."""
+        with self._lock:
+            self._read_versions()
+            check_rollback(self._versions, version, self.active)
+            new = self.begin("rollback", note or f"to {version}", parent=version)
+            return self.commit(new)
+
+    def refresh(self) -> int | None:
+        """Follow another writer's switch of the active version (a Qdrant server shared by several routers, or
+        the CLI): returns the new active version, None when it has not changed."""
+        with self._lock:
+            records = self._client.retrieve(self.versions_collection, ids=[_POINTER], with_payload=True)
+            active = int(records[0].payload["active"]) if records else 0
+            if active == self.active:
+                return None
+            self._read_versions()
+            self._switch(active, lineage(self._versions, active), delta_from=None)
+            return active
+
     # -- writes ---------------------------------------------------------------------------------------------
 
-    def upsert(self, exemplars: Sequence[Exemplar], vectors: np.ndarray) -> int:
-        """Insert or overwrite exemplars (same normalized text = same point). Returns how many were written."""
+    def upsert(self, exemplars: Sequence[Exemplar], vectors: np.ndarray, *, version: int | None = None) -> int:
+        """Write exemplars into `version` (None: a version of their own, committed at once). A text the version
+        already holds with the same label is overwritten in place (a new vector); with another label the old
+        point leaves this version and a new one enters it. Returns how many were written."""
         vectors = np.asarray(vectors, dtype=np.float32)
         if vectors.shape != (len(exemplars), self.dim):
             raise ValueError(f"vectors have shape {vectors.shape}; expected ({len(exemplars)}, {self.dim}).")
         # Within one call the last duplicate wins, as it would across calls.
-        latest = {ex.id: i for i, ex in enumerate(exemplars)}
+        latest = {ex.text_hash: i for i, ex in enumerate(exemplars)}
         order = sorted(latest.values())
         exemplars = [exemplars[i] for i in order]
         vectors = vectors[order]
+        if not exemplars:
+            return 0
         with self._lock:
+            self._others = {}
+            own = version is None
+            target = self.begin(version_kind(ex.provenance for ex in exemplars)) if own else version
+            chain = lineage(self._versions, target)
+            now = time.time()
             for start in range(0, len(exemplars), _UPSERT_CHUNK):
-                chunk = exemplars[start : start + _UPSERT_CHUNK]
-                chunk_vectors = vectors[start : start + _UPSERT_CHUNK]
-                self._client.upsert(
-                    self.collection,
-                    points=[
-                        models.PointStruct(id=ex.id, vector=vec.tolist(), payload=_payload(ex))
-                        for ex, vec in zip(chunk, chunk_vectors)
-                    ],
-                    wait=True,
-                )
-                if self._matrix is not None:  # mirror only what Qdrant accepted
-                    self._matrix.put([ex.id for ex in chunk], chunk_vectors, [ex.tier for ex in chunk])
+                self._upsert_chunk(exemplars[start : start + _UPSERT_CHUNK], vectors[start : start + _UPSERT_CHUNK],
+                                   target, chain, now)
+            if own:
+                self.commit(target)
+            elif target in self._versions:
+                self._write_version(replace(self._versions[target], updated_at=now))
         self._warn_if_large()
         return len(exemplars)
 
@@ -128,54 +208,88 @@ class ExemplarStore:
         source: str | None = None,
         tier: str | None = None,
         everything: bool = False,
+        version: int | None = None,
     ) -> int:
-        """Delete by point ids, by source and/or tier, or everything. Returns how many points went."""
+        """Remove exemplars from `version` (None: a `delete` version of its own, committed at once) by point ids,
+        source and/or tier, or everything. Older versions keep them. Returns how many went."""
         if not (ids or source or tier or everything):
             raise ValueError("delete needs ids, a source, a tier, or everything=True.")
         with self._lock:
-            before = self.count()
-            if everything:
-                self._client.delete_collection(self.collection)
-                self._ensure_collection()
-            else:
-                if ids:
-                    self._client.delete(self.collection, models.PointIdsList(points=list(ids)), wait=True)
-                if source or tier:
-                    flt = _filter(source=source, tier=tier)
-                    self._client.delete(self.collection, models.FilterSelector(filter=flt), wait=True)
-            if self._matrix is not None:
-                self._matrix = _VectorMatrix(self.dim, self._search)
-                for batch in self._scan_vectors():
-                    self._matrix.put(*batch)
-            return before - self.count()
+            self._others = {}
+            own = version is None
+            target = self.begin("delete") if own else version
+            chain = lineage(self._versions, target)
+            conditions = [] if everything else [_filter(source=source, tier=tier)] if (source or tier) else []
+            flt = _visible(chain, *conditions)
+            if ids and not everything:
+                flt = models.Filter(must=[*flt.must, models.HasIdCondition(has_id=list(ids))],
+                                    must_not=flt.must_not)
+            gone = [(str(r.id), r.payload) for r in self._scroll(flt)]
+            self._remove(gone, target)
+            if own:
+                self.commit(target)
+            return len(gone)
+
+    def expire(self, now: float | None = None) -> int:
+        """Delete for good, from every version, the exemplars whose `expires_at` has passed (learned prompts are
+        kept only as long as the query log's retention allows). Returns how many went."""
+        now = time.time() if now is None else now
+        flt = models.Filter(must=[models.FieldCondition(key="expires_at", range=models.Range(lt=now))])
+        with self._lock:
+            self._others = {}
+            gone = [str(r.id) for r in self._scroll(flt)]
+            if gone:
+                self._client.delete(self.collection, models.PointIdsList(points=gone), wait=True)
+                if self._matrix is not None:
+                    self._matrix.drop(gone)
+            return len(gone)
 
     # -- reads ----------------------------------------------------------------------------------------------
 
-    def query(self, vectors: np.ndarray, k: int) -> list[list[Neighbor]]:
-        """The k most similar exemplars (cosine) for each query vector, most similar first."""
+    def query(self, vectors: np.ndarray, k: int, *, version: int | None = None) -> list[list[Neighbor]]:
+        """The k most similar exemplars (cosine) of the active version (or `version`, e.g. a shadow router's)
+        for each query vector, most similar first."""
         vectors = np.asarray(vectors, dtype=np.float32)
         if vectors.ndim != 2 or vectors.shape[1] != self.dim:
             raise ValueError(f"query vectors have shape {vectors.shape}; expected (n, {self.dim}).")
         if len(vectors) == 0:
             return []
+        if self.closed:
+            raise StoreError(f"the exemplar store at {self.location} is closed.")
+        other = version is not None and version != self.active
+        matrix = self._other_matrix(version) if other and self._use_matrix else None if other else self._matrix
+        if matrix is not None:  # read once: a version switch swaps in a whole new copy
+            return matrix.query(vectors, k)
         with self._lock:
-            if self.closed:
-                raise StoreError(f"the exemplar store at {self.location} is closed.")
-            if self._matrix is not None:
-                return self._matrix.query(vectors, k)
+            chain = lineage(self._versions, version) if other else self._chain
+            if not chain:
+                return [[] for _ in vectors]
+            flt = _visible(chain)
             responses = self._client.query_batch_points(
                 self.collection,
-                requests=[models.QueryRequest(query=v.tolist(), limit=k, with_payload=["tier"]) for v in vectors],
+                requests=[models.QueryRequest(query=v.tolist(), limit=k, filter=flt, with_payload=["tier"])
+                          for v in vectors],
             )
         return [
             [Neighbor(id=str(p.id), tier=p.payload["tier"], similarity=float(p.score)) for p in r.points]
             for r in responses
         ]
 
-    def count(self, *, tier: str | None = None, source: str | None = None) -> int:
-        flt = _filter(source=source, tier=tier) if (tier or source) else None
+    def _other_matrix(self, version: int) -> VectorMatrix:
+        """An in-memory copy of a version that is not served (kept until the next write or switch)."""
         with self._lock:
-            return self._client.count(self.collection, count_filter=flt, exact=True).count
+            cached = self._others.get(version)
+            if cached is None:
+                self._read_versions()
+                cached = self._build_matrix(lineage(self._versions, version))
+                self._others = {version: cached}
+            return cached
+
+    def count(self, *, tier: str | None = None, source: str | None = None, version: int | None = None) -> int:
+        """Exemplars the active version (or `version`) holds, optionally filtered."""
+        with self._lock:
+            chain = self._chain if version is None else lineage(self._versions, version)
+            return self._count(_visible(chain, *([_filter(source=source, tier=tier)] if (tier or source) else [])))
 
     def counts_by_tier(self) -> dict[str, int]:
         counts: dict[str, int] = {}
@@ -186,7 +300,7 @@ class ExemplarStore:
     def list(
         self, *, limit: int = 100, tier: str | None = None, source: str | None = None
     ) -> list[StoredExemplar]:
-        """Up to `limit` exemplars in point-id order, optionally filtered."""
+        """Up to `limit` exemplars of the active version in point-id order, optionally filtered."""
         out: list[StoredExemplar] = []
         for item in self.iter(tier=tier, source=source, batch=min(limit, 1024)):
             out.append(item)
@@ -197,18 +311,11 @@ class ExemplarStore:
     def iter(
         self, *, tier: str | None = None, source: str | None = None, batch: int = 256
     ) -> Iterator[StoredExemplar]:
-        """Every exemplar (optionally filtered), paging through the collection."""
-        flt = _filter(source=source, tier=tier) if (tier or source) else None
-        offset = None
-        while True:
-            with self._lock:
-                records, offset = self._client.scroll(
-                    self.collection, scroll_filter=flt, limit=batch, offset=offset, with_payload=True
-                )
-            for r in records:
-                yield StoredExemplar(id=str(r.id), exemplar=_exemplar(r.payload))
-            if offset is None:
-                return
+        """Every exemplar of the active version (optionally filtered), paging through the collection."""
+        with self._lock:
+            flt = _visible(self._chain, *([_filter(source=source, tier=tier)] if (tier or source) else []))
+        for r in self._scroll(flt, batch=batch):
+            yield StoredExemplar(id=str(r.id), exemplar=_exemplar(r.payload), version=int(r.payload["version"]))
 
     def close(self) -> None:
         """Release the client (and local mode's folder lock); later calls fail."""
@@ -219,31 +326,142 @@ class ExemplarStore:
 
     # -- internals ------------------------------------------------------------------------------------------
 
-    def _ensure_collection(self) -> None:
+    def _upsert_chunk(self, exemplars: Sequence[Exemplar], vectors: np.ndarray, target: int,
+                      chain: tuple[int, ...], now: float) -> None:
+        held = {r.payload["text_hash"]: r for r in self._scroll(_visible(chain, models.FieldCondition(
+            key="text_hash", match=models.MatchAny(any=[ex.text_hash for ex in exemplars]))))}
+        taken = {str(r.id) for r in self._client.retrieve(self.collection, ids=[ex.id for ex in exemplars])}
+        points, relabelled, in_place = [], [], []
+        for ex, vec in zip(exemplars, vectors):
+            current = held.get(ex.text_hash)
+            added_by = target
+            if current is not None and (current.payload["tier"] == ex.tier or current.payload["version"] == target):
+                point_id = str(current.id)  # same label (a new vector), or relabelled within this version
+                added_by = int(current.payload["version"])
+                in_place.append(point_id)
+            else:
+                if current is not None:
+                    relabelled.append((str(current.id), current.payload))
+                point_id = ex.id if ex.id not in taken else _versioned_id(ex.text, target)
+            points.append(models.PointStruct(id=point_id, vector=vec.tolist(),
+                                             payload=_payload(ex, version=added_by, now=now)))
+        self._client.upsert(self.collection, points=points, wait=True)
+        self._remove(relabelled, target)
+        if self._matrix is None:
+            return
+        # Mirror into the served copy what it holds now: everything when writing into the active version,
+        # else only the vectors of points it already holds (same label, so every version agrees on them).
+        served = {str(p.id) for p in points} if target == self.active else set(in_place) & set(self._matrix.ids)
+        rows = [i for i, p in enumerate(points) if str(p.id) in served]
+        if rows:
+            self._matrix.put([str(points[i].id) for i in rows], vectors[rows], [points[i].payload["tier"] for i in rows])
+
+    def _remove(self, points: Sequence[tuple[str, dict]], version: int) -> None:
+        for point_id, payload in points:
+            removed = sorted({*payload.get("removed_in", []), version})
+            self._client.set_payload(self.collection, payload={"removed_in": removed}, points=[point_id], wait=True)
+        if points and version == self.active and self._matrix is not None:
+            self._matrix.drop([point_id for point_id, _ in points])
+
+    def _switch(self, active: int, chain: tuple[int, ...], *, delta_from: int | None) -> None:
+        """Serve `active`: the in-memory copy is patched when `active` only adds to the served version, else
+        rebuilt; the old copy keeps answering until the new one is swapped in."""
+        if self._use_matrix:
+            if delta_from is not None and self._matrix is not None and delta_from == self.active:
+                matrix = self._matrix
+                added = models.Filter(must=[models.FieldCondition(key="version", match=models.MatchValue(value=active))],
+                                      must_not=[models.FieldCondition(key="removed_in", match=models.MatchAny(any=list(chain)))])
+                for ids, vecs, tiers in self._scan_vectors(added):
+                    matrix.put(ids, vecs, tiers)
+                removed = models.Filter(must=[models.FieldCondition(key="removed_in",
+                                                                    match=models.MatchValue(value=active))])
+                matrix.drop([str(r.id) for r in self._scroll(removed)])
+            else:
+                matrix = self._build_matrix(chain)
+            self._matrix = matrix
+        self.active, self._chain = active, chain
+
+    def _build_matrix(self, chain: tuple[int, ...]) -> VectorMatrix:
+        matrix = VectorMatrix(self.dim, self._search)
+        if chain:
+            for batch in self._scan_vectors(_visible(chain)):
+                matrix.put(*batch)
+        return matrix
+
+    def _ensure_collections(self) -> None:
         if not self._client.collection_exists(self.collection):
             self._client.create_collection(
                 self.collection,
                 vectors_config=models.VectorParams(size=self.dim, distance=models.Distance.COSINE),
             )
             if not self.is_local:  # payload indexes do nothing in local mode
-                for key in ("tier", "source"):
+                for key in ("tier", "source", "text_hash"):
                     self._client.create_payload_index(self.collection, key, models.PayloadSchemaType.KEYWORD)
-            return
-        params = self._client.get_collection(self.collection).config.params.vectors
-        size = params.size if isinstance(params, models.VectorParams) else None
-        if size != self.dim:
-            raise StoreError(
-                f"collection {self.collection!r} at {self.location} holds {size}-d vectors but the embedder makes "
-                f"{self.dim}-d ones (the embedder changed?); set router.store.collection to a new name, or "
-                "empty it with `tierserve exemplars delete --all` and re-import."
+                self._client.create_payload_index(self.collection, "version", models.PayloadSchemaType.INTEGER)
+        else:
+            params = self._client.get_collection(self.collection).config.params.vectors
+            size = params.size if isinstance(params, models.VectorParams) else None
+            if size != self.dim:
+                raise StoreError(
+                    f"collection {self.collection!r} at {self.location} holds {size}-d vectors but the embedder "
+                    f"makes {self.dim}-d ones (the embedder changed?); set router.store.collection to a new name, "
+                    "or delete the collection and re-import."
+                )
+        if not self._client.collection_exists(self.versions_collection):
+            self._client.create_collection(
+                self.versions_collection, vectors_config=models.VectorParams(size=1, distance=models.Distance.DOT)
             )
 
-    def _scan_vectors(self) -> Iterator[tuple[list[str], np.ndarray, list[str]]]:
+    def _load_versions(self) -> None:
+        self._read_versions()
+        pointer = self._client.retrieve(self.versions_collection, ids=[_POINTER], with_payload=True)
+        if pointer:
+            active = int(pointer[0].payload["active"])
+        else:  # a store written before versions: its points become version 1
+            unversioned = models.Filter(must=[models.IsEmptyCondition(is_empty=models.PayloadField(key="version"))])
+            active = 0
+            if self._client.count(self.collection, count_filter=unversioned, exact=True).count:
+                record = StoreVersion(1, 0, "initial", time.time(), "written before the store had versions")
+                self._write_version(record)
+                self._client.set_payload(self.collection, payload={"version": 1}, points=unversioned, wait=True)
+                active = 1
+                self._write_version(replace(record, committed=True, size=self._count(_visible((1,)))))
+            self._client.upsert(self.versions_collection, points=[_pointer(active)], wait=True)
+        self.active, self._chain = active, lineage(self._versions, active)
+
+    def _read_versions(self) -> None:
+        records = {}
+        for r in self._scroll(None, collection=self.versions_collection):
+            if int(r.id) != _POINTER:
+                records[int(r.id)] = StoreVersion.from_payload(r.payload)
+        self._versions = records
+
+    def _write_version(self, record: StoreVersion) -> None:
+        self._client.upsert(self.versions_collection, wait=True, points=[
+            models.PointStruct(id=record.version, vector=[0.0], payload=record.to_payload())])
+        self._versions[record.version] = record
+
+    def _count(self, flt: models.Filter) -> int:
+        return self._client.count(self.collection, count_filter=flt, exact=True).count
+
+    def _scroll(self, flt: models.Filter | None, *, batch: int = 1024, collection: str | None = None):
         offset = None
         while True:
-            records, offset = self._client.scroll(
-                self.collection, limit=1024, offset=offset, with_payload=["tier"], with_vectors=True
-            )
+            with self._lock:
+                records, offset = self._client.scroll(collection or self.collection, scroll_filter=flt, limit=batch,
+                                                      offset=offset, with_payload=True)
+            yield from records
+            if offset is None:
+                return
+
+    def _scan_vectors(self, flt: models.Filter) -> Iterator[tuple[list[str], np.ndarray, list[str]]]:
+        offset = None
+        while True:
+            with self._lock:
+                records, offset = self._client.scroll(
+                    self.collection, scroll_filter=flt, limit=1024, offset=offset, with_payload=["tier"],
+                    with_vectors=True,
+                )
             if records:
                 yield (
                     [str(r.id) for r in records],
@@ -265,51 +483,22 @@ class ExemplarStore:
             )
 
 
-class _VectorMatrix:
-    """Unit-normalized vectors in one array: exact cosine kNN for a whole batch in one matrix product."""
-
-    def __init__(self, dim: int, search: Search = nearest_neighbors) -> None:
-        self._search = search
-        self._vectors = np.empty((0, dim), dtype=np.float32)
-        self._ids: list[str] = []
-        self._tiers: list[str] = []
-        self._row: dict[str, int] = {}
-
-    def put(self, ids: Sequence[str], vectors: np.ndarray, tiers: Sequence[str]) -> None:
-        """Add or overwrite rows. The matrix is replaced by a new array, never changed in place: a search may
-        keep what it derives from one (`router.embed.onnx_search`)."""
-        vectors = _unit(vectors)
-        new_rows, overwrite = [], {}
-        for i, point_id in enumerate(ids):
-            row = self._row.get(point_id)
-            if row is None:
-                self._row[point_id] = len(self._ids) + len(new_rows)
-                new_rows.append(i)
-            else:
-                overwrite[row] = i
-                self._tiers[row] = tiers[i]
-        if not new_rows and not overwrite:
-            return
-        matrix = np.concatenate([self._vectors, vectors[new_rows]]) if new_rows else self._vectors.copy()
-        for row, i in overwrite.items():
-            matrix[row] = vectors[i]
-        self._vectors = matrix
-        self._ids.extend(ids[i] for i in new_rows)
-        self._tiers.extend(tiers[i] for i in new_rows)
-
-    def query(self, queries: np.ndarray, k: int) -> list[list[Neighbor]]:
-        if not self._ids:
-            return [[] for _ in queries]
-        sims, idx = self._search(_unit(queries), self._vectors, k)
-        return [
-            [Neighbor(id=self._ids[j], tier=self._tiers[j], similarity=float(s)) for j, s in zip(row, row_sims)]
-            for row, row_sims in zip(idx, sims)
-        ]
+def _visible(chain: Sequence[int], *conditions) -> models.Filter:
+    """Points a version of lineage `chain` holds (added by one of them, removed by none), and `conditions`."""
+    if not chain:  # the empty store: a condition nothing meets
+        return models.Filter(must=[models.HasIdCondition(has_id=[])])
+    return models.Filter(
+        must=[models.FieldCondition(key="version", match=models.MatchAny(any=list(chain))), *conditions],
+        must_not=[models.FieldCondition(key="removed_in", match=models.MatchAny(any=list(chain)))],
+    )
 
 
-def _unit(vectors: np.ndarray) -> np.ndarray:
-    norms = np.linalg.norm(vectors, axis=1, keepdims=True)
-    return vectors / np.where(norms == 0, 1.0, norms)
+def _pointer(active: int) -> models.PointStruct:
+    return models.PointStruct(id=_POINTER, vector=[0.0], payload={"active": active})
+
+
+def _versioned_id(text: str, version: int) -> str:
+    return str(uuid.uuid5(_VERSIONED_ID, f"{version}\x00{normalize_text(text)}"))
 
 
 def _connect(*, path: str | Path | None, url: str | None, api_key: str | None, timeout_s: float) -> QdrantClient:
@@ -328,10 +517,12 @@ def _connect(*, path: str | Path | None, url: str | None, api_key: str | None, t
         ) from None
 
 
-def _payload(ex: Exemplar) -> dict:
-    payload = {"tier": ex.tier, "source": ex.source, "text_hash": ex.text_hash, "text": ex.text}
-    if ex.category is not None:
-        payload["category"] = ex.category
+def _payload(ex: Exemplar, *, version: int, now: float) -> dict:
+    payload = {"tier": ex.tier, "source": ex.source, "text_hash": ex.text_hash, "text": ex.text, "version": version,
+               "provenance": ex.provenance, "created_at": ex.created_at if ex.created_at is not None else now}
+    for key in ("category", "key_id", "expires_at"):
+        if (value := getattr(ex, key)) is not None:
+            payload[key] = value
     return payload
 
 
@@ -341,6 +532,10 @@ def _exemplar(payload: dict) -> Exemplar:
         tier=payload["tier"],
         source=payload.get("source", ""),
         category=payload.get("category"),
+        provenance=payload.get("provenance", "import"),
+        created_at=payload.get("created_at"),
+        key_id=payload.get("key_id"),
+        expires_at=payload.get("expires_at"),
     )
 
 

@@ -14,6 +14,11 @@ from typing import Literal
 RouterKind = Literal["knn", "classifier", "judge", "heuristic", "cheapest"]
 """`knn`: nearest exemplars decide; `heuristic`: length/keyword rules; `cheapest`: always the first tier."""
 ROUTER_KINDS: tuple[RouterKind, ...] = ("knn", "classifier", "judge", "heuristic", "cheapest")
+Provenance = Literal["seed", "import", "admin", "cascade", "feedback"]
+"""Where an exemplar's label came from: the shipped defaults, a file, the admin endpoint, a decided cascade
+(small answer accepted, or escalated), or a client's explicit feedback."""
+LEARNED: tuple[Provenance, ...] = ("cascade", "feedback")
+"""Provenances the router learned from its own traffic (they expire with the query log's retention)."""
 Chosen = Literal["explicit", "forced", "session"]
 """How a request chose its tier without a router: `model` names a tier, `tierserve.tier`, or its session."""
 
@@ -37,6 +42,13 @@ class Exemplar:
     """Where it came from (`default`, a file name, `admin`); `delete --source` removes by it."""
     category: str | None = None
     """Free-form task type, for reports."""
+    provenance: Provenance = "import"
+    created_at: float | None = None
+    """Unix seconds the label was made (None: when it is written)."""
+    key_id: str | None = None
+    """The API key's id whose traffic taught it (learned exemplars only), for per-key caps and purges."""
+    expires_at: float | None = None
+    """Unix seconds after which the store deletes it for good (learned exemplars: the query log's retention)."""
 
     @property
     def id(self) -> str:
@@ -54,6 +66,8 @@ class StoredExemplar:
 
     id: str
     exemplar: Exemplar
+    version: int = 0
+    """The store version that added it."""
 
 
 @dataclass(frozen=True)

@@ -103,6 +103,12 @@ class Metrics:
             "tierserve_inflight_requests", "Requests in flight at this ingress, by tier.",
             labelnames=("tier",), registry=r,
         )
+        self.cascade_escalation_floor = Gauge(
+            "tierserve_cascade_escalation_floor",
+            "Lowest share of the tier's scored answers that must escalate to keep the calibrated quality bound "
+            "(cascade.min_escalation_rate, from calibrate --max-quality-loss).",
+            labelnames=("tier",), registry=r,
+        )
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -84,3 +84,30 @@ def choose_router(train_apgr: Mapping[str, float], *, simple: str = "heuristic",
         others = ", ".join(f"{k} {v:.3f}" for k, v in candidates.items() if k != simple)
         return Choice(simple, f"cross-validation on train does not beat {simple} ({value:.3f} vs {others})")
     return Choice(best, f"best out-of-sample APGR on train ({value:.3f})")
+
+
+def choose_policy(train_apgr: Mapping[str, float], diff_ci: Mapping[str, tuple[float, float]], *,
+                  baseline: str = "cascade") -> Choice:
+    """With the weak model's confidence known: the plain cascade (`baseline`), unless cross-validation on train
+    shows another policy (a router, a combined cascade, the learned one) better with 95% confidence, i.e. the
+    paired bootstrap interval of its APGR minus the cascade's lies above 0; then the best such policy.
+
+    `train_apgr`: out-of-sample APGR on train per policy; `diff_ci`: per policy, the 95% interval of
+    (its APGR - the baseline's) over paired resamples of the train rows."""
+    base = train_apgr[baseline]
+    better = {n: v for n, v in train_apgr.items()
+              if n != baseline and np.isfinite(v) and n in diff_ci and diff_ci[n][0] > 0}
+    if better:
+        best = max(better, key=better.get)
+        lo, hi = diff_ci[best]
+        return Choice(best, f"cross-validation on train shows it better than the plain {baseline}: APGR "
+                            f"{better[best]:.3f} vs {base:.3f}, paired 95% interval of the gain [{lo:+.3f}, {hi:+.3f}]")
+    runner_up = max((n for n in train_apgr if n != baseline and np.isfinite(train_apgr[n])),
+                    key=lambda n: train_apgr[n], default=None)
+    detail = ""
+    if runner_up is not None and runner_up in diff_ci:
+        lo, hi = diff_ci[runner_up]
+        detail = (f"; the best other, {runner_up} at {train_apgr[runner_up]:.3f}, has a paired 95% interval of "
+                  f"[{lo:+.3f}, {hi:+.3f}] against it")
+    return Choice(baseline, f"no policy beats the plain {baseline} (APGR {base:.3f} on train) with 95% "
+                            f"confidence in cross-validation{detail}")

@@ -134,3 +134,62 @@ def confidence_threshold_for_pgr(confidence: Sequence[float], strong: Sequence[f
     strong, weak = np.asarray(strong, dtype=float), np.asarray(weak, dtype=float)
     pgr = (np.where(escalated, strong, weak).mean() - weak.mean()) / (strong.mean() - weak.mean())
     return CascadeCalibration(t, float(escalated.mean()), float(pgr))
+
+
+Z95_TWO_SIDED = 1.959963984540054
+Z95_ONE_SIDED = 1.6448536269514722
+
+
+@dataclass(frozen=True)
+class QualityBound:
+    """The cascade threshold that keeps quality within `max_loss` points of the strong model's, at 95%."""
+
+    threshold: float
+    escalation_rate: float
+    """Share of the calibration answers it escalates: what the bound costs."""
+    loss: float
+    """Quality lost against the strong model on the calibration rows (points; negative: better)."""
+    loss_upper: float
+    """One-sided 95% upper bound of that loss (points)."""
+    max_loss: float
+    met: bool
+    """False when even escalating every answer cannot show the bound (then the threshold escalates all)."""
+
+
+def confidence_threshold_for_quality_loss(confidence: Sequence[float], strong: Sequence[float],
+                                          weak: Sequence[float], max_loss: float) -> QualityBound:
+    """The lowest escalation rate whose quality is within `max_loss` points of the strong model's with 95%
+    confidence. A kept answer loses (strong − weak) on its row; the loss's upper bound is its mean plus 1.645
+    standard errors of the paired per-row differences (the normal approximation to their bootstrap)."""
+    if max_loss < 0:
+        raise ValueError(f"--max-quality-loss must be >= 0 points, got {max_loss}")
+    c, strong, weak = (np.asarray(a, dtype=float) for a in (confidence, strong, weak))
+    if not len(c):
+        raise ValueError("no confidences to calibrate on")
+    order = np.argsort(c, kind="stable")
+    c_sorted, gain = c[order], (strong - weak)[order]
+    n = len(c)
+    cuttable = np.r_[True, c_sorted[1:] > c_sorted[:-1], True]  # escalate the k least confident, k = 0..n
+    # loss when the k least confident escalate: the kept rows' differences (sum, sum of squares) from the top
+    kept_sum = np.r_[np.cumsum(gain[::-1])[::-1], 0.0]
+    kept_sq = np.r_[np.cumsum((gain ** 2)[::-1])[::-1], 0.0]
+    mean = kept_sum / n
+    sd = np.sqrt(np.maximum(kept_sq / n - mean ** 2, 0.0))
+    upper = (mean + Z95_ONE_SIDED * sd / np.sqrt(n)) * 100
+    ok = np.flatnonzero(cuttable & (upper <= max_loss + 1e-12))
+    k = int(ok[0]) if len(ok) else n
+    t = _cut(c_sorted, k, rule="<")
+    escalated = c < t
+    return QualityBound(t, float(escalated.mean()), float(mean[k] * 100), float(upper[k]), float(max_loss),
+                        bool(len(ok)))
+
+
+def rate_interval(rate: float, n_calibration: int, n_held_out: int, level_z: float = Z95_TWO_SIDED
+                  ) -> tuple[float, float]:
+    """Where a held-out escalation rate should fall (95%) when the threshold was cut for `rate` on
+    `n_calibration` answers and is checked on `n_held_out` others: the calibration's own sampling error plus
+    the held-out set's, rate·(1 − rate)·(1/n_cal + 1/n_held), normal approximation, clipped to [0, 1]."""
+    if n_calibration < 1 or n_held_out < 1:
+        raise ValueError("rate_interval needs at least one calibration and one held-out answer")
+    half = level_z * np.sqrt(max(rate * (1 - rate), 1e-12) * (1 / n_calibration + 1 / n_held_out))
+    return float(max(0.0, rate - half)), float(min(1.0, rate + half))

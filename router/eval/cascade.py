@@ -89,6 +89,8 @@ class TunedBand:
     """APGR on train with the router's out-of-sample scores, at the chosen cut-offs."""
     cv_apgr: float
     """APGR of cut-offs chosen on 4/5 of train, scored on the held-out fifth (mean over folds)."""
+    oof_scores: np.ndarray | None = None
+    """Each train row scored by the cut-offs chosen on the other folds (out of sample)."""
 
 
 def _best_band(r: np.ndarray, c: np.ndarray, strong: np.ndarray, weak: np.ndarray,
@@ -118,12 +120,14 @@ def tune_band(router_oof: np.ndarray, confidence: np.ndarray, strong: np.ndarray
     strong, weak = np.asarray(strong, dtype=float), np.asarray(weak, dtype=float)
     fold = np.random.default_rng(seed).permutation(len(r)) % folds
     held = []
+    oof = np.empty(len(r))
     for f in range(folds):
         tr, te = fold != f, fold == f
         _, _, policy = _best_band(r[tr], c[tr], strong[tr], weak[tr], r[tr])
-        held.append(train_apgr(policy.apply(r[te], c[te]).score, strong[te], weak[te]))
+        oof[te] = policy.apply(r[te], c[te]).score
+        held.append(train_apgr(oof[te], strong[te], weak[te]))
     value, quantiles, policy = _best_band(r, c, strong, weak, r)
-    return TunedBand(policy, quantiles, value, float(np.mean(held)))
+    return TunedBand(policy, quantiles, value, float(np.mean(held)), oof)
 
 
 def _fit_soft(x: np.ndarray, y: np.ndarray, c: float):
@@ -266,7 +270,7 @@ def build_cascades(names: Sequence[str], confidence: np.ndarray, strong: np.ndar
             base = base_router(name)
             tuned = tune_band(router_oof[base], confidence, strong, weak)
             policies[name] = TrainedCascade(name, base=base, band=tuned.policy)
-            oof[name] = tuned.policy.apply(router_oof[base], confidence).score
+            oof[name] = tuned.oof_scores  # cut-offs chosen without the row: honest for the recommendation
             settings[name] = {"low_quantile": tuned.quantiles[0], "high_quantile": tuned.quantiles[1],
                               "low": _finite(tuned.policy.low), "high": _finite(tuned.policy.high),
                               "cv_apgr": round(tuned.cv_apgr, 4)}

@@ -104,8 +104,17 @@ class TrainedRouters:
     """The embedder the learned policies use on test prompts."""
 
     def choice(self, train) -> bootstrap.Choice:
-        """The router to deploy, chosen on train (see `bootstrap.choose_router`)."""
+        """The policy to deploy, chosen on train: with cascades, the plain cascade unless another policy beats
+        it with 95% confidence (`bootstrap.choose_policy`); without, `bootstrap.choose_router`."""
         strong, weak = train["strong"].to_numpy(float), train["weak"].to_numpy(float)
+        if CASCADE in self.cascades:
+            names = [n for n in self.train_scores if n != "random"]
+            values = {n: train_apgr(self.train_scores[n], strong, weak) for n in names}
+            idx = bootstrap.resample_indices(len(train), 200, seed=1)
+            base = bootstrap.resampled(self.train_scores[CASCADE], strong, weak, idx)["apgr"]
+            diffs = {n: bootstrap.interval(bootstrap.resampled(self.train_scores[n], strong, weak, idx)["apgr"] - base)
+                     for n in names if n != CASCADE}
+            return bootstrap.choose_policy(values, diffs, baseline=CASCADE)
         names = [n for n in self.routers if n in ROUTERS]
         values = {n: train_apgr(self.train_scores[n], strong, weak) for n in names}
         idx = bootstrap.resample_indices(len(train), 100, seed=1)
@@ -259,7 +268,7 @@ def score_routers(ds: LabelledSet, trained: TrainedRouters, *, num_bins: int = 1
                     "ci95": [round(v, 4) for v in bootstrap.interval(diff)],
                 }
     routed = [n for n in trained.routers if n in ROUTERS and n != "random"]
-    recommended = trained.choice(train).to_json() if routed else {}
+    recommended = trained.choice(train).to_json() if routed or CASCADE in trained.cascades else {}
     return EvalReport(ds.name, ds.quality, len(train), len(test), s_acc, w_acc, results, oracle, trained.settings,
                       cost_basis=basis, confidence_kind=ds.confidence_kind, comparisons=comparisons,
                       recommended=recommended, notices=ds.notices)

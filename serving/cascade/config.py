@@ -149,6 +149,12 @@ class CascadeConfig(StrictModel):
     alert can compare it with `tierserve_cascade_decisions_total`, and `tierserve report` shows it."""
     tier_target_escalation_rates: dict[str, float] = {}
     """Per-tier targets by tier name, overriding `target_escalation_rate` for that tier."""
+    min_escalation_rate: float | None = Field(default=None, ge=0.0, le=1.0)
+    """Lowest share of scored answers that must escalate to keep the quality bound `tierserve calibrate
+    --cascade --max-quality-loss` calibrated (it writes it). Not used to decide: exported as
+    `tierserve_cascade_escalation_floor` so an alert fires when the tier escalates less than the bound needs."""
+    tier_min_escalation_rates: dict[str, float] = {}
+    """Per-tier floors by tier name, overriding `min_escalation_rate` for that tier."""
     max_escalations: int = Field(default=1, ge=1, le=8)
     """Tiers a request may climb past its entry tier (1: at most two calls)."""
     logprob: LogprobOptions = LogprobOptions()
@@ -158,7 +164,7 @@ class CascadeConfig(StrictModel):
     """Optional validator every cheap answer must pass; combinable with any method."""
     streaming: StreamingOptions = StreamingOptions()
 
-    @field_validator("tier_thresholds", "tier_target_escalation_rates")
+    @field_validator("tier_thresholds", "tier_target_escalation_rates", "tier_min_escalation_rates")
     @classmethod
     def _bounded(cls, value: dict[str, float], info) -> dict[str, float]:
         for name, t in value.items():
@@ -170,9 +176,13 @@ class CascadeConfig(StrictModel):
         """The calibrated escalation-rate target of answers from `tier`, None when none is set."""
         return self.tier_target_escalation_rates.get(tier, self.target_escalation_rate)
 
+    def floor_rate_for(self, tier: str) -> float | None:
+        """The escalation-rate floor of `tier`'s answers that keeps its calibrated quality bound, None if unset."""
+        return self.tier_min_escalation_rates.get(tier, self.min_escalation_rate)
+
     def check_tiers(self, tier_names: Sequence[str]) -> None:
-        """Raise ValueError if `tier_thresholds` or `tier_target_escalation_rates` names an unknown tier."""
-        for field_name in ("tier_thresholds", "tier_target_escalation_rates"):
+        """Raise ValueError if a per-tier map names an unknown tier."""
+        for field_name in ("tier_thresholds", "tier_target_escalation_rates", "tier_min_escalation_rates"):
             unknown = sorted(set(getattr(self, field_name)) - set(tier_names))
             if unknown:
                 raise ValueError(

@@ -6,7 +6,7 @@ import argparse
 import logging
 import sys
 
-from serving.cli import bench, calibrate, eval, exemplars, plan, serve
+from serving.cli import bench, calibrate, eval, exemplars, plan, replay, serve
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -19,6 +19,7 @@ def build_parser() -> argparse.ArgumentParser:
     calibrate.register(sub)
     bench.register(sub)
     plan.register(sub)
+    replay.register(sub)
     return parser
 
 

@@ -17,6 +17,8 @@ import yaml
 from router.eval.calibrate import (
     TOLERANCE,
     Calibration,
+    confidence_threshold_for_quality_loss,
+    rate_interval,
     discreteness_warning,
     threshold_for_pgr,
     threshold_for_share,
@@ -55,6 +57,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     target.add_argument("--target-escalation-rate", type=float,
                         help="--cascade: share of the tier's answers to escalate, 0..1")
     target.add_argument("--target-pgr", type=float, help="fraction of the quality gap to recover, 0..1")
+    target.add_argument("--max-quality-loss", type=float, metavar="POINTS",
+                        help="--cascade: the lowest escalation rate whose quality is within POINTS of the strong "
+                             "model's at 95%% confidence (labelled data)")
     cal.add_argument("--write", action="store_true",
                      help="write the threshold into --config (router.thresholds, or with --cascade "
                           "cascade.tier_thresholds and cascade.tier_target_escalation_rates); the old file is kept as .bak")
@@ -68,8 +73,9 @@ def calibrate(args) -> int:
         raise ValueError("--write needs --config FILE to write the threshold into")
     if args.cascade:
         return calibrate_cascade(args)
-    if args.target_escalation_rate is not None:
-        raise ValueError("--target-escalation-rate is for --cascade; a router takes --target-strong-share")
+    if args.target_escalation_rate is not None or args.max_quality_loss is not None:
+        raise ValueError("--target-escalation-rate and --max-quality-loss are for --cascade; a router takes "
+                         "--target-strong-share or --target-pgr")
     if args.from_querylog:
         if args.target_pgr is not None:
             raise ValueError("--target-pgr needs labelled data (--dataset); the query log has no correctness labels")
@@ -142,6 +148,8 @@ def calibrate_cascade(args) -> int:
     if args.config:
         config = load_config(args.config)
     tier = args.tier or (config.tier_names[0] if config else None)
+    if args.max_quality_loss is not None:
+        return _quality_bound(args, tier, config)
     if args.from_querylog:
         check = _from_querylog(args, tier)
         source = f"query log {args.from_querylog}"
@@ -156,6 +164,10 @@ def calibrate_cascade(args) -> int:
           + (f", PGR {cal.pgr:.3f}" if cal.pgr is not None else ""))
     if check.warning:
         print(f"warning: {check.warning}", file=sys.stderr)
+    if check.n_held_out:
+        lo, hi = rate_interval(cal.escalation_rate, check.n_calibration, check.n_held_out)
+        print(f"given n, the held-out rate should fall in [{lo:.1%}, {hi:.1%}] (95%: calibration on "
+              f"{check.n_calibration} answers, checked on {check.n_held_out})")
     verdict = "within" if check.within_tolerance else "OUTSIDE"
     print(f"held out ({check.n_held_out}): {check.held_out_rate:.1%} escalated, target {check.target_rate:.1%} "
           f"({verdict} ±{TOLERANCE * 100:.0f} points)"
@@ -170,6 +182,40 @@ def calibrate_cascade(args) -> int:
         if config is not None and config.cascade.method != "logprob" and not args.from_querylog:
             print(f"note: {args.config} measures confidence with cascade.method={config.cascade.method!r}; this "
                   "threshold was calibrated on the dataset's answer probabilities", file=sys.stderr)
+    return 0
+
+
+def _quality_bound(args, tier: str | None, config) -> int:
+    """`--max-quality-loss`: the cheapest threshold whose quality stays within the bound at 95%, its cost in
+    escalations, and what it does on test."""
+    if not args.dataset:
+        raise ValueError("--max-quality-loss needs labelled data (--dataset with --weak-confidence-col); the query "
+                         "log has no correctness labels")
+    ds = load_dataset_noting(args)
+    if not ds.has_confidence:
+        raise ValueError(f"{args.dataset}: --cascade needs the weak model's confidence: pass --weak-confidence-col")
+    train, test = ds.train, ds.test
+    bound = confidence_threshold_for_quality_loss(train["weak_confidence"].to_numpy(float), *_quality(train),
+                                                  args.max_quality_loss)
+    print(f"cascade on {tier or 'cheapest tier'}, {args.dataset} train ({len(train)}): threshold {bound.threshold:.6f} "
+          f"keeps quality within {bound.max_loss:g} point(s) of the strong model at 95% confidence (loss "
+          f"{bound.loss:+.2f}, upper bound {bound.loss_upper:.2f}); it costs {bound.escalation_rate:.1%} escalated"
+          + ("" if bound.met else "  (not met even escalating everything: the bound is out of reach)"))
+    if len(test):
+        strong, weak = _quality(test)
+        escalated = test["weak_confidence"].to_numpy(float) < bound.threshold
+        loss = (strong.mean() - np.where(escalated, strong, weak).mean()) * 100
+        lo, hi = rate_interval(bound.escalation_rate, len(train), len(test))
+        print(f"given n, the test escalation rate should fall in [{lo:.1%}, {hi:.1%}] (95%)")
+        print(f"test ({len(test)}): {escalated.mean():.1%} escalated, quality {loss:+.2f} points from the strong "
+              "model's")
+    if args.write:
+        if tier is None:
+            raise ValueError("--write needs --tier or a --config whose cheapest tier is the one to calibrate")
+        write_cascade_threshold(args.config, tier, bound.threshold, bound.escalation_rate,
+                                floor_rate=bound.escalation_rate)
+        print(f"wrote cascade.tier_thresholds[{tier}] = {bound.threshold:.6f}, and {bound.escalation_rate:.4f} as "
+              f"its target and floor escalation rate, into {args.config} (old file: .bak)")
     return 0
 
 
@@ -206,7 +252,7 @@ def _from_querylog(args, tier: str | None) -> CascadeCheck:
 
 
 def write_cascade_threshold(config_path: str | Path, tier: str, threshold: float, target_rate: float, *,
-                            backup: bool = True) -> dict:
+                            backup: bool = True, floor_rate: float | None = None) -> dict:
     """Set `cascade.tier_thresholds[tier]` and `cascade.tier_target_escalation_rates[tier]` in a YAML config.
 
     The file is validated before it is replaced; the old one is kept as `.bak`. Comments are not preserved.
@@ -220,6 +266,9 @@ def write_cascade_threshold(config_path: str | Path, tier: str, threshold: float
     cascade["tier_thresholds"] = {**(cascade.get("tier_thresholds") or {}), tier: round(float(threshold), 6)}
     cascade["tier_target_escalation_rates"] = {**(cascade.get("tier_target_escalation_rates") or {}),
                                                tier: round(float(target_rate), 4)}
+    if floor_rate is not None:
+        cascade["tier_min_escalation_rates"] = {**(cascade.get("tier_min_escalation_rates") or {}),
+                                                tier: round(float(floor_rate), 4)}
     data["cascade"] = cascade
     parse_config(data, str(path))
     if backup:

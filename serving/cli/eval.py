@@ -169,9 +169,35 @@ def _report(args) -> int:
     print(format_cascade(cascade))
     print()
     print(_report_cost(records, args.config))
+    print()
+    print(_report_shadow(records, args.config))
     if args.png and not table.empty:
         print(f"wrote {plot_report(table, args.png, cascade=cascade)}")
     return 0
+
+
+def _report_shadow(records, config: str | None) -> str:
+    """The shadow section: agreement of the candidate router with the live one, its estimated cost and share
+    of top-tier answers (`serving.querylog.shadow`)."""
+    from serving.querylog.shadow import format_shadow, summarize_shadow
+
+    tiers, ratio, basis = None, 1 / 8.75, "no --config: 8B vs 70B parameters assumed"
+    if config:
+        from serving.config import load_config
+        from serving.plan.cost import tier_costs
+
+        app = load_config(config)
+        tiers = app.tier_names
+        costs = tier_costs(app)
+        small, large = costs[tiers[0]].gpu_s_per_1k, costs[tiers[-1]].gpu_s_per_1k
+        if small and large:
+            ratio, basis = small / large, "GPU-seconds per 1k tokens from the config's cost.*"
+    if tiers is None:
+        chains = [r.tier_chain for r in records if len(r.tier_chain) > 1]
+        tiers = list(chains[0]) if chains else sorted({r.tier for r in records})
+    if len(tiers) < 2:
+        return "shadow: give --config to name the tiers"
+    return format_shadow(summarize_shadow(records, tiers, ratio), ratio, basis)
 
 
 def _report_cost(records, config: str | None) -> str:

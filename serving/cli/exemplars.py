@@ -1,4 +1,8 @@
-"""`tierserve exemplars import|list|delete|count`: manage the router's labelled exemplars.
+"""`tierserve exemplars import|list|delete|count|versions|rollback`: manage the router's labelled exemplars.
+
+Every write is a store version; `versions` lists them and `rollback V` serves what version V held (as a new
+version, so history is kept). A router serving the store follows the switch within `router.store.refresh_s`
+(a Qdrant server), or when it reopens its embedded store after `POST /admin/router/release-store`.
 
 These open the store named by the config. Embedded Qdrant allows one process per folder, so while the router
 is serving they fail with a clear message: use the admin endpoint, stop the router, or run a Qdrant server.
@@ -64,6 +68,16 @@ def register(sub: argparse._SubParsersAction) -> None:
     common(cnt)
     cnt.set_defaults(func=_count)
 
+    ver = ex_sub.add_parser("versions", help="list the store's versions (the active one marked *)")
+    ver.add_argument("--json", action="store_true", help="one JSON object per version")
+    common(ver)
+    ver.set_defaults(func=_versions)
+
+    rb = ex_sub.add_parser("rollback", help="serve what version V held, as a new version (no restart)")
+    rb.add_argument("version", type=int, help="the version to restore (see `tierserve exemplars versions`)")
+    common(rb)
+    rb.set_defaults(func=_rollback)
+
 
 def _import(args: argparse.Namespace) -> int:
     from tqdm import tqdm
@@ -125,6 +139,43 @@ def _count(args: argparse.Namespace) -> int:
         print(json.dumps({"total": sum(counts.values()), "by_tier": counts, "store": store.location}))
     finally:
         store.close()
+    return 0
+
+
+def _versions(args: argparse.Namespace) -> int:
+    from datetime import UTC, datetime
+
+    store = _open_store(_load(args.config))
+    try:
+        versions, active = store.versions(), store.active
+    finally:
+        store.close()
+    if args.json:
+        for v in versions:
+            print(json.dumps({**v.to_payload(), "active": v.version == active}))
+        return 0
+    if not versions:
+        print("the store has no versions yet (it is empty)")
+        return 0
+    print(f"{'':2}{'version':>7}  {'parent':>6}  {'kind':<8}  {'exemplars':>9}  {'created (UTC)':<19}  note")
+    for v in versions:
+        created = datetime.fromtimestamp(v.created_at, UTC).strftime("%Y-%m-%d %H:%M:%S")
+        mark = "*" if v.version == active else " "
+        print(f"{mark:2}{v.version:>7}  {v.parent:>6}  {v.kind:<8}  {v.size if v.size is not None else '-':>9}  "
+              f"{created:<19}  {v.note}")
+    return 0
+
+
+def _rollback(args: argparse.Namespace) -> int:
+    cfg = _load(args.config)
+    store = _open_store(cfg)
+    try:
+        record = store.rollback(args.version)
+    finally:
+        store.close()
+    print(f"version {record.version} now serves what version {args.version} held ({record.size} exemplars); "
+          f"a serving router follows within router.store.refresh_s ({cfg.router.store.refresh_s:g} s) on a Qdrant "
+          "server, or when it reopens an embedded store")
     return 0
 
 

@@ -44,6 +44,13 @@ class QueryLogConfig(StrictModel):
     """Records waiting for the writer thread; beyond this new records are dropped (and counted)."""
     flush_interval_s: float = Field(default=0.5, gt=0.0, le=60.0)
     """Longest a record waits before it is written."""
+    retention_days: float | None = Field(default=None, gt=0.0, le=3650.0)
+    """Days prompts may be kept: the router's learned exemplars (which hold the prompt's text) expire after
+    this, and an answer accepts feedback for at most this long. None: no limit."""
+
+    @property
+    def retention_s(self) -> float | None:
+        return None if self.retention_days is None else self.retention_days * 86_400.0
 
     def resolved_path(self, data_dir: str | os.PathLike) -> Path:
         return Path(self.path).expanduser() if self.path else Path(data_dir).expanduser() / "querylog"
@@ -78,6 +85,16 @@ class QueryRecord:
     """Routed text; kept only when `store_prompts` is on."""
     label: float | None = None
     """Optional difficulty label in [0, 1] (from feedback or offline grading) for `train-router`."""
+    routed_tier: str | None = None
+    """The tier the live router chose (before load moved it, or exploration tried the cheapest tier)."""
+    explored: bool = False
+    """The router chose a higher tier and exploration tried the cheapest one first (`router.learn`)."""
+    shadow_router: str | None = None
+    """The candidate router of `router.shadow` (e.g. `version:3`), when it decided this request."""
+    shadow_tier: str | None = None
+    """The tier the candidate would have chosen."""
+    shadow_score: float | None = None
+    """The candidate's difficulty score."""
     timestamp: float = field(default_factory=time.time)
     """Unix seconds when the request finished."""
 
