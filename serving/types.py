@@ -94,19 +94,6 @@ class GenerationResult:
     completion_tokens: int
     token_logprobs: tuple[TokenLogprob, ...] = ()
 
-    @staticmethod
-    def from_chunks(chunks: list[GenerationChunk]) -> GenerationResult:
-        if not chunks:
-            raise ValueError("no chunks to gather")
-        last = chunks[-1]
-        return GenerationResult(
-            text="".join(c.text for c in chunks),
-            finish_reason=last.finish_reason or "abort",
-            prompt_tokens=last.prompt_tokens,
-            completion_tokens=last.completion_tokens,
-            token_logprobs=tuple(lp for c in chunks for lp in c.token_logprobs),
-        )
-
 
 @dataclass(frozen=True)
 class EngineLoad:

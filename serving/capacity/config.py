@@ -22,8 +22,9 @@ class TierLimits(StrictModel):
     """Saturated when running / max_num_seqs reaches this (1.0: the batch is full)."""
     max_kv_cache_usage: float = Field(default=0.90, gt=0.0, le=1.0)
     """Saturated when this share of KV-cache blocks is in use (preemptions start near 1.0)."""
-    max_inflight: int = Field(default=64, ge=1)
-    """Requests this ingress replica sends to the tier at once; more are rejected with `reject_status`.
+    max_inflight: int = Field(default=256, ge=1)
+    """Requests this ingress replica sends to the tier at once (running and waiting in its engines); more are
+    rejected with `reject_status` and Retry-After.
     Keep max_inflight x ingress replicas within the tier's Ray Serve capacity (replicas x
     max_ongoing_requests + max_queued_requests) so tierserve answers before Ray Serve's own backpressure."""
 

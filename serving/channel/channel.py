@@ -150,7 +150,10 @@ class TierChannel:
             chunks = [c async for batch in call for c in batch]
         if not chunks or call.end is None:
             raise EngineError(f"tier '{tier}' ended the request without a result")
-        return GenerationResult.from_chunks(chunks), call.end
+        text = chunks[0].text if len(chunks) == 1 else "".join(c.text for c in chunks)
+        return GenerationResult(text=text, finish_reason=call.end.finish_reason or "abort",  # type: ignore[arg-type]
+                                prompt_tokens=call.end.prompt_tokens, completion_tokens=call.end.completion_tokens,
+                                token_logprobs=tuple(lp for c in chunks for lp in c.token_logprobs)), call.end
 
     def has_room(self, tier: str) -> bool:
         """Whether `tier` would admit one more call now (no side effects)."""

@@ -1,43 +1,35 @@
 """The data plane between the ingress and the tier replicas: one connection per request, framed, both ends.
 
-Why not Ray's streaming generators (the control plane still uses Ray handles): every item of a Ray stream
-is a task-return report through both core workers, about 1 ms of CPU per token on a 2-core box, more than
-the engine spent decoding it. Here a token costs one `write` on the replica and a share of one `read` on the
-ingress, which reads whatever has arrived, so frames coalesce under load without a timer. Closing the
-connection is the cancellation signal: the replica aborts the engine request.
+Tokens bypass Ray handles: every item of a Ray stream is a task-return report through both core workers, about
+1 ms of CPU per token on a 2-core box. Here a token costs one `write` on the replica and a share of one `read`
+on the ingress, which reads whatever has arrived, so frames coalesce under load without a timer. Closing the
+connection aborts the engine request.
 
 A connection opens with a fixed-size hello, `kind | token (32 bytes) | length (4 bytes)`, checked before any
-body is read; the body (the request as JSON, never pickle: the port is reachable inside the cluster) is
-bounded by `MAX_REQUEST_BYTES` and both are read within `HELLO_TIMEOUT_S`. The replica then sends frames
-`kind (1 byte) | length (4 bytes, big-endian) | payload`: CHUNKs (a compact binary delta), and one END frame
-with the summary and the replica's engine load as the request left it, or an ERROR frame. While a request
-produces nothing (a long prefill, a queue) the replica sends a PING every `HEARTBEAT_S`, so the ingress can
-tell a silent replica from a dead link (`WireStream.silent_for`). A LOAD hello asks for the load alone.
-
-A replica also listens on an abstract Unix socket; an ingress on the same node connects there instead of
-TCP loopback (cheaper per write). TCP connections use keepalive and TCP_USER_TIMEOUT, so a link that is cut
-while the replica writes fails its writes within `_TCP_USER_TIMEOUT_MS` and the engine request is aborted.
+body is read; the body (JSON, never pickle: the port is reachable inside the cluster) is bounded by
+`MAX_REQUEST_BYTES`, and hello and body must arrive within `HELLO_TIMEOUT_S`. The replica answers with frames
+`kind (1 byte) | length (4 bytes) | payload`: CHUNKs (a compact binary delta), then one END (the summary and
+the engine's load as the request left it) or an ERROR. A quiet request (a long prefill, a queue) gets a PING
+every `HEARTBEAT_S`, so the ingress tells a slow replica from a dead link (`WireStream.silent_for`). A LOAD
+hello asks for the load alone. An ingress on the replica's node connects over an abstract Unix socket; TCP
+connections use keepalive and TCP_USER_TIMEOUT, so writes into a cut link fail and the engine work stops.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import hmac
 import json
 import logging
-import os
 import socket
 import struct
 import time
 from collections.abc import AsyncIterator
-from contextlib import aclosing
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from router.errors import ClientError, InvalidRequest, TierserveError
+from router.errors import InvalidRequest, TierserveError
 from serving.channel.errors import ServiceUnavailable, error_from_frame, error_payload
-from serving.engines.base import Engine, EngineError
 from serving.types import (
     ChatMessage,
     EngineLoad,
@@ -51,7 +43,7 @@ logger = logging.getLogger(__name__)
 
 TOKEN_BYTES = 32
 """Length of the per-deployment token (`secrets.token_hex(16)`)."""
-_HELLO = struct.Struct(f"!c{TOKEN_BYTES}sI")
+HELLO = struct.Struct(f"!c{TOKEN_BYTES}sI")
 _FRAME = struct.Struct("!cI")
 REQUEST, LOAD = b"Q", b"L"
 CHUNK, END, ERROR, PING = b"C", b"E", b"X", b"P"
@@ -64,7 +56,7 @@ HEARTBEAT_S = 2.0
 STALE_AFTER_S = 10.0
 """The ingress gives a stream up (503, replica lost) when it has heard nothing for this long: 5 missed PINGs."""
 CONNECT_TIMEOUT_S = 3.0
-_HIGH_WATER = 256 << 10
+HIGH_WATER = 256 << 10
 """Replica-side buffered bytes past which a write waits for the ingress to read (a slow client)."""
 _TCP_USER_TIMEOUT_MS = 10_000
 _FINISH = {None: 0, "stop": 1, "length": 2, "abort": 3}
@@ -105,7 +97,7 @@ def _dump(value: Any) -> bytes:
 
 
 def hello(kind: bytes, token: str, payload: bytes = b"") -> bytes:
-    return _HELLO.pack(kind, token.encode(), len(payload)) + payload
+    return HELLO.pack(kind, token.encode(), len(payload)) + payload
 
 
 def encode_request(token: str, wire: WireRequest) -> bytes:
@@ -165,7 +157,7 @@ def error_frame(exc: TierserveError) -> bytes:
     return frame(ERROR, _dump(error_payload(exc)))
 
 
-def _tune(writer: asyncio.StreamWriter) -> None:
+def tune(writer: asyncio.StreamWriter) -> None:
     """TCP: no Nagle delay, keepalive, and unacknowledged writes fail after `_TCP_USER_TIMEOUT_MS`."""
     sock = writer.transport.get_extra_info("socket")
     if sock is None or sock.family == socket.AF_UNIX:
@@ -176,138 +168,6 @@ def _tune(writer: asyncio.StreamWriter) -> None:
                           ("TCP_USER_TIMEOUT", _TCP_USER_TIMEOUT_MS)):
         if hasattr(socket, option):
             sock.setsockopt(socket.IPPROTO_TCP, getattr(socket, option), value)
-
-
-# ---- replica side --------------------------------------------------------------------------------
-
-
-class WireServer:
-    """Serves one replica's engine to the ingresses: a task per connection, its engine request aborted when
-    the connection closes. Refuses requests past `max_ongoing` (503 with Retry-After)."""
-
-    def __init__(self, engine: Engine, token: str, *, max_ongoing: int) -> None:
-        if len(token) != TOKEN_BYTES:
-            raise ValueError(f"wire token must be {TOKEN_BYTES} characters")
-        self.engine = engine
-        self._token = token.encode()
-        self.max_ongoing = max_ongoing
-        self.local_path: str | None = None
-        """The abstract Unix socket an ingress on this node connects to (None where there is none)."""
-        self.ongoing = 0
-        """Requests inside this server now (admitted, not yet ended)."""
-        self._servers: list[asyncio.Server] = []
-        self._last_write: dict[asyncio.StreamWriter, float] = {}
-        self._heartbeat: asyncio.Task | None = None
-
-    async def start(self, host: str, port: int = 0) -> str:
-        """Listen on host:port (0: any free port) and on a node-local Unix socket; return "host:port"."""
-        server = await asyncio.start_server(self._handle, host, port, backlog=1024)
-        self._servers.append(server)
-        bound = server.sockets[0].getsockname()
-        path = f"\0tierserve-wire-{os.getpid()}-{bound[1]}"  # abstract: nothing on disk to clean up
-        try:
-            self._servers.append(await asyncio.start_unix_server(self._handle, path, backlog=1024))
-            self.local_path = path
-        except OSError as exc:  # TCP alone still serves every ingress
-            logger.warning("wire: no node-local socket (%s); same-node ingresses use TCP", exc)
-        self._heartbeat = asyncio.get_running_loop().create_task(self._beat())
-        return f"{host}:{bound[1]}"
-
-    def close(self) -> None:
-        for server in self._servers:
-            server.close()
-        if self._heartbeat is not None:
-            self._heartbeat.cancel()
-
-    async def _beat(self) -> None:
-        """PING every connection that has carried nothing for `HEARTBEAT_S` (one timer for all of them)."""
-        ping = frame(PING, b"")
-        while True:
-            await asyncio.sleep(HEARTBEAT_S / 2)
-            now = time.monotonic()
-            for writer, last in list(self._last_write.items()):
-                if now - last >= HEARTBEAT_S and not writer.is_closing():
-                    writer.write(ping)
-                    self._last_write[writer] = now
-
-    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        _tune(writer)
-        watcher: asyncio.Task | None = None
-        try:
-            wire = await asyncio.wait_for(self._read_hello(reader, writer), HELLO_TIMEOUT_S)
-            if wire is None:
-                return
-            # The ingress closes the connection when its client goes away: cancel the generation then.
-            watcher = asyncio.get_running_loop().create_task(_cancel_on_eof(reader, asyncio.current_task()))
-            self._last_write[writer] = time.monotonic()
-            await self._serve(wire, writer)
-        except asyncio.CancelledError:
-            logger.debug("wire: ingress closed the stream")
-        except (TimeoutError, asyncio.IncompleteReadError, ConnectionError):
-            pass
-        finally:
-            self._last_write.pop(writer, None)
-            if watcher is not None:
-                watcher.cancel()
-            writer.close()
-
-    async def _read_hello(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> WireRequest | None:
-        """The request after a valid hello; None when answered already (a load poll, a refusal)."""
-        kind, token, length = _HELLO.unpack(await reader.readexactly(_HELLO.size))
-        if not hmac.compare_digest(token, self._token):
-            writer.write(error_frame(ClientError("wire: bad deployment token", code="unauthorized")))
-            return None
-        if kind == LOAD:
-            writer.write(end_frame(None, self.engine.load()))
-            return None
-        if kind != REQUEST or length > MAX_REQUEST_BYTES:
-            writer.write(error_frame(InvalidRequest("wire: malformed request frame", code="malformed_frame")))
-            return None
-        try:
-            return decode_request(await reader.readexactly(length))
-        except InvalidRequest as exc:
-            writer.write(error_frame(exc))
-            return None
-
-    async def _serve(self, wire: WireRequest, writer: asyncio.StreamWriter) -> None:
-        request = wire.request
-        if self.ongoing >= self.max_ongoing:
-            writer.write(error_frame(ServiceUnavailable.make(
-                f"this replica of the tier is at its limit of {self.max_ongoing} requests "
-                "(deployment.max_ongoing_requests); retry shortly.", retry_after_s=1, status_code=503)))
-            return
-        self.ongoing += 1
-        last: GenerationChunk | None = None
-        try:
-            async with aclosing(self.engine.generate(request, whole=wire.whole)) as chunks:
-                async for chunk in chunks:
-                    last = chunk
-                    await self._send(writer, encode_chunk(chunk))
-            if last is None:
-                raise EngineError("the tier's engine ended the stream without output")
-            writer.write(end_frame(last, self.engine.load()))
-        except TierserveError as exc:
-            writer.write(error_frame(exc))
-        except (asyncio.CancelledError, ConnectionError):
-            raise
-        except Exception:  # an engine bug: logged here, a plain 500 for the client (no internals)
-            logger.exception("tier engine failed on %s", request.request_id)
-            writer.write(error_frame(EngineError("the tier's engine failed on this request")))
-        finally:
-            self.ongoing -= 1
-
-    async def _send(self, writer: asyncio.StreamWriter, data: bytes) -> None:
-        writer.write(data)
-        self._last_write[writer] = time.monotonic()
-        if writer.transport.get_write_buffer_size() > _HIGH_WATER:
-            await writer.drain()
-
-
-async def _cancel_on_eof(reader: asyncio.StreamReader, task: asyncio.Task | None) -> None:
-    with contextlib.suppress(ConnectionError):
-        await reader.read(1)
-    if task is not None:
-        task.cancel()
 
 
 # ---- ingress side --------------------------------------------------------------------------------
@@ -384,7 +244,7 @@ async def open_stream(address: str, token: str, wire: WireRequest, *, tier: str,
             f"tier '{tier}' has no reachable replica right now ({type(exc).__name__}); retry shortly.",
             retry_after_s=2, status_code=503, code="no_replica",
         ) from None
-    _tune(writer)
+    tune(writer)
     writer.write(encode_request(token, wire))
     return WireStream(reader, writer)
 

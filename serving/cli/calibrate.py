@@ -18,8 +18,8 @@ from router.eval.calibrate import (
     TOLERANCE,
     Calibration,
     confidence_threshold_for_quality_loss,
-    rate_interval,
     discreteness_warning,
+    rate_interval,
     threshold_for_pgr,
     threshold_for_share,
 )

@@ -29,7 +29,14 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def _replay(args) -> int:
     from router.config import KnnConfig
-    from router.eval.replay import TAUS, calibrated_threshold, matched, operate, recalibration_check, stream
+    from router.eval.replay import (
+        TAUS,
+        calibrated_threshold,
+        matched,
+        operate,
+        recalibration_check,
+        stream,
+    )
     from router.learn import LearnConfig
 
     ds = load_dataset_noting(args)

@@ -105,9 +105,11 @@ class DeploymentConfig(StrictModel):
     """Fixed replica count; ignored when `autoscaling` is set."""
     autoscaling: AutoscalingConfig | None = None
     max_ongoing_requests: int = Field(default=64, ge=1)
-    """In-flight requests one replica accepts (set it at or above the engine's max_num_seqs)."""
-    max_queued_requests: int = Field(default=128, ge=-1)
-    """Requests waiting for a replica before Ray Serve rejects (-1: unbounded, not recommended)."""
+    """Requests one replica runs at once (set it at or above the engine's max_num_seqs; the rest wait in the
+    engine's queue). The autoscaler's `target_ongoing_requests` is measured against the same count."""
+    max_queued_requests: int = Field(default=192, ge=-1)
+    """Requests one replica holds beyond `max_ongoing_requests` before it refuses more with 503 and Retry-After
+    (-1: unbounded, not recommended). The ingress's admission limit (`capacity`) normally answers first."""
 
 
 class TierConfig(StrictModel):

@@ -6,7 +6,7 @@
     call = await self.channel.open(outcome.entry_tier, request)  # serving.channel: admission, replica, wire
         (a cascade instead: self.cascade.stream / .run)          # serving.cascade.runner, over the channel
     SseResponse / JSONResponse                                   # serving.ingress.openai
-    self.recorder.record(...)                                   # serving.ingress.record: metrics, session, query log
+    self.recorder.record(...)                                   # `Recorder` below: metrics, session, query log
 
 Every other endpoint is in `serving.ingress.routes`.
 """
@@ -52,7 +52,6 @@ from serving.ingress.protocol import (
     check_limits,
     parse,
 )
-from serving.ingress.record import Recorder
 from serving.ingress.router_calls import router_calls
 from serving.ingress.routes import build_routes
 from serving.ingress.sessions import (
@@ -60,8 +59,11 @@ from serving.ingress.sessions import (
     SessionKey,
     SessionStore,
     session_key,
+    tier_to_remember,
 )
 from serving.metrics import Metrics
+from serving.querylog import QueryLog, QueryRecord
+from serving.querylog.log import status_word
 from serving.types import GenerationChunk, GenerationRequest
 
 _COMPLETIONS: dict[str, Kind] = {"/v1/chat/completions": "chat", "/v1/completions": "completion"}
@@ -279,6 +281,57 @@ class _Asgi:
             return
         answer = await self.ingress.complete(Request(scope, receive), kind)
         await answer(scope, receive, send)
+
+
+class Recorder:
+    """Records finished requests into the ingress replica's metrics, session map and query log."""
+
+    def __init__(self, config: AppConfig, metrics: Metrics, sessions: SessionStore | None) -> None:
+        self.tier_names = config.tier_names
+        self.metrics = metrics
+        self.sessions = sessions
+        self.query_log = (QueryLog.from_config(config.query_log, config.resolved_data_dir())
+                          if config.query_log.enabled else None)
+        for tier in config.tier_names[:-1]:  # the drift alert compares escalations with the calibrated target
+            target = config.cascade.target_rate_for(tier)
+            if target is not None:
+                metrics.cascade_escalation_target.labels(tier).set(target)
+
+    def close(self) -> None:
+        if self.query_log is not None:
+            self.query_log.close()
+
+    def record(self, endpoint: str, outcome: Outcome, status: int, started: float, prompt_tokens: int = 0,
+                completion_tokens: int = 0, *, request_id: str, routing_text: str | None = None) -> None:
+        """Metrics, the session's tier and the query log for one finished request (any status)."""
+        tier, decision, trace = outcome.tier, outcome.decision, outcome.trace
+        if status == 200 and decision.session is not None and self.sessions is not None:
+            self.sessions.put(decision.session, tier_to_remember(
+                decision.tier, tier, escalated=outcome.escalated, moved_by_load=outcome.capacity is not None))
+        if trace is not None:
+            names = self.tier_names
+            for a in trace.attempts:
+                if a.confidence is not None:  # the cascade scored this answer and decided
+                    self.metrics.cascade_decisions.labels(a.tier, "escalated" if a.escalated else "kept").inc()
+                if a.escalated:  # counted when decided, as its wasted tokens are (the next answer may never come)
+                    self.metrics.escalations.labels(a.tier, names[names.index(a.tier) + 1]).inc()
+            for wasted_tier, wasted in trace.wasted_tokens().items():
+                self.metrics.wasted_tokens.labels(wasted_tier).inc(wasted)
+        latency_s = time.perf_counter() - started
+        self.metrics.requests.labels(endpoint, tier, str(status)).inc()
+        self.metrics.latency.labels(endpoint, tier).observe(latency_s)
+        if prompt_tokens or completion_tokens:
+            self.metrics.tokens.labels(tier, "prompt").inc(prompt_tokens)
+            self.metrics.tokens.labels(tier, "completion").inc(completion_tokens)
+        if self.query_log is not None:
+            self.query_log.append(QueryRecord(
+                request_id=request_id, router=decision.router if decision.routed else "none", tier=tier,
+                score=decision.score, threshold=decision.thresholds[-1] if decision.thresholds else None,
+                tier_chain=outcome.tier_chain, escalated=outcome.escalated, confidences=outcome.confidences,
+                cascade_thresholds=outcome.scored_thresholds(self.tier_names), latency_ms=latency_s * 1000,
+                prompt_tokens=prompt_tokens, completion_tokens=completion_tokens, status=status_word(status),
+                prompt=routing_text,
+            ))
 
 
 def _with_trace(outcome: Outcome, answer: TierCall | CascadeStream) -> Outcome:

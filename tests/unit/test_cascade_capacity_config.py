@@ -30,7 +30,9 @@ class TestDefaults:
         assert cfg.cascade.method == "logprob"
         assert cfg.cascade.streaming.holdback_tokens == 16
         assert cfg.capacity.enabled is False
-        assert cfg.capacity.defaults.max_inflight == 64
+        assert cfg.capacity.defaults.max_inflight == 256  # bounded, and what a replica holds by default:
+        tier = cfg.tiers[0].deployment
+        assert tier.max_ongoing_requests + tier.max_queued_requests == cfg.capacity.defaults.max_inflight
         assert cfg.capacity.reject_status == 503
 
     def test_full_sections_parse(self):

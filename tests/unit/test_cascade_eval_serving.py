@@ -9,8 +9,8 @@ from dataclasses import replace
 from router.types import RouteDecision
 from serving.cascade import CascadeTrace, TierAttempt, cascade_policy
 from serving.config import parse_config
+from serving.ingress.app import Recorder
 from serving.ingress.plan import Outcome
-from serving.ingress.record import Recorder
 from serving.metrics import Metrics
 from serving.querylog import read_records
 

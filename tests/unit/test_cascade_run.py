@@ -17,7 +17,7 @@ from serving.cascade import CascadeConfig, cascade_policy
 from serving.cascade.runner import CascadeRunner, _all_or_nothing
 from serving.channel.channel import TierChannel
 from serving.channel.errors import Overloaded
-from serving.channel.wire import WireServer
+from serving.channel.replica import WireServer
 from serving.config import EngineConfig, TierConfig
 from serving.engines.scripted import ScriptedEngine
 from serving.types import (

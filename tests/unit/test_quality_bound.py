@@ -10,7 +10,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from router.eval.calibrate import confidence_threshold_for_quality_loss, confidence_threshold_for_rate, rate_interval
+from router.eval.calibrate import (
+    confidence_threshold_for_quality_loss,
+    confidence_threshold_for_rate,
+    rate_interval,
+)
 from router.eval.replay import recalibration_check
 
 PLAUT = Path(__file__).resolve().parents[3] / "shared" / "data" / "cascades" / "plaut-msp" / "llama3_8b_to_70b.jsonl"

@@ -12,9 +12,9 @@ from router.errors import ConfigError, InvalidRequest
 from serving.cascade import CascadeTrace, TierAttempt
 from serving.channel.channel import TierChannel
 from serving.config import AppConfig, parse_config
+from serving.ingress.app import Recorder
 from serving.ingress.plan import Outcome, Planner
 from serving.ingress.protocol import TierserveOptions
-from serving.ingress.record import Recorder
 from serving.ingress.sessions import (
     Remembered,
     SessionKey,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from serving.channel.wire import WireServer
+from serving.channel.replica import WireServer
 from serving.config import EngineConfig, TierConfig
 from serving.engines.scripted import ScriptedEngine
 from serving.types import ChatMessage, GenerationRequest, SamplingOptions

@@ -14,7 +14,7 @@ from serving.channel import channel as channel_mod
 from serving.channel import wire
 from serving.channel.channel import TierChannel
 from serving.channel.errors import Overloaded, ServiceUnavailable
-from serving.channel.wire import WireServer
+from serving.channel.replica import WireServer
 from serving.engines.scripted import ScriptedEngine
 from serving.types import EngineLoad, ReplicaStatus
 from tests.unit.channel.helpers import TOKEN, chat_request, serve

@@ -52,7 +52,7 @@ async def _collect(address: str, request: WireRequest, token: str = TOKEN, local
 
 def test_requests_and_chunks_round_trip() -> None:
     request = WireRequest(chat_request(stop=("a", "b"), logprobs=True, top_logprobs=3, seed=7), whole=True)
-    assert decode_request(encode_request(TOKEN, request)[wire._HELLO.size:]) == request
+    assert decode_request(encode_request(TOKEN, request)[wire.HELLO.size:]) == request
     for chunk in (GenerationChunk(text="héllo \U0001f600", num_new_tokens=2, prompt_tokens=7, completion_tokens=9),
                   GenerationChunk(text="", finish_reason="length", prompt_tokens=1, completion_tokens=1,
                                   token_logprobs=(TokenLogprob("x", -0.5, (("x", -0.5), ("y", -1.25))),))):
@@ -153,7 +153,7 @@ def test_frames_that_arrived_before_an_error_are_delivered() -> None:
 
     async def main() -> tuple[list, BaseException | None]:
         async def replica(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-            await reader.readexactly(wire._HELLO.size)
+            await reader.readexactly(wire.HELLO.size)
             await reader.read(1 << 16)
             writer.write(encode_chunk(chunk) + encode_chunk(chunk)
                          + error_frame(ServiceUnavailable.make("gone", retry_after_s=1, status_code=503)))
@@ -300,13 +300,13 @@ def test_a_fuzzed_data_port_never_crashes_the_replica_leaks_internals_or_leaves_
     valid = encode_request(TOKEN, WireRequest(chat_request(max_tokens=2)))
 
     def cases() -> list[bytes]:
-        out = [b"", b"\x00", valid[:10], valid[: wire._HELLO.size], b"Q" + b"x" * 200,
+        out = [b"", b"\x00", valid[:10], valid[: wire.HELLO.size], b"Q" + b"x" * 200,
                hello(wire.REQUEST, TOKEN, b"not json"), hello(wire.REQUEST, TOKEN, b"{}"),
                hello(wire.REQUEST, TOKEN, b'{"request": {"request_id": 1}}'),
                hello(wire.REQUEST, TOKEN, json.dumps({"request": {"request_id": "r", "sampling": {"stop": 5}}}).encode()),
                hello(b"Z", TOKEN, b"{}"), hello(wire.LOAD, TOKEN, b"trailing"), frame(END, b"{}") * 3]
         for _ in range(150):
-            base = bytearray(rng.choice([valid, valid[: wire._HELLO.size], hello(wire.LOAD, TOKEN)]))
+            base = bytearray(rng.choice([valid, valid[: wire.HELLO.size], hello(wire.LOAD, TOKEN)]))
             for _ in range(rng.randint(1, 6)):
                 base[rng.randrange(len(base))] = rng.randrange(256)
             out.append(bytes(base[: rng.randint(1, len(base))]))
