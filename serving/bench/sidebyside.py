@@ -14,6 +14,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import httpx
 from tqdm import tqdm
 
 from serving.bench.bare import bare_vllm
@@ -94,6 +95,8 @@ def _serving(target: Target, config: AppConfig, tier: str, port: int, log_dir: P
 
         engine_cls = PlumbingEngine
     url = launch.start(config, engine_cls=engine_cls)
+    mode = httpx.get(url + "/health", timeout=10).json().get("ingress")
+    tqdm.write(f"{target.name} serving at {url} (ingress: {mode})")
     try:
         yield url
     finally:

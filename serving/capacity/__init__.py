@@ -8,7 +8,6 @@ from serving.capacity.policy import (
     choose_tier,
     combine_loads,
     is_known,
-    pick_replica,
     retry_after,
     saturation,
 )
@@ -22,7 +21,6 @@ __all__ = [
     "choose_tier",
     "combine_loads",
     "is_known",
-    "pick_replica",
     "retry_after",
     "saturation",
 ]

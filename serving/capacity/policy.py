@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Literal, TypeGuard
 
 from serving.capacity.config import CapacityConfig
-from serving.types import EngineLoad, ReplicaStatus
+from serving.types import EngineLoad
 
 CapacityAction = Literal["keep", "spill_up", "spill_down"]
 CapacityReason = Literal[
@@ -94,18 +94,6 @@ def combine_loads(loads: Sequence[EngineLoad]) -> EngineLoad:
         ongoing=sum(x.ongoing for x in loads),
         timestamp=min(x.timestamp for x in loads),
     )
-
-
-def pick_replica(replicas: Sequence[ReplicaStatus], inflight: Mapping[str, int], *, now: float, max_age_s: float
-                 ) -> ReplicaStatus | None:
-    """The least-loaded replica: by the requests this ingress has in flight there, or by what the replica last
-    reported (every ingress's requests) when that is fresher news and higher; ties keep the first."""
-    def load(r: ReplicaStatus) -> int:
-        mine = inflight.get(r.address, 0)
-        reported = r.load.ongoing if now - r.load.timestamp <= max_age_s else 0
-        return max(mine, reported)
-
-    return min(replicas, key=load, default=None)
 
 
 def choose_tier(

@@ -25,7 +25,7 @@ from collections import deque
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import replace
 
-from serving.capacity import CapacityConfig, admit, combine_loads, pick_replica
+from serving.capacity import CapacityConfig, admit, combine_loads
 from serving.channel.errors import Overloaded, ServiceUnavailable
 from serving.channel.wire import (
     STALE_AFTER_S,
@@ -121,6 +121,8 @@ class TierChannel:
         """This process's node: its replicas are reached over their Unix socket."""
         self.inflight = {name: 0 for name in self.names}
         """Calls open from this ingress replica, per tier (the admission count)."""
+        self.limits = {name: capacity.limits_for(name).max_inflight for name in self.names}
+        """Calls each tier admits from this ingress replica at once (`capacity` limits)."""
         self._replicas: dict[str, dict[str, tuple[ReplicaStatus, float]]] = {name: {} for name in self.names}
         self._by_address: dict[str, int] = {}
         self._open: set[TierCall] = set()
@@ -157,9 +159,11 @@ class TierChannel:
 
     def has_room(self, tier: str) -> bool:
         """Whether `tier` would admit one more call now (no side effects)."""
-        return self.inflight[tier] < self.capacity.limits_for(tier).max_inflight
+        return self.inflight[tier] < self.limits[tier]
 
     def _admit(self, tier: str) -> None:
+        if self.inflight[tier] < self.limits[tier]:
+            return
         verdict = admit(self.inflight, tier, self.capacity, load=self.loads(self.capacity.stats_max_age_s).get(tier),
                         throughput_rps=self._throughput_rps(tier))
         if not verdict.admitted:
@@ -213,6 +217,7 @@ class TierChannel:
         now = time.monotonic()
         live = [s for s, seen in self._replicas[tier].values() if now - seen <= _ADDRESS_MAX_AGE_S]
         return pick_replica(live, self._by_address, now=time.time(), max_age_s=self.capacity.stats_max_age_s)
+
 
     def _local_path(self, replica: ReplicaStatus) -> str | None:
         """The replica's Unix socket when it is on this node."""
@@ -321,3 +326,18 @@ class TierChannel:
         held = self._replicas[tier].get(status.replica_id)
         if held is None or status.load.timestamp >= held[0].load.timestamp:
             self._replicas[tier][status.replica_id] = (status, time.monotonic())
+
+
+def pick_replica(replicas: list[ReplicaStatus], inflight: Mapping[str, int], *, now: float, max_age_s: float
+                 ) -> ReplicaStatus | None:
+    """The least-loaded replica: by the calls this ingress has open there, or by what the replica last reported
+    (every ingress's requests) when that is fresh and higher; ties keep the first."""
+    if len(replicas) < 2:
+        return replicas[0] if replicas else None
+
+    def load(r: ReplicaStatus) -> int:
+        mine = inflight.get(r.address, 0)
+        reported = r.load.ongoing if now - r.load.timestamp <= max_age_s else 0
+        return max(mine, reported)
+
+    return min(replicas, key=load)

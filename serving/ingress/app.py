@@ -2,7 +2,7 @@
 
     key = self.keys.check(...)                                  # serving.ingress.protocol
     body = await parse(http, ChatCompletionRequest, ...)         # serving.ingress.protocol
-    outcome = self.planner.place(await self.planner.plan(...))   # serving.ingress.plan: router, session, load
+    outcome = await self.planner.plan(...)                      # serving.ingress.plan: named tier, router, session, load
     call = await self.channel.open(outcome.entry_tier, request)  # serving.channel: admission, replica, wire
         (a cascade instead: self.cascade.stream / .run)          # serving.cascade.runner, over the channel
     SseResponse / JSONResponse                                   # serving.ingress.openai
@@ -140,9 +140,8 @@ class Ingress:
                 messages=body.chat_messages() if kind == "chat" else None,
                 prompt=body.prompt_text() if kind != "chat" else None,
             )
-            decision = await self.planner.plan(body.model, body.routing_text(), body.options,
-                                               self._session(http, body, request))
-            outcome = self.planner.place(decision)
+            outcome = await self.planner.plan(body.model, body.routing_text(), body.options,
+                                              self._session(http, body, request))
             policy = self.planner.cascade(outcome, body.options)
             deadline = asyncio.get_running_loop().time() + self.config.http.request_timeout_s
             if body.stream:
@@ -259,12 +258,12 @@ class Ingress:
     def _session(self, http: Request, body: ChatCompletionRequest | CompletionRequest,
                  request: GenerationRequest) -> SessionKey | None:
         """The conversation a routed request continues (the session header, else derived from its messages)."""
-        if self.sessions is None or body.model in self.config.tier_names:
+        if self.sessions is None or body.model in self.planner.tier_names:
             return None
         return session_key(http.headers.get(SESSION_HEADER), body.user, request.messages)
 
     def _index(self, outcome: Outcome) -> int:
-        return self.config.tier_names.index(outcome.entry_tier)
+        return self.planner.tier_names.index(outcome.entry_tier)
 
 
 class _Asgi:
@@ -287,7 +286,7 @@ class Recorder:
     """Records finished requests into the ingress replica's metrics, session map and query log."""
 
     def __init__(self, config: AppConfig, metrics: Metrics, sessions: SessionStore | None) -> None:
-        self.tier_names = config.tier_names
+        self.tier_names = list(config.tier_names)
         self.metrics = metrics
         self.sessions = sessions
         self.query_log = (QueryLog.from_config(config.query_log, config.resolved_data_dir())
@@ -325,7 +324,7 @@ class Recorder:
             self.metrics.tokens.labels(tier, "completion").inc(completion_tokens)
         if self.query_log is not None:
             self.query_log.append(QueryRecord(
-                request_id=request_id, router=decision.router if decision.routed else "none", tier=tier,
+                request_id=request_id, router=decision.router if outcome.routed else "none", tier=tier,
                 score=decision.score, threshold=decision.thresholds[-1] if decision.thresholds else None,
                 tier_chain=outcome.tier_chain, escalated=outcome.escalated, confidences=outcome.confidences,
                 cascade_thresholds=outcome.scored_thresholds(self.tier_names), latency_ms=latency_s * 1000,

@@ -65,6 +65,8 @@ class StoreResponse(BaseModel):
 class Health(BaseModel):
     status: Literal["ready", "starting"]
     tiers: dict[str, bool]
+    ingress: Literal["haproxy", "serve-proxy"]
+    """What serves the port: Ray Serve's HAProxy ingress, or its Python proxy on a cluster started without it."""
 
 
 _SERVED_APART = {

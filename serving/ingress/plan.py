@@ -45,6 +45,8 @@ class Outcome:
     """Where the request was routed (the router's decision, or the tier it named)."""
     entry_tier: str
     """The tier it started on: the routed one, or a neighbour when load moved it."""
+    routed: bool = True
+    """False when the request named its tier (`model`, or `tierserve.tier`): no router, no spill, no learning."""
     capacity: str | None = None
     """How load moved the request (e.g. `spill_up:spill_up`), None when it stayed on its routed tier."""
     trace: CascadeTrace | None = None
@@ -87,22 +89,32 @@ class Planner:
         self.router = router
         """The kNN / classifier router, in this process or behind its deployment's handle (None: none runs)."""
         self.sessions = sessions
-        self.local = Decider(config.router, config.tier_names)
+        self.tier_names = list(config.tier_names)
+        self.local = Decider(config.router, self.tier_names)
         """Heuristic, cheapest, judge and fallback decisions, made here."""
         self._judge = JudgeRouter(self._ask_cheapest)
         self._served = {(t.served_model_name or t.name): t.name for t in config.tiers}
 
     async def plan(self, model: str, routing_text: str, options: TierserveOptions,
-                   session: SessionKey | None = None) -> RouteDecision:
-        """The entry tier from `model` and the per-request options (a named tier wins over a session)."""
-        names = self.config.tier_names
+                   session: SessionKey | None = None) -> Outcome:
+        """Where the request starts: the tier it names, else its conversation's tier or the router's, moved by
+        load (`place`)."""
+        names = self.tier_names
         if options.tier is not None:
             if options.tier not in names:
                 raise ModelNotFound(f"tierserve.tier '{options.tier}' is not a tier; choose one of {names}.",
                                     param="tierserve.tier")
-            return self._chosen(options.tier, "forced", "tierserve.tier in the request")
+            return Outcome(self._chosen(options.tier, "forced", "tierserve.tier in the request"), options.tier,
+                           routed=False)
         if model in names or model in self._served:
-            return self._chosen(model if model in names else self._served[model], "explicit", "model names a tier")
+            tier = model if model in names else self._served[model]
+            return Outcome(self._chosen(tier, "explicit", "model names a tier"), tier, routed=False)
+        return self.place(await self.route(model, routing_text, options, session))
+
+    async def route(self, model: str, routing_text: str, options: TierserveOptions,
+                    session: SessionKey | None = None) -> RouteDecision:
+        """The routing decision for `model="auto"` / `router-*` (the session's tier when it continues one)."""
+        names = self.tier_names
         if model != "auto" and not model.startswith("router-"):
             raise ModelNotFound(
                 f"The model '{model}' does not exist. Use 'auto', 'router-<name>[-<threshold>]' or a tier: {names}.",
@@ -116,10 +128,10 @@ class Planner:
                                                     session=session.key)
 
     def place(self, decision: RouteDecision) -> Outcome:
-        """The routed tier, or a neighbour when load says so (only for routed requests)."""
-        if not decision.routed:
+        """The routed tier, or a neighbour when load says so (`capacity.enabled`)."""
+        names, cfg = self.tier_names, self.config.capacity
+        if not cfg.enabled:
             return Outcome(decision, decision.tier)
-        names, cfg = self.config.tier_names, self.config.capacity
         thresholds = decision.thresholds if len(decision.thresholds) == len(names) - 1 else self.local.thresholds
         moved = choose_tier(names.index(decision.tier), 0.5 if decision.score is None else decision.score,
                             thresholds, self.channel.loads(cfg.stats_max_age_s), names, cfg, now=time.time(),
@@ -135,25 +147,27 @@ class Planner:
 
     def cascade(self, placed: Outcome, options: TierserveOptions) -> CascadePolicy | None:
         """The request's cascade policy (config and its `tierserve` options), None when it does not cascade."""
+        asked = options.cascade is not None or options.cascade_method or options.cascade_threshold is not None
+        if not asked and not self.config.cascade.enabled:
+            return None  # cascades off, and this request does not ask for one
         override = None
-        if options.cascade is not None or options.cascade_method or options.cascade_threshold is not None:
+        if asked:
             override = CascadeOverride(enabled=options.cascade, method=options.cascade_method,
                                        threshold=options.cascade_threshold)
-        return cascade_policy(self.config.cascade, self.config.tier_names, routed=placed.decision.routed,
-                              override=override)
+        return cascade_policy(self.config.cascade, self.tier_names, routed=placed.routed, override=override)
 
     def _chosen(self, tier: str, how: RouterKind | Chosen, reason: str) -> RouteDecision:
-        return RouteDecision(tier=tier, tier_index=self.config.tier_names.index(tier), router=how, score=None,
+        return RouteDecision(tier=tier, tier_index=self.tier_names.index(tier), router=how, score=None,
                              thresholds=(), reason=reason)
 
     def _remembered(self, session: SessionKey) -> RouteDecision | None:
         """The tier a continuing conversation answered on last, if this replica remembers it."""
         remembered = self.sessions.get(session.key) if self.sessions and session.continuing else None
-        if remembered is None or remembered.tier not in self.config.tier_names:
+        if remembered is None or remembered.tier not in self.tier_names:
             return None
         self.metrics.routing.labels("session", remembered.tier).inc()
         return RouteDecision(
-            tier=remembered.tier, tier_index=self.config.tier_names.index(remembered.tier), router="session",
+            tier=remembered.tier, tier_index=self.tier_names.index(remembered.tier), router="session",
             score=None, thresholds=self.local.thresholds,
             reason=sticky_reason(session, remembered, self.sessions.now()), session=session.key,
         )
@@ -187,7 +201,7 @@ class Planner:
                 verdict = await asyncio.wait_for(self._judge.verdict(item.text), timeout_s)
             except TimeoutError:
                 return self.local.fallback(item, "judge timed out")
-            cheapest = self.config.tier_names[0]
+            cheapest = self.tier_names[0]
             reason = (f"judge: P(hard) {verdict.p_hard:.3f} from the {cheapest} tier (yes/no mass "
                       f"{verdict.answer_mass:.3f})" if verdict.answered
                       else f"judge: the call to the {cheapest} tier failed; P(hard) {verdict.p_hard}")
@@ -212,6 +226,6 @@ class Planner:
             sampling=SamplingOptions(max_tokens=1, temperature=0.0, logprobs=True, top_logprobs=20),
             messages=(ChatMessage(role="user", content=prompt),),
         )
-        result, _ = await self.channel.complete(self.config.tier_names[0], request)
+        result, _ = await self.channel.complete(self.tier_names[0], request)
         first = result.token_logprobs[0]
         return [(first.token, first.logprob), *first.top]

@@ -45,6 +45,14 @@ class Parts(Protocol):
     metrics: Metrics
 
 
+def ingress_mode() -> str:
+    """`haproxy`: Ray Serve's HAProxy in front of each ingress replica's own HTTP server (the one mode tierserve
+    sets up); `serve-proxy`: Ray Serve's Python proxy, on a cluster started without RAY_SERVE_ENABLE_HA_PROXY=1."""
+    from ray.serve._private import constants
+
+    return "haproxy" if constants.RAY_SERVE_ENABLE_HA_PROXY else "serve-proxy"
+
+
 def build_routes(parts: Parts) -> FastAPI:
     """The FastAPI app for the endpoints above, each a thin function over the ingress's parts."""
     api = FastAPI(title="tierserve", description="OpenAI-compatible, tier-routing LLM gateway")
@@ -52,12 +60,12 @@ def build_routes(parts: Parts) -> FastAPI:
 
     @api.get("/health")
     async def health() -> Response:
-        """200 only when every tier's engine answers."""
+        """200 only when every tier's engine answers; `ingress` says what serves the port."""
         names = parts.channel.names
         infos = await asyncio.gather(*(parts.channel.info(name) for name in names))
         tiers = {name: bool(info and info.ready) for name, info in zip(names, infos, strict=True)}
         ready = all(tiers.values())
-        return JSONResponse({"status": "ready" if ready else "starting", "tiers": tiers},
+        return JSONResponse({"status": "ready" if ready else "starting", "tiers": tiers, "ingress": ingress_mode()},
                             status_code=200 if ready else 503)
 
     @api.get("/metrics")
@@ -99,8 +107,7 @@ def build_routes(parts: Parts) -> FastAPI:
             check_limits(body, config.http.limits)
             messages = body.chat_messages() if isinstance(body, ChatCompletionRequest) else None
             session = session_key(request.headers.get(SESSION_HEADER), body.user, messages)
-            decision = await parts.planner.plan(body.model, body.routing_text(), body.options, session)
-            placed = parts.planner.place(decision)
+            placed = await parts.planner.plan(body.model, body.routing_text(), body.options, session)
             return JSONResponse({"object": "tierserve.route", **tierserve_object(placed)}, headers=headers(placed))
         except Exception as exc:  # noqa: BLE001
             return error_response(exc)

@@ -30,3 +30,4 @@ def test_plumbing_bench_writes_sane_figures(tmp_path: Path) -> None:
     assert "cost per 1k output tok" in table and "no GPU cost, n/a (CPU)" in table  # deploy/cpu.yaml's tiers
     assert (out / "throughput.png").stat().st_size > 1000
     assert "results.json" in done.stdout
+    assert "ingress: haproxy" in done.stdout  # the mode the chart deploys

@@ -70,11 +70,12 @@ def cluster(tmp_path_factory: pytest.TempPathFactory):
     tmp = tmp_path_factory.mktemp("netns")
     with netns.two_hosts() as hosts:
         _ray_start(hosts, hosts.head, "--head", "--node-ip-address", netns.HEAD_IP, "--port", str(RAY_PORT),
-                   "--resources", json.dumps({"ingress_host": 10}), "--temp-dir", str(tmp / "ray-head"),
+                   "--resources", json.dumps({"ingress_host": 10}), "--temp-dir", "/tmp/tsn-head",
                    "--include-dashboard", "false", log=tmp / "head.log")
         time.sleep(4)
         _ray_start(hosts, hosts.worker, "--address", f"{netns.HEAD_IP}:{RAY_PORT}", "--node-ip-address",
-                   netns.WORKER_IP, "--resources", json.dumps({"tier_host": 10}), log=tmp / "worker.log")
+                   netns.WORKER_IP, "--resources", json.dumps({"tier_host": 10}), "--temp-dir", "/tmp/tsn-worker",
+                   log=tmp / "worker.log")  # short: Ray's Unix socket paths must stay under 108 bytes
         config = tmp / "tierserve.yaml"
         config.write_text(yaml.safe_dump(_config(tmp / "data")))
         deploy = hosts.run(hosts.head, [sys.executable, "-c", _DEPLOY, str(config)], cwd=REPO,

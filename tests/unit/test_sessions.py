@@ -156,7 +156,8 @@ class Ingress:
         return self.planner.sessions
 
     async def plan(self, model: str, text: str, options: TierserveOptions, session):
-        return await self.planner.plan(model, text, options, session)
+        """The decision: the named tier's, or the router's (the conversation's tier when it continues)."""
+        return (await self.planner.plan(model, text, options, session)).decision
 
 
 def _ingress(capacity: dict | None = None, **sessions: object) -> Ingress:
@@ -208,14 +209,15 @@ def test_a_saturated_sticky_tier_spills_for_one_turn_and_says_so() -> None:
     ingress.sessions.put(key.key, "large")
 
     async def flow() -> None:
-        plan = await ingress.plan("auto", "x", TierserveOptions(), key)
-        outcome = ingress.planner.place(plan)
-        assert outcome.entry_tier == "small"
+        outcome = await ingress.planner.plan("auto", "x", TierserveOptions(), key)  # routed, then placed
+        assert outcome.decision.tier == "large" and outcome.entry_tier == "small"
         assert outcome.decision.reason.endswith("; large is saturated, so this turn moved to small (spill_down); "
                                                 "the session stays on large")
         assert outcome.capacity == "spill_down:spill_down_latency_first"
         _answered(ingress, outcome.decision, ["small"], capacity=outcome.capacity)
-        assert (await ingress.plan("auto", "x", TierserveOptions(), key)).tier == "large"
+        ingress.channel.add_replica("large", ReplicaStatus("large-1", "127.0.0.1:1", EngineLoad(
+            tier="large", running=0, waiting=0, kv_cache_usage=0.1, max_num_seqs=32, timestamp=time.time() + 1)))
+        assert (await ingress.planner.plan("auto", "x", TierserveOptions(), key)).entry_tier == "large"
 
     asyncio.run(flow())
 

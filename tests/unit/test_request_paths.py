@@ -1,0 +1,164 @@
+"""The README's Layout is drawn from the code: the project files whose code runs for one request, traced.
+
+The ingress's parts are built as `Ingress.__init__` builds them, without Ray: the tiers are scripted engines
+behind real wire servers on loopback, the router runs in this process (as `router.placement: ingress`). One
+request per path runs under a profiler that records every project file a function of it ran in; the README
+lists exactly those files for each path (the scripted engine standing in for `serving/engines/vllm.py`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from fastapi import Request
+
+from serving.cascade.runner import CascadeRunner
+from serving.channel.channel import TierChannel
+from serving.channel.replica import WireServer
+from serving.config import parse_config
+from serving.engines.scripted import ScriptedEngine
+from serving.ingress.app import Ingress, Recorder
+from serving.ingress.plan import Planner
+from serving.ingress.protocol import Keys
+from serving.ingress.router_calls import router_calls
+from serving.ingress.sessions import SessionStore
+from serving.metrics import Metrics
+from serving.types import EngineLoad, ReplicaStatus
+from tests.conftest import REPO
+
+TOKEN = "0123456789abcdef0123456789abcdef"
+LIMITS = {"plain": 10, "auto": 14, "cascade": 12}
+"""Issue 24's bound on the files one request reads, per path."""
+ENGINE = "serving/engines/vllm.py"
+
+
+class Tier(ScriptedEngine):
+    tokens_per_s = 1000.0
+    answer_tokens = 8
+    logprob_by_tier = {"small": -2.0, "large": -0.01}
+
+
+def _ingress(data_dir: Path) -> Any:
+    raw = yaml.safe_load((REPO / "deploy" / "cpu.yaml").read_text())
+    raw.update(data_dir=str(data_dir), query_log={"path": str(data_dir / "querylog")})
+    raw["router"]["placement"] = "ingress"
+    config = parse_config(raw, "paths")
+    ingress = object.__new__(Ingress.__mro__[1])  # the class Ray Serve wraps, built as its __init__ builds it
+    ingress.config, ingress.metrics = config, Metrics()
+    ingress.keys = Keys(set(), set())
+    ingress.channel = TierChannel(config.tier_names, config.capacity, token=TOKEN, node_ip="127.0.0.1")
+    ingress.router = router_calls(config, None)
+    ingress.sessions = SessionStore(config.sessions.ttl_s, config.sessions.max_entries)
+    ingress.planner = Planner(config, ingress.channel, ingress.metrics, ingress.router, ingress.sessions)
+    ingress.cascade = CascadeRunner(config.tier_names, ingress.channel)
+    ingress.recorder = Recorder(config, ingress.metrics, ingress.sessions)
+    return ingress
+
+
+async def _serve_tiers(ingress: Any) -> list[WireServer]:
+    servers = []
+    for tier in ingress.config.tiers:
+        engine = Tier(tier, Path("unused"), "cpu")
+        engine.start()
+        server = WireServer(engine, TOKEN, max_ongoing=64)
+        address = await server.start("127.0.0.1")
+        load = EngineLoad(tier=tier.name, running=0, waiting=0, kv_cache_usage=0.0, max_num_seqs=32,
+                          timestamp=time.time())
+        ingress.channel.add_replica(tier.name, ReplicaStatus(f"{tier.name}-1", address, load, server.local_path))
+        servers.append(server)
+    return servers
+
+
+async def _call(ingress: Any, body: bytes) -> bytes:
+    """POST /v1/chat/completions through the ingress's ASGI app; the whole response body."""
+    sent: list[bytes] = []
+
+    async def receive() -> dict:
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    async def send(message: dict) -> None:
+        if message["type"] == "http.response.body":
+            sent.append(message.get("body", b""))
+
+    scope = {"type": "http", "method": "POST", "path": "/v1/chat/completions", "headers": [], "query_string": b""}
+    response = await ingress.complete(Request(scope, receive), "chat")
+    await response(scope, receive, send)
+    return b"".join(sent)
+
+
+def traced_files(ingress: Any, body: dict) -> set[str]:
+    """Project files whose code ran while one request was answered."""
+    import json
+    import threading
+
+    files: set[str] = set()
+    root = str(REPO) + "/"
+    recording = threading.Event()
+
+    def profile(frame, event, arg):  # noqa: ANN001
+        if event == "call" and recording.is_set():
+            name = frame.f_code.co_filename
+            if name.startswith(root) and ("/serving/" in name or "/router/" in name):
+                files.add(name[len(root):])
+
+    threading.setprofile(profile)  # the router's and the query log's worker threads, started by the warm-up
+    sys.setprofile(profile)
+
+    async def main() -> bytes:
+        servers = await _serve_tiers(ingress)
+        try:
+            await _call(ingress, json.dumps({**body, "stream": False, "max_tokens": 2}).encode())  # warm
+            recording.set()
+            try:
+                return await _call(ingress, json.dumps(body).encode())
+            finally:
+                recording.clear()
+        finally:
+            for server in servers:
+                server.close()
+
+    try:
+        answer = asyncio.run(main())
+    finally:
+        sys.setprofile(None)
+        threading.setprofile(None)
+    assert b'"tierserve"' in answer, answer[:300]
+    return {ENGINE if f == "serving/engines/scripted.py" else f for f in files}
+
+
+def readme_paths() -> dict[str, set[str]]:
+    """The files the README's Layout lists for each request path (`<!-- path: name -->` blocks)."""
+    text = (REPO / "README.md").read_text()
+    out = {}
+    for name, block in re.findall(r"<!-- path: (\w+) -->(.*?)<!-- /path -->", text, flags=re.S):
+        out[name] = set(re.findall(r"`((?:serving|router)/[\w/]+\.py)`", block))
+    return out
+
+
+@pytest.fixture(scope="module")
+def ingress(tmp_path_factory: pytest.TempPathFactory) -> Any:
+    return _ingress(tmp_path_factory.mktemp("paths"))
+
+
+PATHS = {
+    "plain": {"model": "small", "messages": [{"role": "user", "content": "hi"}], "stream": True, "max_tokens": 8},
+    "auto": {"model": "auto", "messages": [{"role": "user", "content": "What is 2+2?"}], "stream": True,
+             "max_tokens": 8},
+    "cascade": {"model": "small", "messages": [{"role": "user", "content": "hi"}], "stream": True, "max_tokens": 8,
+                "tierserve": {"cascade": True, "cascade_threshold": 0.5}},
+}
+
+
+@pytest.mark.parametrize("path", list(PATHS))
+def test_the_readme_lists_every_file_a_request_runs(ingress: Any, path: str) -> None:
+    ran = traced_files(ingress, PATHS[path])
+    listed = readme_paths().get(path, set())
+    assert ran == listed, f"ran but not listed: {sorted(ran - listed)}; listed but not run: {sorted(listed - ran)}"
+    assert len(ran) <= LIMITS[path], sorted(ran)
