@@ -239,6 +239,13 @@ class RouterConfig(StrictModel):
     the recent time per decision) gets the heuristic's decision at once, reason `router busy`, instead of
     queueing: under overload `auto` keeps its latency and loses only routing quality. null: queue up to the
     ingress's `router_timeout_s`."""
+    decision_cache_size: int = Field(default=4096, ge=0, le=1_000_000)
+    """Recent kNN/classifier decisions each router replica keeps, keyed by a hash of the routed text (with the
+    router and threshold): an identical prompt is answered from it without queueing or embedding. Least
+    recently used out first; emptied whenever the replica's exemplars change. 0: off."""
+    decision_cache_ttl_s: float = Field(default=300.0, gt=0.0, le=86_400.0)
+    """Most seconds a cached decision is reused: bounds how long a change another replica made to a shared
+    Qdrant server (`store.url`) can go unseen here."""
     placement: Literal["deployment", "ingress"] = "deployment"
     """`deployment`: the router is its own Ray Serve deployment (scales apart from the ingress; one Ray hop
     per decision, ~5 ms here). `ingress`: every ingress replica runs the router in its own process (no hop;
