@@ -125,11 +125,11 @@ def render(rows: list[Row], *, limit: int | None, seconds: float) -> str:
     return "\n".join(lines) + "\n"
 
 
-def teachers(bge_m3: str | None) -> list[EmbedderConfig]:
+def teachers(bge_m3: str | None, threads: int) -> list[EmbedderConfig]:
     """The teachers to compare: the bundled MiniLM, and BGE-M3 where its directory is given."""
-    found = [EmbedderConfig()]
+    found = [EmbedderConfig(num_threads=threads)]
     if bge_m3:
-        found.append(EmbedderConfig(kind="bge-m3", model_path=bge_m3))
+        found.append(EmbedderConfig(kind="bge-m3", model_path=bge_m3, num_threads=threads))
     return found
 
 
@@ -144,13 +144,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cache-dir", type=Path, default=None,
                         help="tierserve data dir for the static models and the eval embedding cache "
                              "(default: $TIERSERVE_DATA_DIR or ~/.cache/tierserve)")
+    parser.add_argument("--threads", type=int, default=2, help="torch threads of the teachers")
     parser.add_argument("--out", type=Path, default=MD)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     data_dir = (args.cache_dir or Path(os.environ.get("TIERSERVE_DATA_DIR") or "~/.cache/tierserve")).expanduser()
     started = time.time()
     rows = []
-    for cfg in teachers(args.bge_m3):
+    for cfg in teachers(args.bge_m3, args.threads):
         teacher = EmbeddingCache(build_embedder(cfg, data_dir), data_dir / "eval-cache")
         static = EmbeddingCache(build_embedder(cfg.model_copy(update={"backend": "static"}), data_dir),
                                 data_dir / "eval-cache")
