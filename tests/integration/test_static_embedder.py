@@ -49,9 +49,12 @@ def test_distillation_projects_and_shrinks_frequent_tokens(teacher):
     assert vectors.shape == (teacher.vocab_size, 4) and vectors.dtype == np.float32
     distilled = np.flatnonzero(np.abs(vectors).sum(axis=1))
     assert sorted(distilled) == sorted(ids)  # only the tokens asked for; the rest stay zero
-    norms = dict(zip(words, np.linalg.norm(vectors[ids], axis=1)))
-    # Zipf/SIF weighting: the most frequent tokens (listed first in the vocabulary) count least in a mean.
-    assert max(norms["the"], norms["of"], norms["and"]) < min(norms["enzyme"], norms["arbitration"])
+    # Zipf/SIF weighting: against the same projection unweighted (a huge coefficient), each row shrinks by
+    # sif / (sif + p(rank)), most for the most frequent tokens, which the vocabulary lists first.
+    unweighted = distill(teacher, dims=4, token_ids=ids, sif_coefficient=1e9)
+    shrink = dict(zip(words, np.linalg.norm(vectors[ids], axis=1) / np.linalg.norm(unweighted[ids], axis=1)))
+    assert all(0 < v < 1 for v in shrink.values())
+    assert max(shrink["the"], shrink["of"], shrink["and"]) < min(shrink["enzyme"], shrink["arbitration"]) - 0.1
 
 
 def test_first_start_distils_into_the_data_dir_once(static, data_dir):
