@@ -50,7 +50,8 @@ class EmbedderConfig(StrictModel):
     quality against its teacher's is in benchmarks/embedder_quality.md: from MiniLM it matches kNN's CPT(50%)
     on MMLU, ARC, Winogrande, MT-Bench and plaut-msp but needs 6.4 points more strong calls on GSM8K (and 21.6
     on MBPP, where kNN is no better than random), so it is opt-in, not the default.
-    `onnx`: export the model once to ONNX (under `<data_dir>/onnx`) and embed with ONNX Runtime: the same vectors, about 1.2x faster; used only if its vectors match torch's (cosine >= 0.99) and no clear
+    `onnx`: export the model once to ONNX (under `<data_dir>/onnx`) and embed with ONNX Runtime: the same
+    vectors, about 1.2x faster; used only if its vectors match torch's (cosine >= 0.99) and no clear
     leave-one-out kNN decision on the shipped exemplars flips, else torch serves. `onnx-int8`: int8 attention
     weights (embeds about 1.2x faster than fp32 ONNX on a busy 2-core box) with an exact re-check: a request
     whose int8 kNN score lands within a margin of a boundary is re-embedded by the exact model (fp32 ONNX,
