@@ -37,13 +37,22 @@ class EmbedderConfig(StrictModel):
     vLLM shares the cores; raise it on a dedicated host."""
     batch_size: int = Field(default=64, ge=1, le=4096)
     """Most texts in one forward pass; larger inputs are split."""
-    device: str = "cpu"
-    """Torch device, e.g. "cpu" or "cuda:0"."""
+    device: Annotated[str, Field(pattern=r"^(cpu|cuda(:[0-9]+)?)$")] = "cpu"
+    """Torch device: "cpu", "cuda" or "cuda:N". On CUDA the embedder runs batched in the router deployment's GPU
+    share (`router.num_gpus`); a machine without CUDA is refused at start with a message naming this field."""
     use_fp16: bool = False
-    """Half precision (GPU only; ignored on CPU)."""
-    backend: Literal["torch", "onnx", "onnx-int8"] = "torch"
-    """CPU only. `onnx`: export the model once to ONNX (under `<data_dir>/onnx`) and embed with ONNX Runtime:
-    the same vectors, about 1.2x faster; used only if its vectors match torch's (cosine >= 0.99) and no clear
+    """Half-precision weights and activations on CUDA (half the memory of fp32); ignored on CPU."""
+    backend: Literal["torch", "onnx", "onnx-int8", "static"] = "torch"
+    """`torch` runs the model itself, on CPU or CUDA (the only backend for `device: cuda`). The others are CPU
+    only. `static`: a static embedder distilled from the model at first start (under `<data_dir>/static`;
+    model2vec's recipe, `router.embed.static`): one vector per token, a text is their mean, ~0.1 ms per text
+    instead of 5-10 ms; its vectors live in their own space, so its exemplars are kept in the collection
+    `<store.collection>-static<static_dims>` (embedded again from the shipped set on first start). Its routing
+    quality against its teacher's is in benchmarks/embedder_quality.md: from MiniLM it matches kNN's CPT(50%)
+    on MMLU, ARC, Winogrande, MT-Bench and plaut-msp but needs 6.4 points more strong calls on GSM8K (and 21.6
+    on MBPP, where kNN is no better than random), so it is opt-in, not the default.
+    `onnx`: export the model once to ONNX (under `<data_dir>/onnx`) and embed with ONNX Runtime: the same
+    vectors, about 1.2x faster; used only if its vectors match torch's (cosine >= 0.99) and no clear
     leave-one-out kNN decision on the shipped exemplars flips, else torch serves. `onnx-int8`: int8 attention
     weights (embeds about 1.2x faster than fp32 ONNX on a busy 2-core box) with an exact re-check: a request
     whose int8 kNN score lands within a margin of a boundary is re-embedded by the exact model (fp32 ONNX,
@@ -51,8 +60,17 @@ class EmbedderConfig(StrictModel):
     exemplars; the int8 copy serves only if, with the re-check, every decision there equals torch's and at
     most half of them need it, else the exact model serves alone. Logged at start; figures in check-*.json."""
 
+    static_dims: int = Field(default=256, ge=8, le=4096)
+    """`static` only: vector size after the distillation's PCA (at most the model's own size)."""
+
     @model_validator(mode="after")
     def _path_for_kind(self) -> EmbedderConfig:
+        if self.backend != "torch" and self.device != "cpu":
+            raise ValueError(
+                f"embedder.backend {self.backend!r} runs on CPU only, but embedder.device is {self.device!r}; "
+                "use backend 'torch' on a GPU (with use_fp16: true), or device 'cpu'."
+            )
+
         if self.kind == "bge-m3" and self.model_path is None:
             raise ValueError(
                 "embedder.model_path is required when embedder.kind is 'bge-m3' "
@@ -63,6 +81,12 @@ class EmbedderConfig(StrictModel):
     @property
     def resolved_pooling(self) -> Literal["cls", "mean"]:
         return self.pooling or ("mean" if self.kind == "minilm" else "cls")
+
+    @property
+    def vector_space(self) -> str:
+        """"" when the vectors are the model's own (torch, ONNX: one space); else a name for the other space
+        (`static256`), which keeps its exemplars apart from the model's."""
+        return f"static{self.static_dims}" if self.backend == "static" else ""
 
 
 class StoreConfig(StrictModel):
@@ -222,6 +246,13 @@ class RouterConfig(StrictModel):
     the recent time per decision) gets the heuristic's decision at once, reason `router busy`, instead of
     queueing: under overload `auto` keeps its latency and loses only routing quality. null: queue up to the
     ingress's `router_timeout_s`."""
+    decision_cache_size: int = Field(default=4096, ge=0, le=1_000_000)
+    """Recent kNN/classifier decisions each router replica keeps, keyed by a hash of the routed text (with the
+    router and threshold): an identical prompt is answered from it without queueing or embedding. Least
+    recently used out first; emptied whenever the replica's exemplars change. 0: off."""
+    decision_cache_ttl_s: float = Field(default=300.0, gt=0.0, le=86_400.0)
+    """Most seconds a cached decision is reused: bounds how long a change another replica made to a shared
+    Qdrant server (`store.url`) can go unseen here."""
     placement: Literal["deployment", "ingress"] = "deployment"
     """`deployment`: the router is its own Ray Serve deployment (scales apart from the ingress; one Ray hop
     per decision, ~5 ms here). `ingress`: every ingress replica runs the router in its own process (no hop;
@@ -261,6 +292,12 @@ class RouterConfig(StrictModel):
             raise ValueError(
                 f"num_gpus ({self.num_gpus}) reserves a GPU share but embedder.device is {self.embedder.device!r}; "
                 "set embedder.device to 'cuda' (and use_fp16: true) or num_gpus to 0."
+            )
+        if self.embedder.device != "cpu" and self.num_gpus == 0:
+            raise ValueError(
+                f"embedder.device is {self.embedder.device!r} but num_gpus is 0: Ray hides the GPUs from a replica "
+                "that reserves none; set router.num_gpus to the router's GPU share (e.g. 0.1, with placement "
+                "'deployment') or embedder.device to 'cpu'."
             )
         if self.num_replicas > 1 and self.store.url is None:
             raise ValueError(

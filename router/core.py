@@ -21,13 +21,14 @@ import numpy as np
 from router.classifier import DifficultyClassifier
 from router.config import RouterConfig
 from router.decide import Decider
+from router.decision_cache import DecisionCache
 from router.embed import Embedder, RecheckEmbedder, build_embedder, near_boundary
 from router.errors import InvalidRequest, StoreError
 from router.exemplars import load_default_exemplars
 from router.scorers import ClassifierRouter, KnnRouter, Nearest, Scores
 from router.scoring import label_difficulty
 from router.store import ExemplarStore
-from router.types import Exemplar, RouteDecision, RouteInput, normalize_text
+from router.types import BUSY_CAUSE, Exemplar, RouteDecision, RouteInput, normalize_text
 from router.versions import version_kind
 
 logger = logging.getLogger(__name__)
@@ -73,6 +74,8 @@ class Router:
         """Vectors of the latest routed texts, kept only for a shadow router (`embed_recent`)."""
         self.classifier: DifficultyClassifier | None = None
         """The trained classifier for `router: classifier` (loaded by `build` from `classifier_path`)."""
+        self.decisions = DecisionCache(cfg.decision_cache_size, cfg.decision_cache_ttl_s)
+        """Recent kNN and classifier decisions by text; emptied whenever the exemplar store changes."""
 
     @classmethod
     def build(
@@ -97,7 +100,8 @@ class Router:
             embedder=embedder,
             store=None,
             open_store=lambda: ExemplarStore.open(cfg.store, dim=embedder.dim, data_dir=data_dir,
-                                                  search=embedder.neighbor_search()),
+                                                  search=embedder.neighbor_search(),
+                                                  vector_space=cfg.embedder.vector_space),
             on_fallback=on_fallback,
             store_retry_s=store_retry_s,
         )
@@ -115,16 +119,22 @@ class Router:
 
     # -- routing --------------------------------------------------------------------------------------------
 
+    def cached(self, item: RouteInput) -> RouteDecision | None:
+        """The decision made moments ago for the same text, router and threshold, if still cached."""
+        kind = item.router or self.cfg.default_router
+        return self.decisions.get(item, kind) if kind in CACHED_KINDS else None
+
     def busy(self, item: RouteInput, expected_wait_s: float) -> RouteDecision:
         """The heuristic's decision for a request the router would take `expected_wait_s` to decide."""
         self._count_fallback("busy")
-        decision = self.decider.fallback(item, "router busy")  # the reason's first part is a metric label
+        decision = self.decider.fallback(item, BUSY_CAUSE)  # the reason's first part is a metric label
         return replace(decision, reason=f"{decision.reason}; ~{expected_wait_s:.2f} s of decisions were queued")
 
     def route_inputs(self, inputs: Sequence[RouteInput]) -> list[RouteDecision]:
         """Decide a tier for each input: one scoring pass per router kind (one embedding pass and one kNN
         query for all kNN-routed inputs), then one comparison per boundary."""
         start = time.perf_counter()
+        generation = self.decisions.generation  # read before the store is: a change meanwhile voids the batch's
         rows_by_kind: dict[str, list[int]] = {}
         for i, item in enumerate(inputs):
             rows_by_kind.setdefault(item.router or self.cfg.default_router, []).append(i)
@@ -142,6 +152,8 @@ class Router:
                 neighbors = scores.neighbors[row] if scores.neighbors else ()
                 decisions[i] = self.decider.decide(item, kind, float(scores.values[row]), scores.reasons[row],
                                                    neighbors=neighbors)
+                if kind in CACHED_KINDS:
+                    self.decisions.put(item, kind, decisions[i], generation=generation)
         elapsed_ms = (time.perf_counter() - start) * 1000
         return [_timed(d, elapsed_ms, embed_ms, len(inputs)) for d in decisions if d is not None]
 
@@ -178,10 +190,13 @@ class Router:
         if store is None:
             return None
         try:
-            return store.refresh()
+            switched = store.refresh()
         except Exception:
             logger.exception("could not check the exemplar store's active version; serving the one held")
             return None
+        if switched is not None:
+            self.decisions.clear()  # decided on the exemplars another version held
+        return switched
 
     def _keep_recent(self, texts: Sequence[str], vectors: np.ndarray) -> None:
         for text, vector in zip(texts, vectors):
@@ -198,6 +213,7 @@ class Router:
         if self._store is not None:
             self._store.close()
             self._store = None
+        self.decisions.clear()  # the CLI is about to change the exemplars
         self._next_store_attempt = time.monotonic() + seconds
 
     # -- exemplars ------------------------------------------------------------------------------------------
@@ -232,6 +248,7 @@ class Router:
         for start in range(0, len(exemplars), chunk_size):
             chunk = exemplars[start : start + chunk_size]
             written += store.upsert(chunk, self.embedder.embed([ex.text for ex in chunk]), version=target)
+            self.decisions.clear()
             if progress is not None:
                 progress(len(chunk))
         if version is None:
@@ -309,6 +326,7 @@ class Router:
                 store = self._open_store()
                 self.seed_defaults(store)
                 self._store = store
+                self.decisions.clear()  # it may hold other exemplars than the store decided on before
             except Exception:
                 logger.exception("cannot open the exemplar store; the heuristic routes until it opens")
         return self._store
@@ -337,6 +355,8 @@ class Router:
 
 _NO_SCORES = Scores(np.empty(0), ())
 _RECENT_VECTORS = 4096
+CACHED_KINDS = frozenset({"knn", "classifier"})
+"""Routers whose decisions the cache keeps: the ones that embed (the others cost less than a lookup)."""
 
 
 @dataclass

@@ -7,6 +7,7 @@ heuristic, `cheapest`, the LLM judge's verdict, and every fallback when the rout
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import replace
 
 from router.config import RouterConfig
 from router.scorers import CheapestRouter, HeuristicRouter, Scorer
@@ -48,4 +49,5 @@ class Decider:
         """The heuristic's decision when the requested router could not decide (`cause` says why)."""
         scores = self.heuristic.score([item.text])
         reason = f"knn unavailable ({cause}); {scores.reasons[0]}"
-        return self.decide(item, "heuristic", float(scores.values[0]), reason, fallback=True)
+        decision = self.decide(item, "heuristic", float(scores.values[0]), reason, fallback=True)
+        return replace(decision, fallback_cause=cause)

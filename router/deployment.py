@@ -12,13 +12,14 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
 
 from router.batching import AdaptiveBatcher
 from router.config import RouterConfig
 from router.core import FallbackCause, Router
+from router.decision_cache import CacheStats
 from router.embed import Embedder
 from router.errors import StoreError
 from router.exemplars import load_default_exemplars
@@ -44,6 +45,16 @@ def decision_work(item: RouteInput, *, max_chars: int) -> float:
     characters, 0.95 s bucket-interpolated (0.54 s at most per request measured from the headers), the rest of
     the tail being this 2-core machine's CPU contention."""
     return min(len(item.text), max_chars) + PER_TEXT_CHARS
+
+
+@dataclass(frozen=True)
+class RouterStats:
+    """One router replica's counters since it started."""
+
+    cache: CacheStats
+    """The decision cache: hits, misses (`hit_rate`), entries, invalidations."""
+    fallbacks: dict[str, int]
+    """Heuristic fallbacks by cause (`busy`: too busy to decide in time)."""
 
 
 class RouterDeployment:
@@ -106,6 +117,8 @@ class RouterDeployment:
         One the router would likely take over `max_queue_wait_s` to decide gets the heuristic's at once."""
         self._start_maintenance()
         start = time.perf_counter()
+        if (cached := self._router.cached(request)) is not None:  # no queue, no embedding
+            return replace(cached, overhead_ms=(time.perf_counter() - start) * 1000)
         limit = self._max_queue_wait_s
         if limit is not None and (expected_s := self._batcher.expected_wait_s(request)) > limit:
             decision = self._router.busy(request, expected_s)
@@ -126,6 +139,11 @@ class RouterDeployment:
     async def fallbacks(self) -> dict[str, int]:
         """Heuristic fallbacks so far, by cause."""
         return dict(self._router.fallbacks)
+
+    async def stats(self) -> RouterStats:
+        """The decision cache's hits and misses and the fallbacks by cause, since this replica started (a bench
+        reads them before and after a run; `handle.stats.remote()` on the `router` deployment)."""
+        return RouterStats(cache=self._router.decisions.stats(), fallbacks=dict(self._router.fallbacks))
 
     def check_health(self) -> None:
         """Healthy while it can route; a missing store only degrades routing to the heuristic, so it passes."""
@@ -156,8 +174,10 @@ class RouterDeployment:
         if not exemplars:
             return 0
         async with self._admin_lock:
-            return await asyncio.to_thread(write_learned, self._router, exemplars,
-                                           self._cfg.learn.version_every_s)
+            written = await asyncio.to_thread(write_learned, self._router, exemplars,
+                                              self._cfg.learn.version_every_s)
+            self._router.decisions.clear()
+            return written
 
     async def versions(self) -> list[StoreVersion]:
         """The exemplar store's versions, oldest first (`tierserve exemplars versions`)."""
@@ -174,7 +194,9 @@ class RouterDeployment:
             store = self._router.store
             if store is None:
                 raise StoreError("the exemplar store is unavailable; see the router's log for the cause.")
-            return await asyncio.to_thread(store.rollback, version)
+            record = await asyncio.to_thread(store.rollback, version)
+            self._router.decisions.clear()  # decisions made on the other exemplars must not be served again
+            return record
 
     async def shadow(self, request: RouteInput, request_key: str) -> RouteDecision | None:
         """The candidate router's decision for a request the live router decided (`router.shadow`); None when

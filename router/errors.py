@@ -73,3 +73,7 @@ class StoreLockedError(StoreError):
 
 class ClassifierMismatchError(TierserveError, ValueError):
     """A saved classifier does not fit the embedder it is asked to work with."""
+
+
+class EmbedderDeviceError(ConfigError):
+    """The embedder's configured device is not on this machine (e.g. `cuda` without a usable CUDA device)."""

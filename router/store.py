@@ -33,7 +33,13 @@ from router.config import StoreConfig
 from router.errors import StoreError, StoreLockedError
 from router.knn import Search, VectorMatrix, nearest_neighbors
 from router.types import Exemplar, Neighbor, StoredExemplar, normalize_text
-from router.versions import StoreVersion, VersionKind, check_rollback, lineage, version_kind
+from router.versions import (
+    StoreVersion,
+    VersionKind,
+    check_rollback,
+    lineage,
+    version_kind,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -93,14 +99,16 @@ class ExemplarStore:
         self._warn_if_large()
 
     @classmethod
-    def open(cls, cfg: StoreConfig, *, dim: int, data_dir: str | Path, search: Search = nearest_neighbors
-             ) -> ExemplarStore:
-        """The store the config describes; local folder defaults to `<data_dir>/qdrant`."""
+    def open(cls, cfg: StoreConfig, *, dim: int, data_dir: str | Path, search: Search = nearest_neighbors,
+             vector_space: str = "") -> ExemplarStore:
+        """The store the config describes; local folder defaults to `<data_dir>/qdrant`. Vectors of another
+        space than the embedding model's own (`EmbedderConfig.vector_space`, e.g. `static256`) are kept in
+        the collection `<collection>-<space>`, so switching backends never mixes two spaces in one collection."""
         path = None
         if cfg.url is None:
             path = Path(cfg.path).expanduser() if cfg.path else Path(data_dir).expanduser() / "qdrant"
         return cls(
-            collection=cfg.collection,
+            collection=f"{cfg.collection}-{vector_space}" if vector_space else cfg.collection,
             dim=dim,
             path=path,
             url=cfg.url,

@@ -22,6 +22,9 @@ LEARNED: tuple[Provenance, ...] = ("cascade", "feedback")
 Chosen = Literal["explicit", "forced", "session"]
 """How a request chose its tier without a router: `model` names a tier, `tierserve.tier`, or its session."""
 
+BUSY_CAUSE = "router busy"
+"""`RouteDecision.fallback_cause` of a request the router would have taken too long to decide."""
+
 _ID_NAMESPACE = uuid.UUID("6f0b6f3e-3c1e-5d2a-9a57-1d2b7c9e0a41")
 """Fixed namespace so the same text always gets the same point id, on every machine."""
 
@@ -148,6 +151,15 @@ class RouteDecision:
     """The nearest exemplars (kNN only), most similar first."""
     session: str | None = None
     """The session key whose tier the answer updates (None: the request belongs to no session)."""
+    fallback_cause: str | None = None
+    """Why the requested router could not decide (with `fallback`), e.g. `BUSY_CAUSE`, `embedder`, `store`."""
+    cached: bool = False
+    """Answered from the router's decision cache: the same text was decided moments ago (not embedded again)."""
+
+    @property
+    def busy(self) -> bool:
+        """The router was too busy to decide in time (`router.max_queue_wait_s`); the heuristic decided."""
+        return self.fallback and self.fallback_cause == BUSY_CAUSE
 
     @property
     def routed(self) -> bool:

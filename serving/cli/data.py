@@ -70,7 +70,8 @@ def embedding_cache(args):
     if args.config:
         from serving.config import load_config
 
-        embedder = build_embedder(load_config(args.config).router.embedder)
+        cfg = load_config(args.config)
+        embedder = build_embedder(cfg.router.embedder, cfg.resolved_data_dir())
     else:
         embedder = default_embedder()
     return EmbeddingCache(embedder, args.cache_dir)

@@ -97,7 +97,8 @@ def _import(args: argparse.Namespace) -> int:
     )
     store = _open_store(cfg)
     try:
-        router = Router(cfg.router, cfg.tier_names, embedder=build_embedder(cfg.router.embedder), store=store)
+        embedder = build_embedder(cfg.router.embedder, cfg.resolved_data_dir())
+        router = Router(cfg.router, cfg.tier_names, embedder=embedder, store=store)
         before = store.count()
         with tqdm(total=len(exemplars), unit="ex", desc="embedding") as bar:
             router.add_exemplars(exemplars, progress=bar.update)
@@ -190,5 +191,6 @@ def _open_store(cfg: AppConfig) -> ExemplarStore:
     from router.store import ExemplarStore
 
     return ExemplarStore.open(
-        cfg.router.store, dim=embedder_dim(cfg.router.embedder), data_dir=cfg.resolved_data_dir()
+        cfg.router.store, dim=embedder_dim(cfg.router.embedder), data_dir=cfg.resolved_data_dir(),
+        vector_space=cfg.router.embedder.vector_space,
     )

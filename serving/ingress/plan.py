@@ -190,6 +190,10 @@ class Planner:
         self.metrics.routing_overhead.labels(decision.router).observe(decision.overhead_ms / 1000)
         if decision.fallback:
             self.metrics.router_fallbacks.labels(decision.reason.split(";")[0][:60]).inc()
+        if decision.busy:  # the busy fallback's share is an alert (TierserveRouterBusy)
+            self.metrics.router_busy_fallbacks.inc()
+        if decision.cached:
+            self.metrics.router_cached_decisions.inc()
         return decision
 
     async def _decide(self, item: RouteInput, kind: RouterKind) -> RouteDecision:

@@ -85,6 +85,12 @@ class Stack:
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("RAY_SERVE_ENABLE_HA_PROXY", "1")  # a cluster started for tierserve, as the chart starts one
+        yield from _stack(tmp_path_factory)
+
+
+def _stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     head = _node_args(CPU_NODE) | {"include_dashboard": True, "dashboard_port": _free_port(),
                                    "dashboard_agent_listen_port": _free_port()}
     cluster = Cluster(initialize_head=True, head_node_args=head)

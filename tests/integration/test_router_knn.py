@@ -283,6 +283,7 @@ def test_a_busy_router_answers_the_overflow_with_the_heuristic_at_once(tmp_path,
     assert len(decisions) == len(texts)
     assert busy and embedded and all(d.router == "knn" for d in embedded)
     assert all(d.router == "heuristic" and "router busy" in d.reason for d in busy)
+    assert all(d.busy for d in busy) and not any(d.busy for d in embedded)  # what the ingress counts
     assert causes == ["busy"] * len(busy)
     # The busy ones did not queue: each took less than any embedded decision, which includes an embedding.
     assert max(d.overhead_ms for d in busy) < min(d.overhead_ms for d in embedded)

@@ -282,7 +282,8 @@ def test_alert_rules_are_complete_and_query_known_metrics(render) -> None:
     rules = _rules(render(*SCENARIOS["ci-monitoring"]))
     assert set(rules) == {
         "TierserveHighErrorRatio", "TierserveRejectingRequests", "TierserveKvCacheNearlyFull",
-        "TierserveRouterFallingBack", "TierserveEscalationRateDrift", "TierserveCascadeBelowQualityFloor",
+        "TierserveRouterFallingBack", "TierserveRouterBusy", "TierserveEscalationRateDrift",
+        "TierserveCascadeBelowQualityFloor",
     }  # fmt: skip
     for name, rule in rules.items():
         assert re.fullmatch(r"([0-9]+(ms|s|m|h|d|w|y))+", rule["for"]), name

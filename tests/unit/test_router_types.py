@@ -30,3 +30,16 @@ def test_route_input_rejects_bad_knobs():
         RouteInput("hi", threshold=-0.1)
     with pytest.raises(ValueError, match="router 'bert'"):
         RouteInput("hi", router="bert")
+
+
+def test_a_fallback_says_whether_the_router_was_busy():
+    from router.config import RouterConfig
+    from router.decide import Decider
+    from router.types import BUSY_CAUSE
+
+    decider = Decider(RouterConfig(), ["small", "large"])
+    busy = decider.fallback(RouteInput("Summarise this."), BUSY_CAUSE)
+    down = decider.fallback(RouteInput("Summarise this."), "store")
+    assert busy.fallback and busy.busy and busy.fallback_cause == BUSY_CAUSE and busy.router == "heuristic"
+    assert down.fallback and not down.busy and down.fallback_cause == "store"
+    assert not decider.decide(RouteInput("x"), "knn", 0.2, "knn").busy

@@ -1,0 +1,25 @@
+"""The quality table's verdict: the static embedder may need at most one point more strong calls than its teacher."""
+
+from __future__ import annotations
+
+from benchmarks.embedder_quality import Row, render
+
+
+def row(dataset: str, teacher: float, static: float) -> Row:
+    return Row(dataset, 100, 100, "minilm:model", teacher, (teacher - 5, teacher + 5), static,
+               (static - 5, static + 5), 0.66, 0.65)
+
+
+def test_within_one_point_qualifies_and_fewer_strong_calls_too():
+    assert row("mmlu", 30.4, 31.4).qualifies
+    assert row("mmlu", 30.4, 25.0).qualifies
+    assert not row("mmlu", 30.4, 31.5).qualifies
+
+
+def test_the_verdict_names_the_sets_that_fail():
+    text = render([row("mmlu", 30.4, 30.9), row("gsm8k", 34.2, 37.0)], limit=None, seconds=1)
+    assert "| gsm8k | 100 / 100 | minilm:model | 34.2% [29.2, 39.2] | 37.0% [32.0, 42.0] | +2.8 |" in text
+    assert "**no**" in text and "does not qualify (gsm8k lose more than 1 point)" in text
+    assert "Smoke run" not in text
+    good = render([row("mmlu", 30.4, 30.9)], limit=None, seconds=1)
+    assert "qualifies on every set" in good
