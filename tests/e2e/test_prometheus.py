@@ -26,9 +26,9 @@ import openai
 import pytest
 import yaml
 
+from tests.dashboards import dashboard_queries
 from tests.e2e.conftest import API_KEY
 from tests.unit.test_helm import CHART, NAMESPACE, RELEASE, _find_helm
-from tests.unit.test_monitoring import dashboard_queries
 
 pytestmark = pytest.mark.e2e
 AUTH = {"Authorization": f"Bearer {API_KEY}"}

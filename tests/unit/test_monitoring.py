@@ -12,17 +12,18 @@ from __future__ import annotations
 import ast
 import json
 import re
-from collections.abc import Iterator
 
 import pytest
 import test_helm
-from test_helm import CHART, NAMESPACE, REPO, SCENARIOS, _one
+from test_helm import NAMESPACE, REPO, SCENARIOS, _one
+
+from tests.dashboards import DASHBOARD
+from tests.dashboards import panels as _panels
 
 # The real-helm fixtures of test_helm.py (helm found or fetched once, renders cached per scenario).
 helm = test_helm.helm
 render = test_helm.render
 
-DASHBOARD = CHART / "dashboards" / "tierserve.json"
 METRICS_PY = REPO / "serving" / "metrics.py"
 _SELECTOR = re.compile(r"([a-zA-Z_:][a-zA-Z0-9_:]*)\s*\{([^{}]*)\}")
 
@@ -52,35 +53,9 @@ def test_metrics_py_is_read() -> None:
 # ---- the dashboard -------------------------------------------------------------------------------------------
 
 
-def _panels(panels: list[dict]) -> Iterator[dict]:
-    for panel in panels:
-        yield panel
-        yield from _panels(panel.get("panels", []))
-
-
 @pytest.fixture(scope="module")
 def dashboard() -> dict:
     return json.loads(DASHBOARD.read_text())
-
-
-def dashboard_queries(*, namespace: str, job: str, rate_interval: str) -> list[tuple[str, str]]:
-    """(where, query) for every panel target and query variable, with Grafana's variables filled in as Grafana
-    would for one selected namespace and job. `where` is "panel title / refId" or "variable NAME"."""
-    dashboard = json.loads(DASHBOARD.read_text())
-    found = [(f"{p['title']} / {t['refId']}", t["expr"]) for p in _panels(dashboard["panels"]) for t in p.get("targets", [])]
-    for var in dashboard["templating"]["list"]:
-        if var["type"] == "query":
-            m = re.fullmatch(r"label_values\((.*),\s*(\w+)\)", var["query"]["query"])
-            assert m, var["query"]
-            found.append((f"variable {var['name']}", m.group(1)))
-    fill = {"$__rate_interval": rate_interval, "$namespace": namespace, "$job": job}
-    filled = []
-    for where, expr in found:
-        for var, value in fill.items():
-            expr = expr.replace(var, value)
-        assert "$" not in expr, f"{where}: a Grafana variable the tests do not fill: {expr}"
-        filled.append((where, expr))
-    return filled
 
 
 def _exprs(dashboard: dict) -> list[str]:

@@ -21,7 +21,7 @@ import pytest
 import test_helm
 import yaml
 from test_helm import REPO, _one
-from test_monitoring import dashboard_queries
+from tests.dashboards import dashboard_queries
 
 helm = test_helm.helm
 render = test_helm.render
