@@ -45,7 +45,14 @@ def build_bge_m3_layout(path: Path, encoder: dict) -> Path:
     import random
 
     import torch
-    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors, trainers
+    from tokenizers import (
+        Tokenizer,
+        models,
+        normalizers,
+        pre_tokenizers,
+        processors,
+        trainers,
+    )
     from transformers import XLMRobertaConfig, XLMRobertaModel, XLMRobertaTokenizer
 
     specials = ["<s>", "<pad>", "</s>", "<unk>", "<mask>"]
@@ -76,7 +83,7 @@ def texts_of(tokens: int, count: int, seed: int = 1) -> list[str]:
     return [" ".join(rng.choices(WORDS, k=tokens)) for _ in range(count)]
 
 
-def time_embedder(embedder, texts: list[str], batch: int, runs: int, *, warm_batch: int) -> list[float]:  # noqa: ANN001
+def time_embedder(embedder, texts: list[str], batch: int, runs: int, *, warm_batch: int) -> list[float]:
     """Seconds per call of `embedder.embed` on `batch` texts, `runs` times after a warm-up call."""
     embedder.embed(texts[:warm_batch])
     times = []
@@ -158,7 +165,7 @@ def planner_check(size: dict, device: str) -> dict:
     }
 
 
-def _cache_layers(cache) -> list[tuple]:  # noqa: ANN001
+def _cache_layers(cache) -> list[tuple]:
     """(key, value) per layer of a transformers cache, whichever cache class this version returns."""
     if hasattr(cache, "layers"):
         return [(layer.keys, layer.values) for layer in cache.layers]
@@ -171,8 +178,8 @@ def render(result: dict) -> str:
     e, p = result["embedder"], result["planner"]
     dev = result["device"]
     lines = [f"device: {result['device_name']}; size {result['size']}; {result['seconds']:.0f} s", "",
-             f"(a) router embedder, BGE-M3 layout {e['shape']['num_hidden_layers']} layers x {e['shape']['hidden_size']}, "
-             f"random weights, {e['max_length']}-token texts"]  # fmt: skip
+             (f"(a) router embedder, BGE-M3 layout {e['shape']['num_hidden_layers']} layers x {e['shape']['hidden_size']}, "
+             f"random weights, {e['max_length']}-token texts")]  # fmt: skip
     header = f"  {'':<26}{dev + ' ' + e[dev]['dtype']:>18}"
     if "cpu" in e and dev != "cpu":
         header += f"{'cpu fp32, ' + str(e['cpu']['threads']) + ' threads':>26}{'ratio':>10}"
@@ -185,13 +192,13 @@ def render(result: dict) -> str:
             row += f"{e['cpu'][key]:>23.1f} {unit:<2}{ratio:>9.1f}x"
         lines.append(row)
     gib = 1 << 30
-    lines += ["", f"(b) planner vs torch, Qwen2.5-7B-shaped decoder (hidden {p['shape']['hidden_size']}, "
-                  f"{p['shape']['num_hidden_layers']} of {p['shape']['of_layers']} layers), random bf16 weights on {dev}",
+    lines += ["", (f"(b) planner vs torch, Qwen2.5-7B-shaped decoder (hidden {p['shape']['hidden_size']}, "
+                  f"{p['shape']['num_hidden_layers']} of {p['shape']['of_layers']} layers), random bf16 weights on {dev}"),
               f"  parameters      planner {p['params']:,}   torch {p['torch_params']:,}",
-              f"  weights         planner {p['planner_weight_bytes'] / gib:.3f} GiB   torch allocated "
-              f"{p['torch_allocated_bytes'] / gib:.3f} GiB   ({p['torch_allocated_bytes'] / p['planner_weight_bytes']:.4f}x)",
-              f"  KV, {p['kv_tokens']} tokens  planner {p['planner_kv_bytes'] / 2**20:.2f} MiB   cache tensors "
-              f"{p['torch_kv_bytes'] / 2**20:.2f} MiB"]  # fmt: skip
+              (f"  weights         planner {p['planner_weight_bytes'] / gib:.3f} GiB   torch allocated "
+              f"{p['torch_allocated_bytes'] / gib:.3f} GiB   ({p['torch_allocated_bytes'] / p['planner_weight_bytes']:.4f}x)"),
+              (f"  KV, {p['kv_tokens']} tokens  planner {p['planner_kv_bytes'] / 2**20:.2f} MiB   cache tensors "
+              f"{p['torch_kv_bytes'] / 2**20:.2f} MiB")]  # fmt: skip
     return "\n".join(lines)
 
 

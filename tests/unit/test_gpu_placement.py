@@ -23,7 +23,7 @@ def node(address: str = "10.0.0.1", gpus: int = 1, alive: bool = True, **resourc
             "Resources": {"CPU": 16.0, "GPU": float(gpus), **resources}, "Labels": {}}  # fmt: skip
 
 
-def gpu_config(**changes) -> dict:  # noqa: ANN003
+def gpu_config(**changes) -> dict:
     raw = copy.deepcopy(GPU_YAML)
     for tier in raw["tiers"]:  # fixed replica counts: what must be placed at start
         tier["deployment"].pop("autoscaling")
