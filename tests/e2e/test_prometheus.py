@@ -35,7 +35,7 @@ AUTH = {"Authorization": f"Bearer {API_KEY}"}
 JOB = f"{RELEASE}-serve"
 """The job label the chart's ServiceMonitor gives the Serve service's series (the rules select on it)."""
 SCRAPE_S = 1
-DATA_WAIT_S = 45.0
+DATA_WAIT_S = 60.0
 """How long the panels may take to show the traffic: Ray's agent exports worker metrics every few seconds."""
 
 NO_DATA_HERE: dict[str, str] = {
@@ -58,8 +58,8 @@ def _ray_metrics_port() -> int:
     """The metrics export port of the Ray node this test process is connected to (the stack's own)."""
     import ray
 
-    if not ray.is_initialized():  # TIERSERVE_TEST_URL: a stack started elsewhere on this machine
-        ray.init(address="auto", log_to_driver=False)
+    if not ray.is_initialized():
+        pytest.skip("the stack runs in another process (TIERSERVE_TEST_URL): its Ray node is not known here")
     (node,) = [n for n in ray.nodes() if n["Alive"]]
     return int(node["MetricsExportPort"])
 

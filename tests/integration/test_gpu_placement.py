@@ -10,7 +10,6 @@ What does not fit is refused at `tierserve up` naming the replica and the shares
 from __future__ import annotations
 
 import copy
-import os
 import socket
 from pathlib import Path
 
@@ -111,13 +110,13 @@ def test_both_tiers_and_the_router_share_the_one_gpu(one_logical_gpu: None, tmp_
     assert "needs 0.3 of a GPU" in problem and "GPU 0 of 127.0.0.1 holds tiers[large] 0.57 + tiers[" in problem
 
 
-def test_tierserve_up_refuses_a_placement_the_gpus_cannot_hold(tmp_path: Path) -> None:
+def test_tierserve_up_refuses_a_placement_the_gpus_cannot_hold(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """`tierserve up` (a local cluster started by launch.start) on a node whose GPUs cannot hold the shares:
     a StartupError naming each replica and its share, not a deployment pending forever."""
     import ray
 
     assert not ray.is_initialized()
-    os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")  # whatever this machine has, Ray sees no GPU here
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")  # whatever this machine has, Ray sees no GPU here
     raw = gpu_config(tmp_path, large={"num_replicas": 2})
     with pytest.raises(launch.StartupError) as exc:
         launch.start(on_this_machine(raw), wait_s=60, engine_cls=ScriptedEngine)
