@@ -461,3 +461,22 @@ def test_cli_gpu_memory_override_sizes_an_unlisted_gpu(tmp_path: Path) -> None:
     assert code == 2 and "tier chat does not fit" in err and "of 36.0 GiB usable (0.90 of 40.0 GiB)" in err
     code, out, _ = run_cli([*argv, "--gpu-memory-gib", "64", "--yaml"])
     assert code == 0 and yaml.safe_load(out)["tiers"][0]["engine"]["kv_cache_memory_bytes"] >= 32 * GIB
+
+
+@pytest.mark.parametrize(
+    ("plan_section", "message"),
+    [
+        ({"gpu": "h300"}, "plan.gpu: 'h300' is not a GPU type the planner knows"),
+        ({"gpu": "h100-80gb", "gpu_memory_gib": 80}, "set gpu (h100-80gb) or gpu_memory_gib (80.0), not both"),
+        ({"seq_len": {"medium": 1024}}, "plan.seq_len names unknown tiers ['medium']"),
+        ({"seq_len": {"small": 9000}}, "plan.seq_len.small (9000) cannot exceed tiers[small].engine.max_model_len (8192)"),
+        ({"reserve": 1.0}, "plan.reserve"),
+    ],
+)
+def test_the_plan_section_is_validated_by_field(plan_section: dict, message: str) -> None:
+    from router.errors import ConfigError
+
+    raw = {**yaml.safe_load(GPU_CONFIG.read_text()), "plan": plan_section}
+    with pytest.raises(ConfigError) as exc:
+        parse_config(raw)
+    assert message in str(exc.value)
