@@ -114,7 +114,8 @@ class GpuPacking:
 
 
 def _units(share: float) -> int:
-    return round(share * _UNITS)
+    # As Ray converts a request: its fixed point truncates (num_gpus 0.57 takes 0.5699 of a GPU).
+    return int(share * _UNITS)
 
 
 def gpu_replicas(config: AppConfig) -> list[GpuReplica]:

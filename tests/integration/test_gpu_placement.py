@@ -96,7 +96,7 @@ def test_both_tiers_and_the_router_share_the_one_gpu(one_logical_gpu: None, tmp_
     for deployment, share in shares.items():
         placed = replicas[deployment]
         assert placed["node_id"] == node_id, deployment
-        assert placed["resources"]["GPU"] == pytest.approx(share), deployment
+        assert placed["resources"]["GPU"] == pytest.approx(share, abs=1e-4), deployment  # Ray truncates 0.57 to 0.5699
         assert placed["gpu_ids"] == [0], deployment  # Ray's own assignment: the same, only GPU
     assert "GPU" not in (replicas["ingress"]["resources"] or {})
     # Where the placement check put each replica is where Ray put it.
