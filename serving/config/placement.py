@@ -184,7 +184,7 @@ def _no_room(replica: GpuReplica, slots: dict, free: dict, eligible: int) -> str
     taken = "; ".join(
         f"GPU {index} of {node} holds "
         + (" + ".join(f"{r.field} {min(r.share, 1):g}" for r in holds) or "nothing")
-        + f" ({free[(node, index)] / _UNITS:g} free)"
+        + f" ({free[(node, index)] / _UNITS:.2f} free)"
         for (node, index), holds in slots.items()
     )
     return (f"{head}, but no GPU has that much left: {taken}. Lower the shares (`tierserve plan` sizes them) "

@@ -37,7 +37,7 @@ def test_the_shipped_config_fits_one_gpu_with_the_router_in_the_leftover() -> No
     assert packing.problems == ()
     (gpu,) = packing.slots
     assert sorted((r.field, r.share) for r in gpu.holds) == [("router", 0.13), ("tiers[large]", 0.57), ("tiers[small]", 0.3)]
-    assert gpu.used == pytest.approx(1.0)
+    assert gpu.used == pytest.approx(1.0, abs=1e-3)  # Ray takes 0.57 as 0.5699
 
 
 def test_its_autoscaled_tiers_start_at_min_replicas() -> None:
