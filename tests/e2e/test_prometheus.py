@@ -27,11 +27,12 @@ import pytest
 import yaml
 
 from tests.dashboards import dashboard_queries
-from tests.e2e.conftest import API_KEY
+from tests.e2e.conftest import ADMIN_KEY, API_KEY
 from tests.unit.test_helm import CHART, NAMESPACE, RELEASE, _find_helm
 
 pytestmark = pytest.mark.e2e
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
+ADMIN = {"Authorization": f"Bearer {ADMIN_KEY}"}
 JOB = f"{RELEASE}-serve"
 """The job label the chart's ServiceMonitor gives the Serve service's series (the rules select on it)."""
 SCRAPE_S = 1
@@ -148,6 +149,11 @@ def _send_every_kind(base_url: str, client: openai.OpenAI) -> None:
 
 def _send_each_kind_once(base_url: str, client: openai.OpenAI) -> None:
     msg = [{"role": "user", "content": "Extract the invoice number from: INV-2231, due 3 May."}]
+    # An exemplar-store outage (released for 2 s, as `tierserve exemplars import` does): the heuristic routes.
+    released = httpx.post(base_url + "/admin/router/release-store", json={"seconds": 2}, headers=ADMIN, timeout=30)
+    assert released.status_code == 200, released.text
+    fallback = client.chat.completions.with_raw_response.create(model="auto", messages=msg, max_tokens=4)
+    assert fallback.headers["x-tierserve-router"] == "heuristic-fallback"
     for tier in ("small", "large"):  # plain and streamed answers from each tier
         client.chat.completions.create(model=tier, messages=msg, max_tokens=8)
         list(client.chat.completions.create(model=tier, messages=msg, max_tokens=8, stream=True))
