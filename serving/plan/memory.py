@@ -13,7 +13,9 @@ Per engine and GPU the planner counts
   KV cache   2 (K, V) x layers x KV heads per GPU x head_dim x dtype bytes per token.
 A share of the GPU (`gpu_memory_utilization` = Ray `num_gpus`) covers all three, so Ray never packs engines
 whose memory adds up to more than a GPU; `reserve` (default 10 %) of each GPU stays free for other
-processes and fragmentation.
+processes and fragmentation. A router deployment with a GPU share (`router.num_gpus`) runs its embedder on the
+GPU the single-GPU tiers share: its need (`serving.plan.embedder`) comes out of that GPU's budget before the KV
+caches are filled, and its Ray share is what the tiers leave (so it also holds the reserve).
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from dataclasses import dataclass, replace
 from typing import Literal
 
 from router.errors import TierserveError
+from serving.plan.embedder import EncoderShape
 from serving.plan.shape import ModelShape, dtype_bytes
 
 
@@ -103,13 +106,54 @@ class TierPlan:
 
 
 @dataclass(frozen=True)
+class RouterRequest:
+    """The router deployment's embedder on a GPU share: its shape and the batch it embeds at once."""
+
+    shape: EncoderShape
+    batch_size: int
+    max_length: int
+    fp16: bool = True
+
+
+@dataclass(frozen=True)
+class RouterPlan:
+    """The router's footprint on the shared GPU and its Ray share."""
+
+    params: int
+    weight_bytes: int
+    activation_bytes: int
+    overhead_bytes: int
+    """CUDA context and allocator slack of the router's own process."""
+    batch_size: int
+    max_length: int
+    num_gpus: float = 0.0
+
+    @property
+    def need_bytes(self) -> int:
+        return self.weight_bytes + self.activation_bytes + self.overhead_bytes
+
+
+def router_plan(req: RouterRequest) -> RouterPlan:
+    act = 2 if req.fp16 else 4
+    return RouterPlan(
+        params=req.shape.parameter_count(),
+        weight_bytes=req.shape.parameter_count() * act,
+        activation_bytes=req.shape.activation_bytes(req.batch_size, req.max_length, act),
+        overhead_bytes=CONTEXT_BYTES,
+        batch_size=req.batch_size,
+        max_length=req.max_length,
+    )
+
+
+@dataclass(frozen=True)
 class Plan:
-    """Every tier's plan on one GPU type, in config order."""
+    """Every tier's plan on one GPU type, in config order (and the router's, when it takes a GPU share)."""
 
     gpu_bytes: int | None
     gpu_count: int | None
     reserve: float
     tiers: tuple[TierPlan, ...]
+    router: RouterPlan | None = None
 
     def tier(self, name: str) -> TierPlan:
         for t in self.tiers:
@@ -121,7 +165,7 @@ class Plan:
     def gpus_needed(self) -> int:
         """One GPU shared by all single-GPU tiers plus whole GPUs for each sharded tier."""
         gpu = [t for t in self.tiers if t.device == "gpu"]
-        shared = any(t.tensor_parallel_size == 1 for t in gpu)
+        shared = any(t.tensor_parallel_size == 1 for t in gpu) or self.router is not None
         return int(shared) + sum(t.tensor_parallel_size for t in gpu if t.tensor_parallel_size > 1)
 
 
@@ -200,26 +244,32 @@ def plan(
     gpu_count: int | None = None,
     reserve: float = DEFAULT_RESERVE,
     fill: bool = True,
+    router: RouterRequest | None = None,
 ) -> Plan:
     """Size every GPU tier; raise PlanError naming the tier and its shortfall when something cannot fit.
 
     Single-GPU tiers share one GPU (Ray fractional `num_gpus`); a sharded tier (TP > 1) gets whole GPUs.
     With `fill`, memory left after every target is met goes to the KV caches in proportion to their
-    targets; otherwise it stays free.
+    targets; otherwise it stays free. `router`: the router's embedder shares the single-GPU tiers' GPU.
     """
     if not 0 <= reserve < 1:
         raise PlanError(f"reserve ({reserve}) must be in [0, 1): the share of each GPU left free.")
     base = [_base_plan(r) for r in requests]
     gpu_tiers = [t for t in base if t.device == "gpu"]
-    if gpu_tiers and gpu_bytes is None:
+    if (gpu_tiers or router) and gpu_bytes is None:
         raise PlanError("GPU tiers need a GPU size: pass --gpu (e.g. h100-80gb) or --gpu-memory-gib.")
     planned = {t.name: t for t in base}
     shared = [t for t in gpu_tiers if t.tensor_parallel_size == 1]
-    groups = [shared] if shared else []
-    groups += [[t] for t in gpu_tiers if t.tensor_parallel_size > 1]
-    for group in groups:
-        planned.update({t.name: t for t in _fit_group(group, gpu_bytes, reserve, fill)})
-    result = Plan(gpu_bytes, gpu_count, reserve, tuple(planned[t.name] for t in base))
+    embedder = router_plan(router) if router else None
+    if shared:
+        taken = embedder.need_bytes if embedder else 0
+        planned.update({t.name: t for t in _fit_group(shared, gpu_bytes, reserve, fill, taken)})
+    for t in gpu_tiers:
+        if t.tensor_parallel_size > 1:
+            planned.update({t.name: t for t in _fit_group([t], gpu_bytes, reserve, fill)})
+    if embedder:
+        embedder = _fit_router(embedder, [planned[t.name] for t in shared], gpu_bytes, reserve, fill)
+    result = Plan(gpu_bytes, gpu_count, reserve, tuple(planned[t.name] for t in base), embedder)
     if gpu_count is not None and result.gpus_needed > gpu_count:
         parts = [f"{t.name} TP {t.tensor_parallel_size}" for t in gpu_tiers if t.tensor_parallel_size > 1]
         parts += ["1 shared by " + ", ".join(t.name for t in shared)] if shared else []
@@ -234,19 +284,35 @@ def _need(t: TierPlan) -> int:
     return t.weight_bytes + t.overhead_bytes + t.kv_target_bytes
 
 
-def _fit_group(group: list[TierPlan], gpu_bytes: int, reserve: float, fill: bool) -> list[TierPlan]:
-    """Pick shares for tiers that share each of their GPUs."""
-    usable = gpu_bytes * (1 - reserve)
+def _fit_router(embedder: RouterPlan, shared: list[TierPlan], gpu_bytes: int, reserve: float, fill: bool) -> RouterPlan:
+    """The router's Ray share: what the tiers leave of their GPU (`fill`), else its own need rounded up."""
+    if not shared and embedder.need_bytes > gpu_bytes * (1 - reserve):
+        raise PlanError(
+            f"the router's embedder needs {_gib(embedder.need_bytes)} GiB, more than {_gib(gpu_bytes * (1 - reserve))} "
+            "GiB usable of a GPU; lower router.embedder.batch_size or max_length."
+        )
+    own = math.ceil(embedder.need_bytes / gpu_bytes * 100) / 100
+    left = math.floor((1 - sum(t.gpu_memory_utilization for t in shared)) * 100 + 1e-9) / 100
+    share = left if fill and shared else own
+    return replace(embedder, num_gpus=share)
+
+
+def _fit_group(
+    group: list[TierPlan], gpu_bytes: int, reserve: float, fill: bool, taken: int = 0
+) -> list[TierPlan]:
+    """Pick shares for tiers that share each of their GPUs; `taken` bytes of it belong to the router."""
+    usable = gpu_bytes * (1 - reserve) - taken
     used = 0
     for i, t in enumerate(group):
         used += _need(t)
         if used > usable:
-            others = ", ".join(f"{o.name} {_gib(_need(o))}" for o in group[:i])
-            after = f" next to {others} GiB" if others else ""
+            others = [f"{o.name} {_gib(_need(o))} GiB" for o in group[:i]]
+            others += [f"the router's embedder {_gib(taken)} GiB"] if taken else []
+            after = f" next to {', '.join(others)}" if others else ""
             raise PlanError(
                 f"tier {t.name} does not fit: it needs {_gib(_need(t))} GiB per GPU (weights "
                 f"{_gib(t.weight_bytes)} + overhead {_gib(t.overhead_bytes)} + KV {_gib(t.kv_target_bytes)} for "
-                f"{t.max_num_seqs} x {t.seq_len} tokens){after}, of {_gib(usable)} GiB usable "
+                f"{t.max_num_seqs} x {t.seq_len} tokens){after}, of {_gib(usable + taken)} GiB usable "
                 f"({1 - reserve:.2f} of {_gib(gpu_bytes)} GiB): short by {_gib(used - usable)} GiB. Lower its "
                 "concurrency, seq_len or max_model_len, quantize it, raise tensor_parallel_size or use a larger GPU."
             )
@@ -261,7 +327,7 @@ def _fit_group(group: list[TierPlan], gpu_bytes: int, reserve: float, fill: bool
         kv = max(t.kv_target_bytes, room // KV_ROUND_BYTES * KV_ROUND_BYTES) if fill else t.kv_target_bytes
         num_gpus = share if t.tensor_parallel_size == 1 else t.tensor_parallel_size
         result.append(replace(t, kv_cache_bytes=kv, gpu_memory_utilization=share, num_gpus=num_gpus))
-    total = sum(t.gpu_memory_utilization for t in result)
+    total = sum(t.gpu_memory_utilization for t in result) + taken / gpu_bytes
     if total > 1 - reserve + 1e-9:
         raise PlanError(
             f"tiers {', '.join(t.name for t in group)} fit only before rounding their shares up to whole "

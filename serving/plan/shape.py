@@ -77,6 +77,8 @@ class ModelShape:
     attention_bias: bool = False
     torch_dtype: str = "bfloat16"
     quantization: Quantization | None = None
+    max_position_embeddings: int | None = None
+    """The longest context the model was trained for (None: not stated)."""
 
     @classmethod
     def from_hf_config(cls, cfg: dict, source: str = "config.json") -> ModelShape:
@@ -105,6 +107,7 @@ class ModelShape:
             attention_bias=bool(cfg.get("attention_bias", cfg.get("model_type") in _QKV_BIAS_MODELS)),
             torch_dtype=str(cfg.get("torch_dtype") or cfg.get("dtype") or "bfloat16"),
             quantization=quantization_from_config(qc) if qc else None,
+            max_position_embeddings=int(cfg["max_position_embeddings"]) if cfg.get("max_position_embeddings") else None,
         )
 
     def _linear_params_per_layer(self) -> int:

@@ -357,7 +357,7 @@ def test_cli_what_if_without_a_file(tmp_path: Path) -> None:
         (["--gpu", "h300"], "--gpu 'h300' is not known"),
         (["--seq-len", "medium=10"], "--seq-len: unknown tier ['medium']"),
         (["--context", "lots"], "--context 'lots': expected VALUE or TIER=VALUE"),
-        (["--model", "/models/x"], "each must be TIER=PATH"),
+        (["--model", "/models/x"], "each must be TIER=MODEL"),
     ],
 )
 def test_cli_errors_name_the_flag(argv: list[str], message: str, tmp_path: Path) -> None:
@@ -380,17 +380,8 @@ def test_cli_on_cpu_tiers_reports_weights_and_kv_per_token() -> None:
         assert rows[spec.name][-1] == "cpu"
 
 
-def test_shipped_gpu_config_is_what_the_planner_says(tmp_path: Path) -> None:
-    """deploy/gpu-7b-34b.yaml names the plan command its numbers came from; rerun it and compare."""
-    text = GPU_CONFIG.read_text()
-    match = re.search(r"^#\s+(tierserve plan .+)$", text, re.MULTILINE)
-    assert match, "deploy/gpu-7b-34b.yaml should name the `tierserve plan` command its numbers come from"
-    argv = shlex.split(match.group(1))[1:]
-    for name, cfg in SHIPPED_MODELS.items():  # the real checkpoints live on the GPU nodes, not here
-        argv += ["--model", f"{name}={model_dir(tmp_path, name, cfg)}"]
-    code, out, _ = run_cli([*argv, "--yaml"])
-    assert code == 0
-    planned = planned_yaml(out)
+def _assert_agrees_with_the_shipped_file(stdout: str) -> None:
+    planned = planned_yaml(stdout)
     config = load_config(GPU_CONFIG)
     assert set(planned) == set(config.tier_names)
     for tier in config.tiers:
@@ -398,6 +389,68 @@ def test_shipped_gpu_config_is_what_the_planner_says(tmp_path: Path) -> None:
         shipped_engine = {k: getattr(tier.engine, k) for k in got["engine"]}
         assert shipped_engine == got["engine"], tier.name
         assert tier.resources.num_gpus == got["resources"]["num_gpus"], tier.name
+    router = yaml.safe_load(stdout[stdout.index("router:"):])["router"]
+    assert config.router.num_gpus == router["num_gpus"] > 0
+
+
+def test_shipped_gpu_config_is_what_the_planner_says_with_no_flags() -> None:
+    """`tierserve plan --config deploy/gpu-7b-34b.yaml`, with no flags and no weights here, reproduces the file:
+    its `plan:` section says what it was planned for, the planner knows both models' published shapes."""
+    text = GPU_CONFIG.read_text()
+    match = re.search(r"^#\s+(tierserve plan .+)$", text, re.MULTILINE)
+    assert match, "deploy/gpu-7b-34b.yaml should name the `tierserve plan` command its numbers come from"
+    argv = shlex.split(match.group(1))[1:]
+    assert argv == ["plan", "--config", "deploy/gpu-7b-34b.yaml"], "the file's numbers need no flags"
+    assert not any(Path(t.model).exists() for t in load_config(GPU_CONFIG).tiers)  # planned from published shapes
+    code, out, _ = run_cli(["plan", "--config", str(GPU_CONFIG)])
+    assert code == 0
+    assert "Qwen/Qwen2.5-7B-Instruct (published config.json" in out
+    assert "Qwen/Qwen2.5-32B-Instruct-AWQ (published config.json" in out
+    _assert_agrees_with_the_shipped_file(out)
+
+
+def test_the_same_plan_from_the_checkpoints_config_json(tmp_path: Path) -> None:
+    """With the models' config.json files on disk (as on a GPU node), the plan is the same."""
+    argv = ["plan", "--config", str(GPU_CONFIG), "--yaml"]
+    for name, cfg in SHIPPED_MODELS.items():
+        argv += ["--model", f"{name}={model_dir(tmp_path, name, cfg)}"]
+    code, out, _ = run_cli(argv)
+    assert code == 0
+    _assert_agrees_with_the_shipped_file(out)
+
+
+def test_flags_override_the_plan_section() -> None:
+    code, out, _ = run_cli(["plan", "--config", str(GPU_CONFIG), "--gpu", "h200-141gb", "--yaml"])
+    assert code == 0
+    planned = planned_yaml(out)
+    assert planned["large"]["engine"]["kv_cache_memory_bytes"] > 2 * load_config(GPU_CONFIG).tier("large").engine.kv_cache_memory_bytes
+
+
+def test_the_router_share_counts_bge_m3_in_the_gpu_budget() -> None:
+    config = load_config(GPU_CONFIG)
+    code, out, _ = run_cli(["plan", "--config", str(GPU_CONFIG)])
+    assert code == 0
+    line = next(line for line in out.splitlines() if line.startswith("router embedder"))
+    # BGE-M3 is XLM-R large: 568 M params, 1.06 GiB in fp16; 64 texts x 256 tokens of activations; a CUDA context.
+    assert "567.75 M params" in line and "batch 64 x 256" in line and "weights 1.06 GiB" in line
+    assert config.router.embedder.kind == "bge-m3" and config.router.embedder.use_fp16
+    shares = sum(t.resources.num_gpus for t in config.tiers) + config.router.num_gpus
+    assert shares == pytest.approx(1.0)
+    # Without the router's GPU share the tiers get its memory back.
+    alone = {**yaml.safe_load(GPU_CONFIG.read_text()), "router": {}}
+    assert sum(t.gpu_memory_utilization for t in plan_of(alone).tiers) > sum(t.resources.num_gpus for t in config.tiers)
+
+
+def plan_of(raw: dict):
+    """The plan of a config mapping, as `tierserve plan --config` makes it."""
+    import argparse
+
+    from serving.cli.plan import build_requests, router_request
+
+    config = parse_config(raw)
+    args = argparse.Namespace(model=[], tp=None, context=None, concurrency=None, seq_len=None)
+    requests, _ = build_requests(args, config)
+    return plan(requests, gpu_bytes=H100, router=router_request(config))
 
 
 def test_cli_gpu_memory_override_sizes_an_unlisted_gpu(tmp_path: Path) -> None:
@@ -408,3 +461,22 @@ def test_cli_gpu_memory_override_sizes_an_unlisted_gpu(tmp_path: Path) -> None:
     assert code == 2 and "tier chat does not fit" in err and "of 36.0 GiB usable (0.90 of 40.0 GiB)" in err
     code, out, _ = run_cli([*argv, "--gpu-memory-gib", "64", "--yaml"])
     assert code == 0 and yaml.safe_load(out)["tiers"][0]["engine"]["kv_cache_memory_bytes"] >= 32 * GIB
+
+
+@pytest.mark.parametrize(
+    ("plan_section", "message"),
+    [
+        ({"gpu": "h300"}, "plan.gpu: 'h300' is not a GPU type the planner knows"),
+        ({"gpu": "h100-80gb", "gpu_memory_gib": 80}, "set gpu (h100-80gb) or gpu_memory_gib (80.0), not both"),
+        ({"seq_len": {"medium": 1024}}, "plan.seq_len names unknown tiers ['medium']"),
+        ({"seq_len": {"small": 9000}}, "plan.seq_len.small (9000) cannot exceed tiers[small].engine.max_model_len (8192)"),
+        ({"reserve": 1.0}, "plan.reserve"),
+    ],
+)
+def test_the_plan_section_is_validated_by_field(plan_section: dict, message: str) -> None:
+    from router.errors import ConfigError
+
+    raw = {**yaml.safe_load(GPU_CONFIG.read_text()), "plan": plan_section}
+    with pytest.raises(ConfigError) as exc:
+        parse_config(raw)
+    assert message in str(exc.value)
