@@ -6,7 +6,7 @@
     call.end                                         # how it finished, tokens, the replica's load then
 
 `open` takes an admission slot (429/503 with Retry-After past `capacity` limits), picks the replica with the
-fewest requests in flight (`serving.capacity.pick_replica`), connects (one retry on another replica) and
+fewest requests in flight (`pick_replica`), connects (one retry on another replica) and
 sends the request. The call holds the slot until it ends, however it ends: its last chunk, an error, the
 caller closing it (which aborts the engine request), or the replica going silent for `STALE_AFTER_S` (a
 cut link: 503 `replica_lost`). Whole answers (`complete`), streams, the LLM judge and cascades all use it.

@@ -9,6 +9,7 @@ error event well within 30 s (no wait for `http.request_timeout_s`), and new req
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import threading
@@ -55,7 +56,8 @@ launch.start(parse_config(yaml.safe_load(open(sys.argv[1])), "netns"), engine_cl
 
 
 def _ray_start(hosts: netns.Hosts, ns: str, *args: str, log: Path) -> subprocess.Popen:
-    env = {"RAY_SERVE_ENABLE_HA_PROXY": "1", "RAY_USAGE_STATS_ENABLED": "0", "PATH": "/usr/sbin:/usr/bin:/bin"}
+    env = {"RAY_SERVE_ENABLE_HA_PROXY": "1", "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "disabled",
+           "PATH": "/usr/sbin:/usr/bin:/bin"}  # a private test cluster: no token (one may sit in ~/.ray)
     cmd = [sys.executable, "-m", "ray.scripts.scripts", "start", "--block", "--num-cpus", "2",
            "--object-store-memory", str(100 << 20), "--disable-usage-stats", *args]
     return hosts.run(ns, ["env", *(f"{k}={v}" for k, v in env.items()), *cmd], stdout=log.open("wb"),
@@ -80,8 +82,8 @@ def cluster(tmp_path_factory: pytest.TempPathFactory):
         config.write_text(yaml.safe_dump(_config(tmp / "data")))
         deploy = hosts.run(hosts.head, [sys.executable, "-c", _DEPLOY, str(config)], cwd=REPO,
                            stdout=(tmp / "deploy.log").open("wb"), stderr=subprocess.STDOUT,
-                           env={"RAY_ADDRESS": f"{netns.HEAD_IP}:{RAY_PORT}", "PYTHONPATH": str(REPO),
-                                "PATH": "/usr/sbin:/usr/bin:/bin", "HOME": str(tmp)})
+                           env={**os.environ, "RAY_ADDRESS": f"{netns.HEAD_IP}:{RAY_PORT}",
+                                "RAY_AUTH_MODE": "disabled", "PYTHONPATH": str(REPO)})
         if deploy.wait(timeout=300) != 0:
             pytest.fail("deploying into the namespaces failed:\n" + (tmp / "deploy.log").read_text()[-3000:])
         yield hosts, f"http://{netns.HEAD_CLIENT_IP}:{PORT}"

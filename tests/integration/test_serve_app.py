@@ -42,8 +42,8 @@ def _config() -> dict:
     return scripted_config(
         PORT, max_num_seqs=16, deployment={"max_ongoing_requests": 64},
         http={"request_timeout_s": 1.5},
-        ingress={"num_replicas": 2, "num_cpus": 0.1},  # two replicas share the port (SO_REUSEPORT)
-        capacity={"enabled": True, "poll_interval_s": 0.1, "stats_max_age_s": 1.0},
+        ingress={"num_replicas": 2, "num_cpus": 0.1},  # two replicas behind Ray Serve's HAProxy
+        capacity={"enabled": True, "poll_interval_s": 0.1, "stats_max_age_s": 1.0, "defaults": {"max_inflight": 64}},
     )
 
 
