@@ -106,3 +106,15 @@ def test_the_gpu_path_imports_none_of_the_cpu_placement() -> None:
             "serving.launch, serving.cli; print(sorted(m for m in sys.modules if m.startswith('serving.cpu')))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_test_files_have_unique_names():
+    """pytest imports test files by their base name (no __init__.py in tests/): two files of one name in different
+    folders stop the whole run at collection."""
+    seen: dict[str, Path] = {}
+    clashes = []
+    for f in sorted((REPO / "tests").rglob("test_*.py")):
+        if f.name in seen:
+            clashes.append(f"{seen[f.name].relative_to(REPO)} and {f.relative_to(REPO)}")
+        seen.setdefault(f.name, f)
+    assert not clashes, "rename one of each: " + "; ".join(clashes)
