@@ -73,3 +73,7 @@ class StoreLockedError(StoreError):
 
 class ClassifierMismatchError(TierserveError, ValueError):
     """A saved classifier does not fit the embedder it is asked to work with."""
+
+
+class VersionError(InvalidRequest, ValueError):
+    """A rollback names a store version that does not exist, or the one already served; `param` is `version`."""

@@ -25,6 +25,7 @@ from serving.channel.replica import WireServer
 from serving.config import parse_config
 from serving.engines.scripted import ScriptedEngine
 from serving.ingress.app import Ingress, Recorder
+from serving.ingress.learning import Learning
 from serving.ingress.plan import Planner
 from serving.ingress.protocol import Keys
 from serving.ingress.router_calls import router_calls
@@ -58,7 +59,8 @@ def _ingress(data_dir: Path) -> Any:
     ingress.sessions = SessionStore(config.sessions.ttl_s, config.sessions.max_entries)
     ingress.planner = Planner(config, ingress.channel, ingress.metrics, ingress.router, ingress.sessions)
     ingress.cascade = CascadeRunner(config.tier_names, ingress.channel)
-    ingress.recorder = Recorder(config, ingress.metrics, ingress.sessions)
+    ingress.learning = Learning.build(config, ingress.router, ingress.metrics)
+    ingress.recorder = Recorder(config, ingress.metrics, ingress.sessions, ingress.learning)
     return ingress
 
 
