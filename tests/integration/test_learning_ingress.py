@@ -59,8 +59,9 @@ def _ingress(data_dir: Path) -> Any:
         "tiers": [{"name": "small", "model": "s", **tier}, {"name": "large", "model": "l", **tier}],
         "http": {"api_keys": [KEY_A, KEY_B], "admin_keys": [ADMIN]},
         "cascade": {"enabled": True, "threshold": 0.5},
-        "router": {"placement": "ingress", "default_router": "knn", "max_queue_wait_s": None,
-                   "store": {"refresh_s": 0.5},
+        "query_log": {"path": str(data_dir / "querylog")},  # TIERSERVE_DATA_DIR (the tests' cache) wins over
+        "router": {"placement": "ingress", "default_router": "knn", "max_queue_wait_s": None,  # data_dir
+                   "store": {"refresh_s": 0.5, "path": str(data_dir / "qdrant")},
                    "learn": {"enabled": True, "flush_interval_s": 0.3, "explore_rate": 0.5},
                    "shadow": {"enabled": True, "candidate": "knn", "threshold": 0.3, "max_queue_wait_s": 5.0}},
     }, "learning")
@@ -128,7 +129,7 @@ async def _route(client: httpx.AsyncClient, text: str) -> dict:
 def test_escalations_become_exemplars_and_move_a_similar_prompts_decision(run) -> None:
     async def scenario(client: httpx.AsyncClient, ingress: Any) -> None:
         before = await _route(client, PROBE)
-        assert before["tier"] == "small" and before["router"] == "knn", before
+        assert before["tier"] == "small" and before["router"] == "knn", (before["reason"], before["score"])
         seeded = (await client.get("/admin/exemplars/versions", headers=_auth(ADMIN))).json()["active"]
         for text in TAUGHT:  # routed to small; the unsure small answer escalates
             r = await client.post("/v1/chat/completions", json=_chat(text), headers=_auth(KEY_A))

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import time
 from dataclasses import replace
+from types import SimpleNamespace
 
 from router.learn import key_id
 from router.types import RouteDecision
@@ -149,3 +150,28 @@ def test_the_query_record_carries_the_shadow_decision_or_goes_without_it_when_la
     assert none.shadow_router is None
     assert metrics.registry.get_sample_value("tierserve_shadow_decisions_total", {"result": "logged"}) == 1
     assert metrics.registry.get_sample_value("tierserve_shadow_decisions_total", {"result": "late"}) == 1
+
+
+def test_feedback_needs_keys_configured_and_learning_on(tmp_path) -> None:
+    """On a stack without keys nobody owns an answer: 401 naming the setting; with learning off, 403 saying so."""
+    import httpx
+
+    from serving.ingress.protocol import Keys
+    from serving.ingress.routes import build_routes
+
+    def post(keys: Keys, headers: dict | None = None) -> httpx.Response:
+        parts = SimpleNamespace(config=config(tmp_path, learn={"enabled": False}), keys=keys, channel=None,
+                                planner=None, router=None, metrics=Metrics(), learning=None)
+
+        async def main() -> httpx.Response:
+            transport = httpx.ASGITransport(app=build_routes(parts))
+            async with httpx.AsyncClient(transport=transport, base_url="http://ingress") as client:
+                return await client.post("/v1/feedback", json={"response_id": "chatcmpl-1", "score": 1.0},
+                                         headers=headers)
+
+        return asyncio.run(main())
+
+    keyless = post(Keys(set(), set()))
+    assert keyless.status_code == 401 and "http.api_keys" in keyless.json()["error"]["message"]
+    off = post(Keys({"sk-1"}, set()), {"Authorization": "Bearer sk-1"})
+    assert off.status_code == 403 and off.json()["error"]["code"] == "learning_disabled"
