@@ -20,6 +20,7 @@ from typing import Any
 
 from router.errors import TierserveError
 from router.learn import Feedback, LearnResult, RequestOutcome
+from router.learn.rules import sampled
 from router.types import RouteDecision, RouteInput
 from serving.config import AppConfig
 from serving.ingress.errors import (
@@ -102,8 +103,10 @@ class Learning:
     def shadow(self, outcome: Outcome, routing_text: str, request_id: str) -> asyncio.Task[RouteDecision | None] | None:
         """Ask the candidate router for its decision on a request the live router decided (the task is awaited
         only by the query record); None when no shadow runs or the decision is not one to compare."""
-        d = outcome.decision
-        if not self.shadow_cfg.enabled or not outcome.routed or d.router not in SHADOWED or d.fallback:
+        d, cfg = outcome.decision, self.shadow_cfg
+        if not cfg.enabled or not outcome.routed or d.router not in SHADOWED or d.fallback:
+            return None
+        if not sampled(request_id, cfg.sample_rate, salt="shadow"):  # the router's own draw: no call to skip it
             return None
         return self._spawn(self.router.shadow(RouteInput(routing_text), request_id), "shadow")
 
