@@ -356,10 +356,10 @@ class Recorder:
             prompt=ticket.routing_text, routed_tier=decision.tier if outcome.routed else None,
             explored=outcome.explored,
         )
-        if ticket.shadow is None or self.learning is None:
+        if ticket.shadow is None or self.learning is None or ticket.shadow.get_loop().is_closed():
             self.query_log.append(record)
             return
-        task = asyncio.get_running_loop().create_task(self._with_shadow(record, ticket.shadow))
+        task = ticket.shadow.get_loop().create_task(self._with_shadow(record, ticket.shadow))
         self._late.add(task)
         task.add_done_callback(self._late.discard)
 
