@@ -324,8 +324,9 @@ class Recorder:
         """Metrics, the session's tier, the learner and the query log for one finished request (any status)."""
         tier, decision, trace = outcome.tier, outcome.decision, outcome.trace
         if status == 200 and decision.session is not None and self.sessions is not None:
-            self.sessions.put(decision.session, tier_to_remember(
-                decision.tier, tier, escalated=outcome.escalated, moved_by_load=outcome.capacity is not None))
+            self.sessions.put(decision.session, tier_to_remember(  # exploring, like load, is about this turn only
+                decision.tier, tier, escalated=outcome.escalated,
+                moved_by_load=outcome.capacity is not None or outcome.explored))
         if trace is not None:
             names = self.tier_names
             for a in trace.attempts:

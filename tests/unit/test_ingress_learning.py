@@ -175,3 +175,15 @@ def test_feedback_needs_keys_configured_and_learning_on(tmp_path) -> None:
     assert keyless.status_code == 401 and "http.api_keys" in keyless.json()["error"]["message"]
     off = post(Keys({"sk-1"}, set()), {"Authorization": "Bearer sk-1"})
     assert off.status_code == 403 and off.json()["error"]["code"] == "learning_disabled"
+
+
+def test_an_explored_turn_leaves_its_conversation_on_the_routed_tier(tmp_path) -> None:
+    from serving.ingress.sessions import SessionStore
+
+    sessions = SessionStore(60.0, 100)
+    recorder = Recorder(config(tmp_path), Metrics(), sessions)
+    probe = replace(cascaded("small", 0.9, escalated=False, routed_to="large"), explored=True)
+    probe = replace(probe, decision=replace(probe.decision, session="s1"))
+    recorder.record(replace(TICKET, started=time.perf_counter()), probe, 200)
+    assert sessions.get("s1").tier == "large"  # the small tier answered this once; the conversation stays up
+    recorder.close()
