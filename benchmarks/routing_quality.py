@@ -43,6 +43,7 @@ from router.eval.datasets import (  # noqa: E402
 from router.eval.embcache import EmbeddingCache  # noqa: E402
 from router.eval.report import format_table, write_report  # noqa: E402
 from router.eval.runner import ROUTERS, build_routers, score_routers  # noqa: E402
+from router.eval.tuning import train_apgr  # noqa: E402
 from serving import cli  # noqa: E402
 
 OUT = ROOT / "benchmarks" / "results" / "routing"
@@ -124,8 +125,11 @@ def run(name: str, data_dir: Path, cache: EmbeddingCache) -> None:
     trained = build_routers(ds.train, names, cache, progress=True)
     report = score_routers(ds, trained, cost_ratio=COST_RATIO.get(name))
     write_report(report, OUT / name)
-    choice = trained.choice(ds.train)  # picked on train, like everything else
-    cal = calibration_check(ds, trained, choice.router)
+    choice = trained.choice(ds.train)  # picked on train, like everything else (a cascade, where one runs)
+    strong, weak = ds.train["strong"].to_numpy(float), ds.train["weak"].to_numpy(float)
+    router = choice.router if choice.router in trained.routers else max(  # the routing calibration: a router
+        (n for n in trained.routers if n != "random"), key=lambda n: train_apgr(trained.train_scores[n], strong, weak))
+    cal = calibration_check(ds, trained, router)
     cal["choice"] = choice.to_json()
     if ds.has_confidence:
         cal["cascade"] = cascade_calibration_check(ds)
