@@ -1,11 +1,15 @@
 """Routing quality on every labelled dataset; writes benchmarks/routing_quality.md and results/routing/*.
 
-    .venv/bin/python benchmarks/routing_quality.py [--data-dir DIR] [--datasets mmlu,gsm8k,...,plaut-msp]
+    .venv/bin/python benchmarks/routing_quality.py [--data-dir DIR] [--datasets mmlu,gsm8k,...,plaut-msp,replay]
 
 Every learned router and cascade policy is tuned and trained on the dataset's train split only and scored on
 its test split. Also checks calibration: a threshold for a 30% strong share chosen on train (out-of-sample
 train scores), measured on test; on data with the weak model's confidence, the cascade threshold for a 30%
 escalation rate likewise, plus a hand computation of the cascade's CPT(50%) with plain numpy.
+
+Beside them: the recommendation on every shared set with the weak model's confidence (`plaut-msp`, the same set
+with 285 train rows, `gpt35-gpt4turbo`), and `replay` (`tierserve replay --dataset plaut-msp --cost-ratio 0.114`:
+train streamed through the online learner, then learned pre-routing + cascade against the calibrated cascade).
 
 Each run rewrites the named datasets' results; the markdown is rendered from every results folder present,
 so `--datasets plaut-msp` refreshes one section and keeps the others.
@@ -19,9 +23,11 @@ import logging
 import platform
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -37,14 +43,23 @@ from router.eval.datasets import (  # noqa: E402
 from router.eval.embcache import EmbeddingCache  # noqa: E402
 from router.eval.report import format_table, write_report  # noqa: E402
 from router.eval.runner import ROUTERS, build_routers, score_routers  # noqa: E402
+from router.eval.tuning import train_apgr  # noqa: E402
+from serving import cli  # noqa: E402
 
 OUT = ROOT / "benchmarks" / "results" / "routing"
 MD = ROOT / "benchmarks" / "routing_quality.md"
 CALIBRATION_TARGET = 0.30
 CASCADES = ("cascade", "cascade+heuristic", "cascade+knn", "cascade+classifier", "cascade-learned")
-COST_RATIO = {"plaut-msp": 1 / 8.75}
-"""Weak/strong cost per call where the data has no costs: Llama-3 8B vs 70B parameters (the README's proxy)."""
+COST_RATIO = {"plaut-msp": 1 / 8.75, "plaut-msp-285": 1 / 8.75, "gpt35-gpt4turbo": 1 / 20}
+"""Weak/strong cost per call where the data has no costs: Llama-3 8B vs 70B parameters, GPT-3.5 vs GPT-4-Turbo
+list prices (the data README's proxies)."""
 ORDER = (*BUILTIN, *CASCADE_BUILTIN)
+CONFIDENCE_SETS = {  # name -> (dataset, train rows kept): shared sets with the weak model's confidence
+    "plaut-msp": ("plaut-msp", None),
+    "plaut-msp-285": ("plaut-msp", 285),  # as small a train split as issue 25's unseen sets had
+    "gpt35-gpt4turbo": ("cascades/plaut-msp/gpt35_to_gpt4turbo.jsonl", None),
+}
+REPLAY = ["replay", "--dataset", "plaut-msp", "--cost-ratio", "0.114", "--quiet"]
 
 
 def calibration_check(ds, trained, router: str) -> dict:
@@ -78,15 +93,43 @@ def hand_cpt50(ds) -> float:
     return float(x[j] + (target - y[j]) * (x[j + 1] - x[j]) / (y[j + 1] - y[j]))
 
 
-def run(name: str, data_dir: Path, cache: EmbeddingCache) -> None:
+def load(name: str, data_dir: Path):
+    """A dataset by name: a built-in one, or one of CONFIDENCE_SETS (a file, or a train subsample)."""
+    source, rows = CONFIDENCE_SETS.get(name, (name, None))
+    path = data_dir / source
+    ds = load_dataset(str(path), data_dir, weak_confidence_col="weak_confidence", split_col="split") \
+        if path.is_file() else load_dataset(source, data_dir)
+    if rows is not None:  # a seeded sample of the train rows; test unchanged
+        frame = ds.frame
+        train = frame[frame["split"] == "train"].sample(rows, random_state=0)
+        ds = replace(ds, frame=pd.concat([train, frame[frame["split"] == "test"]], ignore_index=True))
+    return replace(ds, name=name)
+
+
+def run_replay() -> None:
+    """`tierserve replay` as the README runs it; its report is stored for the markdown."""
     started = time.time()
-    ds = load_dataset(name, data_dir)
+    out = OUT / "replay"
+    if cli.main([*REPLAY, "--out", str(out)]) != 0:
+        raise SystemExit("tierserve replay failed")
+    print(f"replay ({time.time() - started:.0f} s)", flush=True)
+
+
+def run(name: str, data_dir: Path, cache: EmbeddingCache) -> None:
+    if name == "replay":
+        run_replay()
+        return
+    started = time.time()
+    ds = load(name, data_dir)
     names = [*ROUTERS, *(CASCADES if ds.has_confidence else ())]
     trained = build_routers(ds.train, names, cache, progress=True)
     report = score_routers(ds, trained, cost_ratio=COST_RATIO.get(name))
     write_report(report, OUT / name)
-    choice = trained.choice(ds.train)  # picked on train, like everything else
-    cal = calibration_check(ds, trained, choice.router)
+    choice = trained.choice(ds.train)  # picked on train, like everything else (a cascade, where one runs)
+    strong, weak = ds.train["strong"].to_numpy(float), ds.train["weak"].to_numpy(float)
+    router = choice.router if choice.router in trained.routers else max(  # the routing calibration: a router
+        (n for n in trained.routers if n != "random"), key=lambda n: train_apgr(trained.train_scores[n], strong, weak))
+    cal = calibration_check(ds, trained, router)
     cal["choice"] = choice.to_json()
     if ds.has_confidence:
         cal["cascade"] = cascade_calibration_check(ds)
@@ -99,7 +142,7 @@ def run(name: str, data_dir: Path, cache: EmbeddingCache) -> None:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data-dir", type=Path, default=default_data_dir())
-    parser.add_argument("--datasets", default=",".join(ORDER))
+    parser.add_argument("--datasets", default=",".join([*ORDER, *CONFIDENCE_SETS.keys() - set(ORDER), "replay"]))
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     cache = EmbeddingCache(default_embedder())
@@ -239,7 +282,69 @@ def render() -> str:
         "*which topics* the weak model gets wrong; where its failures are not topical (ARC-C, where it is "
         "already right 86% of the time, and Winogrande) they do no better than random.",
     ]
-    return "\n".join([*head, *notes, "", "## Per dataset", "", *(_section(*got) for _, got in loaded)])
+    return "\n".join([*head, *notes, "", *_recommendations(), *_replay(), "## Per dataset", "",
+                      *(_section(*got) for _, got in loaded)])
+
+
+def _recommendations() -> list[str]:
+    """The policy each shared set with the weak model's confidence recommends (chosen on train), with it."""
+    rows = []
+    for name in CONFIDENCE_SETS:
+        got = _load(name)
+        if got is None:
+            continue
+        results, cal = got
+        choice, routers = results.get("recommended") or cal.get("choice") or {}, results["routers"]
+        pick = choice.get("router", "-")
+        best = max((n for n in routers if n not in ("cascade", "random")), key=lambda n: routers[n]["apgr"])
+        rows.append(f"| {name} | {results['n_train']} / {results['n_test']} | **{pick}** | "
+                    f"{routers[pick]['apgr']:.3f} | {routers['cascade']['apgr']:.3f} | {best} {routers[best]['apgr']:.3f} "
+                    f"| {choice.get('reason', '')} |" if pick in routers else f"| {name} | - | {pick} | | | | |")
+    if not rows:
+        return []
+    return ["## Recommendation with the weak model's confidence", "",
+            "`recommended` weighs every policy, cascades included, on train only: another policy replaces the "
+            "plain cascade only when the paired bootstrap interval (200 resamples of the train rows, out-of-fold "
+            "scores) of its APGR gain over the cascade lies above 0. Test APGR shown for reference.", "",
+            "| set | train / test | recommended (on train) | its test APGR | cascade test APGR | best other on test "
+            "| why (train) |", "|---|---|---|---|---|---|---|", *rows, ""]
+
+
+def _replay() -> list[str]:
+    """The replay table: the learned pre-router + cascade vs the calibrated cascade at matched quality, on test."""
+    path = OUT / "replay" / "replay.json"
+    if not path.is_file():
+        return []
+    r = json.loads(path.read_text())
+    base, applied, chosen = r["cascade"], r.get("applied_on_test"), r.get("chosen_on_train")
+
+    def row(label: str, p: dict) -> str:
+        return (f"| {label} | {p['pre_routed']:.1%} | {p['wasted']:.1%} | {p['cost']:.4f} | {p['quality']:.2f}% |")
+
+    lines = ["## Replay: learning from the cascade's own outcomes", "",
+             f"`tierserve {' '.join(REPLAY[:-1])}`: plaut-msp's train split streamed in order through the "
+             "router's online learner and exemplar store (labels from the cascade's decision on the weak model's "
+             "confidence only, never the correctness columns), the operating point chosen on the stream's "
+             "out-of-sample second half, then applied to test. Cost per request in large-model calls (a small call "
+             f"= {r['cost_ratio']:.3g}); a wasted attempt is a small answer the cascade escalated.", "",
+             "| policy (test) | sent straight to large | wasted small attempts | cost | quality |",
+             "|---|---|---|---|---|", row("calibrated plain cascade (30% escalations on train)", base)]
+    if applied and chosen:
+        lines.append(row(f"learned pre-routing (τ {chosen['tau']:g}) + cascade (threshold "
+                         f"{chosen['threshold']:.3f})", applied))
+        lines += ["", f"Wasted small attempts {applied['wasted'] / base['wasted'] - 1:+.0%} (goal: −25% or better), "
+                      f"cost {applied['cost'] / base['cost'] - 1:+.1%} (goal: ≤ 0), quality "
+                      f"{applied['quality'] - base['quality']:+.2f} points, against the calibrated cascade."]
+    lines += ["", "At matched test quality (the cheapest cascade threshold per τ whose quality is at least the "
+                  "cascade's):", "", "| τ | straight to large | wasted | cost | quality |", "|---|---|---|---|---|"]
+    lines += [f"| {p['tau']:g} | {p['pre_routed']:.1%} | {p['wasted']:.1%} | {p['cost']:.4f} | {p['quality']:.2f}% |"
+              for p in r["matched_on_test"]]
+    rc = r["recalibration"]
+    lines += ["", f"Online recalibration (`router.learn.recalibrate`) over {rc['decisions']} logged decisions, "
+                  f"target {rc['target']:.0%}: the escalation rate once {rc['after']} were logged is "
+                  f"{rc['rate_after']:.1%}; windows of 500: "
+                  + ", ".join(f"{w:.1%}" for w in rc["window_rates"]) + ".", ""]
+    return lines
 
 
 if __name__ == "__main__":

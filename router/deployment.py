@@ -25,7 +25,7 @@ from router.errors import StoreError
 from router.exemplars import load_default_exemplars
 from router.learn import Feedback, Learner, LearnResult, RequestOutcome
 from router.learn.shadow import ShadowRunner
-from router.types import Exemplar, RouteDecision, RouteInput
+from router.types import Exemplar, RouteDecision, RouteInput, StoredExemplar
 from router.versions import StoreVersion
 
 logger = logging.getLogger(__name__)
@@ -185,8 +185,16 @@ class RouterDeployment:
         return [] if store is None else await asyncio.to_thread(store.versions)
 
     async def active_version(self) -> int:
+        """The version decisions are made from (0: no store, or an empty one)."""
         store = self._router.store
         return 0 if store is None else store.active
+
+    async def exemplars(self, *, source: str | None = None, limit: int = 100) -> list[StoredExemplar]:
+        """Up to `limit` exemplars of the active version, with their provenance (`GET /admin/exemplars`)."""
+        store = self._router.store
+        if store is None:
+            raise StoreError("the exemplar store is unavailable; see the router's log for the cause.")
+        return await asyncio.to_thread(store.list, limit=limit, source=source)
 
     async def rollback(self, version: int) -> StoreVersion:
         """Serve what `version` held, as a new version (no restart; decisions in flight finish on the old copy)."""

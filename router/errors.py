@@ -77,3 +77,7 @@ class ClassifierMismatchError(TierserveError, ValueError):
 
 class EmbedderDeviceError(ConfigError):
     """The embedder's configured device is not on this machine (e.g. `cuda` without a usable CUDA device)."""
+
+
+class VersionError(InvalidRequest, ValueError):
+    """A rollback names a store version that does not exist, or the one already served; `param` is `version`."""

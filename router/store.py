@@ -1,11 +1,10 @@
-"""Exemplar store on Qdrant: the only module that imports qdrant_client.
+"""Exemplar store on Qdrant: labelled exemplar vectors, versioned (`router.versions`), with the active
+version's vectors in memory. The Qdrant calls, filters and payloads are `router.qdrant`'s (the only module
+that imports qdrant_client).
 
-One collection per router; each point is an exemplar's embedding with payload `tier`, `source`, `text_hash`,
-`text`, `category`, its provenance (`provenance`, `created_at`, `key_id`, `expires_at`) and its versions
-(`version`: the store version that added it; `removed_in`: the versions that dropped it; see
-`router.versions`). The version records and the active-version pointer (point 0) live in a small second
-collection, `<collection>__versions`. A point's id is uuid5 of its normalized text (of text and version when
-a later version relabels a text), so re-writing the same text with the same label is idempotent.
+One collection per router; each point is an exemplar's embedding, its label, provenance and versions (the one
+that added it, the ones that removed it). A point's id is uuid5 of its normalized text (of text and version
+when a later version relabels a text), so re-writing the same text with the same label is idempotent.
 
 Embedded local mode (`path=`) is the default and the same code talks to a Qdrant server (`url=`). Local mode
 allows one client per folder: the router deployment owns it while serving, so the CLI fails with
@@ -20,19 +19,18 @@ from __future__ import annotations
 import logging
 import threading
 import time
-import uuid
 from collections.abc import Iterator, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Literal
 
 import numpy as np
-from qdrant_client import QdrantClient, models
 
+from router import qdrant
 from router.config import StoreConfig
-from router.errors import StoreError, StoreLockedError
+from router.errors import StoreError
 from router.knn import Search, VectorMatrix, nearest_neighbors
-from router.types import Exemplar, Neighbor, StoredExemplar, normalize_text
+from router.types import Exemplar, Neighbor, StoredExemplar
 from router.versions import (
     StoreVersion,
     VersionKind,
@@ -44,9 +42,6 @@ from router.versions import (
 logger = logging.getLogger(__name__)
 
 _UPSERT_CHUNK = 256
-_POINTER = 0
-"""Point id of the active-version pointer in the versions collection (versions are 1, 2, ...)."""
-_VERSIONED_ID = uuid.UUID("0c8f1d52-7a43-5f0e-b3a1-5e8d2c6b9f17")
 
 
 class ExemplarStore:
@@ -77,7 +72,8 @@ class ExemplarStore:
         self._warned_large = False
         self.closed = False
         self._lock = threading.RLock()
-        self._client = _connect(path=path, url=url, api_key=api_key, timeout_s=timeout_s)
+        self._db = qdrant.QdrantCollections(collection, dim, path=path, url=url, api_key=api_key,
+                                            timeout_s=timeout_s, lock=self._lock)
         self._search = search
         self._use_matrix = self.is_local and local_search == "matrix"
         # The in-memory copy is exact only while this client is the sole writer, which local mode guarantees.
@@ -89,12 +85,12 @@ class ExemplarStore:
         self._others: dict[int, VectorMatrix] = {}
         """In-memory copies of versions other than the active one (a shadow router's), dropped on writes."""
         try:
-            self._ensure_collections()
+            self._db.ensure()
             self._load_versions()
             if self._use_matrix:
                 self._matrix = self._build_matrix(self._chain)
         except BaseException:
-            self._client.close()  # release local mode's folder lock
+            self._db.close()  # release local mode's folder lock
             raise
         self._warn_if_large()
 
@@ -107,17 +103,10 @@ class ExemplarStore:
         path = None
         if cfg.url is None:
             path = Path(cfg.path).expanduser() if cfg.path else Path(data_dir).expanduser() / "qdrant"
-        return cls(
-            collection=f"{cfg.collection}-{vector_space}" if vector_space else cfg.collection,
-            dim=dim,
-            path=path,
-            url=cfg.url,
-            api_key=cfg.api_key,
-            timeout_s=cfg.timeout_s,
-            local_max_points=cfg.local_max_points,
-            local_search=cfg.local_search,
-            search=search,
-        )
+        collection = f"{cfg.collection}-{vector_space}" if vector_space else cfg.collection
+        return cls(collection=collection, dim=dim, path=path, url=cfg.url, api_key=cfg.api_key,
+                   timeout_s=cfg.timeout_s, local_max_points=cfg.local_max_points, local_search=cfg.local_search,
+                   search=search)
 
     # -- versions -------------------------------------------------------------------------------------------
 
@@ -147,12 +136,12 @@ class ExemplarStore:
         with self._lock:
             chain = lineage(self._versions, version)
             record = self._versions[version]
-            size = self._count(_visible(chain))
+            size = self._db.count(qdrant.visible(chain))
             record = replace(record, committed=True, size=size, updated_at=time.time())
             previous = self.active
             self._write_version(record)
             self._switch(version, chain, delta_from=previous if record.parent == previous else None)
-            self._client.upsert(self.versions_collection, points=[_pointer(version)], wait=True)
+            self._db.set_pointer(version)
             logger.info("exemplar store %s: version %d (%s) active, %d exemplars", self.location, version,
                         record.kind, size)
             return record
@@ -169,8 +158,7 @@ class ExemplarStore:
         """Follow another writer's switch of the active version (a Qdrant server shared by several routers, or
         the CLI): returns the new active version, None when it has not changed."""
         with self._lock:
-            records = self._client.retrieve(self.versions_collection, ids=[_POINTER], with_payload=True)
-            active = int(records[0].payload["active"]) if records else 0
+            active = self._db.pointer() or 0
             if active == self.active:
                 return None
             self._read_versions()
@@ -227,12 +215,11 @@ class ExemplarStore:
             own = version is None
             target = self.begin("delete") if own else version
             chain = lineage(self._versions, target)
-            conditions = [] if everything else [_filter(source=source, tier=tier)] if (source or tier) else []
-            flt = _visible(chain, *conditions)
+            conditions = [] if everything else qdrant.labelled(source=source, tier=tier)
+            flt = qdrant.visible(chain, *conditions)
             if ids and not everything:
-                flt = models.Filter(must=[*flt.must, models.HasIdCondition(has_id=list(ids))],
-                                    must_not=flt.must_not)
-            gone = [(str(r.id), r.payload) for r in self._scroll(flt)]
+                flt = qdrant.with_ids(flt, ids)
+            gone = [(str(r.id), r.payload) for r in self._db.scroll(flt)]
             self._remove(gone, target)
             if own:
                 self.commit(target)
@@ -242,12 +229,11 @@ class ExemplarStore:
         """Delete for good, from every version, the exemplars whose `expires_at` has passed (learned prompts are
         kept only as long as the query log's retention allows). Returns how many went."""
         now = time.time() if now is None else now
-        flt = models.Filter(must=[models.FieldCondition(key="expires_at", range=models.Range(lt=now))])
         with self._lock:
             self._others = {}
-            gone = [str(r.id) for r in self._scroll(flt)]
+            gone = [str(r.id) for r in self._db.scroll(qdrant.expired_before(now))]
             if gone:
-                self._client.delete(self.collection, models.PointIdsList(points=gone), wait=True)
+                self._db.delete(gone)
                 if self._matrix is not None:
                     self._matrix.drop(gone)
             return len(gone)
@@ -272,16 +258,7 @@ class ExemplarStore:
             chain = lineage(self._versions, version) if other else self._chain
             if not chain:
                 return [[] for _ in vectors]
-            flt = _visible(chain)
-            responses = self._client.query_batch_points(
-                self.collection,
-                requests=[models.QueryRequest(query=v.tolist(), limit=k, filter=flt, with_payload=["tier"])
-                          for v in vectors],
-            )
-        return [
-            [Neighbor(id=str(p.id), tier=p.payload["tier"], similarity=float(p.score)) for p in r.points]
-            for r in responses
-        ]
+            return self._db.search(vectors, k, qdrant.visible(chain))
 
     def _other_matrix(self, version: int) -> VectorMatrix:
         """An in-memory copy of a version that is not served (kept until the next write or switch)."""
@@ -297,7 +274,7 @@ class ExemplarStore:
         """Exemplars the active version (or `version`) holds, optionally filtered."""
         with self._lock:
             chain = self._chain if version is None else lineage(self._versions, version)
-            return self._count(_visible(chain, *([_filter(source=source, tier=tier)] if (tier or source) else [])))
+            return self._db.count(qdrant.visible(chain, *qdrant.labelled(source=source, tier=tier)))
 
     def counts_by_tier(self) -> dict[str, int]:
         counts: dict[str, int] = {}
@@ -305,9 +282,7 @@ class ExemplarStore:
             counts[item.exemplar.tier] = counts.get(item.exemplar.tier, 0) + 1
         return dict(sorted(counts.items()))
 
-    def list(
-        self, *, limit: int = 100, tier: str | None = None, source: str | None = None
-    ) -> list[StoredExemplar]:
+    def list(self, *, limit: int = 100, tier: str | None = None, source: str | None = None) -> list[StoredExemplar]:
         """Up to `limit` exemplars of the active version in point-id order, optionally filtered."""
         out: list[StoredExemplar] = []
         for item in self.iter(tier=tier, source=source, batch=min(limit, 1024)):
@@ -316,30 +291,29 @@ class ExemplarStore:
                 break
         return out
 
-    def iter(
-        self, *, tier: str | None = None, source: str | None = None, batch: int = 256
-    ) -> Iterator[StoredExemplar]:
+    def iter(self, *, tier: str | None = None, source: str | None = None, batch: int = 256
+             ) -> Iterator[StoredExemplar]:
         """Every exemplar of the active version (optionally filtered), paging through the collection."""
         with self._lock:
-            flt = _visible(self._chain, *([_filter(source=source, tier=tier)] if (tier or source) else []))
-        for r in self._scroll(flt, batch=batch):
-            yield StoredExemplar(id=str(r.id), exemplar=_exemplar(r.payload), version=int(r.payload["version"]))
+            flt = qdrant.visible(self._chain, *qdrant.labelled(source=source, tier=tier))
+        for r in self._db.scroll(flt, batch=batch):
+            yield StoredExemplar(id=str(r.id), exemplar=qdrant.exemplar(r.payload), version=int(r.payload["version"]))
 
     def close(self) -> None:
         """Release the client (and local mode's folder lock); later calls fail."""
         with self._lock:
             self.closed = True
             self._matrix = None
-            self._client.close()
+            self._db.close()
 
     # -- internals ------------------------------------------------------------------------------------------
 
     def _upsert_chunk(self, exemplars: Sequence[Exemplar], vectors: np.ndarray, target: int,
                       chain: tuple[int, ...], now: float) -> None:
-        held = {r.payload["text_hash"]: r for r in self._scroll(_visible(chain, models.FieldCondition(
-            key="text_hash", match=models.MatchAny(any=[ex.text_hash for ex in exemplars]))))}
-        taken = {str(r.id) for r in self._client.retrieve(self.collection, ids=[ex.id for ex in exemplars])}
-        points, relabelled, in_place = [], [], []
+        held = {r.payload["text_hash"]: r for r in self._db.scroll(qdrant.visible(
+            chain, qdrant.with_text_hashes([ex.text_hash for ex in exemplars])))}
+        taken = self._db.existing([ex.id for ex in exemplars])
+        ids, payloads, relabelled, in_place = [], [], [], []
         for ex, vec in zip(exemplars, vectors):
             current = held.get(ex.text_hash)
             added_by = target
@@ -350,24 +324,23 @@ class ExemplarStore:
             else:
                 if current is not None:
                     relabelled.append((str(current.id), current.payload))
-                point_id = ex.id if ex.id not in taken else _versioned_id(ex.text, target)
-            points.append(models.PointStruct(id=point_id, vector=vec.tolist(),
-                                             payload=_payload(ex, version=added_by, now=now)))
-        self._client.upsert(self.collection, points=points, wait=True)
+                point_id = ex.id if ex.id not in taken else qdrant.versioned_id(ex.text, target)
+            ids.append(point_id)
+            payloads.append(qdrant.payload(ex, version=added_by, now=now))
+        self._db.upsert(ids, vectors, payloads)
         self._remove(relabelled, target)
         if self._matrix is None:
             return
         # Mirror into the served copy what it holds now: everything when writing into the active version,
         # else only the vectors of points it already holds (same label, so every version agrees on them).
-        served = {str(p.id) for p in points} if target == self.active else set(in_place) & set(self._matrix.ids)
-        rows = [i for i, p in enumerate(points) if str(p.id) in served]
+        served = set(ids) if target == self.active else set(in_place) & set(self._matrix.ids)
+        rows = [i for i, point_id in enumerate(ids) if point_id in served]
         if rows:
-            self._matrix.put([str(points[i].id) for i in rows], vectors[rows], [points[i].payload["tier"] for i in rows])
+            self._matrix.put([ids[i] for i in rows], vectors[rows], [payloads[i]["tier"] for i in rows])
 
     def _remove(self, points: Sequence[tuple[str, dict]], version: int) -> None:
         for point_id, payload in points:
-            removed = sorted({*payload.get("removed_in", []), version})
-            self._client.set_payload(self.collection, payload={"removed_in": removed}, points=[point_id], wait=True)
+            self._db.set_removed_in(point_id, sorted({*payload.get("removed_in", []), version}))
         if points and version == self.active and self._matrix is not None:
             self._matrix.drop([point_id for point_id, _ in points])
 
@@ -377,13 +350,9 @@ class ExemplarStore:
         if self._use_matrix:
             if delta_from is not None and self._matrix is not None and delta_from == self.active:
                 matrix = self._matrix
-                added = models.Filter(must=[models.FieldCondition(key="version", match=models.MatchValue(value=active))],
-                                      must_not=[models.FieldCondition(key="removed_in", match=models.MatchAny(any=list(chain)))])
-                for ids, vecs, tiers in self._scan_vectors(added):
+                for ids, vecs, tiers in self._db.scan_vectors(qdrant.added_by(active, chain)):
                     matrix.put(ids, vecs, tiers)
-                removed = models.Filter(must=[models.FieldCondition(key="removed_in",
-                                                                    match=models.MatchValue(value=active))])
-                matrix.drop([str(r.id) for r in self._scroll(removed)])
+                matrix.drop([str(r.id) for r in self._db.scroll(qdrant.removed_by(active))])
             else:
                 matrix = self._build_matrix(chain)
             self._matrix = matrix
@@ -392,92 +361,30 @@ class ExemplarStore:
     def _build_matrix(self, chain: tuple[int, ...]) -> VectorMatrix:
         matrix = VectorMatrix(self.dim, self._search)
         if chain:
-            for batch in self._scan_vectors(_visible(chain)):
+            for batch in self._db.scan_vectors(qdrant.visible(chain)):
                 matrix.put(*batch)
         return matrix
 
-    def _ensure_collections(self) -> None:
-        if not self._client.collection_exists(self.collection):
-            self._client.create_collection(
-                self.collection,
-                vectors_config=models.VectorParams(size=self.dim, distance=models.Distance.COSINE),
-            )
-            if not self.is_local:  # payload indexes do nothing in local mode
-                for key in ("tier", "source", "text_hash"):
-                    self._client.create_payload_index(self.collection, key, models.PayloadSchemaType.KEYWORD)
-                self._client.create_payload_index(self.collection, "version", models.PayloadSchemaType.INTEGER)
-        else:
-            params = self._client.get_collection(self.collection).config.params.vectors
-            size = params.size if isinstance(params, models.VectorParams) else None
-            if size != self.dim:
-                raise StoreError(
-                    f"collection {self.collection!r} at {self.location} holds {size}-d vectors but the embedder "
-                    f"makes {self.dim}-d ones (the embedder changed?); set router.store.collection to a new name, "
-                    "or delete the collection and re-import."
-                )
-        if not self._client.collection_exists(self.versions_collection):
-            self._client.create_collection(
-                self.versions_collection, vectors_config=models.VectorParams(size=1, distance=models.Distance.DOT)
-            )
-
     def _load_versions(self) -> None:
         self._read_versions()
-        pointer = self._client.retrieve(self.versions_collection, ids=[_POINTER], with_payload=True)
-        if pointer:
-            active = int(pointer[0].payload["active"])
-        else:  # a store written before versions: its points become version 1
-            unversioned = models.Filter(must=[models.IsEmptyCondition(is_empty=models.PayloadField(key="version"))])
+        active = self._db.pointer()
+        if active is None:  # a store written before versions: its points become version 1
             active = 0
-            if self._client.count(self.collection, count_filter=unversioned, exact=True).count:
+            if self._db.has_unversioned():
                 record = StoreVersion(1, 0, "initial", time.time(), "written before the store had versions")
                 self._write_version(record)
-                self._client.set_payload(self.collection, payload={"version": 1}, points=unversioned, wait=True)
+                self._db.version_unversioned(1)
                 active = 1
-                self._write_version(replace(record, committed=True, size=self._count(_visible((1,)))))
-            self._client.upsert(self.versions_collection, points=[_pointer(active)], wait=True)
+                self._write_version(replace(record, committed=True, size=self._db.count(qdrant.visible((1,)))))
+            self._db.set_pointer(active)
         self.active, self._chain = active, lineage(self._versions, active)
 
     def _read_versions(self) -> None:
-        records = {}
-        for r in self._scroll(None, collection=self.versions_collection):
-            if int(r.id) != _POINTER:
-                records[int(r.id)] = StoreVersion.from_payload(r.payload)
-        self._versions = records
+        self._versions = self._db.read_versions()
 
     def _write_version(self, record: StoreVersion) -> None:
-        self._client.upsert(self.versions_collection, wait=True, points=[
-            models.PointStruct(id=record.version, vector=[0.0], payload=record.to_payload())])
+        self._db.write_version(record)
         self._versions[record.version] = record
-
-    def _count(self, flt: models.Filter) -> int:
-        return self._client.count(self.collection, count_filter=flt, exact=True).count
-
-    def _scroll(self, flt: models.Filter | None, *, batch: int = 1024, collection: str | None = None):
-        offset = None
-        while True:
-            with self._lock:
-                records, offset = self._client.scroll(collection or self.collection, scroll_filter=flt, limit=batch,
-                                                      offset=offset, with_payload=True)
-            yield from records
-            if offset is None:
-                return
-
-    def _scan_vectors(self, flt: models.Filter) -> Iterator[tuple[list[str], np.ndarray, list[str]]]:
-        offset = None
-        while True:
-            with self._lock:
-                records, offset = self._client.scroll(
-                    self.collection, scroll_filter=flt, limit=1024, offset=offset, with_payload=["tier"],
-                    with_vectors=True,
-                )
-            if records:
-                yield (
-                    [str(r.id) for r in records],
-                    np.asarray([r.vector for r in records], dtype=np.float32),
-                    [r.payload["tier"] for r in records],
-                )
-            if offset is None:
-                return
 
     def _warn_if_large(self) -> None:
         if self.is_local and not self._warned_large and (n := self.count()) > self._local_max_points:
@@ -490,67 +397,3 @@ class ExemplarStore:
                 self._local_max_points,
             )
 
-
-def _visible(chain: Sequence[int], *conditions) -> models.Filter:
-    """Points a version of lineage `chain` holds (added by one of them, removed by none), and `conditions`."""
-    if not chain:  # the empty store: a condition nothing meets
-        return models.Filter(must=[models.HasIdCondition(has_id=[])])
-    return models.Filter(
-        must=[models.FieldCondition(key="version", match=models.MatchAny(any=list(chain))), *conditions],
-        must_not=[models.FieldCondition(key="removed_in", match=models.MatchAny(any=list(chain)))],
-    )
-
-
-def _pointer(active: int) -> models.PointStruct:
-    return models.PointStruct(id=_POINTER, vector=[0.0], payload={"active": active})
-
-
-def _versioned_id(text: str, version: int) -> str:
-    return str(uuid.uuid5(_VERSIONED_ID, f"{version}\x00{normalize_text(text)}"))
-
-
-def _connect(*, path: str | Path | None, url: str | None, api_key: str | None, timeout_s: float) -> QdrantClient:
-    if url is not None:
-        return QdrantClient(url=url, api_key=api_key, timeout=int(max(1, timeout_s)))
-    Path(path).mkdir(parents=True, exist_ok=True)
-    try:
-        return QdrantClient(path=str(path))
-    except RuntimeError as exc:
-        if "already accessed" not in str(exc):
-            raise
-        raise StoreLockedError(
-            f"the exemplar store folder {path} is in use by another process (a running tierserve router?). "
-            "Embedded Qdrant allows one process per folder: add exemplars through the router's admin endpoint, "
-            "stop the router first, or set router.store.url to a Qdrant server."
-        ) from None
-
-
-def _payload(ex: Exemplar, *, version: int, now: float) -> dict:
-    payload = {"tier": ex.tier, "source": ex.source, "text_hash": ex.text_hash, "text": ex.text, "version": version,
-               "provenance": ex.provenance, "created_at": ex.created_at if ex.created_at is not None else now}
-    for key in ("category", "key_id", "expires_at"):
-        if (value := getattr(ex, key)) is not None:
-            payload[key] = value
-    return payload
-
-
-def _exemplar(payload: dict) -> Exemplar:
-    return Exemplar(
-        text=payload.get("text", ""),
-        tier=payload["tier"],
-        source=payload.get("source", ""),
-        category=payload.get("category"),
-        provenance=payload.get("provenance", "import"),
-        created_at=payload.get("created_at"),
-        key_id=payload.get("key_id"),
-        expires_at=payload.get("expires_at"),
-    )
-
-
-def _filter(*, source: str | None, tier: str | None) -> models.Filter:
-    must = [
-        models.FieldCondition(key=key, match=models.MatchValue(value=value))
-        for key, value in (("source", source), ("tier", tier))
-        if value is not None
-    ]
-    return models.Filter(must=must)

@@ -13,6 +13,8 @@ from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import Literal
 
+from router.errors import VersionError
+
 VersionKind = Literal["initial", "seed", "import", "admin", "learn", "delete", "rollback"]
 """What made a version: `initial` (points written before the store had versions), `seed` (the shipped
 defaults), `import` (a file), `admin` (the admin endpoint), `learn` (cascade outcomes and feedback),
@@ -73,14 +75,16 @@ def holds(point_version: int, removed_in: Sequence[int], chain: Collection[int])
 
 
 def check_rollback(versions: Mapping[int, StoreVersion], target: int, active: int) -> StoreVersion:
-    """The version to roll back to, or ValueError saying which versions exist."""
+    """The version to roll back to, or `VersionError` (a ValueError, a 400 at the HTTP edge) saying which
+    versions exist."""
     record = versions.get(target)
     if record is None or not record.committed:
         known = sorted(v for v, r in versions.items() if r.committed)
-        raise ValueError(f"exemplar store version {target} does not exist; versions: {known or 'none yet'} "
-                         "(`tierserve exemplars versions` lists them).")
+        raise VersionError(f"exemplar store version {target} does not exist; versions: {known or 'none yet'} "
+                           "(`tierserve exemplars versions` lists them).", param="version")
     if target == active:
-        raise ValueError(f"version {target} is already the active version; nothing to roll back.")
+        raise VersionError(f"version {target} is already the active version; nothing to roll back.",
+                           param="version")
     return record
 
 

@@ -101,7 +101,9 @@ def build_app(config: AppConfig, *, engine_cls: type[Engine] | None = None) -> A
                     **actor_options(config.router.resources),
                 },
             )
-            .bind(config.router, config.tier_names, str(config.resolved_data_dir()))
+            # Learned exemplars hold prompts: they expire with the query log's retention.
+            .bind(config.router, config.tier_names, str(config.resolved_data_dir()),
+                  retention_s=config.query_log.retention_s)
         )
 
     ingress = serve.deployment(Ingress).options(

@@ -122,6 +122,31 @@ class Metrics:
             "moments ago); over tierserve_routing_decisions_total{router=~\"knn|classifier\"} it is the hit rate.",
             registry=r,
         )
+        self.explorations = Counter(
+            "tierserve_learn_explorations_total",
+            "Routed requests that exploration started on the cheapest tier instead, by the tier the router chose "
+            "(router.learn.explore_rate).",
+            labelnames=("routed_tier",), registry=r,
+        )
+        self.learn_verdicts = Counter(
+            "tierserve_learn_verdicts_total",
+            "What the router's learner did with an answered request or a client's feedback, by kind (observe or "
+            "feedback) and verdict (learned, sampled_out, label_cap, key_cap, unknown_response, ...).",
+            labelnames=("kind", "verdict"), registry=r,
+        )
+        self.shadow_decisions = Counter(
+            "tierserve_shadow_decisions_total",
+            "Shadow router decisions asked for routed requests, by result: logged beside the live one, none (not "
+            "sampled, router busy or candidate failed), late (past router.shadow.log_wait_s), skipped (too many "
+            "in flight).",
+            labelnames=("result",), registry=r,
+        )
+        self.learn_calls_failed = Counter(
+            "tierserve_learn_calls_failed_total",
+            "Calls to the router's learner or shadow that failed or were dropped (too many in flight); the "
+            "requests were answered all the same.",
+            labelnames=("call",), registry=r,
+        )
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

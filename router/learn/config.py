@@ -84,6 +84,16 @@ class ShadowConfig(StrictModel):
     max_queue_wait_s: float = Field(default=0.05, gt=0.0, le=10.0)
     """The candidate skips a request when the live router's queue would make it wait longer than this: a
     shadow never delays the decisions that are served."""
+    log_wait_s: float = Field(default=1.0, ge=0.0, le=30.0)
+    """How long, after its answer, a request's query record waits for the candidate's decision (asked as the
+    request starts, off its path); a later decision is dropped and the record is written without it."""
+
+    @property
+    def label(self) -> str:
+        """How the query log names the candidate: `version:3`, `classifier`, `heuristic`, `knn@0.6`."""
+        if self.candidate == "version":
+            return f"version:{self.version}"
+        return self.candidate + (f"@{self.threshold:g}" if self.threshold is not None else "")
 
     @model_validator(mode="after")
     def _candidate_needs(self) -> ShadowConfig:

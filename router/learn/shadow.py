@@ -39,10 +39,8 @@ class ShadowRunner:
 
     @property
     def label(self) -> str:
-        """How the query log names the candidate: `version:3`, `classifier`, `heuristic`, `knn@0.6`."""
-        if self.cfg.candidate == "version":
-            return f"version:{self.cfg.version}"
-        return self.cfg.candidate + (f"@{self.cfg.threshold:g}" if self.cfg.threshold is not None else "")
+        """How the query log names the candidate (`ShadowConfig.label`)."""
+        return self.cfg.label
 
     def wanted(self, request_key: str) -> bool:
         """Whether this request is in the candidate's sample (deterministic per request id)."""

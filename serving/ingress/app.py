@@ -3,10 +3,13 @@
     key = self.keys.check(...)                                  # serving.ingress.protocol
     body = await parse(http, ChatCompletionRequest, ...)         # serving.ingress.protocol
     outcome = await self.planner.plan(...)                      # serving.ingress.plan: named tier, router, session, load
+    outcome = self.planner.explore(...)                         # router.learn: a share tries the cheapest tier
+    ticket = replace(ticket, shadow=self.learning.shadow(...))  # serving.ingress.learning: router.shadow, off the path
     call = await self.channel.open(outcome.entry_tier, request)  # serving.channel: admission, replica, wire
         (a cascade instead: self.cascade.stream / .run)          # serving.cascade.runner, over the channel
     SseResponse / JSONResponse                                   # serving.ingress.openai
-    self.recorder.record(...)                                   # `Recorder` below: metrics, session, query log
+    self.recorder.record(...)                                   # `Recorder` below: metrics, session, query log,
+                                                                #   the router's learner told (fire and forget)
 
 Every other endpoint is in `serving.ingress.routes`.
 """
@@ -27,6 +30,7 @@ from fastapi.responses import JSONResponse, Response
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
+from router.types import RouteDecision
 from serving.cascade import CascadePolicy
 from serving.cascade.runner import CascadeRunner, CascadeStream
 from serving.channel.channel import TierCall, TierChannel
@@ -34,6 +38,7 @@ from serving.channel.errors import Overloaded
 from serving.config import AppConfig
 from serving.engines.base import EngineError
 from serving.ingress.errors import RequestTimeout, error_response, to_envelope
+from serving.ingress.learning import Learning, Ticket
 from serving.ingress.openai import (
     Kind,
     SseEncoder,
@@ -108,7 +113,8 @@ class Ingress:
                          if config.sessions.enabled else None)
         self.planner = Planner(config, self.channel, self.metrics, self.router, self.sessions)
         self.cascade = CascadeRunner(config.tier_names, self.channel)
-        self.recorder = Recorder(config, self.metrics, self.sessions)
+        self.learning = Learning.build(config, self.router, self.metrics)
+        self.recorder = Recorder(config, self.metrics, self.sessions, self.learning)
         self.routes = build_routes(self)
         self.channel.start(config.capacity.poll_interval_s)
 
@@ -118,6 +124,8 @@ class Ingress:
     async def __del__(self) -> None:
         self.channel.close()
         self.recorder.close()
+        if self.learning is not None:
+            self.learning.close()
         close = getattr(self.router, "close", None)  # an in-process router holds the store's folder lock
         if close is not None:
             close()
@@ -128,54 +136,57 @@ class Ingress:
         started = time.perf_counter()
         endpoint = "chat" if kind == "chat" else "completions"
         outcome: Outcome | None = None
-        request_id = ""
+        ticket = Ticket("", endpoint, started)
         try:
-            self.keys.check(http.headers.get("authorization"), Scope.DATA)
+            key = self.keys.check(http.headers.get("authorization"), Scope.DATA)
             body = await parse(http, ChatCompletionRequest if kind == "chat" else CompletionRequest,
                                limit=self.config.http.limits.max_body_bytes)
             check_limits(body, self.config.http.limits)
             request_id = f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex}"
+            text = body.routing_text()
+            ticket = Ticket(request_id, endpoint, started, text, key if self.keys.enabled else None)
             request = GenerationRequest(
                 request_id=request_id, sampling=body.sampling(),
                 messages=body.chat_messages() if kind == "chat" else None,
                 prompt=body.prompt_text() if kind != "chat" else None,
             )
-            outcome = await self.planner.plan(body.model, body.routing_text(), body.options,
-                                              self._session(http, body, request))
+            outcome = await self.planner.plan(body.model, text, body.options, self._session(http, body, request))
             policy = self.planner.cascade(outcome, body.options)
+            outcome = self.planner.explore(outcome, policy, request_id, ticket.key_id)
+            if self.learning is not None:
+                ticket = replace(ticket, shadow=self.learning.shadow(outcome, text, request_id))
             deadline = asyncio.get_running_loop().time() + self.config.http.request_timeout_s
             if body.stream:
                 encoder = SseEncoder(kind=kind, request_id=request_id, model=body.model,
                                      logprobs=request.sampling.logprobs, include_usage=body.include_usage)
-                return await self._stream(request, outcome, policy, encoder, endpoint, started, deadline)
+                return await self._stream(request, outcome, policy, encoder, ticket, deadline)
             async with _deadline(deadline):
                 if policy is None:
                     result, _ = await self.channel.complete(outcome.entry_tier, request)
                 else:
                     result, trace = await self.cascade.run(request, policy, self._index(outcome))
                     outcome = replace(outcome, trace=trace, cascade_thresholds=policy.thresholds)
-            self.recorder.record(endpoint, outcome, 200, started, result.prompt_tokens, result.completion_tokens,
-                         request_id=request_id, routing_text=body.routing_text())
+            self.recorder.record(ticket, outcome, 200, result.prompt_tokens, result.completion_tokens)
             payload = response(kind, request_id, body.model, result, request.sampling.logprobs,
                                tierserve_object(outcome))
             return JSONResponse(payload, headers=headers(outcome))
         except asyncio.CancelledError:  # the client went away; the tier call was cancelled with us
             if outcome is not None:
                 self.metrics.aborts.labels(outcome.tier).inc()
-                self.recorder.record(endpoint, outcome, 499, started, request_id=request_id)
+                self.recorder.record(ticket, outcome, 499)
             raise
         except Exception as exc:  # noqa: BLE001 - every error becomes OpenAI's envelope
             status = to_envelope(exc)[0]
             if outcome is not None:
                 if isinstance(exc, Overloaded) and exc.code == "overloaded":
                     self.metrics.rejections.labels(outcome.entry_tier, str(status)).inc()
-                self.recorder.record(endpoint, outcome, status, started, request_id=request_id)
+                self.recorder.record(ticket, outcome, status)
             else:
                 self.metrics.requests.labels(endpoint, "none", str(status)).inc()
             return error_response(exc, headers(outcome) if outcome else None)
 
     async def _stream(self, request: GenerationRequest, outcome: Outcome, policy: CascadePolicy | None,
-                      encoder: SseEncoder, endpoint: str, started: float, deadline: float) -> Response:
+                      encoder: SseEncoder, ticket: Ticket, deadline: float) -> Response:
         """Open the answer and read its first batch, so an error still gets a real status (recorded with what a
         cascade did before it: an escalation the tier above refused, say); then stream the rest as SSE."""
         answer: TierCall | CascadeStream | None = None
@@ -196,7 +207,7 @@ class Ingress:
             status = to_envelope(exc)[0]
             if isinstance(exc, Overloaded) and exc.code == "overloaded":
                 self.metrics.rejections.labels(outcome.tier, str(status)).inc()
-            self.recorder.record(endpoint, outcome, status, started, request_id=request.request_id)
+            self.recorder.record(ticket, outcome, status)
             return error_response(exc, headers(outcome))
         except BaseException:
             if answer is not None:
@@ -204,13 +215,12 @@ class Ingress:
             raise
         outcome = _with_trace(outcome, answer)  # a cascade has decided by its first batch
         first_at = time.perf_counter()
-        self.metrics.ttft.labels(outcome.tier).observe(first_at - started)
-        body = self._sse(answer, first, outcome, encoder, endpoint, started, first_at, deadline, request.request_id)
+        self.metrics.ttft.labels(outcome.tier).observe(first_at - ticket.started)
+        body = self._sse(answer, first, outcome, encoder, ticket, first_at, deadline)
         return SseResponse(body, headers(outcome))
 
     async def _sse(self, answer: TierCall | CascadeStream, first: list[GenerationChunk], outcome: Outcome,
-                   encoder: SseEncoder, endpoint: str, started: float, first_at: float, deadline: float,
-                   request_id: str) -> AsyncIterator[bytes]:
+                   encoder: SseEncoder, ticket: Ticket, first_at: float, deadline: float) -> AsyncIterator[bytes]:
         # One timer per stream for http.request_timeout_s (not a timeout context per batch).
         task = asyncio.current_task()
         expired = False
@@ -233,26 +243,24 @@ class Ingress:
             yield encoder.tail(end.prompt_tokens if end else 0, tokens, tierserve_object(outcome))
             if tokens > 1:
                 self.metrics.tpot.labels(outcome.tier).observe((time.perf_counter() - first_at) / (tokens - 1))
-            self.recorder.record(endpoint, outcome, 200, started, end.prompt_tokens if end else 0, tokens,
-                         request_id=request_id)
+            self.recorder.record(ticket, outcome, 200, end.prompt_tokens if end else 0, tokens)
         except (asyncio.CancelledError, GeneratorExit):
             if not expired or task is None:  # the client went away
                 self.metrics.aborts.labels(outcome.tier).inc()
-                self.recorder.record(endpoint, _with_trace(outcome, answer), 499, started, request_id=request_id)
+                self.recorder.record(ticket, _with_trace(outcome, answer), 499)
                 raise
             task.uncancel()  # our own deadline: end the stream with the error, in-band
             await answer.aclose()
-            yield self._stream_error(endpoint, _with_trace(outcome, answer), started, request_id, _timeout_error())
+            yield self._stream_error(ticket, _with_trace(outcome, answer), _timeout_error())
         except Exception as exc:  # noqa: BLE001 - headers are gone: report in-band, then end the stream
-            yield self._stream_error(endpoint, _with_trace(outcome, answer), started, request_id, exc)
+            yield self._stream_error(ticket, _with_trace(outcome, answer), exc)
         finally:
             timer.cancel()
             await answer.aclose()
 
-    def _stream_error(self, endpoint: str, outcome: Outcome, started: float, request_id: str,
-                      exc: BaseException) -> bytes:
+    def _stream_error(self, ticket: Ticket, outcome: Outcome, exc: BaseException) -> bytes:
         status, envelope, _ = to_envelope(exc)
-        self.recorder.record(endpoint, outcome, status, started, request_id=request_id)
+        self.recorder.record(ticket, outcome, status)
         return sse(envelope) + sse("[DONE]")
 
     def _session(self, http: Request, body: ChatCompletionRequest | CompletionRequest,
@@ -283,30 +291,42 @@ class _Asgi:
 
 
 class Recorder:
-    """Records finished requests into the ingress replica's metrics, session map and query log."""
+    """Records finished requests into the ingress replica's metrics, session map and query log, and tells the
+    router's learner about the answered ones (`serving.ingress.learning`, off the request's path)."""
 
-    def __init__(self, config: AppConfig, metrics: Metrics, sessions: SessionStore | None) -> None:
+    def __init__(self, config: AppConfig, metrics: Metrics, sessions: SessionStore | None,
+                 learning: Learning | None = None) -> None:
         self.tier_names = list(config.tier_names)
         self.metrics = metrics
         self.sessions = sessions
+        self.learning = learning
         self.query_log = (QueryLog.from_config(config.query_log, config.resolved_data_dir())
                           if config.query_log.enabled else None)
+        self.shadow = config.router.shadow
+        self._late: set[asyncio.Task] = set()
+        """Records waiting for their shadow decision (each at most `router.shadow.log_wait_s`)."""
         for tier in config.tier_names[:-1]:  # the drift alert compares escalations with the calibrated target
             target = config.cascade.target_rate_for(tier)
             if target is not None:
                 metrics.cascade_escalation_target.labels(tier).set(target)
+            floor = config.cascade.floor_rate_for(tier)  # ... and with the floor its quality bound needs
+            if floor is not None:
+                metrics.cascade_escalation_floor.labels(tier).set(floor)
 
     def close(self) -> None:
+        for task in list(self._late):
+            task.cancel()
         if self.query_log is not None:
             self.query_log.close()
 
-    def record(self, endpoint: str, outcome: Outcome, status: int, started: float, prompt_tokens: int = 0,
-                completion_tokens: int = 0, *, request_id: str, routing_text: str | None = None) -> None:
-        """Metrics, the session's tier and the query log for one finished request (any status)."""
+    def record(self, ticket: Ticket, outcome: Outcome, status: int, prompt_tokens: int = 0,
+               completion_tokens: int = 0) -> None:
+        """Metrics, the session's tier, the learner and the query log for one finished request (any status)."""
         tier, decision, trace = outcome.tier, outcome.decision, outcome.trace
         if status == 200 and decision.session is not None and self.sessions is not None:
-            self.sessions.put(decision.session, tier_to_remember(
-                decision.tier, tier, escalated=outcome.escalated, moved_by_load=outcome.capacity is not None))
+            self.sessions.put(decision.session, tier_to_remember(  # exploring, like load, is about this turn only
+                decision.tier, tier, escalated=outcome.escalated,
+                moved_by_load=outcome.capacity is not None or outcome.explored))
         if trace is not None:
             names = self.tier_names
             for a in trace.attempts:
@@ -316,21 +336,44 @@ class Recorder:
                     self.metrics.escalations.labels(a.tier, names[names.index(a.tier) + 1]).inc()
             for wasted_tier, wasted in trace.wasted_tokens().items():
                 self.metrics.wasted_tokens.labels(wasted_tier).inc(wasted)
-        latency_s = time.perf_counter() - started
-        self.metrics.requests.labels(endpoint, tier, str(status)).inc()
-        self.metrics.latency.labels(endpoint, tier).observe(latency_s)
+        latency_s = time.perf_counter() - ticket.started
+        self.metrics.requests.labels(ticket.endpoint, tier, str(status)).inc()
+        self.metrics.latency.labels(ticket.endpoint, tier).observe(latency_s)
         if prompt_tokens or completion_tokens:
             self.metrics.tokens.labels(tier, "prompt").inc(prompt_tokens)
             self.metrics.tokens.labels(tier, "completion").inc(completion_tokens)
-        if self.query_log is not None:
-            self.query_log.append(QueryRecord(
-                request_id=request_id, router=decision.router if outcome.routed else "none", tier=tier,
-                score=decision.score, threshold=decision.thresholds[-1] if decision.thresholds else None,
-                tier_chain=outcome.tier_chain, escalated=outcome.escalated, confidences=outcome.confidences,
-                cascade_thresholds=outcome.scored_thresholds(self.tier_names), latency_ms=latency_s * 1000,
-                prompt_tokens=prompt_tokens, completion_tokens=completion_tokens, status=status_word(status),
-                prompt=routing_text,
-            ))
+        if status == 200 and self.learning is not None:
+            self.learning.observe(ticket, outcome)
+        if self.query_log is None:
+            if ticket.shadow is not None:
+                ticket.shadow.cancel()
+            return
+        record = QueryRecord(
+            request_id=ticket.request_id, router=decision.router if outcome.routed else "none", tier=tier,
+            score=decision.score, threshold=decision.thresholds[-1] if decision.thresholds else None,
+            tier_chain=outcome.tier_chain, escalated=outcome.escalated, confidences=outcome.confidences,
+            cascade_thresholds=outcome.scored_thresholds(self.tier_names), latency_ms=latency_s * 1000,
+            prompt_tokens=prompt_tokens, completion_tokens=completion_tokens, status=status_word(status),
+            prompt=ticket.routing_text, routed_tier=decision.tier if outcome.routed else None,
+            explored=outcome.explored,
+        )
+        if ticket.shadow is None or self.learning is None or ticket.shadow.get_loop().is_closed():
+            self.query_log.append(record)
+            return
+        task = ticket.shadow.get_loop().create_task(self._with_shadow(record, ticket.shadow))
+        self._late.add(task)
+        task.add_done_callback(self._late.discard)
+
+    async def _with_shadow(self, record: QueryRecord, shadow: asyncio.Task[RouteDecision | None]) -> None:
+        """Append the record with the candidate's decision beside the live one (without, when it is late)."""
+        decision = None
+        try:
+            decision = await self.learning.shadow_decision(shadow, self.shadow.log_wait_s)
+        finally:  # cancelled at shutdown: the record is written all the same
+            if decision is not None:
+                record = replace(record, shadow_router=self.shadow.label, shadow_tier=decision.tier,
+                                 shadow_score=decision.score)
+            self.query_log.append(record)
 
 
 def _with_trace(outcome: Outcome, answer: TierCall | CascadeStream) -> Outcome:

@@ -34,6 +34,20 @@ class ModelNotFound(ClientError):
     error_type = "not_found_error"
 
 
+class NotFound(ClientError):
+    """Something the request names does not exist, or is not this key's to see (same answer, so ids don't leak)."""
+
+    status_code = 404
+    error_type = "not_found_error"
+
+
+class RouterUnavailable(TierserveError):
+    """The router deployment did not answer a call that needs it (not routing: that falls back, never a 5xx)."""
+
+    status_code = 503
+    error_type = "server_error"
+
+
 class RequestTimeout(TierserveError):
     """A request ran past `http.request_timeout_s`; its engine work was aborted."""
 

@@ -21,7 +21,9 @@ from serving.ingress.protocol import (
     AddExemplarsRequest,
     ChatCompletionRequest,
     CompletionRequest,
+    FeedbackRequest,
     ReleaseStoreRequest,
+    RollbackRequest,
 )
 
 
@@ -62,6 +64,61 @@ class StoreResponse(BaseModel):
     released_for_s: float
 
 
+class FeedbackResponse(BaseModel):
+    """What the router's learner did with the score: `learned` (an exemplar, written within
+    `router.learn.flush_interval_s`), or why not (`sampled_out`, `no_label`: the top tier answered, or a cap:
+    `label_cap`, `key_cap`, `key_share`)."""
+
+    object: Literal["tierserve.feedback"]
+    response_id: str
+    verdict: str
+    learned: bool
+    label: str | None
+    """The tier the exemplar was labelled with, when one was learned."""
+
+
+class StoredExemplarItem(BaseModel):
+    id: str
+    version: int
+    """The store version that added it."""
+    text: str
+    tier: str
+    source: str
+    category: str | None = None
+    provenance: Literal["seed", "import", "admin", "cascade", "feedback"]
+    created_at: float | None = None
+    key_id: str | None = None
+    """The API key id whose traffic taught it (learned exemplars)."""
+    expires_at: float | None = None
+
+
+class ExemplarList(BaseModel):
+    object: Literal["list"]
+    data: list[StoredExemplarItem]
+
+
+class StoreVersionItem(BaseModel):
+    version: int
+    parent: int
+    kind: Literal["initial", "seed", "import", "admin", "learn", "delete", "rollback"]
+    created_at: float
+    note: str
+    committed: bool
+    size: int | None = None
+    updated_at: float | None = None
+
+
+class VersionList(BaseModel):
+    object: Literal["list"]
+    active: int
+    """The version decisions are made from."""
+    data: list[StoreVersionItem]
+
+
+class RolledBack(StoreVersionItem):
+    object: Literal["tierserve.store_version"]
+
+
 class Health(BaseModel):
     status: Literal["ready", "starting"]
     tiers: dict[str, bool]
@@ -82,6 +139,8 @@ _REQUESTS: dict[tuple[str, str], tuple[type[BaseModel], ...]] = {  # one of thes
     ("/v1/route", "post"): (ChatCompletionRequest, CompletionRequest),
     ("/admin/exemplars", "post"): (AddExemplarsRequest,),
     ("/admin/router/release-store", "post"): (ReleaseStoreRequest,),
+    ("/v1/feedback", "post"): (FeedbackRequest,),
+    ("/admin/exemplars/rollback", "post"): (RollbackRequest,),
 }
 _RESPONSES: dict[tuple[str, str], tuple[type[BaseModel] | None, type[BaseModel] | None, tuple[int, ...]]] = {
     # (JSON 200 body, streamed chunk, error statuses)
@@ -92,7 +151,20 @@ _RESPONSES: dict[tuple[str, str], tuple[type[BaseModel] | None, type[BaseModel] 
     ("/admin/exemplars", "post"): (ExemplarsResponse, None, (400, 401, 403, 413, 500)),
     ("/admin/router/release-store", "post"): (StoreResponse, None, (400, 401, 403, 413, 500)),
     ("/health", "get"): (Health, None, ()),
+    ("/v1/feedback", "post"): (FeedbackResponse, None, (400, 401, 403, 404, 413, 500, 503)),
+    ("/admin/exemplars", "get"): (ExemplarList, None, (400, 401, 403, 500, 503)),
+    ("/admin/exemplars/versions", "get"): (VersionList, None, (400, 401, 403, 500, 503)),
+    ("/admin/exemplars/rollback", "post"): (RolledBack, None, (400, 401, 403, 413, 500, 503)),
 }
+_QUERY = {
+    ("/admin/exemplars", "get"): [
+        {"name": "source", "in": "query", "required": False, "schema": {"type": "string"},
+         "description": "only exemplars of this source (`learned`: what the router learned from traffic)"},
+        {"name": "limit", "in": "query", "required": False,
+         "schema": {"type": "integer", "minimum": 1, "maximum": 1000, "default": 100}},
+    ],
+}
+"""Query parameters the handlers read themselves (a bad one gets OpenAI's envelope, not FastAPI's 422)."""
 
 
 def document(api: FastAPI) -> None:
@@ -117,6 +189,8 @@ def _build(api: FastAPI) -> dict[str, Any]:
     for (path, method), summary in _SERVED_APART.items():  # answered by the ingress before FastAPI's router
         schema["paths"].setdefault(path, {})[method] = {"summary": summary,
                                                         "operationId": path.strip("/").replace("/", "_")}
+    for (path, method), parameters in _QUERY.items():
+        schema["paths"][path][method]["parameters"] = parameters
     for (path, method), bodies in _REQUESTS.items():
         refs_ = [refs[(m, "validation")] for m in bodies]
         operation = schema["paths"][path][method]

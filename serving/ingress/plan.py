@@ -16,6 +16,7 @@ from dataclasses import dataclass, replace
 
 from router.decide import Decider
 from router.judge import JudgeRouter
+from router.learn.rules import explore, gate
 from router.types import (
     Chosen,
     RouteDecision,
@@ -53,6 +54,9 @@ class Outcome:
     """The cascade's tiers and confidences (None: no cascade, the entry tier answered)."""
     cascade_thresholds: tuple[float, ...] = ()
     """The request's cascade threshold per tier index (empty without a cascade)."""
+    explored: bool = False
+    """The router chose a tier above the cheapest, and exploration (`router.learn.explore_rate`) started the
+    request on the cheapest tier anyway, its cascade judging the answer (`Planner.explore`)."""
 
     @property
     def tier_chain(self) -> tuple[str, ...]:
@@ -144,6 +148,23 @@ class Planner:
                                                 f"moved to {moved.tier} ({moved.action}); the session stays on "
                                                 f"{decision.tier}")
         return Outcome(decision, moved.tier, capacity=f"{moved.action}:{moved.reason}")
+
+    def explore(self, placed: Outcome, policy: CascadePolicy | None, request_id: str, key_id: str | None) -> Outcome:
+        """`router.learn`'s exploration: a share of the requests the router sends above the cheapest tier start on
+        the cheapest one instead, where their cascade judges the answer (the tier above answers when it is not
+        good enough), so the router keeps learning where it has stopped trying the cheap tier. Never for a key
+        whose traffic is not learned from, nor when load already moved the request or the cheapest tier is full."""
+        learn = self.config.router.learn
+        if not learn.enabled or not placed.routed or placed.capacity is not None or policy is None:
+            return placed
+        if gate(key_id, learn) is not None or not explore(placed.decision, request_id, learn.explore_rate,
+                                                          cascading=True):
+            return placed
+        cheapest = self.tier_names[0]
+        if not self.channel.has_room(cheapest):
+            return placed
+        self.metrics.explorations.labels(placed.decision.tier).inc()
+        return replace(placed, entry_tier=cheapest, explored=True)
 
     def cascade(self, placed: Outcome, options: TierserveOptions) -> CascadePolicy | None:
         """The request's cascade policy (config and its `tierserve` options), None when it does not cascade."""

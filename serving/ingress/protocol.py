@@ -242,6 +242,26 @@ class ReleaseStoreRequest(BaseModel):
     """How long the store stays closed before the router reopens it."""
 
 
+class FeedbackRequest(BaseModel):
+    """`POST /v1/feedback`: a client's score of an answer it got (the router learns from it, `router.learn`)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    response_id: str = Field(min_length=1, max_length=256)
+    """The answer's `id` (`chatcmpl-...` or `cmpl-...`), as the completion returned it."""
+    score: float = Field(ge=0.0, le=1.0)
+    """0 (useless) .. 1 (right); at or above `router.learn.feedback_good_at` the answer was good enough."""
+
+
+class RollbackRequest(BaseModel):
+    """`POST /admin/exemplars/rollback`: serve what an older exemplar-store version held, as a new version."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    version: int = Field(ge=1)
+    """The version to restore (`GET /admin/exemplars/versions` lists them)."""
+
+
 # ---- the API key -----------------------------------------------------------------------------------
 
 

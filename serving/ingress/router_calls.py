@@ -7,7 +7,9 @@ from typing import Protocol
 
 from ray.serve.handle import DeploymentHandle
 
-from router.types import Exemplar, RouteDecision, RouteInput
+from router.learn import Feedback, LearnResult, RequestOutcome
+from router.types import Exemplar, RouteDecision, RouteInput, StoredExemplar
+from router.versions import StoreVersion
 from serving.config import AppConfig
 
 
@@ -21,6 +23,20 @@ class RouterCalls(Protocol):
     async def count(self) -> int: ...
 
     async def release_store(self, seconds: float) -> None: ...
+
+    async def observe(self, outcome: RequestOutcome) -> LearnResult: ...
+
+    async def feedback(self, feedback: Feedback) -> LearnResult: ...
+
+    async def shadow(self, request: RouteInput, request_key: str) -> RouteDecision | None: ...
+
+    async def versions(self) -> list[StoreVersion]: ...
+
+    async def active_version(self) -> int: ...
+
+    async def rollback(self, version: int) -> StoreVersion: ...
+
+    async def exemplars(self, *, source: str | None = None, limit: int = 100) -> list[StoredExemplar]: ...
 
 
 class HandleRouter:
@@ -41,6 +57,27 @@ class HandleRouter:
     async def release_store(self, seconds: float) -> None:
         await self._handle.release_store.remote(seconds)
 
+    async def observe(self, outcome: RequestOutcome) -> LearnResult:
+        return await self._handle.observe.remote(outcome)
+
+    async def feedback(self, feedback: Feedback) -> LearnResult:
+        return await self._handle.feedback.remote(feedback)
+
+    async def shadow(self, request: RouteInput, request_key: str) -> RouteDecision | None:
+        return await self._handle.shadow.remote(request, request_key)
+
+    async def versions(self) -> list[StoreVersion]:
+        return await self._handle.versions.remote()
+
+    async def active_version(self) -> int:
+        return await self._handle.active_version.remote()
+
+    async def rollback(self, version: int) -> StoreVersion:
+        return await self._handle.rollback.remote(version)
+
+    async def exemplars(self, *, source: str | None = None, limit: int = 100) -> list[StoredExemplar]:
+        return await self._handle.exemplars.remote(source=source, limit=limit)
+
 
 def router_calls(config: AppConfig, handle: DeploymentHandle | None) -> RouterCalls | None:
     """The router per `router.placement`: its deployment's handle, or a router built in this process."""
@@ -49,5 +86,6 @@ def router_calls(config: AppConfig, handle: DeploymentHandle | None) -> RouterCa
     if config.router.placement == "ingress":
         from router.deployment import RouterDeployment
 
-        return RouterDeployment(config.router, config.tier_names, str(config.resolved_data_dir()))
+        return RouterDeployment(config.router, config.tier_names, str(config.resolved_data_dir()),
+                                retention_s=config.query_log.retention_s)
     return HandleRouter(handle) if handle is not None else None

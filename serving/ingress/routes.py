@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from dataclasses import asdict
 from typing import Protocol
 
 from fastapi import FastAPI, Request
@@ -14,7 +15,8 @@ from router.errors import InvalidRequest
 from router.types import Exemplar
 from serving.channel.channel import TierChannel
 from serving.config import AppConfig
-from serving.ingress.errors import error_response
+from serving.ingress.errors import Forbidden, Unauthorized, error_response
+from serving.ingress.learning import Learning, feedback_refusal
 from serving.ingress.openai import headers, tierserve_object
 from serving.ingress.openapi import document
 from serving.ingress.plan import Planner
@@ -23,8 +25,10 @@ from serving.ingress.protocol import (
     AddExemplarsRequest,
     ChatCompletionRequest,
     CompletionRequest,
+    FeedbackRequest,
     Keys,
     ReleaseStoreRequest,
+    RollbackRequest,
     Scope,
     check_limits,
     parse,
@@ -43,6 +47,7 @@ class Parts(Protocol):
     planner: Planner
     router: RouterCalls | None
     metrics: Metrics
+    learning: Learning | None
 
 
 def ingress_mode() -> str:
@@ -112,6 +117,71 @@ def build_routes(parts: Parts) -> FastAPI:
         except Exception as exc:  # noqa: BLE001
             return error_response(exc)
 
+    @api.post("/v1/feedback")
+    async def feedback(request: Request) -> Response:
+        """A client's score of an answer its key got (`router.learn`): a good one teaches the router that such
+        requests belong on the tier that answered, a bad one that they need the tier above."""
+        try:
+            key = keys.check(request.headers.get("authorization"), Scope.DATA)
+            if not keys.enabled:
+                raise Unauthorized("POST /v1/feedback needs an API key: only the key that got an answer may score "
+                                   "it. Configure http.api_keys (or TIERSERVE_API_KEYS) and send one as "
+                                   "'Authorization: Bearer <key>'.", code="invalid_api_key")
+            body = await parse(request, FeedbackRequest, limit=limit)
+            if parts.learning is None or not config.router.learn.enabled:
+                raise Forbidden("Feedback is off on this stack: router.learn.enabled is false"
+                                + (" and no router runs (router.default_router: cheapest)"
+                                   if parts.router is None else "") + ", so scores are not learned from.",
+                                code="learning_disabled")
+            result = await parts.learning.feedback(body.response_id, body.score, key)
+            refusal = feedback_refusal(result.verdict, body.response_id)
+            if refusal is not None:
+                raise refusal
+            return JSONResponse({"object": "tierserve.feedback", "response_id": body.response_id,
+                                 "verdict": result.verdict, "learned": result.learned,
+                                 "label": result.exemplar.tier if result.exemplar else None})
+        except Exception as exc:  # noqa: BLE001
+            return error_response(exc)
+
+    @api.get("/admin/exemplars")
+    async def list_exemplars(request: Request) -> Response:
+        """Exemplars the router serves from, with their provenance: `?source=learned` (what it learned from
+        traffic), `&limit=` (100 by default, at most 1,000)."""
+        try:
+            keys.check(request.headers.get("authorization"), Scope.ADMIN)
+            router = _router(parts)
+            source, limit_ = request.query_params.get("source"), request.query_params.get("limit", "100")
+            if not limit_.isdigit() or not 1 <= int(limit_) <= 1000:
+                raise InvalidRequest(f"limit must be a whole number from 1 to 1000, got {limit_!r}.", param="limit")
+            items = await router.exemplars(source=source or None, limit=int(limit_))
+            return JSONResponse({"object": "list", "data": [
+                {"id": item.id, "version": item.version, **asdict(item.exemplar)} for item in items]})
+        except Exception as exc:  # noqa: BLE001
+            return error_response(exc)
+
+    @api.get("/admin/exemplars/versions")
+    async def versions(request: Request) -> Response:
+        """The exemplar store's versions, oldest first, and the one served (`tierserve exemplars versions`)."""
+        try:
+            keys.check(request.headers.get("authorization"), Scope.ADMIN)
+            router = _router(parts)
+            listed, active = await asyncio.gather(router.versions(), router.active_version())
+            return JSONResponse({"object": "list", "active": active, "data": [asdict(v) for v in listed]})
+        except Exception as exc:  # noqa: BLE001
+            return error_response(exc)
+
+    @api.post("/admin/exemplars/rollback")
+    async def rollback(request: Request) -> Response:
+        """Serve what an older store version held, as a new version: no restart, and decisions in flight finish
+        on the old exemplars (`tierserve exemplars rollback V`)."""
+        try:
+            keys.check(request.headers.get("authorization"), Scope.ADMIN)
+            body = await parse(request, RollbackRequest, limit=limit)
+            record = await _router(parts).rollback(body.version)
+            return JSONResponse({"object": "tierserve.store_version", **asdict(record)})
+        except Exception as exc:  # noqa: BLE001
+            return error_response(exc)
+
     @api.post("/admin/exemplars")
     async def add_exemplars(request: Request) -> Response:
         """Add labelled exemplars at runtime: {"exemplars": [{"text": ..., "tier": ...}, ...]}."""
@@ -147,3 +217,9 @@ def build_routes(parts: Parts) -> FastAPI:
 
     document(api)
     return api
+
+
+def _router(parts: Parts) -> RouterCalls:
+    if parts.router is None:
+        raise InvalidRequest("no router deployment is configured (router.default_router: cheapest)", param="model")
+    return parts.router

@@ -10,6 +10,7 @@ from router.types import RouteDecision
 from serving.cascade import CascadeTrace, TierAttempt, cascade_policy
 from serving.config import parse_config
 from serving.ingress.app import Recorder
+from serving.ingress.learning import Ticket
 from serving.ingress.plan import Outcome
 from serving.metrics import Metrics
 from serving.querylog import read_records
@@ -50,7 +51,7 @@ def test_each_decision_is_counted_and_logged_with_its_threshold(tmp_path):
             attempts.append(TierAttempt("large", 10, 5, None, False))
         trace = CascadeTrace(tuple(attempts), "low_confidence" if up else "confident")
         outcome = replace(placed, trace=trace, cascade_thresholds=policy.thresholds)
-        recorder.record("chat", outcome, 200, time.perf_counter(), request_id=str(i))
+        recorder.record(Ticket(str(i), "chat", time.perf_counter()), outcome, 200)
     assert _value(metrics, "tierserve_cascade_decisions_total", tier="small", outcome="escalated") == 1
     assert _value(metrics, "tierserve_cascade_decisions_total", tier="small", outcome="kept") == 2
     assert _value(metrics, "tierserve_cascade_decisions_total", tier="large", outcome="kept") is None
@@ -86,7 +87,7 @@ def test_a_stream_whose_escalation_is_refused_keeps_its_trace(tmp_path):
     recorder, metrics = _recorder(tmp_path)
     placed = Outcome(RouteDecision("small", 0, "knn", 0.2, (0.5,), "test"), "small", trace=trace,
                      cascade_thresholds=(0.6, 0.0))
-    recorder.record("completions", placed, 503, time.perf_counter(), request_id="r1")
+    recorder.record(Ticket("r1", "completions", time.perf_counter()), placed, 503)
     assert trace.tier_chain == ("small",) and trace.escalated
     assert _value(metrics, "tierserve_cascade_decisions_total", tier="small", outcome="escalated") == 1
     recorder.close()

@@ -13,6 +13,7 @@ from serving.cascade import CascadeTrace, TierAttempt
 from serving.channel.channel import TierChannel
 from serving.config import AppConfig, parse_config
 from serving.ingress.app import Recorder
+from serving.ingress.learning import Ticket
 from serving.ingress.plan import Outcome, Planner
 from serving.ingress.protocol import TierserveOptions
 from serving.ingress.sessions import (
@@ -175,7 +176,7 @@ def _answered(ingress: Ingress, plan, chain: list[str], *, escalated: bool = Fal
               status: int = 200) -> None:
     attempts = tuple(TierAttempt(t, 1, 1, None, escalated and i < len(chain) - 1) for i, t in enumerate(chain))
     outcome = Outcome(plan, chain[0], capacity=capacity, trace=CascadeTrace(attempts))
-    ingress.recorder.record("chat", outcome, status, time.perf_counter(), request_id="r")
+    ingress.recorder.record(Ticket("r", "chat", time.perf_counter()), outcome, status)
 
 
 def test_a_conversation_keeps_an_escalated_session_on_its_tier_and_a_named_tier_wins() -> None:

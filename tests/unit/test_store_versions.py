@@ -77,8 +77,7 @@ def test_another_writer_switching_the_active_version_is_followed(store) -> None:
     store.upsert([Exemplar("a", "large")], E[:1])
     assert store.refresh() is None
     # what a second router or the CLI does on a shared Qdrant server: point the active version elsewhere
-    store._client.upsert(store.versions_collection, wait=True,
-                         points=[models.PointStruct(id=0, vector=[0.0], payload={"active": 1})])
+    store._db.set_pointer(1)
     assert nearest(store, 0) == "large"  # until it looks
     assert store.refresh() == 1 and nearest(store, 0) == "small"
 

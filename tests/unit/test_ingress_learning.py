@@ -1,0 +1,189 @@
+"""The ingress's side of learning, without Ray or a router: what the learner is told of an answered request,
+which routed requests explore the cheapest tier, the status each feedback verdict answers with, the
+escalation-floor gauge, and the query record that waits (bounded) for the shadow's decision."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import replace
+from types import SimpleNamespace
+
+from router.learn import key_id
+from router.types import RouteDecision
+from serving.cascade import CascadeTrace, TierAttempt, cascade_policy
+from serving.channel.channel import TierChannel
+from serving.config import parse_config
+from serving.ingress.app import Recorder
+from serving.ingress.learning import Learning, Ticket, feedback_refusal, request_outcome
+from serving.ingress.plan import Outcome, Planner
+from serving.metrics import Metrics
+from serving.querylog import read_records
+
+TIERS = ["small", "large"]
+
+
+def config(tmp_path, **router):
+    tier = {"engine": {"kv_cache_memory_bytes": 1 << 20}}
+    return parse_config({
+        "tiers": [{"name": "small", "model": "m1", **tier}, {"name": "large", "model": "m2", **tier}],
+        "query_log": {"path": str(tmp_path / "querylog")},
+        "cascade": {"enabled": True, "threshold": 0.6, "tier_target_escalation_rates": {"small": 0.3},
+                    "tier_min_escalation_rates": {"small": 0.22}},
+        "router": {"learn": {"enabled": True, "explore_rate": 0.5}, **router},
+    }, "test")
+
+
+def knn(tier: str) -> RouteDecision:
+    return RouteDecision(tier, TIERS.index(tier), "knn", 0.9 if tier == "large" else 0.1, (0.5,), "test")
+
+
+def cascaded(entry: str, confidence: float, *, escalated: bool, routed_to: str | None = None) -> Outcome:
+    attempts = [TierAttempt(entry, 10, 3, confidence, escalated)]
+    if escalated:
+        attempts.append(TierAttempt("large", 10, 5, None, False))
+    return Outcome(knn(routed_to or entry), entry, trace=CascadeTrace(tuple(attempts)), cascade_thresholds=(0.6, 0.6))
+
+
+TICKET = Ticket("chatcmpl-1", "chat", 0.0, "Convert these names to JSON", "k1")
+
+
+def test_the_learner_hears_a_decided_cascade_and_answers_it_can_take_feedback_on() -> None:
+    up = request_outcome(cascaded("small", 0.31, escalated=True), TICKET, TIERS)
+    assert (up.tier_chain, up.confidence, up.threshold, up.api_key_id) == (("small", "large"), 0.31, 0.6, "k1")
+    assert (up.response_id, up.text) == ("chatcmpl-1", "Convert these names to JSON")
+    kept = request_outcome(cascaded("small", 0.9, escalated=False), TICKET, TIERS)
+    assert (kept.tier_chain, kept.confidence) == (("small",), 0.9)
+    # Unsure, but kept because the tier above was full: the decision was not carried out, so it is not a label,
+    # though the answer still takes feedback.
+    refused = request_outcome(cascaded("small", 0.31, escalated=False), TICKET, TIERS)
+    assert (refused.tier_chain, refused.confidence, refused.threshold) == (("small",), None, None)
+    plain_small = request_outcome(Outcome(knn("small"), "small"), TICKET, TIERS)
+    assert plain_small.confidence is None and plain_small.tier_chain == ("small",)
+    explored = replace(cascaded("small", 0.9, escalated=False, routed_to="large"), explored=True)
+    assert request_outcome(explored, TICKET, TIERS).explored
+    # Nothing to learn and nothing to score: the top tier without a cascade, or a tier the client named.
+    assert request_outcome(Outcome(knn("large"), "large"), TICKET, TIERS) is None
+    assert request_outcome(replace(cascaded("small", 0.9, escalated=False), routed=False), TICKET, TIERS) is None
+
+
+def test_feedback_verdicts_answer_403_404_or_200_and_a_foreign_id_looks_unknown() -> None:
+    assert feedback_refusal("disabled", "r").status_code == 403
+    assert "opt_out_key_ids" in feedback_refusal("opted_out", "r").message
+    foreign, unknown = feedback_refusal("foreign_response", "r"), feedback_refusal("unknown_response", "r")
+    assert foreign.status_code == unknown.status_code == 404 and foreign.envelope() == unknown.envelope()
+    assert feedback_refusal("expired_response", "r").envelope() == unknown.envelope()
+    assert unknown.param == "response_id"
+    for taken in ("learned", "sampled_out", "no_label", "label_cap", "key_cap", "key_share"):
+        assert feedback_refusal(taken, "r") is None
+
+
+class FullChannel(TierChannel):
+    def has_room(self, tier: str) -> bool:
+        return False
+
+
+def test_exploration_starts_a_share_of_requests_routed_up_on_the_cheapest_tier(tmp_path) -> None:
+    cfg = config(tmp_path, **{"learn": {"enabled": True, "explore_rate": 0.5, "opt_out_key_ids": [key_id("sk-o")]}})
+    metrics = Metrics()
+    planner = Planner(cfg, TierChannel(TIERS, cfg.capacity, token="t" * 32), metrics, None, None)
+    policy = cascade_policy(cfg.cascade, TIERS, routed=True)
+    up = Outcome(knn("large"), "large")
+    moved = [planner.explore(up, policy, f"chatcmpl-{i}", "k1") for i in range(400)]
+    explored = [o for o in moved if o.explored]
+    assert 150 < len(explored) < 250  # the configured half, by the request id's hash
+    assert {(o.entry_tier, o.decision.tier) for o in explored} == {("small", "large")}
+    assert metrics.registry.get_sample_value("tierserve_learn_explorations_total", {"routed_tier": "large"}) == len(
+        explored)
+    rid = next(f"chatcmpl-{i}" for i, o in enumerate(moved) if o.explored)
+    assert planner.explore(up, policy, rid, "k1").explored  # the same request always gets the same answer
+    # Never: without a cascade to judge the cheap answer, for an opted-out key, a tier the client named, a
+    # request load already moved, a full cheapest tier, or a request routed to the cheapest tier anyway.
+    assert not planner.explore(up, None, rid, "k1").explored
+    assert not planner.explore(up, policy, rid, key_id("sk-o")).explored
+    assert not planner.explore(replace(up, routed=False), policy, rid, "k1").explored
+    assert not planner.explore(replace(up, capacity="spill_up:x"), policy, rid, "k1").explored
+    assert not planner.explore(Outcome(knn("small"), "small"), policy, rid, "k1").explored
+    full = Planner(cfg, FullChannel(TIERS, cfg.capacity, token="t" * 32), metrics, None, None)
+    assert not full.explore(up, policy, rid, "k1").explored
+    off = config(tmp_path, learn={"enabled": False, "explore_rate": 0.5})
+    assert not Planner(off, TierChannel(TIERS, off.capacity, token="t" * 32), metrics, None, None).explore(
+        up, policy, rid, "k1").explored
+
+
+def test_the_escalation_floor_gauge_is_set_beside_the_target(tmp_path) -> None:
+    metrics = Metrics()
+    Recorder(config(tmp_path), metrics, None).close()
+    assert metrics.registry.get_sample_value("tierserve_cascade_escalation_floor", {"tier": "small"}) == 0.22
+    assert metrics.registry.get_sample_value("tierserve_cascade_escalation_target", {"tier": "small"}) == 0.3
+    assert metrics.registry.get_sample_value("tierserve_cascade_escalation_floor", {"tier": "large"}) is None
+
+
+def test_the_query_record_carries_the_shadow_decision_or_goes_without_it_when_late(tmp_path) -> None:
+    cfg = config(tmp_path, learn={"enabled": False},
+                 shadow={"enabled": True, "candidate": "knn", "threshold": 0.3, "log_wait_s": 0.2})
+    metrics = Metrics()
+    learning = Learning(cfg, router=None, metrics=metrics)  # only the shadow's bookkeeping runs here
+    recorder = Recorder(cfg, metrics, None, learning)
+    outcome = Outcome(knn("small"), "small")
+
+    async def decide(after_s: float) -> RouteDecision:
+        await asyncio.sleep(after_s)
+        return knn("large")
+
+    async def main() -> None:
+        soon = asyncio.create_task(decide(0.05))
+        late = asyncio.create_task(decide(5.0))
+        recorder.record(replace(TICKET, request_id="soon", shadow=soon, started=time.perf_counter()), outcome, 200)
+        recorder.record(replace(TICKET, request_id="late", shadow=late, started=time.perf_counter()), outcome, 200)
+        recorder.record(replace(TICKET, request_id="none", started=time.perf_counter()), outcome, 200)
+        await asyncio.sleep(0.5)
+        assert late.cancelled()  # a late candidate is not left running
+
+    asyncio.run(main())
+    recorder.close()
+    records = {r.request_id: r for r in read_records(recorder.query_log.directory)}
+    soon, late, none = records["soon"], records["late"], records["none"]
+    assert (soon.shadow_router, soon.shadow_tier, soon.shadow_score) == ("knn@0.3", "large", 0.9)
+    assert (soon.routed_tier, soon.tier) == ("small", "small")
+    assert late.shadow_router is None and late.shadow_tier is None and late.status == "ok"
+    assert none.shadow_router is None
+    assert metrics.registry.get_sample_value("tierserve_shadow_decisions_total", {"result": "logged"}) == 1
+    assert metrics.registry.get_sample_value("tierserve_shadow_decisions_total", {"result": "late"}) == 1
+
+
+def test_feedback_needs_keys_configured_and_learning_on(tmp_path) -> None:
+    """On a stack without keys nobody owns an answer: 401 naming the setting; with learning off, 403 saying so."""
+    import httpx
+
+    from serving.ingress.protocol import Keys
+    from serving.ingress.routes import build_routes
+
+    def post(keys: Keys, headers: dict | None = None) -> httpx.Response:
+        parts = SimpleNamespace(config=config(tmp_path, learn={"enabled": False}), keys=keys, channel=None,
+                                planner=None, router=None, metrics=Metrics(), learning=None)
+
+        async def main() -> httpx.Response:
+            transport = httpx.ASGITransport(app=build_routes(parts))
+            async with httpx.AsyncClient(transport=transport, base_url="http://ingress") as client:
+                return await client.post("/v1/feedback", json={"response_id": "chatcmpl-1", "score": 1.0},
+                                         headers=headers)
+
+        return asyncio.run(main())
+
+    keyless = post(Keys(set(), set()))
+    assert keyless.status_code == 401 and "http.api_keys" in keyless.json()["error"]["message"]
+    off = post(Keys({"sk-1"}, set()), {"Authorization": "Bearer sk-1"})
+    assert off.status_code == 403 and off.json()["error"]["code"] == "learning_disabled"
+
+
+def test_an_explored_turn_leaves_its_conversation_on_the_routed_tier(tmp_path) -> None:
+    from serving.ingress.sessions import SessionStore
+
+    sessions = SessionStore(60.0, 100)
+    recorder = Recorder(config(tmp_path), Metrics(), sessions)
+    probe = replace(cascaded("small", 0.9, escalated=False, routed_to="large"), explored=True)
+    probe = replace(probe, decision=replace(probe.decision, session="s1"))
+    recorder.record(replace(TICKET, started=time.perf_counter()), probe, 200)
+    assert sessions.get("s1").tier == "large"  # the small tier answered this once; the conversation stays up
+    recorder.close()
