@@ -118,6 +118,9 @@ class RouterDeployment:
         self._start_maintenance()
         start = time.perf_counter()
         if (cached := self._router.cached(request)) is not None:  # no queue, no embedding
+            # Still a suspension point: callers looping on cached texts in this process (the router in the
+            # ingress) must not starve the loop, whose maintenance task writes what was learned.
+            await asyncio.sleep(0)
             return replace(cached, overhead_ms=(time.perf_counter() - start) * 1000)
         limit = self._max_queue_wait_s
         if limit is not None and (expected_s := self._batcher.expected_wait_s(request)) > limit:

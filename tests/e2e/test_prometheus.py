@@ -49,6 +49,18 @@ NO_DATA_HERE: dict[str, str] = {
         "(cascade.target_escalation_rate or tier_target_escalation_rates, written by `tierserve calibrate "
         "--cascade`); the e2e config has none, and a made-up target would prove nothing"
     ),
+    "Escalation rate vs target by tier / C": (
+        "tierserve_cascade_escalation_floor likewise: set only for tiers with cascade.min_escalation_rate "
+        "(`tierserve calibrate --cascade --max-quality-loss`), which the e2e config does not set"
+    ),
+    "Learner verdicts and explorations / B": (
+        "exploration draws router.learn.explore_rate (2%) of the learning keys' requests routed above the "
+        "cheapest tier; this traffic uses a key that opts out of learning, so that it cannot change the store the "
+        "routing tests read (tests/unit/test_ingress_learning.py counts explorations)"
+    ),
+    "Learning calls failed or dropped / A": (
+        "counts the router's learner or shadow calls that failed or were dropped, which a healthy stack never has"
+    ),
 }
 """Panel queries (title / refId) that cannot return data against the e2e stack, and why."""
 

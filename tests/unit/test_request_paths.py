@@ -51,6 +51,9 @@ def _ingress(data_dir: Path) -> Any:
     raw = yaml.safe_load((REPO / "deploy" / "cpu.yaml").read_text())
     raw.update(data_dir=str(data_dir), query_log={"path": str(data_dir / "querylog")})
     raw["router"]["placement"] = "ingress"
+    # Its own store: TIERSERVE_DATA_DIR (the tests' shared folder) wins over data_dir, and embedded Qdrant
+    # lets one process hold a folder, the e2e stack's router included.
+    raw["router"]["store"] = {"path": str(data_dir / "qdrant")}
     config = parse_config(raw, "paths")
     ingress = object.__new__(Ingress.__mro__[1])  # the class Ray Serve wraps, built as its __init__ builds it
     ingress.config, ingress.metrics = config, Metrics()
@@ -148,7 +151,9 @@ def readme_paths() -> dict[str, set[str]]:
 
 @pytest.fixture(scope="module")
 def ingress(tmp_path_factory: pytest.TempPathFactory) -> Any:
-    return _ingress(tmp_path_factory.mktemp("paths"))
+    ingress = _ingress(tmp_path_factory.mktemp("paths"))
+    yield ingress
+    ingress.router.close()  # the store's folder lock
 
 
 PATHS = {
