@@ -169,8 +169,12 @@ def _send_each_kind_once(base_url: str, client: openai.OpenAI) -> None:
     for tier in ("small", "large"):  # plain and streamed answers from each tier
         client.chat.completions.create(model=tier, messages=msg, max_tokens=8)
         list(client.chat.completions.create(model=tier, messages=msg, max_tokens=8, stream=True))
-    client.chat.completions.create(model="auto", messages=msg, max_tokens=8)
-    list(client.chat.completions.create(model="auto", messages=msg, max_tokens=8, stream=True))
+    deadline = time.monotonic() + 30  # the store reopens once its 2 s are over: then kNN decides, and caches
+    while client.chat.completions.with_raw_response.create(model="auto", messages=msg, max_tokens=8).headers[
+            "x-tierserve-router"] != "knn":
+        assert time.monotonic() < deadline, "kNN routing back after the store's release"
+        time.sleep(0.5)
+    list(client.chat.completions.create(model="auto", messages=msg, max_tokens=8, stream=True))  # a cache hit
     escalated = client.chat.completions.create(
         model="small", messages=msg, max_tokens=8, extra_body={"tierserve": {"cascade": True, "cascade_threshold": 1.0}}
     )
