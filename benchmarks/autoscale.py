@@ -108,6 +108,11 @@ def main() -> None:
         base = yaml.safe_load((REPO / "deploy" / "cpu.yaml").read_text())
         base["http"] = {"host": "127.0.0.1", "port": args.port}
         base["router"] = {"default_router": "cheapest"}
+        # Room for a second small replica on two cores: each tier reserves a third of a CPU in Ray (the engines
+        # pin their own cores; this is only Ray's bookkeeping). With cpu.yaml's 0.8 each, the autoscaler asked
+        # for the second replica and Ray could not place it.
+        for tier in base["tiers"]:
+            tier["resources"] = {**tier.get("resources", {}), "num_cpus": 0.3}
         engine_cls = None
         target = 4.0
     else:
