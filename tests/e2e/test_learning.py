@@ -16,20 +16,12 @@ import pytest
 from router.learn import key_id
 from serving.querylog import read_records
 from tests.e2e.conftest import ADMIN_KEY, API_KEY, LEARN_KEYS
+from tests.inprocess import PROBE, TAUGHT
 
 pytestmark = pytest.mark.e2e
 ADMIN = {"Authorization": f"Bearer {ADMIN_KEY}"}
 TEACHER, OTHER = ({"Authorization": f"Bearer {k}"} for k in LEARN_KEYS)
-# Written for this test; the shipped exemplars call such requests routine.
-PROBE = "Convert this list of product names into a JSON array of lowercase strings: Apple, Banana, Cherry"
-TAUGHT = [
-    "Convert these product names to a JSON array of lowercase strings: Pear, Plum, Fig",
-    "Turn this list of product names into a JSON array, lowercase: Kiwi, Lime, Date",
-    "Convert the following product names into a JSON array of lowercase strings: Grape, Melon",
-    "Make a JSON array of lowercase strings from these product names: Orange, Lemon, Mango",
-    "Convert this list of fruit names into a lowercase JSON array of strings: Peach, Apricot",
-    "Convert product names to a JSON array of lowercase strings: Guava, Papaya, Lychee",
-]
+# PROBE and TAUGHT (tests/inprocess.py): the shipped exemplars call such requests routine.
 
 
 def _route(base_url: str, text: str) -> dict:

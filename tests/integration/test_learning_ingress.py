@@ -17,32 +17,13 @@ import httpx
 import pytest
 
 from router.learn import key_id
-from serving.cascade.runner import CascadeRunner
-from serving.channel.channel import TierChannel
-from serving.channel.replica import WireServer
 from serving.config import parse_config
 from serving.engines.scripted import ScriptedEngine
-from serving.ingress.app import Ingress, Recorder, _Asgi
-from serving.ingress.learning import Learning
-from serving.ingress.plan import Planner
-from serving.ingress.protocol import Keys
-from serving.ingress.router_calls import router_calls
-from serving.ingress.routes import build_routes
-from serving.metrics import Metrics
+from serving.ingress.app import _Asgi
 from serving.querylog import read_records
-from serving.types import EngineLoad, ReplicaStatus
+from tests.inprocess import PROBE, TAUGHT, build_ingress, serve_tiers
 
-TOKEN = "0123456789abcdef0123456789abcdef"
 KEY_A, KEY_B, ADMIN = "sk-learn-a", "sk-learn-b", "sk-learn-admin"
-PROBE = "Convert this list of product names into a JSON array of lowercase strings: Apple, Banana, Cherry"
-TAUGHT = [  # near the probe; the shipped exemplars call such requests routine
-    "Convert these product names to a JSON array of lowercase strings: Pear, Plum, Fig",
-    "Turn this list of product names into a JSON array, lowercase: Kiwi, Lime, Date",
-    "Convert the following product names into a JSON array of lowercase strings: Grape, Melon",
-    "Make a JSON array of lowercase strings from these product names: Orange, Lemon, Mango",
-    "Convert this list of fruit names into a lowercase JSON array of strings: Peach, Apricot",
-    "Convert product names to a JSON array of lowercase strings: Guava, Papaya, Lychee",
-]
 HARD = "Prove that every bounded monotone sequence of real numbers converges, citing the completeness axiom."
 
 
@@ -59,38 +40,16 @@ def _ingress(data_dir: Path) -> Any:
         "tiers": [{"name": "small", "model": "s", **tier}, {"name": "large", "model": "l", **tier}],
         "http": {"api_keys": [KEY_A, KEY_B], "admin_keys": [ADMIN]},
         "cascade": {"enabled": True, "threshold": 0.5},
+        "sessions": {"enabled": False},
         "query_log": {"path": str(data_dir / "querylog")},  # TIERSERVE_DATA_DIR (the tests' cache) wins over
         "router": {"placement": "ingress", "default_router": "knn", "max_queue_wait_s": None,  # data_dir
                    "store": {"refresh_s": 0.5, "path": str(data_dir / "qdrant")},
                    "learn": {"enabled": True, "flush_interval_s": 0.3, "explore_rate": 0.5},
                    "shadow": {"enabled": True, "candidate": "knn", "threshold": 0.3, "max_queue_wait_s": 5.0}},
     }, "learning")
-    ingress = object.__new__(Ingress.__mro__[1])  # the class Ray Serve wraps, built as its __init__ builds it
-    ingress.config, ingress.metrics = config, Metrics()
-    ingress.keys = Keys(config.api_keys(), config.admin_keys())
-    ingress.channel = TierChannel(config.tier_names, config.capacity, token=TOKEN, node_ip="127.0.0.1")
-    ingress.router = router_calls(config, None)
-    ingress.sessions = None
-    ingress.planner = Planner(config, ingress.channel, ingress.metrics, ingress.router, None)
-    ingress.cascade = CascadeRunner(config.tier_names, ingress.channel)
-    ingress.learning = Learning.build(config, ingress.router, ingress.metrics)
-    ingress.recorder = Recorder(config, ingress.metrics, None, ingress.learning)
-    ingress.routes = build_routes(ingress)
-    return ingress
+    return build_ingress(config)
 
 
-async def _serve_tiers(ingress: Any) -> list[WireServer]:
-    servers = []
-    for tier in ingress.config.tiers:
-        engine = Tier(tier, Path("unused"), "cpu")
-        engine.start()
-        server = WireServer(engine, TOKEN, max_ongoing=64)
-        address = await server.start("127.0.0.1")
-        load = EngineLoad(tier=tier.name, running=0, waiting=0, kv_cache_usage=0.0, max_num_seqs=32,
-                          timestamp=time.time())
-        ingress.channel.add_replica(tier.name, ReplicaStatus(f"{tier.name}-1", address, load, server.local_path))
-        servers.append(server)
-    return servers
 
 
 def _chat(text: str, **tierserve: object) -> dict:
@@ -107,7 +66,7 @@ def run(tmp_path_factory: pytest.TempPathFactory):
     """Runs one coroutine against the ingress (a client on its ASGI app, the tiers served), in one event loop."""
     ingress = _ingress(tmp_path_factory.mktemp("learning"))
     loop = asyncio.new_event_loop()
-    servers = loop.run_until_complete(_serve_tiers(ingress))
+    servers = loop.run_until_complete(serve_tiers(ingress, Tier))
     client = httpx.AsyncClient(transport=httpx.ASGITransport(app=_Asgi(ingress)), base_url="http://ingress",
                                timeout=60)
     yield lambda scenario: loop.run_until_complete(scenario(client, ingress))

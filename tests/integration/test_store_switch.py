@@ -18,17 +18,9 @@ from router.learn import RequestOutcome
 from router.store import ExemplarStore
 from router.types import RouteInput
 from serving import cli
+from tests.inprocess import PROBE, TAUGHT
 
 TIERS = ["small", "large"]
-PROBE = "Convert this list of product names into a JSON array of lowercase strings: Apple, Banana, Cherry"
-TAUGHT = [  # near the probe; the shipped exemplars call such requests routine
-    "Convert these product names to a JSON array of lowercase strings: Pear, Plum, Fig",
-    "Turn this list of product names into a JSON array, lowercase: Kiwi, Lime, Date",
-    "Convert the following product names into a JSON array of lowercase strings: Grape, Melon",
-    "Make a JSON array of lowercase strings from these product names: Orange, Lemon, Mango",
-    "Convert this list of fruit names into a lowercase JSON array of strings: Peach, Apricot",
-    "Convert product names to a JSON array of lowercase strings: Guava, Papaya, Lychee",
-]
 LOAD = ["Translate 'good morning' to French.", "Prove that there are infinitely many primes.",
         "Extract the dates from: we met on 3 May and 9 June.", PROBE]
 

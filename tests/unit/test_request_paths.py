@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import re
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -19,22 +18,11 @@ import pytest
 import yaml
 from fastapi import Request
 
-from serving.cascade.runner import CascadeRunner
-from serving.channel.channel import TierChannel
-from serving.channel.replica import WireServer
 from serving.config import parse_config
 from serving.engines.scripted import ScriptedEngine
-from serving.ingress.app import Ingress, Recorder
-from serving.ingress.learning import Learning
-from serving.ingress.plan import Planner
-from serving.ingress.protocol import Keys
-from serving.ingress.router_calls import router_calls
-from serving.ingress.sessions import SessionStore
-from serving.metrics import Metrics
-from serving.types import EngineLoad, ReplicaStatus
 from tests.conftest import REPO
+from tests.inprocess import build_ingress, serve_tiers
 
-TOKEN = "0123456789abcdef0123456789abcdef"
 LIMITS = {"plain": 10, "auto": 22, "cascade": 12}
 """The files one request may read, per path: issue 24's bounds for plain and cascade; `auto` is held at what it
 reads today (issue 24 asked 14; the README says why the router's stages stay apart), so it cannot grow."""
@@ -55,31 +43,9 @@ def _ingress(data_dir: Path) -> Any:
     # lets one process hold a folder, the e2e stack's router included.
     raw["router"]["store"] = {"path": str(data_dir / "qdrant")}
     config = parse_config(raw, "paths")
-    ingress = object.__new__(Ingress.__mro__[1])  # the class Ray Serve wraps, built as its __init__ builds it
-    ingress.config, ingress.metrics = config, Metrics()
-    ingress.keys = Keys(set(), set())
-    ingress.channel = TierChannel(config.tier_names, config.capacity, token=TOKEN, node_ip="127.0.0.1")
-    ingress.router = router_calls(config, None)
-    ingress.sessions = SessionStore(config.sessions.ttl_s, config.sessions.max_entries)
-    ingress.planner = Planner(config, ingress.channel, ingress.metrics, ingress.router, ingress.sessions)
-    ingress.cascade = CascadeRunner(config.tier_names, ingress.channel)
-    ingress.learning = Learning.build(config, ingress.router, ingress.metrics)
-    ingress.recorder = Recorder(config, ingress.metrics, ingress.sessions, ingress.learning)
-    return ingress
+    return build_ingress(config)
 
 
-async def _serve_tiers(ingress: Any) -> list[WireServer]:
-    servers = []
-    for tier in ingress.config.tiers:
-        engine = Tier(tier, Path("unused"), "cpu")
-        engine.start()
-        server = WireServer(engine, TOKEN, max_ongoing=64)
-        address = await server.start("127.0.0.1")
-        load = EngineLoad(tier=tier.name, running=0, waiting=0, kv_cache_usage=0.0, max_num_seqs=32,
-                          timestamp=time.time())
-        ingress.channel.add_replica(tier.name, ReplicaStatus(f"{tier.name}-1", address, load, server.local_path))
-        servers.append(server)
-    return servers
 
 
 async def _call(ingress: Any, body: bytes) -> bytes:
@@ -118,7 +84,7 @@ def traced_files(ingress: Any, body: dict) -> set[str]:
     sys.setprofile(profile)
 
     async def main() -> bytes:
-        servers = await _serve_tiers(ingress)
+        servers = await serve_tiers(ingress, Tier)
         try:
             warm = {**body, "stream": False, "max_tokens": 2, "messages": [{"role": "user", "content": "Warm up."}]}
             await _call(ingress, json.dumps(warm).encode())  # another text: the traced one misses the decision cache
