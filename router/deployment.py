@@ -80,7 +80,7 @@ class RouterDeployment:
                         if router_config.shadow.enabled else None)
         self._maintenance: asyncio.Task | None = None
         self._batcher = AdaptiveBatcher(
-            self._router.route_inputs,
+            self._decide,
             max_size=router_config.batch_max_size,
             wait_s=router_config.batch_wait_timeout_s,
             # After an overload, requests whose ingress already routed them by the heuristic are not embedded:
@@ -112,22 +112,44 @@ class RouterDeployment:
             return
         self._batcher.prime(timings)
 
+    def _decide(self, items: list[RouteInput]) -> list[RouteDecision]:
+        """One batch (in the batcher's worker thread): the live decisions, with the shadow's beside them."""
+        decisions = self._router.route_inputs(items)
+        return decisions if self._shadow is None else self._shadow.attach(items, decisions)
+
     async def route(self, request: RouteInput) -> RouteDecision:
         """The decision for one request; `overhead_ms` covers the wait for its batch and the batch itself.
-        One the router would likely take over `max_queue_wait_s` to decide gets the heuristic's at once."""
+        One the router would likely take over `max_queue_wait_s` to decide gets the heuristic's at once.
+        A request that asks for the shadow's decision goes without it when the cache answers it or the router
+        has a queue (`router.shadow.max_queue_wait_s`): a shadow never delays the decisions that are served."""
         self._start_maintenance()
         start = time.perf_counter()
+        if request.shadow and self._shadow is None:
+            request = replace(request, shadow=False)
         if (cached := self._router.cached(request)) is not None:  # no queue, no embedding
-            # Still a suspension point: callers looping on cached texts in this process (the router in the
-            # ingress) must not starve the loop, whose maintenance task writes what was learned.
-            await asyncio.sleep(0)
+            if request.shadow:  # the candidate decides repeats too, so the comparison covers them
+                cached = await self._shadow_of(request, cached)
+            else:
+                # Still a suspension point: callers looping on cached texts in this process (the router in the
+                # ingress) must not starve the loop, whose maintenance task writes what was learned.
+                await asyncio.sleep(0)
             return replace(cached, overhead_ms=(time.perf_counter() - start) * 1000)
+        if (request.shadow and not self._shadow.instant
+                and self._batcher.expected_wait_s(request) > self._cfg.shadow.max_queue_wait_s):
+            request = replace(request, shadow=False)  # a candidate that searches waits for a quieter moment
         limit = self._max_queue_wait_s
         if limit is not None and (expected_s := self._batcher.expected_wait_s(request)) > limit:
             decision = self._router.busy(request, expected_s)
         else:
             decision = await self._batcher.submit(request)
         return replace(decision, overhead_ms=(time.perf_counter() - start) * 1000)
+
+    async def _shadow_of(self, request: RouteInput, cached: RouteDecision) -> RouteDecision:
+        """A cached decision with the candidate's beside it (in a worker thread when the candidate searches)."""
+        if self._shadow.instant:
+            await asyncio.sleep(0)
+            return self._shadow.attach([request], [cached])[0]
+        return (await asyncio.to_thread(self._shadow.attach, [request], [cached]))[0]
 
     async def add_exemplars(self, exemplars: Sequence[Exemplar]) -> int:
         """Embed and store exemplars at runtime (the admin endpoint); returns how many were written."""
@@ -158,7 +180,7 @@ class RouterDeployment:
         async with self._admin_lock:
             await asyncio.to_thread(self._router.release_store, seconds)
 
-    # -- learning, versions, shadow -----------------------------------------------------------------------------
+    # -- learning, versions -----------------------------------------------------------------------------
 
     async def observe(self, outcome: RequestOutcome) -> LearnResult:
         """Learn from one answered request (the ingress calls it after answering; never on the request's path).
@@ -208,20 +230,6 @@ class RouterDeployment:
             record = await asyncio.to_thread(store.rollback, version)
             self._router.decisions.clear()  # decisions made on the other exemplars must not be served again
             return record
-
-    async def shadow(self, request: RouteInput, request_key: str) -> RouteDecision | None:
-        """The candidate router's decision for a request the live router decided (`router.shadow`); None when
-        no shadow is configured, the request is not sampled, the live router is busy, or the candidate failed."""
-        runner = self._shadow
-        if runner is None or not runner.wanted(request_key):
-            return None
-        if self._batcher.expected_wait_s(request) > self._cfg.shadow.max_queue_wait_s:
-            return None
-        try:
-            return (await asyncio.to_thread(runner.decide, [request]))[0]
-        except Exception:
-            logger.warning("shadow router %s failed; the live decision stands", runner.label, exc_info=True)
-            return None
 
     def _start_maintenance(self) -> None:
         if self._maintenance is None or self._maintenance.done():

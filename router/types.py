@@ -94,6 +94,9 @@ class RouteInput:
     """Per-request router; None: the config's `default_router`."""
     deadline: float | None = None
     """time.time() past which the caller no longer waits (it has routed without us): not worth embedding."""
+    shadow: bool = False
+    """Also decide it with the candidate router of `router.shadow`, in the same batch and on the same vectors
+    (`RouteDecision.shadow`); the ingress sets it on its sample of the requests."""
 
     def __post_init__(self) -> None:
         if self.threshold is not None and not 0.0 <= self.threshold <= 1.0:
@@ -155,6 +158,9 @@ class RouteDecision:
     """Why the requested router could not decide (with `fallback`), e.g. `BUSY_CAUSE`, `embedder`, `store`."""
     cached: bool = False
     """Answered from the router's decision cache: the same text was decided moments ago (not embedded again)."""
+    shadow: RouteDecision | None = None
+    """The candidate router's decision (`router.shadow`), for a request that asked for one (`RouteInput.shadow`)
+    and was decided by kNN or the classifier in a batch the router had time for; logged, never served."""
 
     @property
     def busy(self) -> bool:

@@ -136,14 +136,14 @@ class Metrics:
         )
         self.shadow_decisions = Counter(
             "tierserve_shadow_decisions_total",
-            "Shadow router decisions asked for routed requests, by result: logged beside the live one, none (not "
-            "sampled, router busy or candidate failed), late (past router.shadow.log_wait_s), skipped (too many "
-            "in flight).",
+            "Routed requests in router.shadow's sample, by result: decided (the candidate decided beside the live "
+            "router), skipped (the decision cache answered, the router had a queue, the live decision was a "
+            "fallback or the candidate failed).",
             labelnames=("result",), registry=r,
         )
         self.learn_calls_failed = Counter(
             "tierserve_learn_calls_failed_total",
-            "Calls to the router's learner or shadow that failed or were dropped (too many in flight); the "
+            "Calls to the router's learner that failed or were dropped (too many in flight); the "
             "requests were answered all the same.",
             labelnames=("call",), registry=r,
         )

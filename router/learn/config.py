@@ -82,11 +82,9 @@ class ShadowConfig(StrictModel):
     sample_rate: float = Field(default=1.0, gt=0.0, le=1.0)
     """Share of routed requests the candidate decides too."""
     max_queue_wait_s: float = Field(default=0.05, gt=0.0, le=10.0)
-    """The candidate skips a request when the live router's queue would make it wait longer than this: a
-    shadow never delays the decisions that are served."""
-    log_wait_s: float = Field(default=1.0, ge=0.0, le=30.0)
-    """How long, after its answer, a request's query record waits for the candidate's decision (asked as the
-    request starts, off its path); a later decision is dropped and the record is written without it."""
+    """A candidate that searches or embeds (`version`, `classifier`) skips a request when the live router's
+    queue would make it wait longer than this: a shadow never slows a busy router down. (`knn` with another
+    threshold and `heuristic` cost nothing and always decide.)"""
 
     @property
     def label(self) -> str:

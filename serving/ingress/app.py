@@ -2,9 +2,9 @@
 
     key = self.keys.check(...)                                  # serving.ingress.protocol
     body = await parse(http, ChatCompletionRequest, ...)         # serving.ingress.protocol
-    outcome = await self.planner.plan(...)                      # serving.ingress.plan: named tier, router, session, load
+    outcome = await self.planner.plan(...)                      # serving.ingress.plan: named tier, router (with
+                                                                #   router.shadow's decision beside), session, load
     outcome = self.planner.explore(...)                         # router.learn: a share tries the cheapest tier
-    ticket = replace(ticket, shadow=self.learning.shadow(...))  # serving.ingress.learning: router.shadow, off the path
     call = await self.channel.open(outcome.entry_tier, request)  # serving.channel: admission, replica, wire
         (a cascade instead: self.cascade.stream / .run)          # serving.cascade.runner, over the channel
     SseResponse / JSONResponse                                   # serving.ingress.openai
@@ -30,7 +30,6 @@ from fastapi.responses import JSONResponse, Response
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
-from router.types import RouteDecision
 from serving.cascade import CascadePolicy
 from serving.cascade.runner import CascadeRunner, CascadeStream
 from serving.channel.channel import TierCall, TierChannel
@@ -150,11 +149,10 @@ class Ingress:
                 messages=body.chat_messages() if kind == "chat" else None,
                 prompt=body.prompt_text() if kind != "chat" else None,
             )
-            outcome = await self.planner.plan(body.model, text, body.options, self._session(http, body, request))
+            outcome = await self.planner.plan(body.model, text, body.options, self._session(http, body, request),
+                                              request_id)
             policy = self.planner.cascade(outcome, body.options)
             outcome = self.planner.explore(outcome, policy, request_id, ticket.key_id)
-            if self.learning is not None:
-                ticket = replace(ticket, shadow=self.learning.shadow(outcome, text, request_id))
             deadline = asyncio.get_running_loop().time() + self.config.http.request_timeout_s
             if body.stream:
                 encoder = SseEncoder(kind=kind, request_id=request_id, model=body.model,
@@ -302,9 +300,7 @@ class Recorder:
         self.learning = learning
         self.query_log = (QueryLog.from_config(config.query_log, config.resolved_data_dir())
                           if config.query_log.enabled else None)
-        self.shadow = config.router.shadow
-        self._late: set[asyncio.Task] = set()
-        """Records waiting for their shadow decision (each at most `router.shadow.log_wait_s`)."""
+        self.shadow_label = config.router.shadow.label
         for tier in config.tier_names[:-1]:  # the drift alert compares escalations with the calibrated target
             target = config.cascade.target_rate_for(tier)
             if target is not None:
@@ -314,8 +310,6 @@ class Recorder:
                 metrics.cascade_escalation_floor.labels(tier).set(floor)
 
     def close(self) -> None:
-        for task in list(self._late):
-            task.cancel()
         if self.query_log is not None:
             self.query_log.close()
 
@@ -345,9 +339,8 @@ class Recorder:
         if status == 200 and self.learning is not None:
             self.learning.observe(ticket, outcome)
         if self.query_log is None:
-            if ticket.shadow is not None:
-                ticket.shadow.cancel()
             return
+        shadow = decision.shadow if outcome.routed else None
         record = QueryRecord(
             request_id=ticket.request_id, router=decision.router if outcome.routed else "none", tier=tier,
             score=decision.score, threshold=decision.thresholds[-1] if decision.thresholds else None,
@@ -355,25 +348,10 @@ class Recorder:
             cascade_thresholds=outcome.scored_thresholds(self.tier_names), latency_ms=latency_s * 1000,
             prompt_tokens=prompt_tokens, completion_tokens=completion_tokens, status=status_word(status),
             prompt=ticket.routing_text, routed_tier=decision.tier if outcome.routed else None,
-            explored=outcome.explored,
+            explored=outcome.explored, shadow_router=self.shadow_label if shadow else None,
+            shadow_tier=shadow.tier if shadow else None, shadow_score=shadow.score if shadow else None,
         )
-        if ticket.shadow is None or self.learning is None or ticket.shadow.get_loop().is_closed():
-            self.query_log.append(record)
-            return
-        task = ticket.shadow.get_loop().create_task(self._with_shadow(record, ticket.shadow))
-        self._late.add(task)
-        task.add_done_callback(self._late.discard)
-
-    async def _with_shadow(self, record: QueryRecord, shadow: asyncio.Task[RouteDecision | None]) -> None:
-        """Append the record with the candidate's decision beside the live one (without, when it is late)."""
-        decision = None
-        try:
-            decision = await self.learning.shadow_decision(shadow, self.shadow.log_wait_s)
-        finally:  # cancelled at shutdown: the record is written all the same
-            if decision is not None:
-                record = replace(record, shadow_router=self.shadow.label, shadow_tier=decision.tier,
-                                 shadow_score=decision.score)
-            self.query_log.append(record)
+        self.query_log.append(record)
 
 
 def _with_trace(outcome: Outcome, answer: TierCall | CascadeStream) -> Outcome:

@@ -1,13 +1,11 @@
-"""The ingress's side of the router learning from its traffic (`router.learn`) and of its shadow
-(`router.shadow`), all off the request's path:
+"""The ingress's side of the router learning from its traffic (`router.learn`), off the request's path:
 
-    shadow = learning.shadow(outcome, text, request_id)         # as a routed request starts: the candidate decides
     learning.observe(ticket, outcome)                           # once it is answered: the router learns from it
     result = await learning.feedback(response_id, score, key)   # POST /v1/feedback
 
-The first two are fire and forget: never awaited by the request, bounded in number (past the bound they are
-skipped and counted), their failures logged and counted, never the request's. `Recorder` waits for the shadow's
-decision (at most `router.shadow.log_wait_s`) only to write it into the query record.
+`observe` is fire and forget: never awaited by the request, bounded in number (past the bound it is skipped and
+counted), its failures logged and counted, never the request's. (The shadow of `router.shadow` needs no call of
+its own: its decision comes back with the live one, `RouteDecision.shadow`.)
 """
 
 from __future__ import annotations
@@ -20,8 +18,6 @@ from typing import Any
 
 from router.errors import TierserveError
 from router.learn import Feedback, LearnResult, RequestOutcome
-from router.learn.rules import sampled
-from router.types import RouteDecision, RouteInput
 from serving.config import AppConfig
 from serving.ingress.errors import (
     Forbidden,
@@ -36,15 +32,13 @@ from serving.metrics import Metrics
 logger = logging.getLogger(__name__)
 
 MAX_IN_FLIGHT = 512
-"""Background calls (observations, shadow decisions) one ingress replica keeps open at once; more are skipped:
-a router that cannot keep up loses learning material, never requests."""
-SHADOWED = ("knn", "classifier", "judge", "heuristic")
-"""Live routers whose decisions the candidate is compared with (not a session's tier, nor a fallback)."""
+"""Observations one ingress replica keeps in flight to the router at once; more are skipped: a router that
+cannot keep up loses learning material, never requests."""
 
 
 @dataclass(frozen=True)
 class Ticket:
-    """What the recorder needs of a request besides its outcome: ids, timing, its text and key, its shadow."""
+    """What the recorder needs of a request besides its outcome: ids, timing, its text and key."""
 
     request_id: str
     """Also the response id clients send feedback about."""
@@ -54,8 +48,6 @@ class Ticket:
     routing_text: str | None = None
     key_id: str | None = None
     """The API key's id (`Keys.check`); None on a stack without keys."""
-    shadow: asyncio.Task[RouteDecision | None] | None = None
-    """The candidate router's decision, asked for as the request started (`Learning.shadow`)."""
 
 
 def request_outcome(outcome: Outcome, ticket: Ticket, tier_names: list[str]) -> RequestOutcome | None:
@@ -81,11 +73,10 @@ def request_outcome(outcome: Outcome, ticket: Ticket, tier_names: list[str]) -> 
 
 
 class Learning:
-    """Tells the router what the ingress saw, and asks its shadow; one per ingress replica."""
+    """Tells the router's learner what the ingress saw; one per ingress replica."""
 
     def __init__(self, config: AppConfig, router: RouterCalls, metrics: Metrics) -> None:
         self.learn = config.router.learn
-        self.shadow_cfg = config.router.shadow
         self.tier_names = list(config.tier_names)
         self.router = router
         self.metrics = metrics
@@ -95,20 +86,10 @@ class Learning:
 
     @classmethod
     def build(cls, config: AppConfig, router: RouterCalls | None, metrics: Metrics) -> Learning | None:
-        """None when neither learning nor a shadow is configured, or no router runs."""
-        if router is None or not (config.router.learn.enabled or config.router.shadow.enabled):
+        """None when learning is off, or no router runs."""
+        if router is None or not config.router.learn.enabled:
             return None
         return cls(config, router, metrics)
-
-    def shadow(self, outcome: Outcome, routing_text: str, request_id: str) -> asyncio.Task[RouteDecision | None] | None:
-        """Ask the candidate router for its decision on a request the live router decided (the task is awaited
-        only by the query record); None when no shadow runs or the decision is not one to compare."""
-        d, cfg = outcome.decision, self.shadow_cfg
-        if not cfg.enabled or not outcome.routed or d.router not in SHADOWED or d.fallback:
-            return None
-        if not sampled(request_id, cfg.sample_rate, salt="shadow"):  # the router's own draw: no call to skip it
-            return None
-        return self._spawn(self.router.shadow(RouteInput(routing_text), request_id), "shadow")
 
     def observe(self, ticket: Ticket, outcome: Outcome) -> None:
         """Tell the router's learner about an answered request (fire and forget)."""
@@ -138,18 +119,6 @@ class Learning:
         self.metrics.learn_verdicts.labels("feedback", result.verdict).inc()
         return result
 
-    async def shadow_decision(self, task: asyncio.Task[RouteDecision | None], wait_s: float) -> RouteDecision | None:
-        """The shadow's decision, waiting at most `wait_s` for it (then it is cancelled and counted late)."""
-        if not task.done():
-            done, _ = await asyncio.wait([task], timeout=wait_s)
-            if not done:
-                task.cancel()
-                self.metrics.shadow_decisions.labels("late").inc()
-                return None
-        decision = None if task.cancelled() or task.exception() is not None else task.result()
-        self.metrics.shadow_decisions.labels("logged" if decision is not None else "none").inc()
-        return decision
-
     def close(self) -> None:
         for task in list(self._tasks):
             task.cancel()
@@ -162,8 +131,6 @@ class Learning:
         if len(self._tasks) >= MAX_IN_FLIGHT:
             call.close()
             self.metrics.learn_calls_failed.labels(f"{name}_dropped").inc()
-            if name == "shadow":
-                self.metrics.shadow_decisions.labels("skipped").inc()
             return None
         task = asyncio.get_running_loop().create_task(call)
         self._tasks.add(task)

@@ -16,7 +16,7 @@ from dataclasses import dataclass, replace
 
 from router.decide import Decider
 from router.judge import JudgeRouter
-from router.learn.rules import explore, gate
+from router.learn.rules import explore, gate, sampled
 from router.types import (
     Chosen,
     RouteDecision,
@@ -100,9 +100,9 @@ class Planner:
         self._served = {(t.served_model_name or t.name): t.name for t in config.tiers}
 
     async def plan(self, model: str, routing_text: str, options: TierserveOptions,
-                   session: SessionKey | None = None) -> Outcome:
+                   session: SessionKey | None = None, request_id: str = "") -> Outcome:
         """Where the request starts: the tier it names, else its conversation's tier or the router's, moved by
-        load (`place`)."""
+        load (`place`). `request_id` draws it into `router.shadow`'s sample (deterministic per id)."""
         names = self.tier_names
         if options.tier is not None:
             if options.tier not in names:
@@ -113,10 +113,12 @@ class Planner:
         if model in names or model in self._served:
             tier = model if model in names else self._served[model]
             return Outcome(self._chosen(tier, "explicit", "model names a tier"), tier, routed=False)
-        return self.place(await self.route(model, routing_text, options, session))
+        shadow = self.config.router.shadow
+        wanted = shadow.enabled and sampled(request_id, shadow.sample_rate, salt="shadow")
+        return self.place(await self.route(model, routing_text, options, session, shadow=wanted))
 
     async def route(self, model: str, routing_text: str, options: TierserveOptions,
-                    session: SessionKey | None = None) -> RouteDecision:
+                    session: SessionKey | None = None, *, shadow: bool = False) -> RouteDecision:
         """The routing decision for `model="auto"` / `router-*` (the session's tier when it continues one)."""
         names = self.tier_names
         if model != "auto" and not model.startswith("router-"):
@@ -127,8 +129,8 @@ class Planner:
         if not options.routing:
             return self._chosen(names[0], "cheapest", "routing disabled by the request")
         if session is None or self.sessions is None:
-            return await self._route(model, routing_text, options)
-        return self._remembered(session) or replace(await self._route(model, routing_text, options),
+            return await self._route(model, routing_text, options, shadow)
+        return self._remembered(session) or replace(await self._route(model, routing_text, options, shadow),
                                                     session=session.key)
 
     def place(self, decision: RouteDecision) -> Outcome:
@@ -193,7 +195,7 @@ class Planner:
             reason=sticky_reason(session, remembered, self.sessions.now()), session=session.key,
         )
 
-    async def _route(self, model: str, routing_text: str, options: TierserveOptions) -> RouteDecision:
+    async def _route(self, model: str, routing_text: str, options: TierserveOptions, shadow: bool) -> RouteDecision:
         kind: RouterKind | None = None
         threshold = None
         if model != "auto":
@@ -203,7 +205,7 @@ class Planner:
                 raise ModelNotFound(str(exc), param="model", code="model_not_found") from None
         if options.threshold is not None:
             threshold = options.threshold
-        item = RouteInput(text=routing_text, threshold=threshold, router=kind)
+        item = RouteInput(text=routing_text, threshold=threshold, router=kind, shadow=shadow)
         started = time.perf_counter()
         decision = await self._decide(item, kind or self.config.router.default_router)
         decision = replace(decision, overhead_ms=(time.perf_counter() - started) * 1000)
@@ -215,12 +217,14 @@ class Planner:
             self.metrics.router_busy_fallbacks.inc()
         if decision.cached:
             self.metrics.router_cached_decisions.inc()
+        if shadow:
+            self.metrics.shadow_decisions.labels("decided" if decision.shadow is not None else "skipped").inc()
         return decision
 
     async def _decide(self, item: RouteInput, kind: RouterKind) -> RouteDecision:
         timeout_s = self.config.ingress.router_timeout_s
-        if kind in ("cheapest", "heuristic"):
-            return self.local.local(item, kind)
+        if kind == "cheapest" or (kind == "heuristic" and (not item.shadow or self.router is None)):
+            return self.local.local(item, kind)  # a shadowed one goes to the router, where the candidate runs
         if kind == "judge":
             try:
                 verdict = await asyncio.wait_for(self._judge.verdict(item.text), timeout_s)

@@ -28,8 +28,6 @@ class RouterCalls(Protocol):
 
     async def feedback(self, feedback: Feedback) -> LearnResult: ...
 
-    async def shadow(self, request: RouteInput, request_key: str) -> RouteDecision | None: ...
-
     async def versions(self) -> list[StoreVersion]: ...
 
     async def active_version(self) -> int: ...
@@ -62,9 +60,6 @@ class HandleRouter:
 
     async def feedback(self, feedback: Feedback) -> LearnResult:
         return await self._handle.feedback.remote(feedback)
-
-    async def shadow(self, request: RouteInput, request_key: str) -> RouteDecision | None:
-        return await self._handle.shadow.remote(request, request_key)
 
     async def versions(self) -> list[StoreVersion]:
         return await self._handle.versions.remote()

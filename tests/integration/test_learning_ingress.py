@@ -127,7 +127,6 @@ def test_exploration_and_the_shadow_are_logged_beside_the_live_decision(run) -> 
             r = await client.post("/v1/chat/completions", json=_chat(HARD), headers=_auth(KEY_B))
             assert r.status_code == 200, r.text
             ids.append(r.json()["id"])
-        await asyncio.sleep(1.5)  # shadow decisions awaited (log_wait_s), then the writer's flush
         ingress.recorder.query_log.flush()
         records = {r.request_id: r for r in read_records(ingress.recorder.query_log.directory)}
         mine = [records[i] for i in ids]

@@ -287,3 +287,37 @@ def test_a_busy_router_answers_the_overflow_with_the_heuristic_at_once(tmp_path,
     assert causes == ["busy"] * len(busy)
     # The busy ones did not queue: each took less than any embedded decision, which includes an embedding.
     assert max(d.overhead_ms for d in busy) < min(d.overhead_ms for d in embedded)
+
+
+@pytest.mark.parametrize("candidate", [{"candidate": "knn", "threshold": 0.99}, {"candidate": "version", "version": 1}])
+def test_the_shadow_decides_beside_the_live_router_in_the_same_call(tmp_path, embedder, candidate):
+    """`router.shadow`: a request that asks for it gets the candidate's decision with the live one, cache hits
+    included; one that does not ask gets none. `knn` with another threshold decides from the live score;
+    `version` searches the seeded version (the live one here, so it agrees)."""
+    import asyncio
+
+    from router.deployment import RouterDeployment
+
+    cfg = RouterConfig(max_queue_wait_s=None, shadow={"enabled": True, "max_queue_wait_s": 10.0, **candidate})
+    deployment = RouterDeployment(cfg, TIERS, str(tmp_path), embedder=embedder)
+
+    async def main():
+        fresh = await asyncio.gather(*(deployment.route(RouteInput(t, shadow=True)) for t in NEAR_LARGE[:3]))
+        again = await deployment.route(RouteInput(NEAR_LARGE[0], shadow=True))
+        unasked = await deployment.route(RouteInput(NEAR_LARGE[3]))
+        return fresh, again, unasked
+
+    try:
+        fresh, again, unasked = asyncio.run(main())
+    finally:
+        deployment.close()
+    assert unasked.shadow is None and unasked.tier == "large"
+    assert again.cached and again.shadow is not None
+    for live in [*fresh, again]:
+        assert live.tier == "large" and live.shadow is not None and live.shadow.router == "knn"
+        assert live.shadow.score == pytest.approx(live.score, abs=1e-6)  # the same neighbours
+        if candidate["candidate"] == "knn":  # below 0.99, the candidate keeps it on the small tier
+            assert live.shadow.thresholds == (0.99,)
+            assert live.shadow.tier == ("large" if live.score >= 0.99 else "small")
+        else:
+            assert live.shadow.tier == live.tier

@@ -1,6 +1,6 @@
 """The ingress's side of learning, without Ray or a router: what the learner is told of an answered request,
 which routed requests explore the cheapest tier, the status each feedback verdict answers with, the
-escalation-floor gauge, and the query record that waits (bounded) for the shadow's decision."""
+escalation-floor gauge, the shadow's sample and the query record that carries the shadow's decision."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from dataclasses import replace
 from types import SimpleNamespace
 
 from router.learn import key_id
-from router.types import RouteDecision
+from router.types import RouteDecision, RouteInput
 from serving.cascade import CascadeTrace, TierAttempt, cascade_policy
 from serving.channel.channel import TierChannel
 from serving.config import parse_config
@@ -119,37 +119,57 @@ def test_the_escalation_floor_gauge_is_set_beside_the_target(tmp_path) -> None:
     assert metrics.registry.get_sample_value("tierserve_cascade_escalation_floor", {"tier": "large"}) is None
 
 
-def test_the_query_record_carries_the_shadow_decision_or_goes_without_it_when_late(tmp_path) -> None:
-    cfg = config(tmp_path, learn={"enabled": False},
-                 shadow={"enabled": True, "candidate": "knn", "threshold": 0.3, "log_wait_s": 0.2})
-    metrics = Metrics()
-    learning = Learning(cfg, router=None, metrics=metrics)  # only the shadow's bookkeeping runs here
-    recorder = Recorder(cfg, metrics, None, learning)
-    outcome = Outcome(knn("small"), "small")
-
-    async def decide(after_s: float) -> RouteDecision:
-        await asyncio.sleep(after_s)
-        return knn("large")
-
-    async def main() -> None:
-        soon = asyncio.create_task(decide(0.05))
-        late = asyncio.create_task(decide(5.0))
-        recorder.record(replace(TICKET, request_id="soon", shadow=soon, started=time.perf_counter()), outcome, 200)
-        recorder.record(replace(TICKET, request_id="late", shadow=late, started=time.perf_counter()), outcome, 200)
-        recorder.record(replace(TICKET, request_id="none", started=time.perf_counter()), outcome, 200)
-        await asyncio.sleep(0.5)
-        assert late.cancelled()  # a late candidate is not left running
-
-    asyncio.run(main())
+def test_the_query_record_carries_the_shadow_decision_that_came_with_the_live_one(tmp_path) -> None:
+    cfg = config(tmp_path, learn={"enabled": False}, shadow={"enabled": True, "candidate": "knn", "threshold": 0.3})
+    recorder = Recorder(cfg, Metrics(), None)
+    shadowed = Outcome(replace(knn("small"), shadow=knn("large")), "small")
+    recorder.record(replace(TICKET, request_id="shadowed", started=time.perf_counter()), shadowed, 200)
+    recorder.record(replace(TICKET, request_id="none", started=time.perf_counter()), Outcome(knn("small"), "small"),
+                    200)
     recorder.close()
     records = {r.request_id: r for r in read_records(recorder.query_log.directory)}
-    soon, late, none = records["soon"], records["late"], records["none"]
-    assert (soon.shadow_router, soon.shadow_tier, soon.shadow_score) == ("knn@0.3", "large", 0.9)
-    assert (soon.routed_tier, soon.tier) == ("small", "small")
-    assert late.shadow_router is None and late.shadow_tier is None and late.status == "ok"
-    assert none.shadow_router is None
-    assert metrics.registry.get_sample_value("tierserve_shadow_decisions_total", {"result": "logged"}) == 1
-    assert metrics.registry.get_sample_value("tierserve_shadow_decisions_total", {"result": "late"}) == 1
+    shadowed, none = records["shadowed"], records["none"]
+    assert (shadowed.shadow_router, shadowed.shadow_tier, shadowed.shadow_score) == ("knn@0.3", "large", 0.9)
+    assert (shadowed.routed_tier, shadowed.tier) == ("small", "small")
+    assert none.shadow_router is None and none.shadow_tier is None and none.status == "ok"
+
+
+class Router:
+    """What the planner asks of the router deployment (`RouterCalls.route`), recording the inputs."""
+
+    def __init__(self, default_router: str) -> None:
+        self.asked: list[RouteInput] = []
+        self.default_router = default_router
+
+    async def route(self, request: RouteInput) -> RouteDecision:
+        self.asked.append(request)
+        decision = knn("large")
+        return replace(decision, router=request.router or self.default_router,
+                       shadow=knn("small") if request.shadow else None)
+
+
+def test_the_planner_asks_for_the_shadow_on_its_sample_and_counts_it(tmp_path) -> None:
+    """`router.shadow.sample_rate` of the routed requests ask for the candidate's decision (drawn by request id);
+    a shadowed heuristic request goes to the router deployment, where the candidate runs."""
+    cfg = config(tmp_path, learn={"enabled": False}, default_router="heuristic",
+                 shadow={"enabled": True, "candidate": "knn", "sample_rate": 0.5})
+    metrics, router = Metrics(), Router(cfg.router.default_router)
+    planner = Planner(cfg, TierChannel(TIERS, cfg.capacity, token="t" * 32), metrics, router, None)
+    from serving.ingress.protocol import TierserveOptions
+
+    async def main() -> list[Outcome]:
+        return [await planner.plan("auto", "Convert these names to JSON", TierserveOptions(), None, f"r{i}")
+                for i in range(40)]
+
+    outcomes = asyncio.run(main())
+    asked = len(router.asked)
+    assert 8 <= asked <= 32 and all(item.shadow and item.router is None for item in router.asked)
+    assert sum(o.decision.shadow is not None for o in outcomes) == asked
+    assert all(o.decision.router == "heuristic" for o in outcomes)  # the rest decided in the ingress
+    decided = metrics.registry.get_sample_value("tierserve_shadow_decisions_total", {"result": "decided"})
+    assert decided == asked
+    again = asyncio.run(planner.plan("auto", "Convert these names to JSON", TierserveOptions(), None, "r0"))
+    assert (again.decision.shadow is not None) == router.asked[0].shadow  # the same id, the same draw
 
 
 def test_feedback_needs_keys_configured_and_learning_on(tmp_path) -> None:
