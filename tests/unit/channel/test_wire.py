@@ -32,7 +32,12 @@ from serving.channel.wire import (
     poll_load,
 )
 from serving.engines.scripted import ScriptedEngine
-from serving.types import GenerationChunk, GenerationRequest, SamplingOptions, TokenLogprob
+from serving.types import (
+    GenerationChunk,
+    GenerationRequest,
+    SamplingOptions,
+    TokenLogprob,
+)
 from tests.unit.channel.helpers import TOKEN, FastEngine, chat_request, serve
 
 
