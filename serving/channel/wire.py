@@ -25,7 +25,7 @@ import socket
 import struct
 import time
 from collections.abc import AsyncIterator
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any
 
 from router.errors import InvalidRequest, TierserveError
@@ -101,7 +101,10 @@ def hello(kind: bytes, token: str, payload: bytes = b"") -> bytes:
 
 
 def encode_request(token: str, wire: WireRequest) -> bytes:
-    return hello(REQUEST, token, _dump({"request": asdict(wire.request), "whole": wire.whole}))
+    r = wire.request  # by hand: `asdict` deep-copies every field, per request on the ingress's event loop
+    messages = [{"role": m.role, "content": m.content} for m in r.messages] if r.messages is not None else None
+    request = {**vars(r), "sampling": vars(r.sampling), "messages": messages}
+    return hello(REQUEST, token, _dump({"request": request, "whole": wire.whole}))
 
 
 def decode_request(payload: bytes) -> WireRequest:
@@ -144,7 +147,7 @@ def decode_chunk(payload: bytes) -> GenerationChunk:
 def end_frame(last: GenerationChunk | None, load: EngineLoad) -> bytes:
     summary = {"finish_reason": last.finish_reason, "prompt_tokens": last.prompt_tokens,
                "completion_tokens": last.completion_tokens} if last else {}
-    return frame(END, _dump({**summary, "load": asdict(load)}))
+    return frame(END, _dump({**summary, "load": vars(load)}))
 
 
 def decode_end(payload: bytes) -> End:

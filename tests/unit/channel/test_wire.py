@@ -32,7 +32,12 @@ from serving.channel.wire import (
     poll_load,
 )
 from serving.engines.scripted import ScriptedEngine
-from serving.types import GenerationChunk, TokenLogprob
+from serving.types import (
+    GenerationChunk,
+    GenerationRequest,
+    SamplingOptions,
+    TokenLogprob,
+)
 from tests.unit.channel.helpers import TOKEN, FastEngine, chat_request, serve
 
 
@@ -53,6 +58,8 @@ async def _collect(address: str, request: WireRequest, token: str = TOKEN, local
 def test_requests_and_chunks_round_trip() -> None:
     request = WireRequest(chat_request(stop=("a", "b"), logprobs=True, top_logprobs=3, seed=7), whole=True)
     assert decode_request(encode_request(TOKEN, request)[wire.HELLO.size:]) == request
+    completion = WireRequest(GenerationRequest(request_id="cmpl-1", sampling=SamplingOptions(), prompt="hi"))
+    assert decode_request(encode_request(TOKEN, completion)[wire.HELLO.size:]) == completion
     for chunk in (GenerationChunk(text="héllo \U0001f600", num_new_tokens=2, prompt_tokens=7, completion_tokens=9),
                   GenerationChunk(text="", finish_reason="length", prompt_tokens=1, completion_tokens=1,
                                   token_logprobs=(TokenLogprob("x", -0.5, (("x", -0.5), ("y", -1.25))),))):
