@@ -9,6 +9,9 @@ bundled MiniLM). Latency is measured around `RouterDeployment.route` (no Ray hop
     .venv/bin/python benchmarks/router_latency.py --sizes 10000 --requests 300 --threads 1
     .venv/bin/python benchmarks/router_latency.py --sizes 10000 --requests 200 --backend onnx-int8
 
+`--shadow knn@0.3 version heuristic` instead prices `router.shadow`'s candidates: decisions/s with and without
+the candidate deciding beside the live router, in alternating rounds on one router (largest size).
+
 With `--backend onnx-int8` (int8 vectors, exact re-check near a boundary) it also prints the share of requests
 that needed the re-check and how many concurrency-1 decisions differ from the exact model's (with and without
 the re-check).
@@ -37,6 +40,7 @@ from router.config import EmbedderConfig, KnnConfig, RouterConfig  # noqa: E402
 from router.core import StoreIndex  # noqa: E402
 from router.deployment import RouterDeployment  # noqa: E402
 from router.embed import Embedder, RecheckEmbedder, build_embedder  # noqa: E402
+from router.learn.config import ShadowConfig  # noqa: E402
 from router.exemplars import load_default_exemplars  # noqa: E402
 from router.scorers import KnnRouter  # noqa: E402
 from router.scoring import label_difficulty, tiers_for_scores  # noqa: E402
@@ -215,6 +219,46 @@ async def bench_size(args: argparse.Namespace, embedder: Embedder, size: int, te
         )
 
 
+def shadow_config(spec: str, active_version: int) -> ShadowConfig:
+    """`knn@0.3` -> kNN at another threshold; `version` -> the store's active version (a real search);
+    `heuristic`, `classifier` as named."""
+    kind, _, threshold = spec.partition("@")
+    return ShadowConfig(enabled=True, candidate=kind, threshold=float(threshold) if threshold else None,
+                        version=active_version if kind == "version" else None, max_queue_wait_s=10.0)
+
+
+async def bench_shadow(args: argparse.Namespace, embedder: Embedder, size: int) -> None:
+    """Decisions/s of 64 concurrent fresh texts with and without the candidate, alternating which goes first."""
+    texts = query_texts(args.rounds * 128 + 16)
+    with tempfile.TemporaryDirectory() as data_dir:
+        cfg = bench_config(args)
+        store = ExemplarStore(collection=cfg.store.collection, dim=embedder.dim, path=Path(data_dir) / "qdrant",
+                              search=embedder.neighbor_search())
+        fill_store(store, embedder, size)
+        active = store.active
+        store.close()
+        print(f"\n== router.shadow's cost, {size} exemplars, 64 concurrent fresh texts, {args.rounds} rounds each")
+        for spec in args.shadow:
+            deployment = RouterDeployment(cfg.model_copy(update={"shadow": shadow_config(spec, active)}), TIERS,
+                                          data_dir, embedder=embedder)
+            seconds = {False: 0.0, True: 0.0}
+            try:
+                await closed_loop(deployment, texts[-16:], 1)  # warm-up
+                for r in range(args.rounds):
+                    for j, shadow in enumerate((False, True) if r % 2 == 0 else (True, False)):
+                        chunk = texts[(2 * r + j) * 64:(2 * r + j + 1) * 64]  # fresh: no cache hits
+                        t0 = time.perf_counter()
+                        decided = await asyncio.gather(*(deployment.route(RouteInput(t, shadow=shadow))
+                                                         for t in chunk))
+                        seconds[shadow] += time.perf_counter() - t0
+                        assert all((d.shadow is not None) == shadow for d in decided), spec
+            finally:
+                deployment.close()
+            plain, shadowed = (args.rounds * 64 / seconds[s] for s in (False, True))
+            print(f"shadow {spec:12s}: {plain:6.1f} decisions/s without, {shadowed:6.1f} with -> "
+                  f"{100 * (1 - shadowed / plain):+.1f}% of the router's throughput")
+
+
 def recheck_counts(embedder: Embedder) -> tuple[int, int]:
     """(texts embedded fast, texts re-checked) so far; zeros for an embedder without a re-check."""
     if isinstance(embedder, RecheckEmbedder):
@@ -288,6 +332,8 @@ async def main() -> None:
     parser.add_argument("--backend", default="torch", choices=["torch", "onnx", "onnx-int8"],
                         help="embedder backend (router.embedder.backend)")
     parser.add_argument("--qdrant-knn", action="store_true", help="also time qdrant-client's own local search")
+    parser.add_argument("--shadow", nargs="+", metavar="CANDIDATE",
+                        help="only price router.shadow candidates: knn@<threshold>, version, heuristic")
     args = parser.parse_args()
 
     cache = Path(tempfile.gettempdir()) / "tierserve-bench"
@@ -300,6 +346,9 @@ async def main() -> None:
                   f"+-{check['recheck_margin']:.3f}; flips without re-check "
                   f"{round(check['n'] * (1 - check['same_decisions']))} ({check['clear_flips']} clear), "
                   f"with it {check['flips_after_recheck']}")
+    if args.shadow:
+        await bench_shadow(args, embedder, max(args.sizes))
+        return
     texts = query_texts(max(args.requests * 4, 256))
     if isinstance(embedder, RecheckEmbedder):
         fast_ms, fast_tput = embedder_figures(embedder.fast, texts, args.batch_max, 32)

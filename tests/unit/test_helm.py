@@ -422,6 +422,34 @@ def test_the_chart_runs_the_mode_tierserve_up_runs(default_objects: list[dict]) 
     assert "proxy" not in config["http"]
 
 
+@pytest.mark.parametrize(("head_cpu", "worker_cpu", "expected"), [
+    (None, None, {"head": "1", "workers": "4"}),  # the chart's defaults: 2 and 12 cores
+    ("500m", "6", {"head": "1", "workers": "3"}),
+    ("8", "1500m", {"head": "4", "workers": "1"}),
+])
+def test_haproxy_threads_follow_each_pods_cpu_request(render, head_cpu, worker_cpu, expected) -> None:
+    """As `tierserve up` sets them (half the cores, 1 to 4): Ray's default of 4 costs small pods context switches."""
+    from serving.launch import haproxy_threads
+
+    values = {}
+    if head_cpu:
+        values["head"] = {"resources": {"requests": {"cpu": head_cpu, "memory": "8Gi"}}}
+    if worker_cpu:
+        values["workers"] = {"resources": {"requests": {"cpu": worker_cpu, "memory": "96Gi"}}}
+    specs = _ray_pod_specs(_one(render((), values or None), "RayService"))
+    for role, pod in specs.items():
+        env = _env(pod["containers"][0])
+        want = expected["head" if role == "head" else "workers"]
+        assert env["RAY_SERVE_HAPROXY_NBTHREAD"]["value"] == want, role
+    if head_cpu is None and worker_cpu is None:  # the same rule as a local cluster's
+        assert (haproxy_threads(2), haproxy_threads(12)) == (expected["head"], expected["workers"])
+    overridden = _ray_pod_specs(_one(render((), {"env": {"RAY_SERVE_HAPROXY_NBTHREAD": "2"}}), "RayService"))
+    for pod in overridden.values():
+        names = [e["name"] for e in pod["containers"][0]["env"]]
+        assert names.count("RAY_SERVE_HAPROXY_NBTHREAD") == 1 and _env(pod["containers"][0])[
+            "RAY_SERVE_HAPROXY_NBTHREAD"]["value"] == "2"
+
+
 def test_serve_config_builds_the_app_from_the_mounted_config(default_objects: list[dict]) -> None:
     rayservice = _one(default_objects, "RayService")
     serve = yaml.safe_load(rayservice["spec"]["serveConfigV2"])
