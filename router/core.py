@@ -20,12 +20,11 @@ import numpy as np
 
 from router.classifier import DifficultyClassifier
 from router.config import RouterConfig
-from router.decide import Decider
 from router.decision_cache import DecisionCache
 from router.embed import Embedder, RecheckEmbedder, build_embedder, near_boundary
 from router.errors import InvalidRequest, StoreError
 from router.exemplars import load_default_exemplars
-from router.scorers import ClassifierRouter, KnnRouter, Nearest, Scores
+from router.scorers import ClassifierRouter, Decider, KnnRouter, Nearest, Scores
 from router.scoring import label_difficulty
 from router.store import ExemplarStore
 from router.types import BUSY_CAUSE, Exemplar, RouteDecision, RouteInput, normalize_text

@@ -1,7 +1,8 @@
-"""The routers, as RouteLLM has them: a difficulty score per text in [0, 1], then one comparison per boundary.
+"""The routers, as RouteLLM has them: a difficulty score per text in [0, 1], then one comparison per boundary
+(`Decider`: a score becomes a tier, as a `RouteDecision`; pure, no model, no store).
 
 Every place that routes scores with these classes: the router deployment (`router.core.Router`), the ingress's
-own heuristic / cheapest / fallback decisions, and `tierserve eval`. Only where kNN finds its exemplars differs:
+own heuristic / cheapest / judge / fallback decisions (a `Decider` there too), and `tierserve eval`. Only where kNN finds its exemplars differs:
 Qdrant (`StoreIndex`) while serving, a matrix of train vectors (`MatrixIndex`) in evaluation; embedded Qdrant
 answers from the same kind of matrix with the same top-k function (`router.knn.nearest_neighbors`).
 """
@@ -11,16 +12,16 @@ from __future__ import annotations
 import hashlib
 from collections import Counter
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 
-from router.config import HeuristicConfig, KnnConfig
+from router.config import HeuristicConfig, KnnConfig, RouterConfig
 from router.heuristic import HeuristicScorer
 from router.knn import nearest_neighbors
-from router.scoring import difficulty_from_neighbors
-from router.types import Neighbor
+from router.scoring import difficulty_from_neighbors, tier_for_score, with_threshold
+from router.types import Neighbor, RouteDecision, RouteInput, RouterKind
 
 if TYPE_CHECKING:  # the ingress imports this module; joblib and the classifier load only where one is used
     from router.classifier import DifficultyClassifier
@@ -158,3 +159,41 @@ def _knn_reason(neighbors: tuple[Neighbor, ...], weighting: str) -> str:
     nearest = f"; nearest {top.tier} at {top.similarity:.2f}" if top else ""
     tally = ", ".join(f"{tier} {count}" for tier, count in votes.most_common())
     return f"knn ({weighting}) over {len(neighbors)} exemplars: {tally}{nearest}"
+
+
+class Decider:
+    """The tier boundaries of one config, and the routers that need no model (heuristic, cheapest)."""
+
+    def __init__(self, cfg: RouterConfig, tier_names: Sequence[str]) -> None:
+        self.tier_names = list(tier_names)
+        self.thresholds = cfg.thresholds_for(len(self.tier_names))
+        """The configured boundaries between neighbouring tiers (cost order)."""
+        self.heuristic = HeuristicRouter(cfg.heuristic)
+        self.cheapest = CheapestRouter()
+
+    def thresholds_for(self, item: RouteInput) -> tuple[float, ...]:
+        """The boundaries for one request: the config's, with the request's own threshold applied."""
+        return self.thresholds if item.threshold is None else with_threshold(self.thresholds, item.threshold)
+
+    def decide(
+        self, item: RouteInput, router: RouterKind, score: float, reason: str, *, fallback: bool = False,
+        neighbors: tuple[Neighbor, ...] = (),
+    ) -> RouteDecision:
+        """The tier for `score`: one comparison per boundary (`cheapest` is the first tier whatever the score)."""
+        thresholds = self.thresholds_for(item)
+        index = 0 if router == "cheapest" else tier_for_score(score, thresholds)
+        return RouteDecision(tier=self.tier_names[index], tier_index=index, router=router, score=score,
+                             thresholds=thresholds, reason=reason, fallback=fallback, neighbors=neighbors)
+
+    def local(self, item: RouteInput, router: RouterKind) -> RouteDecision:
+        """The decision of a router that needs no model: `heuristic` or `cheapest`."""
+        scorer: Scorer = self.cheapest if router == "cheapest" else self.heuristic
+        scores = scorer.score([item.text])
+        return self.decide(item, router, float(scores.values[0]), scores.reasons[0])
+
+    def fallback(self, item: RouteInput, cause: str) -> RouteDecision:
+        """The heuristic's decision when the requested router could not decide (`cause` says why)."""
+        scores = self.heuristic.score([item.text])
+        reason = f"knn unavailable ({cause}); {scores.reasons[0]}"
+        decision = self.decide(item, "heuristic", float(scores.values[0]), reason, fallback=True)
+        return replace(decision, fallback_cause=cause)

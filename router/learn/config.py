@@ -65,8 +65,8 @@ ShadowKind = Literal["version", "classifier", "heuristic", "knn"]
 
 
 class ShadowConfig(StrictModel):
-    """A candidate router decided beside the live one, off the request's path; its decision is logged next to
-    the live one (`tierserve report` shows how often they agree, and what the candidate would have cost)."""
+    """A candidate router decided beside the live one, in the same router call (only the live decision is
+    served); its decision is logged next to the live one (`tierserve report` shows how often they agree, and what the candidate would have cost)."""
 
     enabled: bool = False
     """Decide every sampled request with the candidate too."""

@@ -22,9 +22,8 @@ from pathlib import Path
 
 from router.classifier import DifficultyClassifier
 from router.core import Router, StoreIndex
-from router.decide import Decider
 from router.learn.config import ShadowConfig
-from router.scorers import ClassifierRouter, KnnRouter, Scores
+from router.scorers import ClassifierRouter, Decider, KnnRouter, Scores
 from router.types import RouteDecision, RouteInput
 
 logger = logging.getLogger(__name__)

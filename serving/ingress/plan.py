@@ -14,9 +14,9 @@ import logging
 import time
 from dataclasses import dataclass, replace
 
-from router.decide import Decider
 from router.judge import JudgeRouter
 from router.learn.rules import explore, gate, sampled
+from router.scorers import Decider
 from router.types import (
     Chosen,
     RouteDecision,
