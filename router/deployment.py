@@ -120,8 +120,9 @@ class RouterDeployment:
     async def route(self, request: RouteInput) -> RouteDecision:
         """The decision for one request; `overhead_ms` covers the wait for its batch and the batch itself.
         One the router would likely take over `max_queue_wait_s` to decide gets the heuristic's at once.
-        A request that asks for the shadow's decision goes without it when the cache answers it or the router
-        has a queue (`router.shadow.max_queue_wait_s`): a shadow never delays the decisions that are served."""
+        A request that asks for the shadow's decision (`request.shadow`) gets it with the live one, cache hits
+        included; a candidate that searches (`version`, `classifier`) skips it while the router has a queue
+        (`router.shadow.max_queue_wait_s`), so a shadow never slows a busy router down."""
         self._start_maintenance()
         start = time.perf_counter()
         if request.shadow and self._shadow is None:

@@ -8,9 +8,8 @@ drops the request's shadow rather than let it wait in a queue (`router.shadow.ma
 logs the candidate's decision next to the live one (`QueryRecord.shadow_*`); `tierserve report` compares them
 (`serving.querylog.shadow`).
 
-Measured (`tierserve bench --auto`, c=32 stream, a `knn@0.3` candidate on every request): a second router call
-per request, as the candidate was asked before, cost about 15% of `auto`'s tokens/s on 2 cores; see the README
-for the figure of this design.
+It replaced a second router call per request, which cost about 15% of `auto`'s tokens/s at c=32 in one pair of
+runs. Priced by `benchmarks/router_latency.py --shadow`; the figures are in the README (Learning from traffic).
 """
 
 from __future__ import annotations
