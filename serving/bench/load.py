@@ -68,8 +68,17 @@ class LoadResult:
             e2el_p50_ms=float(result["median_e2el_ms"]),
             e2el_p99_ms=float(result["p99_e2el_ms"]),
             duration_s=float(result["duration"]),
-            errors=dict(Counter(str(e).strip()[:120] for e in result.get("errors", []) if e)),
+            errors=dict(Counter(error_summary(str(e)) for e in result.get("errors", []) if e)),
         )
+
+
+def error_summary(error: str) -> str:
+    """One failed request's error as the report counts it: a traceback's last line (the exception and its
+    message; its first line says only that a traceback follows), else the text; 160 characters at most."""
+    lines = [line.strip() for line in error.strip().splitlines() if line.strip()]
+    if not lines:
+        return ""
+    return (lines[-1] if lines[0].startswith("Traceback") else lines[0])[:160]
 
 
 def _register_nonstream_backend() -> None:

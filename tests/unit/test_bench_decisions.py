@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from serving.bench.load import LoadResult, LoadSpec
+from serving.bench.load import LoadResult, LoadSpec, error_summary
 from serving.bench.report import markdown, round_ratios
 from serving.bench.sidebyside import (
     BenchReport,
@@ -114,4 +114,15 @@ def test_a_benchmark_result_keeps_each_distinct_error_once_with_its_count() -> N
     raw = {"output_throughput": 1.0, "request_throughput": 1.0, "completed": 1, "failed": 3, "median_ttft_ms": 1,
            "p99_ttft_ms": 1, "median_tpot_ms": 1, "p99_tpot_ms": 1, "median_itl_ms": 1, "median_e2el_ms": 1,
            "p99_e2el_ms": 1, "duration": 1.0, "errors": ["", "boom", "boom", "x" * 300]}
-    assert LoadResult.from_vllm(raw).errors == {"boom": 2, "x" * 120: 1}
+    assert LoadResult.from_vllm(raw).errors == {"boom": 2, "x" * 160: 1}
+
+
+def test_a_failed_requests_traceback_is_counted_by_its_exception() -> None:
+    """vLLM's benchmark stores a failed request's whole traceback; the report names the exception, which the
+    traceback's first line does not."""
+    traceback = ('Traceback (most recent call last):\n  File "/x/vllm/benchmarks/lib/endpoint_request_func.py", '
+                 'line 120, in f\n    async with session.post(url) as response:\n'
+                 "aiohttp.client_exceptions.ServerDisconnectedError: Server disconnected\n")
+    assert error_summary(traceback) == "aiohttp.client_exceptions.ServerDisconnectedError: Server disconnected"
+    assert error_summary("Bad Request: max_tokens must be positive") == "Bad Request: max_tokens must be positive"
+    assert error_summary("  \n") == ""
