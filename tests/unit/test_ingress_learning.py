@@ -15,7 +15,7 @@ from serving.cascade import CascadeTrace, TierAttempt, cascade_policy
 from serving.channel.channel import TierChannel
 from serving.config import parse_config
 from serving.ingress.app import Recorder
-from serving.ingress.learning import Learning, Ticket, feedback_refusal, request_outcome
+from serving.ingress.learning import Ticket, feedback_refusal, request_outcome
 from serving.ingress.plan import Outcome, Planner
 from serving.metrics import Metrics
 from serving.querylog import read_records
