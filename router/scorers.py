@@ -2,9 +2,10 @@
 (`Decider`: a score becomes a tier, as a `RouteDecision`; pure, no model, no store).
 
 Every place that routes scores with these classes: the router deployment (`router.core.Router`), the ingress's
-own heuristic / cheapest / judge / fallback decisions (a `Decider` there too), and `tierserve eval`. Only where kNN finds its exemplars differs:
-Qdrant (`StoreIndex`) while serving, a matrix of train vectors (`MatrixIndex`) in evaluation; embedded Qdrant
-answers from the same kind of matrix with the same top-k function (`router.knn.nearest_neighbors`).
+own heuristic / cheapest / judge / fallback decisions (a `Decider` there too), and `tierserve eval`. Only where
+kNN finds its exemplars differs: Qdrant (`StoreIndex`) while serving, a matrix of train vectors (`MatrixIndex`)
+in evaluation; embedded Qdrant answers from the same kind of matrix with the same top-k function
+(`router.knn.nearest_neighbors`).
 """
 
 from __future__ import annotations

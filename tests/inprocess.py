@@ -8,19 +8,12 @@ import time
 from pathlib import Path
 from typing import Any
 
-from serving.cascade.runner import CascadeRunner
 from serving.channel.channel import TierChannel
 from serving.channel.replica import WireServer
 from serving.config import AppConfig
 from serving.engines.scripted import ScriptedEngine
-from serving.ingress.app import Ingress, Recorder
-from serving.ingress.learning import Learning
-from serving.ingress.plan import Planner
-from serving.ingress.protocol import Keys
+from serving.ingress.app import Ingress
 from serving.ingress.router_calls import router_calls
-from serving.ingress.routes import build_routes
-from serving.ingress.sessions import SessionStore
-from serving.metrics import Metrics
 from serving.types import EngineLoad, ReplicaStatus
 
 TOKEN = "0123456789abcdef0123456789abcdef"
@@ -38,17 +31,8 @@ TAUGHT = [  # near the probe; the shipped exemplars call such requests routine
 def build_ingress(config: AppConfig) -> Any:
     """The class Ray Serve wraps, with the parts its `__init__` builds (no CPU pinning, no load polling)."""
     ingress = object.__new__(Ingress.__mro__[1])
-    ingress.config, ingress.metrics = config, Metrics()
-    ingress.keys = Keys(config.api_keys(), config.admin_keys())
-    ingress.channel = TierChannel(config.tier_names, config.capacity, token=TOKEN, node_ip="127.0.0.1")
-    ingress.router = router_calls(config, None)
-    ingress.sessions = (SessionStore(config.sessions.ttl_s, config.sessions.max_entries)
-                        if config.sessions.enabled else None)
-    ingress.planner = Planner(config, ingress.channel, ingress.metrics, ingress.router, ingress.sessions)
-    ingress.cascade = CascadeRunner(config.tier_names, ingress.channel)
-    ingress.learning = Learning.build(config, ingress.router, ingress.metrics)
-    ingress.recorder = Recorder(config, ingress.metrics, ingress.sessions, ingress.learning)
-    ingress.routes = build_routes(ingress)
+    ingress.assemble(config, TierChannel(config.tier_names, config.capacity, token=TOKEN, node_ip="127.0.0.1"),
+                     router_calls(config, None))
     return ingress
 
 

@@ -87,6 +87,12 @@ class ShadowConfig(StrictModel):
     threshold and `heuristic` cost nothing and always decide.)"""
 
     @property
+    def needs_vectors(self) -> bool:
+        """Whether the candidate searches or scores the request's vectors (`version`, `classifier`); `knn` at
+        another threshold decides from the live score and the heuristic from rules, at no cost."""
+        return self.enabled and self.candidate in ("version", "classifier")
+
+    @property
     def label(self) -> str:
         """How the query log names the candidate: `version:3`, `classifier`, `heuristic`, `knn@0.6`."""
         if self.candidate == "version":

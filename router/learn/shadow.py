@@ -81,9 +81,9 @@ class ShadowRunner:
 
     @property
     def instant(self) -> bool:
-        """Whether the candidate decides without embedding or searching (`knn` with another threshold decides
-        from the live score; the heuristic from rules), so it may run on the replica's event loop."""
-        return self.cfg.candidate in ("knn", "heuristic")
+        """Whether the candidate decides without embedding or searching (`ShadowConfig.needs_vectors`), so it
+        may run on the replica's event loop."""
+        return not self.cfg.needs_vectors
 
     def decide(self, items: Sequence[RouteInput]) -> list[RouteDecision]:
         """The candidate's decisions (the per-request threshold is the candidate's own, not the live one's).

@@ -56,7 +56,7 @@ from serving.ingress.protocol import (
     check_limits,
     parse,
 )
-from serving.ingress.router_calls import router_calls
+from serving.ingress.router_calls import RouterCalls, router_calls
 from serving.ingress.routes import build_routes
 from serving.ingress.sessions import (
     SESSION_HEADER,
@@ -102,12 +102,18 @@ class Ingress:
             )
 
             pin_this_process(parse_cpus(config.ingress.cpu_affinity), "ingress")
+        channel = TierChannel(config.tier_names, config.capacity, token=wire_token, handles=tier_handles,
+                              node_ip=ray.util.get_node_ip_address())
+        self.assemble(config, channel, router_calls(config, router))
+        self.channel.start(config.capacity.poll_interval_s)
+
+    def assemble(self, config: AppConfig, channel: TierChannel, router: RouterCalls | None) -> None:
+        """The replica's parts around its channel and router (tests assemble them without Ray, the same way)."""
         self.config = config
         self.metrics = Metrics()
         self.keys = Keys(config.api_keys(), config.admin_keys())
-        self.channel = TierChannel(config.tier_names, config.capacity, token=wire_token, handles=tier_handles,
-                                   node_ip=ray.util.get_node_ip_address())
-        self.router = router_calls(config, router)
+        self.channel = channel
+        self.router = router
         self.sessions = (SessionStore(config.sessions.ttl_s, config.sessions.max_entries)
                          if config.sessions.enabled else None)
         self.planner = Planner(config, self.channel, self.metrics, self.router, self.sessions)
@@ -115,7 +121,6 @@ class Ingress:
         self.learning = Learning.build(config, self.router, self.metrics)
         self.recorder = Recorder(config, self.metrics, self.sessions, self.learning)
         self.routes = build_routes(self)
-        self.channel.start(config.capacity.poll_interval_s)
 
     def __serve_build_asgi_app__(self) -> _Asgi:
         return _Asgi(self)
