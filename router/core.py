@@ -71,6 +71,7 @@ class Router:
         self._label_cache: dict[str, float] = {}
         self._recent: OrderedDict[str, np.ndarray] = OrderedDict()
         """Vectors of the latest routed texts, kept only for a shadow router that reads them (`embed_recent`)."""
+        self._keep_recent_vectors = cfg.shadow.needs_vectors
         self.classifier: DifficultyClassifier | None = None
         """The trained classifier for `router: classifier` (loaded by `build` from `classifier_path`)."""
         self.decisions = DecisionCache(cfg.decision_cache_size, cfg.decision_cache_ttl_s)
@@ -308,7 +309,7 @@ class Router:
             logger.exception("embedder failed on %d texts; routing them with the heuristic", len(texts))
             return _NO_SCORES, "embedder", 0.0
         embed_ms = (time.perf_counter() - t0) * 1000
-        if self.cfg.shadow.needs_vectors:  # kept only for a candidate that reads them
+        if self._keep_recent_vectors:  # kept only for a shadow candidate that reads them
             self._keep_recent(texts, vectors)
         try:
             return knn.score_vectors(vectors), None, embed_ms
