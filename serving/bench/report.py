@@ -8,6 +8,7 @@ from collections import Counter
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+from serving.bench import cpu
 from serving.bench.load import LoadSpec
 from serving.bench.sidebyside import BenchReport, Decisions
 from serving.plan.cost import TierCost
@@ -74,6 +75,7 @@ def markdown(report: BenchReport, cost: BenchCost | None = None) -> str:
             )
     lines += failure_lines(report)
     lines += decision_lines(report)
+    lines += cpu_lines(report)
     if cost:
         lines += ["", cost_note(report, cost)]
     return "\n".join(lines) + "\n"
@@ -110,6 +112,29 @@ def decision_lines(report: BenchReport) -> list[str]:
             "interpolated; with `knn` as the default router, `heuristic` decisions are fallbacks, e.g. `router busy` "
             "past `router.max_queue_wait_s`):", "", "| load | decisions | decided by | p50 ms | p99 ms |",
             "|---|---|---|---|---|", *rows]
+
+
+def cpu_lines(report: BenchReport) -> list[str]:
+    """Where the machine's CPU went per 1,000 output tokens, by process role (`serving.bench.cpu`): medians over
+    rounds per (load, target), roles that spent under 1 ms per 1k tokens everywhere left out."""
+    cells: dict[tuple[LoadSpec, str], dict[str, float]] = {}
+    for spec in _specs(report):
+        for target in _targets(report):
+            runs = [r.cpu_ms_per_1k_tok for r in _runs(report, target, spec) if r.cpu_ms_per_1k_tok]
+            if runs:
+                roles = {role for run in runs for role in run}
+                cells[(spec, target)] = {role: statistics.median(run.get(role, 0.0) for run in runs) for role in roles}
+    roles = [role for role in cpu.ROLE_ORDER if any(c.get(role, 0.0) >= 1.0 for c in cells.values())]
+    if not roles:
+        return []
+    rows = []
+    for (spec, target), cell in cells.items():
+        busy = sum(v for role, v in cell.items() if role != cpu.IDLE)
+        rows.append(f"| {_load_label(spec)} | {target} | " + " | ".join(f"{cell.get(role, 0.0):.0f}" for role in roles)
+                    + f" | {busy:.0f} |")
+    return ["", "Where the CPU went: CPU ms per 1k output tokens, every process on the machine by role (medians over "
+            "rounds; `idle`: the cores' unused time; `busy`: all but idle):", "",
+            "| load | path | " + " | ".join(roles) + " | busy |", "|---|---|" + "---|" * (len(roles) + 1), *rows]
 
 
 def _decided_by(runs: list[Decisions]) -> str:

@@ -17,6 +17,7 @@ from typing import Any
 import httpx
 from tqdm import tqdm
 
+from serving.bench import cpu
 from serving.bench.bare import bare_vllm
 from serving.bench.load import LoadResult, LoadSpec, run_load
 from serving.config import AppConfig
@@ -51,6 +52,8 @@ class Run:
     spec: LoadSpec
     result: LoadResult
     decisions: Decisions | None = None
+    cpu_ms_per_1k_tok: dict[str, float] = field(default_factory=dict)
+    """CPU milliseconds per 1,000 output tokens by process role, over the whole machine (`serving.bench.cpu`)."""
 
 
 @dataclass
@@ -65,7 +68,8 @@ class BenchReport:
     def to_json(self) -> dict[str, Any]:
         return {"tier": self.tier, "runs": [{"target": r.target, "round": r.round, "spec": asdict(r.spec),
                                              "result": asdict(r.result),
-                                             "decisions": asdict(r.decisions) if r.decisions else None}
+                                             "decisions": asdict(r.decisions) if r.decisions else None,
+                                             "cpu_ms_per_1k_tok": r.cpu_ms_per_1k_tok}
                                             for r in self.runs]}
 
 
@@ -124,9 +128,13 @@ def run_bench(
                             run_spec = spec if target.extra_body is None else _with_body(spec, target.extra_body)
                             routed = target.model == "auto"
                             before = overhead_snapshot(url) if routed else None
+                            cpu_before = cpu.snapshot()
                             result = run_load(url, target.model, tokenizer, run_spec)
+                            spent = cpu.cpu_by_role(cpu_before, cpu.snapshot())
                             decisions = decision_figures(before, overhead_snapshot(url)) if before else None
-                            report.runs.append(Run(target.name, rnd, spec, result, decisions))
+                            tokens = result.output_tok_s * result.duration_s
+                            report.runs.append(Run(target.name, rnd, spec, result, decisions,
+                                                   cpu.per_1k_tokens(spent, tokens)))
                             bar.update(1)
     return report
 
