@@ -75,20 +75,37 @@ def markdown(report: BenchReport, cost: BenchCost | None = None) -> str:
             )
     lines += failure_lines(report)
     lines += decision_lines(report)
+    lines += shadow_lines(report)
     lines += cpu_lines(report)
     if cost:
         lines += ["", cost_note(report, cost)]
     return "\n".join(lines) + "\n"
 
 
-def round_ratios(report: BenchReport, target: str, spec: LoadSpec) -> list[float]:
-    """`target`'s output tok/s over bare vLLM's, round by round (each round ran both, back to back): the
+def round_ratios(report: BenchReport, target: str, spec: LoadSpec, against: str = "bare") -> list[float]:
+    """`target`'s output tok/s over `against`'s, round by round (each round ran both, back to back): the
     spread says how far one invocation's median ratio can be trusted on a machine whose speed drifts."""
     by_round: dict[int, dict[str, float]] = {}
     for r in report.runs:
-        if r.spec == spec and r.target in (target, "bare"):
+        if r.spec == spec and r.target in (target, against):
             by_round.setdefault(r.round, {})[r.target] = r.result.output_tok_s
-    return [t[target] / t["bare"] for _, t in sorted(by_round.items()) if t.get("bare") and target in t]
+    return [t[target] / t[against] for _, t in sorted(by_round.items()) if t.get(against) and target in t]
+
+
+def shadow_lines(report: BenchReport) -> list[str]:
+    """What `router.shadow` cost (`--shadow`): model="auto" with the candidate on every request over without it,
+    on the same stack, round by round."""
+    lines = []
+    for spec in _specs(report):
+        ratios = round_ratios(report, "tierserve-auto-shadow", spec, against="tierserve-auto")
+        if ratios:
+            lines.append(f"- {_load_label(spec)}: {statistics.median(ratios):.3f}x (rounds "
+                         f"{', '.join(f'{r:.3f}' for r in ratios)})")
+    if not lines:
+        return []
+    head = ("Shadow cost: `tierserve-auto-shadow` (the candidate decides every request too) over `tierserve-auto` "
+            "(none), output tok/s on the same stack, back to back:")
+    return ["", head, "", *lines]
 
 
 def _load_label(spec: LoadSpec) -> str:

@@ -28,7 +28,7 @@ class Target:
     """Something to load: bare vLLM for a tier, tierserve with `model`, or tierserve on the scripted engine."""
 
     name: str
-    """'bare', 'tierserve', 'tierserve-auto' or 'plumbing'."""
+    """'bare', 'tierserve', 'tierserve-auto', 'tierserve-auto-shadow' or 'plumbing'."""
     model: str
     extra_body: dict[str, Any] | None = None
 
@@ -122,7 +122,7 @@ def run_bench(
             for group in order:
                 with _serving(group[0], config, tier, port, log_dir) as url:
                     for spec in specs:
-                        for target in group:
+                        for target in group if rnd % 2 == 0 else reversed(group):  # who goes first alternates
                             bar.set_postfix_str(f"{target.name} c={spec.concurrency} "
                                                 f"{'stream' if spec.stream else 'unary'}")
                             run_spec = spec if target.extra_body is None else _with_body(spec, target.extra_body)

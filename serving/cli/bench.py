@@ -24,6 +24,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--auto", action="store_true",
                    help="also load model=auto (the router decides; threshold 1.0 keeps every request on the "
                         "cheapest tier, so the difference is the routing decision alone)")
+    p.add_argument("--shadow", action="store_true",
+                   help="with a config whose router.shadow is enabled: load model=auto twice per server and round, "
+                        "with the shadow on every request and on none (tierserve.shadow), back to back on the same "
+                        "stack, and print what the shadow cost per round (implies --auto)")
     p.add_argument("--plumbing", action="store_true",
                    help="load tierserve on the scripted engine instead (1,000 tokens/s per stream offered): "
                         "the tokens/s and requests/s the path around an engine can carry")
@@ -55,6 +59,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
     # Everything else as shipped (the query log on, the admission limits as configured): past the limits
     # tierserve answers 503 with Retry-After where bare vLLM queues, and the table counts those as failed.
     config = parse_config(raw, args.config)
+    if args.shadow and not config.router.shadow.enabled:
+        raise ValueError(f"--shadow compares model=auto with and without router.shadow's candidate, but {args.config} "
+                         "has router.shadow.enabled false; enable it (with a candidate) there.")
     ensure_tiny_models(config)
     tier = args.tier or config.tier_names[0]
     if tier not in config.tier_names:
@@ -67,7 +74,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
         targets = [Target("plumbing", tier)]
     else:
         targets = [Target("tierserve", tier)]
-        if args.auto:
+        if args.shadow:
+            targets += [Target("tierserve-auto", "auto", {"tierserve": {"threshold": 1.0, "shadow": False}}),
+                        Target("tierserve-auto-shadow", "auto", {"tierserve": {"threshold": 1.0, "shadow": True}})]
+        elif args.auto:
             targets.append(Target("tierserve-auto", "auto", {"tierserve": {"threshold": 1.0}}))
         if args.side_by_side:
             targets.insert(0, Target("bare", config.tier(tier).served_model_name or tier))

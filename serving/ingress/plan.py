@@ -14,6 +14,7 @@ import logging
 import time
 from dataclasses import dataclass, replace
 
+from router.errors import InvalidRequest
 from router.judge import JudgeRouter
 from router.learn.rules import explore, gate, sampled
 from router.scorers import Decider
@@ -114,7 +115,12 @@ class Planner:
             tier = model if model in names else self._served[model]
             return Outcome(self._chosen(tier, "explicit", "model names a tier"), tier, routed=False)
         shadow = self.config.router.shadow
-        wanted = shadow.enabled and sampled(request_id, shadow.sample_rate, salt="shadow")
+        if options.shadow and not shadow.enabled:
+            raise InvalidRequest("tierserve.shadow is true, but this deployment runs no shadow router; set "
+                                 "router.shadow.enabled (and its candidate) in the config, or drop the field.",
+                                 param="tierserve.shadow")
+        wanted = shadow.enabled and (sampled(request_id, shadow.sample_rate, salt="shadow") if options.shadow is None
+                                     else options.shadow)
         return self.place(await self.route(model, routing_text, options, session, shadow=wanted))
 
     async def route(self, model: str, routing_text: str, options: TierserveOptions,

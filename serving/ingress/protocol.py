@@ -40,6 +40,9 @@ class TierserveOptions(BaseModel):
     """Turn the cascade on or off for this request (default: config)."""
     cascade_threshold: float | None = Field(default=None, ge=0.0, le=1.0)
     cascade_method: Literal["logprob", "consistency", "verify"] | None = None
+    shadow: bool | None = None
+    """Whether `router.shadow`'s candidate decides this request too: None follows `sample_rate`, false never,
+    true always (needs `router.shadow.enabled`). `tierserve bench --shadow` compares both in one stack."""
 
 
 class _Request(BaseModel):

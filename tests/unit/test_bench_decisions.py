@@ -77,6 +77,34 @@ def test_the_ratio_shows_its_spread_over_rounds() -> None:
     assert "| 3,000 | 0.75x |" in markdown(single)
 
 
+def test_the_shadow_cost_is_the_shadowed_auto_over_the_plain_auto_of_the_same_round() -> None:
+    spec = LoadSpec(concurrency=32)
+
+    def result(tok_s: float) -> LoadResult:
+        return LoadResult(output_tok_s=tok_s, request_s=10, completed=640, failed=0, ttft_p50_ms=50,
+                          ttft_p99_ms=90, tpot_p50_ms=5, tpot_p99_ms=9, itl_p50_ms=5, e2el_p50_ms=400,
+                          e2el_p99_ms=600, duration_s=10)
+
+    report = BenchReport(tier="small", runs=[
+        Run("tierserve-auto", 0, spec, result(2000)), Run("tierserve-auto-shadow", 0, spec, result(1900)),
+        Run("tierserve-auto-shadow", 1, spec, result(3030)), Run("tierserve-auto", 1, spec, result(3000)),
+        Run("tierserve-auto", 2, spec, result(2500)),  # no shadowed run this round: no ratio
+    ])
+    assert round_ratios(report, "tierserve-auto-shadow", spec, against="tierserve-auto") == pytest.approx([0.95, 1.01])
+    table = markdown(report)
+    assert "Shadow cost:" in table and "- 64/64 tok, c=32, stream: 0.980x (rounds 0.950, 1.010)" in table
+    assert "Shadow cost:" not in markdown(BenchReport(tier="small", runs=report.runs[:1]))
+
+
+def test_bench_shadow_refuses_a_config_without_a_shadow_router(tmp_path, capsys) -> None:
+    from serving.cli import main
+    from tests.conftest import REPO
+
+    assert main(["bench", "--shadow", "--config", str(REPO / "deploy/cpu.yaml"), "--out", str(tmp_path)]) == 2
+    assert "router.shadow.enabled false" in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())  # refused before anything started
+
+
 def test_a_burst_from_bare_is_compared_by_the_whole_answers_latency() -> None:
     spec = LoadSpec(concurrency=1, num_prompts=48)
 

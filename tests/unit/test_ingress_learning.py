@@ -9,6 +9,8 @@ import time
 from dataclasses import replace
 from types import SimpleNamespace
 
+import pytest
+
 from router.learn import key_id
 from router.types import RouteDecision, RouteInput
 from serving.cascade import CascadeTrace, TierAttempt, cascade_policy
@@ -170,6 +172,33 @@ def test_the_planner_asks_for_the_shadow_on_its_sample_and_counts_it(tmp_path) -
     assert decided == asked
     again = asyncio.run(planner.plan("auto", "Convert these names to JSON", TierserveOptions(), None, "r0"))
     assert (again.decision.shadow is not None) == router.asked[0].shadow  # the same id, the same draw
+
+
+def test_a_request_can_ask_for_the_shadow_or_keep_out_of_it(tmp_path) -> None:
+    """`tierserve.shadow`: true always shadows, false never, whatever the sample; true without a shadow router is
+    a 400 naming the field."""
+    from router.errors import InvalidRequest
+    from serving.ingress.protocol import TierserveOptions
+
+    def planner_for(shadow: dict) -> tuple[Planner, Router]:
+        cfg = config(tmp_path, learn={"enabled": False}, shadow=shadow)
+        router = Router(cfg.router.default_router)
+        return Planner(cfg, TierChannel(TIERS, cfg.capacity, token="t" * 32), Metrics(), router, None), router
+
+    planner, router = planner_for({"enabled": True, "candidate": "knn", "threshold": 0.3, "sample_rate": 0.5})
+
+    async def plan_all(p: Planner, shadow: bool | None) -> list[Outcome]:
+        return [await p.plan("auto", "Convert these names to JSON", TierserveOptions(shadow=shadow), None, f"r{i}")
+                for i in range(20)]
+
+    assert all(o.decision.shadow is not None for o in asyncio.run(plan_all(planner, True)))
+    assert all(o.decision.shadow is None for o in asyncio.run(plan_all(planner, False)))
+    assert [item.shadow for item in router.asked] == [True] * 20 + [False] * 20
+    planner, _ = planner_for({"enabled": False})
+    with pytest.raises(InvalidRequest) as refused:
+        asyncio.run(plan_all(planner, True))
+    assert refused.value.param == "tierserve.shadow" and "router.shadow.enabled" in str(refused.value)
+    assert all(o.decision.shadow is None for o in asyncio.run(plan_all(planner, False)))
 
 
 def test_feedback_needs_keys_configured_and_learning_on(tmp_path) -> None:
