@@ -60,6 +60,10 @@ class AdaptiveBatcher(Generic[T, R]):
         batches = -(-(items + 1) // self.max_size)
         return left + self.cost.seconds(work + self._work(item), batches=batches)
 
+    def item_s(self, item: T) -> float:
+        """What `item` adds to the queue's expected wait in a full batch (0 until a batch has been timed)."""
+        return self.cost.seconds(self._work(item) * self.max_size) / self.max_size
+
     def prime(self, timings: Sequence[tuple[Sequence[T], float]]) -> None:
         """Seed the cost fit with (items, seconds) of batches timed before serving (after a warm-up run), so the
         expected wait is known before the first burst, and the first served batch is timed too."""

@@ -25,7 +25,13 @@ from router.errors import StoreError
 from router.exemplars import load_default_exemplars
 from router.learn import Feedback, Learner, LearnResult, RequestOutcome
 from router.learn.shadow import ShadowRunner
-from router.types import Exemplar, RouteDecision, RouteInput, StoredExemplar
+from router.types import (
+    Exemplar,
+    QueueReport,
+    RouteDecision,
+    RouteInput,
+    StoredExemplar,
+)
 from router.versions import StoreVersion
 
 logger = logging.getLogger(__name__)
@@ -143,7 +149,8 @@ class RouterDeployment:
             decision = self._router.busy(request, expected_s)
         else:
             decision = await self._batcher.submit(request)
-        return replace(decision, overhead_ms=(time.perf_counter() - start) * 1000)
+        queue = QueueReport(self._batcher.expected_wait_s(request), self._batcher.item_s(request))
+        return replace(decision, overhead_ms=(time.perf_counter() - start) * 1000, queue=queue)
 
     async def _shadow_of(self, request: RouteInput, cached: RouteDecision) -> RouteDecision:
         """A cached decision with the candidate's beside it (in a worker thread when the candidate searches)."""

@@ -126,6 +126,16 @@ def parse_router_model(model: str) -> tuple[RouterKind, float | None]:
 
 
 @dataclass(frozen=True)
+class QueueReport:
+    """The router deployment's batch queue, as one of its answers reports it."""
+
+    wait_s: float
+    """Expected wait for a request arriving now: what is left of the running batch and the queued ones."""
+    item_s: float
+    """What one more request adds to it, in a full batch (0 until a batch has been timed)."""
+
+
+@dataclass(frozen=True)
 class RouteDecision:
     """Which tier a request goes to, and why: made by a router, or by the request itself; carried to the
     response's headers, its `tierserve` object and the query log."""
@@ -161,6 +171,10 @@ class RouteDecision:
     shadow: RouteDecision | None = None
     """The candidate router's decision (`router.shadow`), for a request that asked for one (`RouteInput.shadow`)
     and was decided by kNN or the classifier in a batch the router had time for; logged, never served."""
+    queue: QueueReport | None = None
+    """The router deployment's queue as it answered (None where no deployment decided): the ingress answers the
+    busy fallback itself while its estimate of that queue is over `router.max_queue_wait_s`
+    (`serving.ingress.plan.RouterQueue`)."""
 
     @property
     def busy(self) -> bool:

@@ -12,13 +12,16 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 
+from router.decision_cache import DecisionCache
 from router.errors import InvalidRequest
 from router.judge import JudgeRouter
 from router.learn.rules import explore, gate, sampled
 from router.scorers import Decider
 from router.types import (
+    BUSY_CAUSE,
     Chosen,
     RouteDecision,
     RouteInput,
@@ -83,6 +86,55 @@ class Outcome:
         return tuple(self.cascade_thresholds[tier_names.index(t)] for t in self.tier_chain[: len(self.confidences)])
 
 
+class RouterQueue:
+    """The router deployment's queue as the ingress estimates it: the last answer's report (`QueueReport`), less
+    the time since (the router works through it), plus what each request sent since adds.
+
+    Past `router.max_queue_wait_s` the router answers the busy fallback itself, after a call that costs a round trip
+    through Ray Serve's handle (the ingress and the router replica both spend CPU on it, and under load it took a
+    large part of a request's time to first token). While the estimate is over that limit, the ingress decides the
+    fallback here instead; it sends a request again once the estimate, less the way to the router, has run down,
+    about as often as the router can take one (the router still refuses what it cannot take in time)."""
+
+    def __init__(self, limit_s: float | None, clock: Callable[[], float] = time.monotonic) -> None:
+        self.limit_s = limit_s
+        self.clock = clock
+        self._queued_s = 0.0
+        """The estimate as of `_at`."""
+        self._at = 0.0
+        self._item_s = 0.0
+        """What one request adds (the last report's)."""
+        self._way_s = 0.0
+        """The way from here to the router (half the last call's time outside the router)."""
+
+    def note(self, decision: RouteDecision, call_s: float = 0.0) -> None:
+        """Take the queue an answer reports (one from a router that reports none leaves the estimate alone).
+        `call_s`: how long the call took here; what the router did not spend on it (`overhead_ms`) was the way
+        there and back, and the queue ran down for the way back (half of it) before the report arrived."""
+        if decision.queue is not None:
+            self._way_s = max(0.0, call_s - decision.overhead_ms / 1000) / 2
+            self._queued_s, self._item_s = decision.queue.wait_s, decision.queue.item_s
+            self._at = self.clock() - self._way_s
+
+    def queued_s(self) -> float:
+        """The router's expected wait now: the estimate less the time since (the router works through it; an
+        idle router saves no time for later)."""
+        now = self.clock()
+        self._queued_s, self._at = max(0.0, self._queued_s - (now - self._at)), now
+        return self._queued_s
+
+    def admit(self) -> float | None:
+        """None: send the request (it joins the estimate); else the queue it would wait behind (over the limit),
+        for the busy fallback to answer."""
+        queued = self.queued_s()
+        # A request sent now reaches the router `_way_s` later, when the queue has run down by that much more:
+        # the router itself refuses what it cannot take, so the ingress sends until then.
+        if self.limit_s is not None and queued - self._way_s > self.limit_s:
+            return queued
+        self._queued_s += self._item_s
+        return None
+
+
 class Planner:
     """Decides each request's entry tier, moves it by load, and resolves its cascade policy."""
 
@@ -99,6 +151,10 @@ class Planner:
         """Heuristic, cheapest, judge and fallback decisions, made here."""
         self._judge = JudgeRouter(self._ask_cheapest)
         self._served = {(t.served_model_name or t.name): t.name for t in config.tiers}
+        self.router_queue = RouterQueue(config.router.max_queue_wait_s)
+        self.recent = DecisionCache(config.router.decision_cache_size, config.router.decision_cache_ttl_s)
+        """The router's recent decisions by text, answered from here while the router is too busy to ask (the
+        router's own cache would have answered them at once; up to `decision_cache_ttl_s` old)."""
 
     async def plan(self, model: str, routing_text: str, options: TierserveOptions,
                    session: SessionKey | None = None, request_id: str = "") -> Outcome:
@@ -243,9 +299,19 @@ class Planner:
             return self.local.decide(item, "judge", verdict.p_hard, reason)
         if self.router is None:
             return self.local.fallback(item, "no router deployment")
+        if (queued_s := self.router_queue.admit()) is not None:  # the router would answer this, after a round trip
+            if (known := self.recent.get(item, kind)) is not None:
+                return known  # a text the router decided moments ago: its decision, as its cache would answer
+            decision = self.local.fallback(item, BUSY_CAUSE)
+            return replace(decision, reason=f"{decision.reason}; ~{queued_s:.2f} s of decisions were queued (the "
+                                            "router's last report)")
         try:
-            return await asyncio.wait_for(self.router.route(replace(item, deadline=time.time() + timeout_s)),
-                                          timeout_s)
+            called = time.perf_counter()
+            decision = await asyncio.wait_for(self.router.route(replace(item, deadline=time.time() + timeout_s)),
+                                              timeout_s)
+            self.router_queue.note(decision, time.perf_counter() - called)
+            self.recent.put(item, kind, replace(decision, shadow=None), generation=self.recent.generation)
+            return decision
         except TimeoutError:  # slow (overloaded): never a 5xx for that
             logger.warning("router deployment took over ingress.router_timeout_s (%.1f s); heuristic fallback",
                            timeout_s)

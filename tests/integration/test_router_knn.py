@@ -287,6 +287,12 @@ def test_a_busy_router_answers_the_overflow_with_the_heuristic_at_once(tmp_path,
     assert causes == ["busy"] * len(busy)
     # The busy ones did not queue: each took less than any embedded decision, which includes an embedding.
     assert max(d.overhead_ms for d in busy) < min(d.overhead_ms for d in embedded)
+    # Each answer reports the queue a request arriving then would wait: past the limit when it answered the busy
+    # fallback (the ingress then answers it itself until that runs down: serving.ingress.plan.RouterQueue).
+    limit = 8 * one_s
+    assert all(d.queue is not None for d in decisions) and all(d.queue.wait_s > limit for d in busy)
+    assert min(d.queue.wait_s for d in embedded) < limit  # the last batch's answers came once the queue had drained
+    assert all(0 < d.queue.item_s < d.queue.wait_s for d in busy)  # a request's share of a full batch
 
 
 @pytest.mark.parametrize("candidate", [{"candidate": "knn", "threshold": 0.99}, {"candidate": "version", "version": 1}])
