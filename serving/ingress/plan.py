@@ -86,6 +86,10 @@ class Outcome:
         return tuple(self.cascade_thresholds[tier_names.index(t)] for t in self.tier_chain[: len(self.confidences)])
 
 
+RECENT_TTL_S = 5.0
+"""How long the ingress keeps the router's decisions to answer repeats while the router is busy."""
+
+
 class RouterQueue:
     """The router deployment's queue as the ingress estimates it: the last answer's report (`QueueReport`), less
     the time since (the router works through it), plus what each request sent since adds.
@@ -151,10 +155,15 @@ class Planner:
         """Heuristic, cheapest, judge and fallback decisions, made here."""
         self._judge = JudgeRouter(self._ask_cheapest)
         self._served = {(t.served_model_name or t.name): t.name for t in config.tiers}
-        self.router_queue = RouterQueue(config.router.max_queue_wait_s)
-        self.recent = DecisionCache(config.router.decision_cache_size, config.router.decision_cache_ttl_s)
-        """The router's recent decisions by text, answered from here while the router is too busy to ask (the
-        router's own cache would have answered them at once; up to `decision_cache_ttl_s` old)."""
+        one_queue = config.router.placement == "ingress" or config.router.num_replicas == 1
+        self.router_queue = RouterQueue(config.router.max_queue_wait_s if one_queue else None)
+        """Only where one router queue serves this ingress: Ray Serve spreads calls over several router replicas,
+        whose queues one estimate cannot follow (there each replica answers its own busy fallback)."""
+        self.recent = DecisionCache(config.router.decision_cache_size,
+                                    min(config.router.decision_cache_ttl_s, RECENT_TTL_S))
+        """The router's decisions of the last seconds by text, answered from here while the router is too busy to
+        ask (its own cache would have answered them at once). Not cleared when the exemplars change (the
+        router's cache is): the short life bounds how long a decision made on the old ones can be served."""
 
     async def plan(self, model: str, routing_text: str, options: TierserveOptions,
                    session: SessionKey | None = None, request_id: str = "") -> Outcome:
@@ -300,6 +309,8 @@ class Planner:
         if self.router is None:
             return self.local.fallback(item, "no router deployment")
         if (queued_s := self.router_queue.admit()) is not None:  # the router would answer this, after a round trip
+            if kind == "heuristic":  # shadowed: the candidate skips this one, the heuristic decides here
+                return self.local.local(item, kind)
             if (known := self.recent.get(item, kind)) is not None:
                 return known  # a text the router decided moments ago: its decision, as its cache would answer
             decision = self.local.fallback(item, BUSY_CAUSE)

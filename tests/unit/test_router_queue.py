@@ -120,3 +120,33 @@ def test_the_planner_decides_the_busy_fallback_itself_until_the_queue_has_run_do
     router.queue_s = 5.0
     plan("Summarise report 2")
     assert plan("hi", model="small").router == "explicit" and len(router.asked) == 4
+
+
+def planner_with(tmp_path, **router) -> tuple[Planner, QueuedRouter, Clock, Metrics]:
+    cfg = parse_config({
+        "tiers": [{"name": n, "model": f"m{i}", "engine": {"kv_cache_memory_bytes": 1 << 20}}
+                  for i, n in enumerate(TIERS)],
+        "query_log": {"path": str(tmp_path / "querylog")},
+        "router": {"max_queue_wait_s": 0.25, **router},
+    }, "test")
+    metrics, router_calls, clock = Metrics(), QueuedRouter(queue_s=1.0), Clock()
+    planner = Planner(cfg, TierChannel(TIERS, cfg.capacity, token="t" * 32), metrics, router_calls, None)
+    planner.router_queue.clock = clock
+    return planner, router_calls, clock, metrics
+
+
+def test_several_router_replicas_each_answer_their_own_busy_fallback(tmp_path) -> None:
+    """Ray Serve spreads calls over the replicas: one estimate cannot follow their queues, so none is kept."""
+    planner, router, _, _ = planner_with(tmp_path, num_replicas=2, store={"url": "http://qdrant:6333"})
+    for i in range(4):
+        asyncio.run(planner.plan("auto", f"text {i}", TierserveOptions(), None, "r"))
+    assert len(router.asked) == 4  # every one went to the router, though each answer reported a 1 s queue
+
+
+def test_the_ingress_copy_of_decisions_lives_seconds_and_a_shadowed_heuristic_is_decided_here(tmp_path) -> None:
+    planner, router, _, metrics = planner_with(tmp_path, shadow={"enabled": True, "candidate": "knn"})
+    assert planner.recent.ttl_s <= 5.0  # not the router cache's 300 s: it is not cleared on exemplar changes
+    asyncio.run(planner.plan("auto", "Prove it", TierserveOptions(), None, "r"))  # reports a 1 s queue
+    shadowed = asyncio.run(planner.plan("router-heuristic", "Say hi", TierserveOptions(shadow=True), None, "r"))
+    assert shadowed.decision.router == "heuristic" and not shadowed.decision.fallback and len(router.asked) == 1
+    assert metrics.registry.get_sample_value("tierserve_router_busy_fallbacks_total") == 0
