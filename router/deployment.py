@@ -141,11 +141,11 @@ class RouterDeployment:
                 # ingress) must not starve the loop, whose maintenance task writes what was learned.
                 await asyncio.sleep(0)
             return replace(cached, overhead_ms=(time.perf_counter() - start) * 1000)
-        if (request.shadow and not self._shadow.instant
-                and self._batcher.expected_wait_s(request) > self._cfg.shadow.max_queue_wait_s):
+        expected_s = self._batcher.expected_wait_s(request)
+        if request.shadow and not self._shadow.instant and expected_s > self._cfg.shadow.max_queue_wait_s:
             request = replace(request, shadow=False)  # a candidate that searches waits for a quieter moment
         limit = self._max_queue_wait_s
-        if limit is not None and (expected_s := self._batcher.expected_wait_s(request)) > limit:
+        if limit is not None and expected_s > limit:
             decision = self._router.busy(request, expected_s)
         else:
             decision = await self._batcher.submit(request)

@@ -58,18 +58,19 @@ def test_decisions_count_who_decided_during_the_run_only() -> None:
     assert got.by_router == {"heuristic": 20, "knn": 80}
 
 
+def steady(tok_s: float) -> LoadResult:
+    """A run whose figures differ from another's by tok/s alone."""
+    return LoadResult(output_tok_s=tok_s, request_s=10, completed=640, failed=0, ttft_p50_ms=50, ttft_p99_ms=90,
+                      tpot_p50_ms=5, tpot_p99_ms=9, itl_p50_ms=5, e2el_p50_ms=400, e2el_p99_ms=600, duration_s=10)
+
+
 def test_the_ratio_shows_its_spread_over_rounds() -> None:
     spec = LoadSpec(concurrency=128)
 
-    def result(tok_s: float) -> LoadResult:
-        return LoadResult(output_tok_s=tok_s, request_s=10, completed=256, failed=0, ttft_p50_ms=50,
-                          ttft_p99_ms=90, tpot_p50_ms=5, tpot_p99_ms=9, itl_p50_ms=5, e2el_p50_ms=400,
-                          e2el_p99_ms=600, duration_s=10)
-
     report = BenchReport(tier="small", runs=[
-        Run("bare", 0, spec, result(4000)), Run("tierserve", 0, spec, result(3000)),
-        Run("tierserve", 1, spec, result(4400)), Run("bare", 1, spec, result(4000)),
-        Run("bare", 2, spec, result(2000)),  # a round tierserve did not finish has no ratio
+        Run("bare", 0, spec, steady(4000)), Run("tierserve", 0, spec, steady(3000)),
+        Run("tierserve", 1, spec, steady(4400)), Run("bare", 1, spec, steady(4000)),
+        Run("bare", 2, spec, steady(2000)),  # a round tierserve did not finish has no ratio
     ])
     assert round_ratios(report, "tierserve", spec) == pytest.approx([0.75, 1.1])
     assert "| 3,700 | 0.93x (rounds 0.75-1.10x) |" in markdown(report)
@@ -80,15 +81,10 @@ def test_the_ratio_shows_its_spread_over_rounds() -> None:
 def test_the_shadow_cost_is_the_shadowed_auto_over_the_plain_auto_of_the_same_round() -> None:
     spec = LoadSpec(concurrency=32)
 
-    def result(tok_s: float) -> LoadResult:
-        return LoadResult(output_tok_s=tok_s, request_s=10, completed=640, failed=0, ttft_p50_ms=50,
-                          ttft_p99_ms=90, tpot_p50_ms=5, tpot_p99_ms=9, itl_p50_ms=5, e2el_p50_ms=400,
-                          e2el_p99_ms=600, duration_s=10)
-
     report = BenchReport(tier="small", runs=[
-        Run("tierserve-auto", 0, spec, result(2000)), Run("tierserve-auto-shadow", 0, spec, result(1900)),
-        Run("tierserve-auto-shadow", 1, spec, result(3030)), Run("tierserve-auto", 1, spec, result(3000)),
-        Run("tierserve-auto", 2, spec, result(2500)),  # no shadowed run this round: no ratio
+        Run("tierserve-auto", 0, spec, steady(2000)), Run("tierserve-auto-shadow", 0, spec, steady(1900)),
+        Run("tierserve-auto-shadow", 1, spec, steady(3030)), Run("tierserve-auto", 1, spec, steady(3000)),
+        Run("tierserve-auto", 2, spec, steady(2500)),  # no shadowed run this round: no ratio
     ])
     assert round_ratios(report, "tierserve-auto-shadow", spec, against="tierserve-auto") == pytest.approx([0.95, 1.01])
     table = markdown(report)
