@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
@@ -52,8 +53,12 @@ def test_cascade_outcomes_teach_the_router_and_a_rollback_undoes_it(base_url: st
     before = _route(base_url, PROBE)
     assert before["tier"] == "small" and before["router"] == "knn", before["reason"]
     try:
-        for text in TAUGHT:  # threshold 1: the small tier's answer is never confident enough, so it escalates
-            meta = _chat(base_url, text, LEARN_KEYS[0], cascade_threshold=1.0)
+        # Threshold 1: the small tier's answer is never confident enough, so each escalates. Sent at once, so all
+        # are routed before any outcome is learned: one after another, a flush (every second) between two of them
+        # could already send the later, similar ones to the large tier.
+        with ThreadPoolExecutor(len(TAUGHT)) as pool:
+            metas = list(pool.map(lambda text: _chat(base_url, text, LEARN_KEYS[0], cascade_threshold=1.0), TAUGHT))
+        for meta in metas:
             assert meta["routed_tier"] == "small" and meta["tier_chain"] == ["small", "large"], meta
         after = _until(lambda: (d := _route(base_url, PROBE))["tier"] == "large" and d,
                        "the probe routed to the large tier after the escalations were learned")
