@@ -24,8 +24,14 @@ from router.decision_cache import DecisionCache
 from router.embed import Embedder, RecheckEmbedder, build_embedder, near_boundary
 from router.errors import InvalidRequest, StoreError
 from router.exemplars import load_default_exemplars
-from router.scorers import ClassifierRouter, Decider, KnnRouter, Nearest, Scores
-from router.scoring import label_difficulty
+from router.scoring import (
+    ClassifierRouter,
+    Decider,
+    KnnRouter,
+    Nearest,
+    Scores,
+    label_difficulty,
+)
 from router.store import ExemplarStore
 from router.types import BUSY_CAUSE, Exemplar, RouteDecision, RouteInput, normalize_text
 from router.versions import version_kind

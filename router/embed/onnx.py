@@ -1,7 +1,7 @@
 """ONNX Runtime copies of the embedder (fp32, or int8 attention weights): run, checked against torch, cached.
 
 onnxruntime itself is imported in `router.embed.ort` (one process-wide pool), the kNN on that pool is
-`router.embed.onnx_search`, and the one-time export and quantisation `router.embed.onnx_export`.
+`router.knn.OnnxSearch`, and the one-time export and quantisation `router.embed.onnx_export`.
 
 Why: on a CPU router the MiniLM forward pass is most of the routing decision (10.6 ms p50 for one query on
 this machine, idle, in torch). ONNX Runtime runs the same model in 4.3-5 ms with fused transformer ops (fp32,
@@ -44,9 +44,8 @@ from router.config import KnnConfig
 from router.embed.base import Embedder, near_boundary
 from router.embed.flag import FlagEmbedder
 from router.embed.ort import pool_threads, session
-from router.knn import Search, nearest_neighbors
-from router.scorers import KnnRouter, MatrixIndex
-from router.scoring import tiers_for_scores
+from router.knn import OnnxSearch, Search, nearest_neighbors
+from router.scoring import KnnRouter, MatrixIndex, tiers_for_scores
 
 logger = logging.getLogger(__name__)
 
@@ -158,8 +157,6 @@ class OnnxEmbedder(Embedder):
         if not pool_threads():
             return nearest_neighbors
         if self._search is None:
-            from router.embed.onnx_search import OnnxSearch
-
             self._search = OnnxSearch()
         return self._search
 

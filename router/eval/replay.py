@@ -26,8 +26,7 @@ from router.eval.calibrate import confidence_threshold_for_rate
 from router.learn import LearnConfig, Learner, RequestOutcome
 from router.learn.recalibrate import Recalibrator
 from router.learn.rules import explore
-from router.scorers import KnnRouter
-from router.scoring import label_difficulty
+from router.scoring import KnnRouter, label_difficulty
 from router.store import ExemplarStore
 from router.types import RouteDecision
 

@@ -1,6 +1,6 @@
 """Evaluation-only scoring: the LLM judge over an OpenAI-compatible endpoint.
 
-Every other router `tierserve eval` scores is the serving code itself (`router.scorers`): the heuristic, the
+Every other router `tierserve eval` scores is the serving code itself (`router.scoring`): the heuristic, the
 classifier and kNN, the latter over a `MatrixIndex` of the train split instead of the store.
 """
 
@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from router.judge import Complete, JudgeRouter
-from router.scorers import Scores
+from router.scoring import Scores
 
 
 @dataclass

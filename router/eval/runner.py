@@ -29,7 +29,7 @@ from router.eval.cascade import (
 from router.eval.datasets import LabelledSet, difficulty_label
 from router.eval.embcache import EmbeddingCache
 from router.eval.tuning import train_apgr, tune_classifier, tune_knn
-from router.scorers import (
+from router.scoring import (
     ClassifierRouter,
     HeuristicRouter,
     KnnRouter,

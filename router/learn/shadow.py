@@ -22,7 +22,7 @@ from pathlib import Path
 from router.classifier import DifficultyClassifier
 from router.core import Router, StoreIndex
 from router.learn.config import ShadowConfig
-from router.scorers import ClassifierRouter, Decider, KnnRouter, Scores
+from router.scoring import ClassifierRouter, Decider, KnnRouter, Scores
 from router.types import RouteDecision, RouteInput
 
 logger = logging.getLogger(__name__)

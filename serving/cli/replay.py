@@ -82,8 +82,7 @@ def _scores(run, vectors: np.ndarray) -> np.ndarray:
     from router.config import KnnConfig
     from router.core import StoreIndex
     from router.eval.replay import TIERS
-    from router.scorers import KnnRouter
-    from router.scoring import label_difficulty
+    from router.scoring import KnnRouter, label_difficulty
 
     index = StoreIndex(run.store, lambda label: label_difficulty(label, TIERS))
     return KnnRouter(None, index, KnnConfig(k=20, weighting="similarity")).score_vectors(vectors).values

@@ -19,7 +19,7 @@ from router.decision_cache import DecisionCache
 from router.errors import InvalidRequest
 from router.judge import JudgeRouter
 from router.learn.rules import explore, gate, sampled
-from router.scorers import Decider
+from router.scoring import Decider
 from router.types import (
     BUSY_CAUSE,
     Chosen,

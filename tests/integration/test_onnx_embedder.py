@@ -134,8 +134,7 @@ def test_the_fast_tokenizer_gives_transformers_ids_padding_and_truncation(tmp_pa
 
 
 def test_the_onnx_search_finds_numpys_neighbours_ties_and_short_stores_included() -> None:
-    from router.embed.onnx_search import OnnxSearch
-    from router.knn import nearest_neighbors
+    from router.knn import OnnxSearch, nearest_neighbors
 
     rng = np.random.default_rng(0)
     exemplars = rng.standard_normal((3000, 384)).astype(np.float32)
@@ -166,8 +165,7 @@ def _clustered(rng: np.random.Generator, rows: int) -> tuple[np.ndarray, np.ndar
 def test_the_int8_first_pass_finds_the_neighbours_of_a_large_store() -> None:
     """A few queries against >= 2048 exemplars take the int8 path once its copy is made (in the background): the
     same neighbours, ties and order as the float32 product, on clustered vectors and duplicated exemplars."""
-    from router.embed.onnx_search import OnnxSearch
-    from router.knn import nearest_neighbors
+    from router.knn import OnnxSearch, nearest_neighbors
 
     exemplars, queries = _clustered(np.random.default_rng(1), 6000)
     exemplars[[3000, 5999]] = exemplars[11]  # exact ties, one far down the index range
@@ -200,7 +198,7 @@ def test_the_int8_first_pass_finds_the_neighbours_of_a_large_store() -> None:
 def test_the_int8_error_bound_holds_and_stays_clear_of_16_bit_saturation() -> None:
     """Every int8 similarity is within the bound of the float32 one, and the bound is not vacuous. Exemplars use
     -63..63 so no pair of uint8 x int8 products passes 32767 (the non-VNNI x86 kernels add pairs in 16 bits)."""
-    from router.embed.onnx_search import INT8_LEVELS, Int8Exemplars
+    from router.knn import INT8_LEVELS, Int8Exemplars
 
     exemplars, queries = _clustered(np.random.default_rng(3), 4000)
     int8 = Int8Exemplars(exemplars)
@@ -214,7 +212,7 @@ def test_the_int8_error_bound_holds_and_stays_clear_of_16_bit_saturation() -> No
 def test_a_store_searched_through_int8_sees_an_exemplar_it_overwrote(tmp_path: Path) -> None:
     """Re-importing a text replaces its vector; the store's matrix is then a new array, so the search does not
     answer from the int8 copy of the old one."""
-    from router.embed.onnx_search import OnnxSearch
+    from router.knn import OnnxSearch
     from router.store import ExemplarStore
     from router.types import Exemplar
 

@@ -9,7 +9,7 @@ import pandas as pd
 from router.eval.bootstrap import choose_policy
 from router.eval.cascade import confidence_cascade
 from router.eval.runner import TrainedRouters
-from router.scorers import RandomRouter
+from router.scoring import RandomRouter
 
 
 def test_the_issues_table_recommends_the_cascade() -> None:

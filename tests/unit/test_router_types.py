@@ -34,7 +34,7 @@ def test_route_input_rejects_bad_knobs():
 
 def test_a_fallback_says_whether_the_router_was_busy():
     from router.config import RouterConfig
-    from router.scorers import Decider
+    from router.scoring import Decider
     from router.types import BUSY_CAUSE
 
     decider = Decider(RouterConfig(), ["small", "large"])
