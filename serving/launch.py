@@ -34,6 +34,11 @@ LOCAL_CLUSTER_ENV = {
     # this machine's HAProxy, which drops the replica within a control loop; requests still in flight get
     # the deployment's graceful_shutdown_timeout_s. Measured: every stop of a local stack took 30 s more.
     "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "2",
+    # Ray starts its workers at nice 15, below its own daemons; here the workers are the serving path (the
+    # ingress, the tier replicas, the engines they start), so any nice-0 process on the node (Ray's GCS,
+    # raylet and dashboard agent, a log shipper, a client) took the core from an engine step or a token on its
+    # way. Bare vLLM runs at nice 0. The chart sets the same on every node.
+    "RAY_worker_niceness": "0",
 }
 """Environment a local cluster started by `tierserve up` gets (with `haproxy_threads`)."""
 

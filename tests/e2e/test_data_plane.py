@@ -91,3 +91,19 @@ def test_auto_runs_report_their_routing_decisions_apart(base_url: str, stack: di
     assert decisions is not None and decisions.count == 8 + 4  # the timed requests and one warm-up wave
     assert sum(decisions.by_router.values()) == decisions.count  # each decision counted once, by who took it
     assert 0 < decisions.p50_ms <= decisions.p99_ms < 2000
+
+
+def test_the_serving_processes_run_at_bare_vllms_priority(stack: dict) -> None:
+    """The ingress, the tier replicas and their engines run at nice 0, as bare vLLM does, not at the nice 15 Ray
+    gives its workers: there every nice-0 process on the node (Ray's own daemons, a client) took the core first."""
+    import psutil
+
+    serving = {}
+    for proc in psutil.process_iter(["cmdline"]):
+        title = " ".join(proc.info["cmdline"] or [])
+        if title.startswith(("ray::ServeReplica:tierserve:ingress", "ray::ServeReplica:tierserve:tier-")):
+            serving[title.split()[0]] = proc
+            for child in proc.children(recursive=True):  # the engine's scheduler and workers
+                serving[f"{title.split()[0]} > {child.name()}:{child.pid}"] = child
+    assert any("tier-small >" in name for name in serving), sorted(serving)  # the engine's processes were found
+    assert {name: proc.nice() for name, proc in serving.items() if proc.nice() != 0} == {}

@@ -417,7 +417,8 @@ def test_the_chart_runs_the_mode_tierserve_up_runs(default_objects: list[dict]) 
     assert yaml.safe_load(rayservice["spec"]["serveConfigV2"])["proxy_location"] == "EveryNode"
     for role, pod in _ray_pod_specs(rayservice).items():
         env = {e["name"]: e.get("value") for e in pod["containers"][0]["env"]}
-        assert env["RAY_SERVE_ENABLE_HA_PROXY"] == LOCAL_CLUSTER_ENV["RAY_SERVE_ENABLE_HA_PROXY"], role
+        for name in ("RAY_SERVE_ENABLE_HA_PROXY", "RAY_worker_niceness"):
+            assert env[name] == LOCAL_CLUSTER_ENV[name], (role, name)
     config = yaml.safe_load(_one(default_objects, "ConfigMap")["data"]["tierserve.yaml"])
     assert "proxy" not in config["http"]
 

@@ -125,10 +125,13 @@ app.kubernetes.io/component: qdrant
 
 {{/* Env shared by the head and worker containers. RAY_SERVE_ENABLE_HA_PROXY: Ray Serve's HAProxy ingress on
      every node (the mode `tierserve up` runs too): HAProxy on the serve port forwards to each ingress replica's
-     own HTTP server and answers KubeRay's /-/healthz; no Python proxy hop per streamed chunk. */}}
+     own HTTP server and answers KubeRay's /-/healthz; no Python proxy hop per streamed chunk. RAY_worker_niceness:
+     the serving processes (ingress, tier replicas, engines) at nice 0, not Ray's 15 for workers. */}}
 {{- define "tierserve.env" -}}
 - name: RAY_SERVE_ENABLE_HA_PROXY
   value: "1"
+- name: RAY_worker_niceness
+  value: "0"
 - name: TIERSERVE_DATA_DIR
   value: {{ .Values.data.mountPath | quote }}
 {{- with include "tierserve.apiKeySecretName" . }}
