@@ -155,10 +155,11 @@ class Planner:
         """Heuristic, cheapest, judge and fallback decisions, made here."""
         self._judge = JudgeRouter(self._ask_cheapest)
         self._served = {(t.served_model_name or t.name): t.name for t in config.tiers}
-        one_queue = config.router.placement == "ingress" or config.router.num_replicas == 1
-        self.router_queue = RouterQueue(config.router.max_queue_wait_s if one_queue else None)
-        """Only where one router queue serves this ingress: Ray Serve spreads calls over several router replicas,
-        whose queues one estimate cannot follow (there each replica answers its own busy fallback)."""
+        one_remote_queue = config.router.placement != "ingress" and config.router.num_replicas == 1
+        self.router_queue = RouterQueue(config.router.max_queue_wait_s if one_remote_queue else None)
+        """Only where a round trip is saved and one router queue serves this ingress: the router inside the
+        ingress checks its own queue and cache in this process, and Ray Serve spreads calls over several router
+        replicas, whose queues one estimate cannot follow (there each replica answers its own busy fallback)."""
         self.recent = DecisionCache(config.router.decision_cache_size,
                                     min(config.router.decision_cache_ttl_s, RECENT_TTL_S))
         """The router's decisions of the last seconds by text, answered from here while the router is too busy to
@@ -320,8 +321,9 @@ class Planner:
             called = time.perf_counter()
             decision = await asyncio.wait_for(self.router.route(replace(item, deadline=time.time() + timeout_s)),
                                               timeout_s)
-            self.router_queue.note(decision, time.perf_counter() - called)
-            self.recent.put(item, kind, replace(decision, shadow=None), generation=self.recent.generation)
+            if self.router_queue.limit_s is not None:  # the copy serves only the gate above
+                self.router_queue.note(decision, time.perf_counter() - called)
+                self.recent.put(item, kind, replace(decision, shadow=None), generation=self.recent.generation)
             return decision
         except TimeoutError:  # slow (overloaded): never a 5xx for that
             logger.warning("router deployment took over ingress.router_timeout_s (%.1f s); heuristic fallback",
