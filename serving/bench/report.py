@@ -121,14 +121,17 @@ def decision_lines(report: BenchReport) -> list[str]:
         if runs:
             p50 = statistics.median(d.p50_ms for d in runs)
             p99 = statistics.median(d.p99_ms for d in runs)
-            rows.append(f"| {_load_label(spec)} | {sum(d.count for d in runs)} | {_decided_by(runs)} | {p50:.1f} | "
+            count = sum(d.count for d in runs)
+            cached = 100 * sum(d.cached for d in runs) / count if count else 0.0
+            rows.append(f"| {_load_label(spec)} | {count} | {_decided_by(runs)} | {cached:.0f}% | {p50:.1f} | "
                         f"{p99:.1f} |")
     if not rows:
         return []
     return ["", 'Routing decision of `model="auto"` (the ingress\'s `tierserve_routing_overhead_seconds`, bucket-'
             "interpolated; with `knn` as the default router, `heuristic` decisions are fallbacks, e.g. `router busy` "
-            "past `router.max_queue_wait_s`):", "", "| load | decisions | decided by | p50 ms | p99 ms |",
-            "|---|---|---|---|---|", *rows]
+            "past `router.max_queue_wait_s`; `cached`: answered by the router's decision cache, which each run's "
+            "own prompts keep near 0):", "", "| load | decisions | decided by | cached | p50 ms | p99 ms |",
+            "|---|---|---|---|---|---|", *rows]
 
 
 def cpu_lines(report: BenchReport) -> list[str]:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import statistics
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +43,8 @@ class Decisions:
     p99_ms: float
     by_router: dict[str, int] = field(default_factory=dict)
     """How many each router decided: `knn`, or `heuristic` where it fell back (a busy router, a timeout)."""
+    cached: int = 0
+    """How many of them the router's decision cache answered (a text decided moments ago)."""
 
 
 @dataclass
@@ -111,7 +113,11 @@ def run_bench(
     config: AppConfig, tier: str, targets: list[Target], specs: list[LoadSpec], *, rounds: int, port: int,
     log_dir: Path,
 ) -> BenchReport:
-    """Every target under every load, `rounds` times, alternating which target goes first."""
+    """Every target under every load, `rounds` times, alternating which target goes first.
+
+    Every run sends prompts of its own (vLLM's random dataset, seeded per run): a prompt seen by an earlier run
+    would be answered from the engine's prefix cache, and for `model="auto"` from the router's decision cache,
+    so a later run (a second target on the same stack, the next load) would measure caches instead of work."""
     report = BenchReport(tier=tier)
     tokenizer = str(config.model_path(config.tier(tier)))
     servers = _server_groups(targets)
@@ -121,11 +127,12 @@ def run_bench(
             order = servers if rnd % 2 == 0 else list(reversed(servers))
             for group in order:
                 with _serving(group[0], config, tier, port, log_dir) as url:
-                    for spec in specs:
+                    for s, spec in enumerate(specs):
                         for target in group if rnd % 2 == 0 else reversed(group):  # who goes first alternates
                             bar.set_postfix_str(f"{target.name} c={spec.concurrency} "
                                                 f"{'stream' if spec.stream else 'unary'}")
-                            run_spec = spec if target.extra_body is None else _with_body(spec, target.extra_body)
+                            seed = prompt_seed(rnd, s, targets.index(target), n_specs=len(specs), n_targets=len(targets))
+                            run_spec = replace(spec, seed=seed, extra_body=target.extra_body or spec.extra_body)
                             routed = target.model == "auto"
                             before = overhead_snapshot(url) if routed else None
                             cpu_before = cpu.snapshot()
@@ -139,8 +146,14 @@ def run_bench(
     return report
 
 
+def prompt_seed(rnd: int, spec_index: int, target_index: int, *, n_specs: int, n_targets: int) -> int:
+    """The random dataset's seed of one run: a different one for every (round, load, target) of a bench."""
+    return 1 + (rnd * n_specs + spec_index) * n_targets + target_index
+
+
 _OVERHEAD_BUCKET = "tierserve_routing_overhead_seconds_bucket"
 _OVERHEAD_COUNT = "tierserve_routing_overhead_seconds_count"
+_CACHED_TOTAL = "tierserve_router_cached_decisions_total"
 
 
 @dataclass(frozen=True)
@@ -151,6 +164,8 @@ class OverheadSnapshot:
     """Cumulative count per upper bound (s), all routers summed."""
     by_router: dict[str, float]
     """Decisions so far per router that took them (`knn`, `heuristic`, ...)."""
+    cached: float = 0.0
+    """Decisions so far that the router's decision cache answered."""
 
 
 def overhead_snapshot(url: str) -> OverheadSnapshot:
@@ -160,6 +175,7 @@ def overhead_snapshot(url: str) -> OverheadSnapshot:
 
     buckets: dict[float, float] = {}
     by_router: dict[str, float] = {}
+    cached = 0.0
     for family in text_string_to_metric_families(httpx.get(f"{url}/metrics", timeout=10).text):
         for sample in family.samples:
             if sample.name == _OVERHEAD_BUCKET:
@@ -168,7 +184,9 @@ def overhead_snapshot(url: str) -> OverheadSnapshot:
             elif sample.name == _OVERHEAD_COUNT:
                 router = sample.labels.get("router", "")
                 by_router[router] = by_router.get(router, 0.0) + sample.value
-    return OverheadSnapshot(buckets, by_router)
+            elif sample.name == _CACHED_TOTAL:
+                cached += sample.value
+    return OverheadSnapshot(buckets, by_router, cached)
 
 
 def decision_figures(before: OverheadSnapshot, after: OverheadSnapshot) -> Decisions | None:
@@ -193,13 +211,8 @@ def decision_figures(before: OverheadSnapshot, after: OverheadSnapshot) -> Decis
 
     by_router = {router: int(n - before.by_router.get(router, 0.0)) for router, n in sorted(after.by_router.items())
                  if n > before.by_router.get(router, 0.0)}
-    return Decisions(count=int(total), p50_ms=quantile(0.5), p99_ms=quantile(0.99), by_router=by_router)
-
-
-def _with_body(spec: LoadSpec, body: dict[str, Any]) -> LoadSpec:
-    from dataclasses import replace
-
-    return replace(spec, extra_body=body)
+    return Decisions(count=int(total), p50_ms=quantile(0.5), p99_ms=quantile(0.99), by_router=by_router,
+                     cached=int(after.cached - before.cached))
 
 
 def _server_groups(targets: list[Target]) -> list[list[Target]]:

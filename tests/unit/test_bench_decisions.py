@@ -12,17 +12,19 @@ from serving.bench.sidebyside import (
     OverheadSnapshot,
     Run,
     decision_figures,
+    prompt_seed,
 )
 
 BOUNDS = (0.005, 0.008, 0.01, 0.05, 0.1, float("inf"))
 
 
-def cumulative(per_bucket: list[int], by_router: dict[str, float] | None = None) -> OverheadSnapshot:
+def cumulative(per_bucket: list[int], by_router: dict[str, float] | None = None, cached: float = 0.0
+               ) -> OverheadSnapshot:
     total, out = 0, {}
     for bound, n in zip(BOUNDS, per_bucket, strict=True):
         total += n
         out[bound] = float(total)
-    return OverheadSnapshot(out, by_router or {})
+    return OverheadSnapshot(out, by_router or {}, cached)
 
 
 def test_quantiles_interpolate_within_the_bucket_and_ignore_earlier_decisions() -> None:
@@ -46,16 +48,26 @@ def test_the_markdown_lists_the_decisions_per_load() -> None:
     report = BenchReport(tier="small", runs=[
         Run("tierserve", 0, spec, result),
         Run("tierserve-auto", 0, spec, result,
-            Decisions(count=160, p50_ms=9.5, p99_ms=31.0, by_router={"knn": 120, "heuristic": 40})),
+            Decisions(count=160, p50_ms=9.5, p99_ms=31.0, by_router={"knn": 120, "heuristic": 40}, cached=8)),
     ])
     table = markdown(report)
-    assert "| 64/64 tok, c=32, stream | 160 | knn 75%, heuristic 25% | 9.5 | 31.0 |" in table
+    assert "| 64/64 tok, c=32, stream | 160 | knn 75%, heuristic 25% | 5% | 9.5 | 31.0 |" in table
 
 
 def test_decisions_count_who_decided_during_the_run_only() -> None:
-    got = decision_figures(cumulative([0, 0, 0, 0, 0, 0], {"knn": 50.0, "heuristic": 3.0}),
-                           cumulative([0, 60, 30, 0, 10, 0], {"knn": 130.0, "heuristic": 23.0, "session": 0.0}))
+    got = decision_figures(cumulative([0, 0, 0, 0, 0, 0], {"knn": 50.0, "heuristic": 3.0}, cached=40.0),
+                           cumulative([0, 60, 30, 0, 10, 0], {"knn": 130.0, "heuristic": 23.0, "session": 0.0},
+                                      cached=45.0))
     assert got.by_router == {"heuristic": 20, "knn": 80}
+    assert got.cached == 5  # the cache's answers before the run are not this run's
+
+
+def test_every_run_of_a_bench_sends_prompts_of_its_own() -> None:
+    """A prompt an earlier run sent would hit the engine's prefix cache and the router's decision cache."""
+    n_specs, n_targets = 4, 3
+    seeds = [prompt_seed(r, s, t, n_specs=n_specs, n_targets=n_targets)
+             for r in range(3) for s in range(n_specs) for t in range(n_targets)]
+    assert len(set(seeds)) == len(seeds)
 
 
 def steady(tok_s: float) -> LoadResult:
