@@ -9,6 +9,10 @@ train split only and scores its test split. The static embedder qualifies on a s
 `MAX_LOSS_POINTS` above its teacher's (a lower CPT is better: fewer strong calls for half the quality gap).
 Writes `benchmarks/embedder_quality.md` (or `--out`) and prints it. `--limit N` keeps N train and N test rows per
 set (a smoke run; its table says so and is not the measurement).
+
+The static embedder is fitted (`router.embed.static.fit`) on the texts a router would hold as exemplars: the
+shipped default exemplars and the train splits of all the sets measured, one model for all of them (as one router
+serves all traffic); never on a test split.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ import os
 import platform
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -33,7 +38,9 @@ from router.eval.datasets import (
     load_dataset,
 )
 from router.eval.embcache import EmbeddingCache
+from router.eval.labelled import LabelledSet
 from router.eval.runner import evaluate
+from router.exemplars import load_default_exemplars
 
 ROOT = Path(__file__).resolve().parents[1]
 MD = ROOT / "benchmarks" / "embedder_quality.md"
@@ -76,9 +83,15 @@ def limited(ds, n: int | None):
     return replace(ds, frame=frame.iloc[np.sort(keep)].reset_index(drop=True))
 
 
-def measure(dataset: str, data_dir: Path, teacher: EmbeddingCache, static: EmbeddingCache, *, limit: int | None,
-            n_boot: int) -> Row:
-    ds = limited(load_dataset(dataset, data_dir), limit)
+def fit_corpus(sets: Sequence[LabelledSet]) -> list[str]:
+    """The static embedder's fitting texts: the shipped exemplars and the train splits of `sets`, no test row."""
+    texts = {e.text for e in load_default_exemplars()}
+    for ds in sets:
+        texts.update(ds.train["prompt"])
+    return sorted(texts)
+
+
+def measure(ds: LabelledSet, teacher: EmbeddingCache, static: EmbeddingCache, *, limit: int | None, n_boot: int) -> Row:
     reports = {}
     for label, cache in (("teacher", teacher), ("static", static)):
         # kNN settings are tuned on train for each embedder, as the stack's operator would (tierserve eval).
@@ -90,7 +103,7 @@ def measure(dataset: str, data_dir: Path, teacher: EmbeddingCache, static: Embed
         return (float(pair[0]), float(pair[1])) if pair else (float("nan"), float("nan"))
 
     t, s = reports["teacher"], reports["static"]
-    return Row(dataset, len(ds.train), len(ds.test), teacher.name, t.cpt50, ci(t), s.cpt50, ci(s), t.apgr, s.apgr)
+    return Row(ds.name, len(ds.train), len(ds.test), teacher.name, t.cpt50, ci(t), s.cpt50, ci(s), t.apgr, s.apgr)
 
 
 def render(rows: list[Row], *, limit: int | None, seconds: float) -> str:
@@ -156,13 +169,18 @@ def main(argv: list[str] | None = None) -> int:
     data_dir = (args.cache_dir or Path(os.environ.get("TIERSERVE_DATA_DIR") or "~/.cache/tierserve")).expanduser()
     started = time.time()
     rows = []
+    sets = [limited(load_dataset(name, args.data_dir), args.limit) for name in args.datasets.split(",")]
+    corpus = fit_corpus(sets)
     for cfg in teachers(args.bge_m3, args.threads):
         teacher = EmbeddingCache(build_embedder(cfg, data_dir), data_dir / "eval-cache")
-        static = EmbeddingCache(build_embedder(cfg.model_copy(update={"backend": "static"}), data_dir),
-                                data_dir / "eval-cache")
-        for dataset in args.datasets.split(","):
-            rows.append(measure(dataset, args.data_dir, teacher, static, limit=args.limit, n_boot=args.bootstrap))
-            print(f"{dataset}: teacher {rows[-1].teacher_cpt50:.1f}%, static {rows[-1].static_cpt50:.1f}%",
+        fit_started = time.time()
+        static = EmbeddingCache(build_embedder(cfg.model_copy(update={"backend": "static"}), data_dir,
+                                               corpus=corpus), data_dir / "eval-cache")
+        print(f"static embedder of {teacher.name}: {static.name}, fitted on {len(corpus)} texts "
+              f"(ready in {time.time() - fit_started:.0f} s)", flush=True)
+        for ds in sets:
+            rows.append(measure(ds, teacher, static, limit=args.limit, n_boot=args.bootstrap))
+            print(f"{ds.name}: teacher {rows[-1].teacher_cpt50:.1f}%, static {rows[-1].static_cpt50:.1f}%",
                   flush=True)
     text = render(rows, limit=args.limit, seconds=time.time() - started)
     args.out.write_text(text)

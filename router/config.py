@@ -45,12 +45,14 @@ class EmbedderConfig(StrictModel):
     backend: Literal["torch", "onnx", "onnx-int8", "static"] = "torch"
     """`torch` runs the model itself, on CPU or CUDA (the only backend for `device: cuda`). The others are CPU
     only. `static`: a static embedder distilled from the model at first start (under `<data_dir>/static`;
-    model2vec's recipe, `router.embed.static`): one vector per token, a text is their mean, ~0.1 ms per text
-    instead of 5-10 ms; its vectors live in their own space, so its exemplars are kept in the collection
-    `<store.collection>-static<static_dims>` (embedded again from the shipped set on first start). Its routing
-    quality against its teacher's is in benchmarks/embedder_quality.md: from MiniLM it matches kNN's CPT(50%)
-    on MMLU, ARC, Winogrande, MT-Bench and plaut-msp but needs 6.4 points more strong calls on GSM8K (and 21.6
-    on MBPP, where kNN is no better than random), so it is opt-in, not the default.
+    model2vec's recipe, `router.embed.static`), its token vectors then fitted to the model's embeddings of the
+    shipped exemplars (tokenlearn's step; about 30 s in all for MiniLM on 2 cores): one vector per token, a
+    text is their mean, ~0.1 ms per text instead of 5-10 ms; its vectors live in their own space, so its
+    exemplars are kept in the collection `<store.collection>-static<static_dims>` (embedded again from the
+    shipped set on first start). Its routing quality against its teacher's is in
+    benchmarks/embedder_quality.md: from MiniLM (fitted on the sets' train splits) it matches kNN's CPT(50%) on
+    MMLU, ARC, MBPP, MT-Bench and plaut-msp but needs 4.8 points more strong calls on GSM8K and 4.6 on
+    Winogrande (within wide intervals), so it is opt-in, not the default.
     `onnx`: export the model once to ONNX (under `<data_dir>/onnx`) and embed with ONNX Runtime: the same
     vectors, about 1.2x faster; used only if its vectors match torch's (cosine >= 0.99) and no clear
     leave-one-out kNN decision on the shipped exemplars flips, else torch serves. `onnx-int8`: int8 attention

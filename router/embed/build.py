@@ -3,6 +3,7 @@ embedder distilled from the model)."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 from router.config import EmbedderConfig
@@ -10,12 +11,14 @@ from router.embed.base import Embedder, RecheckEmbedder
 from router.embed.flag import FlagEmbedder, check_model_dir
 
 
-def build_embedder(cfg: EmbedderConfig, cache_dir: Path | None = None) -> Embedder:
+def build_embedder(cfg: EmbedderConfig, cache_dir: Path | None = None, *,
+                   corpus: Sequence[str] | None = None) -> Embedder:
     """The embedder the config asks for. Raises FileNotFoundError naming the path and the fix, and
     `EmbedderDeviceError` for a CUDA device torch cannot see.
 
     `backend: static` distils a static embedder from the model into `cache_dir/static` at first start and loads
-    it from there afterwards (without loading the model again; `router.embed.static`).
+    it from there afterwards (without loading the model again; `router.embed.static`), its token vectors fitted
+    on `corpus` (default: the shipped exemplars' texts) so a text's mean follows the model's embedding of it.
 
     On CPU, `backend: onnx` exports the torch model once into `cache_dir` and uses the ONNX copy only if it
     passes its check against torch (`router.embed.onnx`); otherwise torch serves. `onnx-int8` gives a
@@ -39,12 +42,15 @@ def build_embedder(cfg: EmbedderConfig, cache_dir: Path | None = None) -> Embedd
             name=f"{cfg.kind}:{path.name}",
         )
 
-    if cfg.backend == "static":  # the teacher loads only to distil (once per model)
+    if cfg.backend == "static":  # the teacher loads only to distil (once per model and corpus)
         from router.embed.static import load_or_distill
+        from router.exemplars import load_default_exemplars
 
         check_model_dir(path, require_m3_heads=cfg.kind == "bge-m3")
+        if corpus is None:
+            corpus = [e.text for e in load_default_exemplars()]
         return load_or_distill(teacher, path, data_dir / "static", pooling=cfg.resolved_pooling,
-                               dims=cfg.static_dims, max_length=cfg.max_length, kind=cfg.kind)
+                               dims=cfg.static_dims, max_length=cfg.max_length, kind=cfg.kind, corpus=corpus)
     torch_embedder = teacher()
     if cfg.backend == "torch":  # also every CUDA device: the config allows only torch there
         return torch_embedder
