@@ -143,7 +143,15 @@ def test_qdrant_unavailable_mid_run_falls_back_then_recovers(client: openai.Open
     meta = raw.parse().model_extra["tierserve"]
     assert meta["fallback"] is True and "store" in meta["reason"]
     time.sleep(4.5)
-    assert _route(base_url, {"model": "auto", "prompt": HARD[1]})["router"] == "knn"
+    # The store reopens on the first decision due after the release; that decision may still time out in the
+    # ingress while the store loads (the heuristic answers it), the ones after it are kNN's again.
+    deadline, decision = time.monotonic() + 30, {}
+    while time.monotonic() < deadline:
+        decision = _route(base_url, {"model": "auto", "prompt": HARD[1]})
+        if decision["router"] == "knn":
+            break
+        time.sleep(0.5)
+    assert decision["router"] == "knn", decision["reason"]
     bad = httpx.post(base_url + "/admin/router/release-store", json={"seconds": -1}, headers=ADMIN)
     assert bad.status_code == 400 and bad.json()["error"]["param"] == "seconds"
 
