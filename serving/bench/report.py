@@ -129,8 +129,8 @@ def decision_lines(report: BenchReport) -> list[str]:
         return []
     return ["", 'Routing decision of `model="auto"` (the ingress\'s `tierserve_routing_overhead_seconds`, bucket-'
             "interpolated; with `knn` as the default router, `heuristic` decisions are fallbacks, e.g. `router busy` "
-            "past `router.max_queue_wait_s`; `cached`: answered by the router's decision cache, which each run's "
-            "own prompts keep near 0):", "", "| load | decisions | decided by | cached | p50 ms | p99 ms |",
+            "past `router.max_queue_wait_s`; `cached`: answered by the router's decision cache, a text decided "
+            "moments ago; every run sends prompts of its own, so those are repeats within the run):", "", "| load | decisions | decided by | cached | p50 ms | p99 ms |",
             "|---|---|---|---|---|---|", *rows]
 
 
