@@ -37,12 +37,11 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import numpy as np  # noqa: E402
 
 from router.config import EmbedderConfig, KnnConfig, RouterConfig  # noqa: E402
-from router.core import StoreIndex  # noqa: E402
 from router.deployment import RouterDeployment  # noqa: E402
 from router.embed import Embedder, RecheckEmbedder, build_embedder  # noqa: E402
 from router.exemplars import load_default_exemplars  # noqa: E402
 from router.learn.config import ShadowConfig  # noqa: E402
-from router.scoring import KnnRouter, label_difficulty, tiers_for_scores  # noqa: E402
+from router.scoring import KnnRouter, StoreIndex, label_difficulty, tiers_for_scores  # noqa: E402
 from router.store import ExemplarStore  # noqa: E402
 from router.types import Exemplar, RouteInput  # noqa: E402
 

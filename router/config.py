@@ -248,6 +248,14 @@ class RouterConfig(StrictModel):
     the recent time per decision) gets the heuristic's decision at once, reason `router busy`, instead of
     queueing: under overload `auto` keeps its latency and loses only routing quality. null: queue up to the
     ingress's `router_timeout_s`."""
+    overflow: Literal["static", "heuristic"] | None = None
+    """Who decides what the router is too busy for (past `max_queue_wait_s`). `static`: kNN over the same exemplars
+    with a static embedder distilled and fitted from the router's model (`router.overflow`; made in the background
+    at the first start, about 30 s for MiniLM on 2 cores; the heuristic decides until it is ready): ~1 ms a
+    decision, the routing quality of benchmarks/embedder_quality.md. `heuristic`: length and keyword rules.
+    None: `static` for `minilm` on CPU; `heuristic` for `bge-m3` (distilling its 250k-token vocabulary and
+    embedding the corpus with the large model on CPU takes most of an hour) and where the embedder is already
+    `static`."""
     decision_cache_size: int = Field(default=4096, ge=0, le=1_000_000)
     """Recent kNN/classifier decisions each router replica keeps, keyed by a hash of the routed text (with the
     router and threshold): an identical prompt is answered from it without queueing or embedding. Least
@@ -307,6 +315,15 @@ class RouterConfig(StrictModel):
                 "process per folder. Set store.url or use num_replicas: 1."
             )
         return self
+
+    @property
+    def resolved_overflow(self) -> Literal["static", "heuristic"]:
+        """`overflow`, or the embedder's own default (see `overflow`)."""
+        if self.embedder.backend == "static":
+            return "heuristic"  # its own embedder is the static one: nothing decides faster
+        if self.overflow is not None:
+            return self.overflow
+        return "static" if self.embedder.kind == "minilm" and self.embedder.device == "cpu" else "heuristic"
 
     def thresholds_for(self, num_tiers: int) -> tuple[float, ...]:
         """The N-1 tier boundaries for `num_tiers` tiers; ValueError if the configured list does not fit."""

@@ -1,9 +1,10 @@
 """`Router`: embedder + exemplar store + scoring + heuristic -> one `RouteDecision` per text.
 
-Routing never raises: when the embedder or the store fails (or the store is empty), or the router is too busy
-to decide in time (`busy`), the heuristic decides and the decision says `fallback=True`; every fallback is
-counted (`fallbacks`, `on_fallback`), and every failure is logged (a busy router is not: it says so in the
-decision's reason, at the rate of the overload).
+Routing never raises: when the embedder or the store fails (or the store is empty), the heuristic decides and the
+decision says `fallback=True`; every fallback is counted (`fallbacks`, `on_fallback`), and every failure is logged.
+What the router is too busy to decide in time (`busy`) is decided by the static overflow (`router.overflow`), or
+by the heuristic where it has none (counted as a fallback, not logged: the decision's reason says so, at the rate
+of the overload).
 """
 
 from __future__ import annotations
@@ -12,9 +13,10 @@ import logging
 import time
 from collections import Counter, OrderedDict
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import replace
+from functools import partial
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 
@@ -24,17 +26,21 @@ from router.decision_cache import DecisionCache
 from router.embed import Embedder, RecheckEmbedder, build_embedder, near_boundary
 from router.errors import InvalidRequest, StoreError
 from router.exemplars import load_default_exemplars
+from router.overflow import OverflowBuilder, OverflowIndex
 from router.scoring import (
     ClassifierRouter,
     Decider,
     KnnRouter,
-    Nearest,
     Scores,
+    StoreIndex,
     label_difficulty,
 )
 from router.store import ExemplarStore
 from router.types import BUSY_CAUSE, Exemplar, RouteDecision, RouteInput, normalize_text
 from router.versions import version_kind
+
+if TYPE_CHECKING:
+    from router.embed.static import StaticEmbedder
 
 logger = logging.getLogger(__name__)
 
@@ -82,6 +88,8 @@ class Router:
         """The trained classifier for `router: classifier` (loaded by `build` from `classifier_path`)."""
         self.decisions = DecisionCache(cfg.decision_cache_size, cfg.decision_cache_ttl_s)
         """Recent kNN and classifier decisions by text; emptied whenever the exemplar store changes."""
+        self.overflow: OverflowBuilder | None = None
+        """The static overflow (`router.overflow`), which decides what the router is too busy for."""
 
     @classmethod
     def build(
@@ -93,12 +101,18 @@ class Router:
         embedder: Embedder | None = None,
         on_fallback: Callable[[FallbackCause], None] | None = None,
         store_retry_s: float = 10.0,
+        overflow: Callable[[], StaticEmbedder] | None = None,
     ) -> Router:
         """Load the embedder, open the store (seeding the default exemplars into an empty one).
 
         A bad embedder config raises; a store that cannot be opened is logged and retried while the heuristic
-        routes, so a Qdrant outage at start does not take routing down.
+        routes, so a Qdrant outage at start does not take routing down. The static overflow
+        (`router.overflow`) starts building in the background with the static embedder `overflow` makes, or,
+        when no `embedder` is given and the config resolves to `static`, the one distilled from its model.
         """
+        if embedder is None and overflow is None and cfg.resolved_overflow == "static":
+            overflow = partial(build_embedder, cfg.embedder.model_copy(update={"backend": "static"}),
+                               Path(data_dir).expanduser())
         embedder = embedder or build_embedder(cfg.embedder, Path(data_dir).expanduser())
         router = cls(
             cfg,
@@ -117,6 +131,9 @@ class Router:
             # A classifier trained on another embedder's vectors is refused here, at start, not per request.
             router.classifier = DifficultyClassifier.load(path, embedder_name=embedder.name, dim=embedder.dim)
         router._current_store()
+        if overflow is not None:
+            router.overflow = OverflowBuilder(overflow, cfg.knn, router._label)
+            router.overflow_index()  # starts the first build
         return router
 
     @property
@@ -131,10 +148,19 @@ class Router:
         return self.decisions.get(item, kind) if kind in CACHED_KINDS else None
 
     def busy(self, item: RouteInput, expected_wait_s: float) -> RouteDecision:
-        """The heuristic's decision for a request the router would take `expected_wait_s` to decide."""
+        """The decision for a request the router would take `expected_wait_s` to decide: the static overflow's,
+        or the heuristic's while it has none."""
+        note = f"~{expected_wait_s:.2f} s of decisions were queued"
+        index = self.overflow_index()
+        if index is not None and (decision := index.decide(item, self.decider, note)) is not None:
+            return decision
         self._count_fallback("busy")
         decision = self.decider.fallback(item, BUSY_CAUSE)  # the reason's first part is a metric label
-        return replace(decision, reason=f"{decision.reason}; ~{expected_wait_s:.2f} s of decisions were queued")
+        return replace(decision, reason=f"{decision.reason}; {note}")
+
+    def overflow_index(self) -> OverflowIndex | None:
+        """The static overflow's index of the exemplars served now (None: none configured, or not ready)."""
+        return None if self.overflow is None else self.overflow.current(self._store, self.decisions.generation)
 
     def route_inputs(self, inputs: Sequence[RouteInput]) -> list[RouteDecision]:
         """Decide a tier for each input: one scoring pass per router kind (one embedding pass and one kNN
@@ -363,26 +389,6 @@ _NO_SCORES = Scores(np.empty(0), ())
 _RECENT_VECTORS = 4096
 CACHED_KINDS = frozenset({"knn", "classifier"})
 """Routers whose decisions the cache keeps: the ones that embed (the others cost less than a lookup)."""
-
-
-@dataclass
-class StoreIndex:
-    """kNN over the exemplar store (Qdrant); labels are tier names, turned into difficulties by `label`."""
-
-    store: ExemplarStore
-    label: Callable[[str], float]
-    version: int | None = None
-    """Store version to search (None: the active one)."""
-
-    def nearest(self, vectors: np.ndarray, k: int) -> Nearest:
-        found = self.store.query(vectors, k, version=self.version)
-        sims = np.full((len(found), k), np.nan)
-        labels = np.full((len(found), k), np.nan)
-        for row, neighbors in enumerate(found):
-            for col, n in enumerate(neighbors[:k]):
-                sims[row, col] = n.similarity
-                labels[row, col] = self.label(n.tier)
-        return Nearest(sims, labels, tuple(tuple(n) for n in found))
 
 
 def _timed(decision: RouteDecision, overhead_ms: float, embed_ms: float, batch_size: int) -> RouteDecision:

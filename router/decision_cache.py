@@ -79,7 +79,7 @@ class DecisionCache:
 
     def put(self, item: RouteInput, kind: str, decision: RouteDecision, *, generation: int) -> None:
         """Remember a decision made on the exemplars of `generation` (ignored if they changed since)."""
-        if self.max_entries == 0 or decision.fallback:  # a fallback is a passing failure: decide again next time
+        if self.max_entries == 0 or decision.fallback or decision.overflow:  # passing: decide again next time
             return
         key = _key(item, kind)
         with self._lock:

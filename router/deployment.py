@@ -15,6 +15,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from router.batching import AdaptiveBatcher
 from router.config import RouterConfig
@@ -25,6 +26,7 @@ from router.errors import StoreError
 from router.exemplars import load_default_exemplars
 from router.learn import Feedback, Learner, LearnResult, RequestOutcome
 from router.learn.shadow import ShadowRunner
+from router.overflow import OverflowIndex
 from router.types import (
     Exemplar,
     QueueReport,
@@ -33,6 +35,9 @@ from router.types import (
     StoredExemplar,
 )
 from router.versions import StoreVersion
+
+if TYPE_CHECKING:
+    from router.embed.static import StaticEmbedder
 
 logger = logging.getLogger(__name__)
 
@@ -75,10 +80,13 @@ class RouterDeployment:
         embedder: Embedder | None = None,
         on_fallback: Callable[[FallbackCause], None] | None = None,
         retention_s: float | None = None,
+        overflow: Callable[[], StaticEmbedder] | None = None,
     ) -> None:
-        """`retention_s`: the query log's retention (`query_log.retention_s`): learned exemplars expire after it."""
+        """`retention_s`: the query log's retention (`query_log.retention_s`): learned exemplars expire after it.
+        `overflow`: the static embedder of `router.overflow` (see `Router.build`)."""
         self._router = Router.build(
-            router_config, tier_names, Path(data_dir), embedder=embedder, on_fallback=on_fallback
+            router_config, tier_names, Path(data_dir), embedder=embedder, on_fallback=on_fallback,
+            overflow=overflow,
         )
         self._cfg = router_config
         self._learner = Learner(router_config.learn, tier_names, retention_s=retention_s)
@@ -158,6 +166,18 @@ class RouterDeployment:
             await asyncio.sleep(0)
             return self._shadow.attach([request], [cached])[0]
         return (await asyncio.to_thread(self._shadow.attach, [request], [cached]))[0]
+
+    async def overflow_index(self, have: str | None = None, embedder: str | None = None
+                             ) -> tuple[str | None, OverflowIndex | None]:
+        """The static overflow's index for the ingress: (its key, the index; None when the caller's copy, named
+        by `have`, is current; without its embedder when the caller holds that one, named by `embedder`, as the
+        exemplars change more often than the embedder's 30 MB). (None, None): none ready, or no store."""
+        index = self._router.overflow_index()
+        if index is None:
+            return None, None
+        if index.key == have:
+            return index.key, None
+        return index.key, replace(index, embedder=None) if index.embedder.name == embedder else index
 
     async def add_exemplars(self, exemplars: Sequence[Exemplar]) -> int:
         """Embed and store exemplars at runtime (the admin endpoint); returns how many were written."""
@@ -258,6 +278,7 @@ class RouterDeployment:
                 if now >= due["flush"]:
                     due["flush"] = now + learn.flush_interval_s
                     await self.flush_learned()
+                self._router.overflow_index()  # rebuilt in the background once the exemplars changed
                 if now >= due["expire"] and (store := self._router.store) is not None:
                     due["expire"] = now + EXPIRE_EVERY_S
                     await asyncio.to_thread(store.expire)

@@ -33,6 +33,7 @@ from router.types import Neighbor, RouteDecision, RouteInput, RouterKind
 
 if TYPE_CHECKING:  # the ingress imports this module; joblib and the classifier load only where one is used
     from router.classifier import DifficultyClassifier
+    from router.store import ExemplarStore
 
 SEED_LABELS: dict[str, float] = {"small": 0.0, "medium": 0.5, "large": 1.0}
 """Difficulty of the seed classes, used for labels that are not tier names."""
@@ -212,6 +213,30 @@ class Nearest:
     similarities: np.ndarray
     labels: np.ndarray
     neighbors: tuple[tuple[Neighbor, ...], ...] = ()
+
+    @classmethod
+    def of(cls, found: Sequence[Sequence[Neighbor]], k: int, label: Callable[[str], float]) -> Nearest:
+        """The neighbours a search found per query, with `label` turning each one's tier into a difficulty."""
+        sims = np.full((len(found), k), np.nan)
+        labels = np.full((len(found), k), np.nan)
+        for row, neighbors in enumerate(found):
+            for col, n in enumerate(neighbors[:k]):
+                sims[row, col] = n.similarity
+                labels[row, col] = label(n.tier)
+        return cls(sims, labels, tuple(tuple(n) for n in found))
+
+
+@dataclass
+class StoreIndex:
+    """kNN over the exemplar store (Qdrant); labels are tier names, turned into difficulties by `label`."""
+
+    store: ExemplarStore
+    label: Callable[[str], float]
+    version: int | None = None
+    """Store version to search (None: the active one)."""
+
+    def nearest(self, vectors: np.ndarray, k: int) -> Nearest:
+        return Nearest.of(self.store.query(vectors, k, version=self.version), k, self.label)
 
 
 @dataclass

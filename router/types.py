@@ -23,6 +23,8 @@ Chosen = Literal["explicit", "forced", "session"]
 """How a request chose its tier without a router: `model` names a tier, `tierserve.tier`, or its session."""
 
 BUSY_CAUSE = "router busy"
+OVERFLOW_LABEL = "knn-static"
+"""How headers, the query log and the metrics name a decision of the static overflow (`router.overflow`)."""
 """`RouteDecision.fallback_cause` of a request the router would have taken too long to decide."""
 
 _ID_NAMESPACE = uuid.UUID("6f0b6f3e-3c1e-5d2a-9a57-1d2b7c9e0a41")
@@ -171,6 +173,10 @@ class RouteDecision:
     shadow: RouteDecision | None = None
     """The candidate router's decision (`router.shadow`), for a request that asked for one (`RouteInput.shadow`)
     and was decided by kNN or the classifier in a batch the router had time for; logged, never served."""
+    overflow: bool = False
+    """Decided by the static overflow (`router.overflow`): kNN over the same exemplars on a static embedder's
+    vectors, the router being too busy for its own embedder (`router` is `knn`, `fallback` False; headers, the
+    query log and the metrics name it `OVERFLOW_LABEL`)."""
     queue: QueueReport | None = None
     """The router deployment's queue as it answered (None where no deployment decided): the ingress answers the
     busy fallback itself while its estimate of that queue is over `router.max_queue_wait_s`

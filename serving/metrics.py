@@ -116,6 +116,13 @@ class Metrics:
             "heuristic instead (their share of tierserve_routing_decisions_total is the busy-fallback share).",
             registry=r,
         )
+        self.router_overflow_exemplars = Gauge(
+            "tierserve_router_overflow_exemplars",
+            "Exemplars in this ingress's copy of the router's static overflow index (router.overflow), which "
+            "decides what the router is too busy for (router=\"knn-static\"); 0 while it has none (the heuristic "
+            "decides those).",
+            registry=r,
+        )
         self.router_cached_decisions = Counter(
             "tierserve_router_cached_decisions_total",
             "kNN and classifier routing decisions answered from the router's decision cache (the same text decided "

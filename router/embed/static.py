@@ -46,6 +46,8 @@ import numpy as np
 from router.embed.base import Embedder
 
 if TYPE_CHECKING:
+    from tokenizers import Tokenizer
+
     from router.embed.flag import FlagEmbedder
 
 logger = logging.getLogger(__name__)
@@ -95,19 +97,28 @@ class Distilled:
 class StaticEmbedder(Embedder):
     """Mean of per-token vectors, L2-normalised; the teacher's tokenizer, without special tokens."""
 
-    def __init__(self, vectors: np.ndarray, tokenizer_dir: Path, *, max_length: int, name: str) -> None:
-        from transformers import AutoTokenizer
-
+    def __init__(self, vectors: np.ndarray, tokenizer_dir: Path | None, *, max_length: int, name: str,
+                 tokenizer: Tokenizer | None = None) -> None:
+        """The teacher's tokenizer from `tokenizer_dir` (through transformers), or `tokenizer` itself."""
         if vectors.ndim != 2:
             raise ValueError(f"static vectors must be a (vocabulary, dims) matrix, got shape {vectors.shape}.")
-        hf_tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
-        self._tokenizer = hf_tokenizer.backend_tokenizer
+        if tokenizer is None:
+            from transformers import AutoTokenizer
+
+            tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir)).backend_tokenizer
+        self._tokenizer = tokenizer
         self._tokenizer.no_padding()
         self._tokenizer.enable_truncation(max_length)
         self._lock = threading.Lock()  # a fast tokenizer shared by two threads can fail ("Already borrowed")
         self._vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+        self._max_length = max_length
         self.dim = int(vectors.shape[1])
         self.name = name
+
+    def __reduce__(self) -> tuple:
+        """Pickled as its rows and its tokenizer's JSON (the router hands its overflow to the ingress, which
+        then needs neither the model's files nor transformers, whose import takes seconds)."""
+        return _restore, (self._vectors, self._tokenizer.to_str(), self._max_length, self.name)
 
     @property
     def vectors(self) -> np.ndarray:
@@ -140,6 +151,13 @@ class StaticEmbedder(Embedder):
         norms = np.linalg.norm(out, axis=1, keepdims=True)
         np.divide(out, norms, out=out, where=norms > 0)
         return out
+
+
+def _restore(vectors: np.ndarray, tokenizer_json: str, max_length: int, name: str) -> StaticEmbedder:
+    from tokenizers import Tokenizer
+
+    return StaticEmbedder(vectors, None, max_length=max_length, name=name,
+                          tokenizer=Tokenizer.from_str(tokenizer_json))
 
 
 def distill(teacher: FlagEmbedder, *, dims: int, token_ids: Sequence[int] | None = None,

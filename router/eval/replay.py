@@ -21,12 +21,11 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from router.config import KnnConfig
-from router.core import StoreIndex
 from router.eval.calibrate import confidence_threshold_for_rate
 from router.learn import LearnConfig, Learner, RequestOutcome
 from router.learn.recalibrate import Recalibrator
 from router.learn.rules import explore
-from router.scoring import KnnRouter, label_difficulty
+from router.scoring import KnnRouter, StoreIndex, label_difficulty
 from router.store import ExemplarStore
 from router.types import RouteDecision
 

@@ -20,9 +20,9 @@ from dataclasses import replace
 from pathlib import Path
 
 from router.classifier import DifficultyClassifier
-from router.core import Router, StoreIndex
+from router.core import Router
 from router.learn.config import ShadowConfig
-from router.scoring import ClassifierRouter, Decider, KnnRouter, Scores
+from router.scoring import ClassifierRouter, Decider, KnnRouter, Scores, StoreIndex
 from router.types import RouteDecision, RouteInput
 
 logger = logging.getLogger(__name__)

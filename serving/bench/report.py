@@ -128,8 +128,9 @@ def decision_lines(report: BenchReport) -> list[str]:
     if not rows:
         return []
     return ["", 'Routing decision of `model="auto"` (the ingress\'s `tierserve_routing_overhead_seconds`, bucket-'
-            "interpolated; with `knn` as the default router, `heuristic` decisions are fallbacks, e.g. `router busy` "
-            "past `router.max_queue_wait_s`; `cached`: answered by the router's decision cache, a text decided "
+            "interpolated; with `knn` as the default router, `knn-static` decisions are the static overflow's, kNN on "
+            "the static embedder's vectors for what the router could not embed within `router.max_queue_wait_s`, "
+            "and `heuristic` decisions are fallbacks (a busy router without that overflow, a timeout); `cached`: answered by the router's decision cache, a text decided "
             "moments ago; every run sends prompts of its own, so those are repeats within the run):", "", "| load | decisions | decided by | cached | p50 ms | p99 ms |",
             "|---|---|---|---|---|---|", *rows]
 

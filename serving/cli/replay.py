@@ -80,9 +80,8 @@ def _replay(args) -> int:
 
 def _scores(run, vectors: np.ndarray) -> np.ndarray:
     from router.config import KnnConfig
-    from router.core import StoreIndex
     from router.eval.replay import TIERS
-    from router.scoring import KnnRouter, label_difficulty
+    from router.scoring import KnnRouter, StoreIndex, label_difficulty
 
     index = StoreIndex(run.store, lambda label: label_difficulty(label, TIERS))
     return KnnRouter(None, index, KnnConfig(k=20, weighting="similarity")).score_vectors(vectors).values

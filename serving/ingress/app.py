@@ -30,6 +30,7 @@ from fastapi.responses import JSONResponse, Response
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
+from router.types import OVERFLOW_LABEL
 from serving.cascade import CascadePolicy
 from serving.cascade.runner import CascadeRunner, CascadeStream
 from serving.channel.channel import TierCall, TierChannel
@@ -346,8 +347,9 @@ class Recorder:
         if self.query_log is None:
             return
         shadow = decision.shadow if outcome.routed else None
+        router = OVERFLOW_LABEL if decision.overflow else decision.router  # `knn-static`: the static overflow's
         record = QueryRecord(
-            request_id=ticket.request_id, router=decision.router if outcome.routed else "none", tier=tier,
+            request_id=ticket.request_id, router=router if outcome.routed else "none", tier=tier,
             score=decision.score, threshold=decision.thresholds[-1] if decision.thresholds else None,
             tier_chain=outcome.tier_chain, escalated=outcome.escalated, confidences=outcome.confidences,
             cascade_thresholds=outcome.scored_thresholds(self.tier_names), latency_ms=latency_s * 1000,

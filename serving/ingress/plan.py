@@ -19,9 +19,11 @@ from router.decision_cache import DecisionCache
 from router.errors import InvalidRequest
 from router.judge import JudgeRouter
 from router.learn.rules import explore, gate, sampled
+from router.overflow import OverflowIndex
 from router.scoring import Decider
 from router.types import (
     BUSY_CAUSE,
+    OVERFLOW_LABEL,
     Chosen,
     RouteDecision,
     RouteInput,
@@ -139,6 +141,39 @@ class RouterQueue:
         return None
 
 
+OVERFLOW_POLL_S = 2.0
+"""How often the ingress asks the router whether its static overflow's index changed (sent only then)."""
+
+
+class OverflowCopy:
+    """The ingress's copy of the router's static overflow index (`router.overflow`), with which it decides the
+    requests it answers busy itself (`RouterQueue`) by kNN instead of the heuristic."""
+
+    def __init__(self, router: RouterCalls, metrics: Metrics) -> None:
+        self.index: OverflowIndex | None = None
+        self._router = router
+        self._metrics = metrics
+        self._task: asyncio.Task | None = None
+
+    def follow(self) -> None:
+        """Keep the copy current from now on (idempotent; on the running loop)."""
+        if self._task is None or self._task.done():
+            self._task = asyncio.get_running_loop().create_task(self._poll())
+
+    async def _poll(self) -> None:
+        while True:
+            try:
+                held = self.index
+                key, index = await self._router.overflow_index(held and held.key, held and held.embedder.name)
+                if index is not None and index.embedder is None:  # the exemplars changed, the embedder did not
+                    index = replace(index, embedder=held.embedder)
+                self.index = None if key is None else index or held
+                self._metrics.router_overflow_exemplars.set(0 if self.index is None else len(self.index))
+            except Exception as exc:  # noqa: BLE001 - the router is down: the heuristic decides meanwhile
+                logger.warning("could not fetch the router's overflow index (%s: %s)", type(exc).__name__, exc)
+            await asyncio.sleep(OVERFLOW_POLL_S)
+
+
 class Planner:
     """Decides each request's entry tier, moves it by load, and resolves its cascade policy."""
 
@@ -160,6 +195,10 @@ class Planner:
         """Only where a round trip is saved and one router queue serves this ingress: the router inside the
         ingress checks its own queue and cache in this process, and Ray Serve spreads calls over several router
         replicas, whose queues one estimate cannot follow (there each replica answers its own busy fallback)."""
+        self.overflow = (OverflowCopy(router, metrics) if router is not None and self.router_queue.limit_s is not None
+                         and config.router.resolved_overflow == "static" else None)
+        """The router's static overflow, for the busy decisions made here (where the router is in this process,
+        it decides its busy ones with its own)."""
         self.recent = DecisionCache(config.router.decision_cache_size,
                                     min(config.router.decision_cache_ttl_s, RECENT_TTL_S))
         """The router's decisions of the last seconds by text, answered from here while the router is too busy to
@@ -281,8 +320,9 @@ class Planner:
         started = time.perf_counter()
         decision = await self._decide(item, kind or self.config.router.default_router)
         decision = replace(decision, overhead_ms=(time.perf_counter() - started) * 1000)
-        self.metrics.routing.labels(decision.router, decision.tier).inc()
-        self.metrics.routing_overhead.labels(decision.router).observe(decision.overhead_ms / 1000)
+        router = OVERFLOW_LABEL if decision.overflow else decision.router  # `knn-static`: the static overflow's
+        self.metrics.routing.labels(router, decision.tier).inc()
+        self.metrics.routing_overhead.labels(router).observe(decision.overhead_ms / 1000)
         if decision.fallback:
             self.metrics.router_fallbacks.labels(decision.reason.split(";")[0][:60]).inc()
         if decision.busy:  # the busy fallback's share is an alert (TierserveRouterBusy)
@@ -309,14 +349,19 @@ class Planner:
             return self.local.decide(item, "judge", verdict.p_hard, reason)
         if self.router is None:
             return self.local.fallback(item, "no router deployment")
+        if self.overflow is not None:
+            self.overflow.follow()
         if (queued_s := self.router_queue.admit()) is not None:  # the router would answer this, after a round trip
             if kind == "heuristic":  # shadowed: the candidate skips this one, the heuristic decides here
                 return self.local.local(item, kind)
             if (known := self.recent.get(item, kind)) is not None:
                 return known  # a text the router decided moments ago: its decision, as its cache would answer
+            note = f"~{queued_s:.2f} s of decisions were queued (the router's last report)"
+            index = self.overflow.index if self.overflow is not None else None
+            if index is not None and (decision := index.decide(item, self.local, note)) is not None:
+                return decision
             decision = self.local.fallback(item, BUSY_CAUSE)
-            return replace(decision, reason=f"{decision.reason}; ~{queued_s:.2f} s of decisions were queued (the "
-                                            "router's last report)")
+            return replace(decision, reason=f"{decision.reason}; {note}")
         try:
             called = time.perf_counter()
             decision = await asyncio.wait_for(self.router.route(replace(item, deadline=time.time() + timeout_s)),

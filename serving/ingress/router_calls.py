@@ -8,6 +8,7 @@ from typing import Protocol
 from ray.serve.handle import DeploymentHandle
 
 from router.learn import Feedback, LearnResult, RequestOutcome
+from router.overflow import OverflowIndex
 from router.types import Exemplar, RouteDecision, RouteInput, StoredExemplar
 from router.versions import StoreVersion
 from serving.config import AppConfig
@@ -17,6 +18,9 @@ class RouterCalls(Protocol):
     """What the ingress needs from the router (`router.deployment.RouterDeployment` has exactly these)."""
 
     async def route(self, request: RouteInput) -> RouteDecision: ...
+
+    async def overflow_index(self, have: str | None = None, embedder: str | None = None
+                             ) -> tuple[str | None, OverflowIndex | None]: ...
 
     async def add_exemplars(self, exemplars: Sequence[Exemplar]) -> int: ...
 
@@ -45,6 +49,10 @@ class HandleRouter:
 
     async def route(self, request: RouteInput) -> RouteDecision:
         return await self._handle.route.remote(request)
+
+    async def overflow_index(self, have: str | None = None, embedder: str | None = None
+                             ) -> tuple[str | None, OverflowIndex | None]:
+        return await self._handle.overflow_index.remote(have, embedder)
 
     async def add_exemplars(self, exemplars: Sequence[Exemplar]) -> int:
         return await self._handle.add_exemplars.remote(list(exemplars))

@@ -131,6 +131,58 @@ def test_llm_judge_router_asks_the_small_tier(client: openai.OpenAI, base_url: s
     assert strict["tier"] == "large"  # P(hard) >= 0 always: the threshold applies to the judge's score
 
 
+def _decisions_by_router(base_url: str) -> dict[str, float]:
+    counts: dict[str, float] = {}
+    for line in httpx.get(base_url + "/metrics").text.splitlines():
+        if line.startswith("tierserve_routing_decisions_total{"):
+            router = line.split('router="')[1].split('"')[0]
+            counts[router] = counts.get(router, 0.0) + float(line.rsplit(" ", 1)[1])
+    return counts
+
+
+def _overflow_exemplars(base_url: str) -> float:
+    for line in httpx.get(base_url + "/metrics").text.splitlines():
+        if line.startswith("tierserve_router_overflow_exemplars "):
+            return float(line.split()[1])
+    return 0.0
+
+
+def test_a_burst_past_the_router_is_decided_by_knn_on_static_vectors(base_url: str) -> None:
+    """`router.overflow: static` (the default with MiniLM): a burst the router cannot embed within
+    `max_queue_wait_s` is decided by kNN on the static embedder's vectors, in the router and in the ingress's
+    copy of its index, never by the heuristic; hard texts still go to the large tier."""
+    import asyncio
+
+    _route(base_url, {"model": "auto", "prompt": ROUTINE[0]})  # the ingress follows the overflow from now on
+    deadline = time.monotonic() + 120  # made in the background at the router's start (the fit is cached)
+    while _overflow_exemplars(base_url) == 0 and time.monotonic() < deadline:
+        time.sleep(1)
+    assert _overflow_exemplars(base_url) > 0, "the ingress never received the router's overflow index"
+    # Distinct long texts (the decision cache answers none of them), each a full embedding for MiniLM.
+    filler = " ".join(HARD) * 2
+    texts = [f"Request {i}: {filler}" if i % 2 else f"Request {i}: {ROUTINE[i % 3]}" for i in range(160)]
+
+    async def burst() -> list[httpx.Response]:
+        async with httpx.AsyncClient(timeout=120) as http:
+            return await asyncio.gather(*(http.post(base_url + "/v1/route", headers=AUTH,
+                                                    json={"model": "auto", "prompt": t}) for t in texts))
+
+    before = _decisions_by_router(base_url)
+    answers = asyncio.run(burst())
+    after = _decisions_by_router(base_url)
+    assert all(a.status_code == 200 for a in answers)
+    decided = {k: after[k] - before.get(k, 0.0) for k in after if after[k] > before.get(k, 0.0)}
+    assert decided.get("knn-static", 0) > 0, decided
+    # None was left to the busy heuristic (a call that timed out on the way may still fall back: another cause).
+    others = [a.json()["reason"] for a in answers if a.headers["x-tierserve-router"] not in ("knn", "knn-static")]
+    assert not any("router busy" in reason for reason in others), others
+    assert len(others) <= 0.05 * len(texts), others
+    static = [(i, a.json()) for i, a in enumerate(answers) if a.headers["x-tierserve-router"] == "knn-static"]
+    assert static and all(d["fallback"] is False and d["reason"].startswith("knn-static: knn") for _, d in static)
+    right = sum(d["routed_tier"] == ("large" if i % 2 else "small") for i, d in static)
+    assert right >= 0.8 * len(static), [(i, d["routed_tier"]) for i, d in static]
+
+
 def test_qdrant_unavailable_mid_run_falls_back_then_recovers(client: openai.OpenAI, base_url: str) -> None:
     """The exemplar store closes (as a Qdrant outage would): 200s via the heuristic, then kNN again."""
     r = httpx.post(base_url + "/admin/router/release-store", json={"seconds": 4}, headers=ADMIN, timeout=30)

@@ -1,0 +1,118 @@
+"""The static overflow (`router.overflow`): what the router is too busy to embed is decided by kNN over the same
+exemplars on the static embedder's vectors, not by the heuristic; the index follows the store; the ingress's copy
+travels by pickle (the real MiniLM, its real static embedder from the test data dir, embedded Qdrant)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import pickle
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from router.config import EmbedderConfig, RouterConfig, StoreConfig
+from router.embed import build_embedder, default_embedder
+from router.embed.static import StaticEmbedder
+from router.overflow import OverflowBuilder
+from router.scoring import Decider, label_difficulty
+from router.store import ExemplarStore
+from router.types import Exemplar, RouteInput
+from tests.integration.test_router_knn import NEAR_LARGE, NEAR_SMALL, TIERS
+
+
+@pytest.fixture(scope="module")
+def static() -> StaticEmbedder:
+    """The router's own: distilled and fitted on the shipped exemplars once into the test data dir."""
+    return build_embedder(EmbedderConfig(backend="static"), Path(os.environ["TIERSERVE_DATA_DIR"]).expanduser())
+
+
+@pytest.fixture(scope="module")
+def embedder():
+    return default_embedder()
+
+
+def test_the_default_overflow_is_static_where_the_embedder_is_minilm_on_cpu():
+    assert RouterConfig().resolved_overflow == "static"
+    assert RouterConfig(overflow="heuristic").resolved_overflow == "heuristic"
+    bge = {"kind": "bge-m3", "model_path": "/models/bge-m3"}
+    assert RouterConfig(embedder=bge).resolved_overflow == "heuristic"  # distilling it on CPU takes most of an hour
+    assert RouterConfig(embedder=bge, overflow="static").resolved_overflow == "static"
+    assert RouterConfig(embedder={"backend": "static"}).resolved_overflow == "heuristic"  # already that fast
+
+
+def test_a_burst_past_the_router_is_decided_by_knn_on_static_vectors(tmp_path, embedder, static):
+    """Past `max_queue_wait_s` the router answers at once, as the heuristic did, but by kNN over its exemplars:
+    a hard text goes to the large tier, a routine one stays small, and nothing is counted as a fallback."""
+    from router.deployment import RouterDeployment
+
+    embedder.embed(NEAR_SMALL[:1])
+    started = time.perf_counter()
+    embedder.embed(NEAR_SMALL[1:2])
+    one_s = time.perf_counter() - started
+    causes = []
+    deployment = RouterDeployment(RouterConfig(max_queue_wait_s=4 * one_s, batch_max_size=4), TIERS,
+                                  str(tmp_path), embedder=embedder, on_fallback=causes.append,
+                                  overflow=lambda: static)
+    assert deployment._router.overflow.wait(60) is not None  # built in the background from the seeded store
+    texts = (NEAR_SMALL + NEAR_LARGE) * 8
+    want = {t: "small" for t in NEAR_SMALL} | {t: "large" for t in NEAR_LARGE}
+
+    async def burst():
+        return await asyncio.gather(*(deployment.route(RouteInput(t)) for t in texts))
+
+    try:
+        decisions = asyncio.run(burst())
+    finally:
+        deployment.close()
+    overflowed = [(t, d) for t, d in zip(texts, decisions) if d.overflow]
+    assert overflowed and len(overflowed) < len(texts)  # some embedded by MiniLM, the rest by the overflow
+    assert causes == [] and not any(d.fallback for d in decisions)
+    for text, d in overflowed:
+        assert d.router == "knn" and d.overflow and d.reason.startswith("knn-static: knn")
+        assert "decisions were queued" in d.reason and d.neighbors and d.score is not None
+    right = sum(d.tier == want[t] for t, d in overflowed)
+    assert right >= 0.8 * len(overflowed), [(t[:30], d.tier) for t, d in overflowed]
+    # The overflow's decisions are not cached: a repeat the router has time for is embedded by MiniLM.
+    assert all(not d.cached for _, d in overflowed)
+
+
+def test_the_index_follows_the_store_and_travels_without_its_embedder(tmp_path, static):
+    store = ExemplarStore.open(StoreConfig(), dim=static.dim, data_dir=tmp_path)
+    first = [Exemplar(t, "small") for t in NEAR_SMALL] + [Exemplar(t, "large") for t in NEAR_LARGE[:2]]
+    version = store.begin("import")
+    store.upsert(first, static.embed([e.text for e in first]), version=version)
+    store.commit(version)
+    builder = OverflowBuilder(lambda: static, RouterConfig().knn, lambda tier: label_difficulty(tier, TIERS),
+                              min_rebuild_s=0.0)
+    try:
+        assert builder.current(store, generation=0) is None  # building
+        index = builder.wait(60)
+        assert len(index) == store.count() == len(first)
+        assert builder.current(store, generation=0) is index  # unchanged: no build
+        more = [Exemplar(t, "large") for t in NEAR_LARGE[2:]]
+        version = store.begin("import")
+        store.upsert(more, static.embed([e.text for e in more]), version=version)
+        store.commit(version)
+        # The previous index serves while the new one is made, then the new one holds every exemplar.
+        assert builder.current(store, generation=1) is index
+        newer = builder.wait(60)
+        assert newer is not index and len(newer) == len(first) + len(more)
+        assert builder.current(store, generation=1) is newer
+    finally:
+        store.close()
+    assert builder.current(store, generation=1) is None  # a closed store: the heuristic decides
+
+    # What the ingress receives: the whole index once, then the exemplars alone; both decide as the original.
+    decider = Decider(RouterConfig(), TIERS)
+    whole = pickle.loads(pickle.dumps(newer))
+    light = pickle.loads(pickle.dumps(replace(newer, embedder=None)))
+    assert light.embedder is None and len(pickle.dumps(replace(newer, embedder=None))) < len(pickle.dumps(newer)) / 10
+    light = replace(light, embedder=whole.embedder)
+    for text in NEAR_SMALL + NEAR_LARGE:
+        original = newer.decide(RouteInput(text), decider, "test")
+        for copy in (whole, light):
+            again = copy.decide(RouteInput(text), decider, "test")
+            assert (again.tier, again.score, again.overflow) == (original.tier, pytest.approx(original.score), True)
