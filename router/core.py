@@ -242,11 +242,11 @@ class Router:
         Embedded Qdrant allows one process per folder: this lets `tierserve exemplars import` write to it
         while the stack serves. The store reopens by itself afterwards.
         """
+        self._next_store_attempt = time.monotonic() + seconds  # first: a batch running meanwhile must not reopen it
         if self._store is not None:
             self._store.close()
             self._store = None
         self.decisions.clear()  # the CLI is about to change the exemplars
-        self._next_store_attempt = time.monotonic() + seconds
 
     # -- exemplars ------------------------------------------------------------------------------------------
 

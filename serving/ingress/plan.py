@@ -357,8 +357,7 @@ class Planner:
             if (known := self.recent.get(item, kind)) is not None:
                 return known  # a text the router decided moments ago: its decision, as its cache would answer
             note = f"~{queued_s:.2f} s of decisions were queued (the router's last report)"
-            index = self.overflow.index if self.overflow is not None else None
-            if index is not None and (decision := index.decide(item, self.local, note)) is not None:
+            if (decision := self._overflow(item, note)) is not None:
                 return decision
             decision = self.local.fallback(item, BUSY_CAUSE)
             return replace(decision, reason=f"{decision.reason}; {note}")
@@ -371,12 +370,18 @@ class Planner:
                 self.recent.put(item, kind, replace(decision, shadow=None), generation=self.recent.generation)
             return decision
         except TimeoutError:  # slow (overloaded): never a 5xx for that
-            logger.warning("router deployment took over ingress.router_timeout_s (%.1f s); heuristic fallback",
-                           timeout_s)
-            return self.local.fallback(item, "router deployment: timed out")
+            logger.warning("router deployment took over ingress.router_timeout_s (%.1f s); the static overflow "
+                           "or the heuristic decides", timeout_s)
+            note = f"the router took over ingress.router_timeout_s ({timeout_s:.1f} s)"
+            return self._overflow(item, note) or self.local.fallback(item, "router deployment: timed out")
         except Exception as exc:  # noqa: BLE001 - the router deployment is down: never a 5xx for that
             logger.warning("router deployment failed (%s: %s); heuristic fallback", type(exc).__name__, exc)
             return self.local.fallback(item, f"router deployment: {type(exc).__name__}")
+
+    def _overflow(self, item: RouteInput, note: str) -> RouteDecision | None:
+        """The decision of this ingress's copy of the static overflow (None: it has none)."""
+        index = self.overflow.index if self.overflow is not None else None
+        return index.decide(item, self.local, note) if index is not None else None
 
     async def _ask_cheapest(self, prompt: str) -> list[tuple[str, float]]:
         """The LLM judge's call: one greedy token from the cheapest tier, with its top alternatives."""

@@ -156,7 +156,7 @@ def _send_every_kind(base_url: str, client: openai.OpenAI) -> None:
     time.sleep(3 * SCRAPE_S)
     _send_each_kind_once(base_url, client)
     statuses = asyncio.run(_burst(base_url, n=100, gap_s=0.01))
-    assert 503 in statuses and 200 in statuses, statuses  # past both tiers' admission limits
+    assert 503 in statuses and 200 in statuses, (statuses, _routers(base_url))  # past both tiers' admission limits
 
 
 def _send_each_kind_once(base_url: str, client: openai.OpenAI) -> None:
@@ -194,6 +194,11 @@ def _drop_a_stream(base_url: str) -> None:
         lines = r.iter_lines()
         assert any(next(lines).startswith("data: ") for _ in range(6))
     # leaving the block closed the connection mid-stream: the ingress counts a client abort
+
+
+def _routers(base_url: str) -> list[str]:
+    return [line for line in httpx.get(base_url + "/metrics").text.splitlines()
+            if line.startswith(("tierserve_routing_decisions_total", "tierserve_capacity_moves_total"))]
 
 
 async def _burst(base_url: str, n: int, gap_s: float) -> list[int]:

@@ -158,8 +158,8 @@ def test_a_burst_past_the_router_is_decided_by_knn_on_static_vectors(base_url: s
     while _overflow_exemplars(base_url) == 0 and time.monotonic() < deadline:
         time.sleep(1)
     assert _overflow_exemplars(base_url) > 0, "the ingress never received the router's overflow index"
-    # Distinct long texts (the decision cache answers none of them), each a full embedding for MiniLM.
-    filler = " ".join(HARD) * 2
+    # Distinct texts (the decision cache answers none of them), the hard ones long: a full embedding for MiniLM.
+    filler = " ".join(HARD)
     texts = [f"Request {i}: {filler}" if i % 2 else f"Request {i}: {ROUTINE[i % 3]}" for i in range(160)]
 
     async def burst() -> list[httpx.Response]:
@@ -181,6 +181,12 @@ def test_a_burst_past_the_router_is_decided_by_knn_on_static_vectors(base_url: s
     assert static and all(d["fallback"] is False and d["reason"].startswith("knn-static: knn") for _, d in static)
     right = sum(d["routed_tier"] == ("large" if i % 2 else "small") for i, d in static)
     assert right >= 0.8 * len(static), [(i, d["routed_tier"]) for i, d in static]
+    # The router works through what it took before the next test routes (MiniLM decides a fresh text again).
+    deadline, i = time.monotonic() + 60, 0
+    while _route(base_url, {"model": "auto", "prompt": f"Drain check {i}: {ROUTINE[1]}"})["router"] != "knn":
+        assert time.monotonic() < deadline, "the router did not drain within 60 s"
+        i += 1
+        time.sleep(0.5)
 
 
 def test_qdrant_unavailable_mid_run_falls_back_then_recovers(client: openai.OpenAI, base_url: str) -> None:
@@ -191,8 +197,8 @@ def test_qdrant_unavailable_mid_run_falls_back_then_recovers(client: openai.Open
         model="auto", messages=[{"role": "user", "content": HARD[1]}], max_tokens=2
     )
     assert raw.status_code == 200
-    assert raw.headers["x-tierserve-router"] == "heuristic-fallback"
     meta = raw.parse().model_extra["tierserve"]
+    assert raw.headers["x-tierserve-router"] == "heuristic-fallback", meta
     assert meta["fallback"] is True and "store" in meta["reason"]
     time.sleep(4.5)
     # The store reopens on the first decision due after the release; that decision may still time out in the
@@ -213,13 +219,16 @@ def test_router_down_falls_back_to_heuristic_and_recovers(client: openai.OpenAI,
     names = [a for a in ray.util.list_named_actors(all_namespaces=True) if "router" in a["name"] and "REPLICA" in a["name"]]
     assert names, "router replica actor not found"
     for actor in names:
-        ray.kill(ray.get_actor(actor["name"], namespace=actor["namespace"]), no_restart=True)
+        handle = ray.get_actor(actor["name"], namespace=actor["namespace"])
+        ray.kill(handle, no_restart=True)
+        with pytest.raises(ray.exceptions.RayActorError):  # the kill has taken effect before the request below
+            ray.get(handle.__ray_ready__.remote(), timeout=30)
 
     raw = client.chat.completions.with_raw_response.create(
         model="auto", messages=[{"role": "user", "content": ROUTINE[2]}], max_tokens=2
     )
     assert raw.status_code == 200
-    assert raw.headers["x-tierserve-router"] == "heuristic-fallback"
+    assert raw.headers["x-tierserve-router"] == "heuristic-fallback", raw.parse().model_extra["tierserve"]
     assert raw.parse().model_extra["tierserve"]["fallback"] is True
     assert "tierserve_router_fallbacks_total" in httpx.get(base_url + "/metrics").text
 

@@ -19,7 +19,12 @@ from router.embed.static import StaticEmbedder
 from router.overflow import OverflowBuilder
 from router.scoring import Decider, label_difficulty
 from router.store import ExemplarStore
-from router.types import Exemplar, RouteInput
+from router.types import Exemplar, QueueReport, RouteDecision, RouteInput
+from serving.channel.channel import TierChannel
+from serving.config import parse_config
+from serving.ingress.plan import Planner
+from serving.ingress.protocol import TierserveOptions
+from serving.metrics import Metrics
 from tests.integration.test_router_knn import NEAR_LARGE, NEAR_SMALL, TIERS
 
 
@@ -116,3 +121,63 @@ def test_the_index_follows_the_store_and_travels_without_its_embedder(tmp_path, 
         for copy in (whole, light):
             again = copy.decide(RouteInput(text), decider, "test")
             assert (again.tier, again.score, again.overflow) == (original.tier, pytest.approx(original.score), True)
+
+
+class OverflowRouter:
+    """The router deployment as the ingress sees it (`RouterCalls`' two calls used here): decisions that take
+    `delay_s` and report a queue of `queue_s`, and its static overflow's index."""
+
+    def __init__(self, index, *, delay_s: float = 0.0, queue_s: float = 0.0) -> None:
+        self.index, self.delay_s, self.queue_s = index, delay_s, queue_s
+        self.sent_embedder = 0
+
+    async def route(self, request: RouteInput) -> RouteDecision:
+        await asyncio.sleep(self.delay_s)
+        return RouteDecision("small", 0, "knn", 0.1, (0.5,), "test", queue=QueueReport(self.queue_s, 0.1))
+
+    async def overflow_index(self, have=None, embedder=None):
+        if have == self.index.key:
+            return self.index.key, None
+        self.sent_embedder += embedder != self.index.embedder.name
+        return self.index.key, self.index if embedder != self.index.embedder.name else replace(self.index, embedder=None)
+
+
+def test_the_ingress_decides_with_its_copy_when_the_router_is_busy_or_slow(tmp_path, static):
+    """What the ingress decides itself (the router's last report over `max_queue_wait_s`), and a call that runs
+    past `ingress.router_timeout_s`, get kNN on its copy of the router's index, not the heuristic."""
+    store = ExemplarStore.open(StoreConfig(), dim=static.dim, data_dir=tmp_path)
+    exemplars = [Exemplar(t, "small") for t in NEAR_SMALL] + [Exemplar(t, "large") for t in NEAR_LARGE]
+    version = store.begin("import")
+    store.upsert(exemplars, static.embed([e.text for e in exemplars]), version=version)
+    store.commit(version)
+    builder = OverflowBuilder(lambda: static, RouterConfig().knn, lambda tier: label_difficulty(tier, TIERS))
+    try:
+        builder.current(store, generation=0)
+        index = builder.wait(60)
+    finally:
+        store.close()
+    cfg = parse_config({
+        "tiers": [{"name": n, "model": f"m{i}", "engine": {"kv_cache_memory_bytes": 1 << 20}}
+                  for i, n in enumerate(TIERS)],
+        "query_log": {"path": str(tmp_path / "querylog")},
+        "router": {"max_queue_wait_s": 0.1}, "ingress": {"router_timeout_s": 0.3},
+    }, "test")
+    router, metrics = OverflowRouter(index, delay_s=1.0), Metrics()
+    planner = Planner(cfg, TierChannel(TIERS, cfg.capacity, token="t" * 32), metrics, router, None)
+
+    def plan(text: str) -> RouteDecision:
+        return asyncio.run(planner.plan("auto", text, TierserveOptions(), None, "r")).decision
+
+    slow = plan(NEAR_LARGE[0])  # the copy arrives while the call waits; the call times out
+    assert slow.overflow and slow.router == "knn" and slow.tier == "large" and not slow.fallback
+    assert "router_timeout_s" in slow.reason and router.sent_embedder == 1
+    assert metrics.registry.get_sample_value("tierserve_router_overflow_exemplars") == len(exemplars)
+    router.delay_s, router.queue_s = 0.0, 5.0
+    assert plan(NEAR_SMALL[0]).router == "knn"  # answered by the router, reporting a 5 s queue
+    busy = [plan(t) for t in (NEAR_SMALL[1], NEAR_LARGE[1])]  # decided here without a call
+    assert [d.tier for d in busy] == ["small", "large"] and all(d.overflow and not d.busy for d in busy)
+    assert "decisions were queued" in busy[0].reason
+    assert metrics.registry.get_sample_value("tierserve_router_busy_fallbacks_total") in (None, 0.0)
+    assert metrics.registry.get_sample_value("tierserve_routing_decisions_total",
+                                             {"router": "knn-static", "tier": "large"}) == 2
+    assert router.sent_embedder == 1  # the embedder travelled once
