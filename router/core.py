@@ -110,7 +110,7 @@ class Router:
         (`router.overflow`) starts building in the background with the static embedder `overflow` makes, or,
         when no `embedder` is given and the config resolves to `static`, the one distilled from its model.
         """
-        if embedder is None and overflow is None and cfg.resolved_overflow == "static":
+        if embedder is None and overflow is None and cfg.resolved_overflow == "static" and cfg.max_queue_wait_s:
             overflow = partial(build_embedder, cfg.embedder.model_copy(update={"backend": "static"}),
                                Path(data_dir).expanduser())
         embedder = embedder or build_embedder(cfg.embedder, Path(data_dir).expanduser())
@@ -151,7 +151,7 @@ class Router:
         """The decision for a request the router would take `expected_wait_s` to decide: the static overflow's,
         or the heuristic's while it has none."""
         note = f"~{expected_wait_s:.2f} s of decisions were queued"
-        index = self.overflow_index()
+        index = self.overflow_index() if (item.router or self.cfg.default_router) == "knn" else None
         if index is not None and (decision := index.decide(item, self.decider, note)) is not None:
             return decision
         self._count_fallback("busy")

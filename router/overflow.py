@@ -22,6 +22,7 @@ import logging
 import os
 import threading
 import time
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
@@ -39,6 +40,8 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
+EMBED_CHUNK = 256
+"""Exemplars embedded per call while indexing: a decision on the request path waits for at most one chunk."""
 MIN_REBUILD_S = 10.0
 """Least time between two builds of the index (exemplars learned every second must not re-embed every second)."""
 
@@ -90,7 +93,10 @@ class OverflowBuilder:
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
         self._built_at = -float("inf")
+        """When the last build ended, made an index or not (monotonic; -inf: none tried yet)."""
         self._failed = False
+        self._token = uuid.uuid4().hex[:8]
+        """This builder's own mark in its keys: a restarted router's copy is never taken for the one before."""
         self.index: OverflowIndex | None = None
         """The latest index made (None until the first is ready)."""
 
@@ -99,18 +105,18 @@ class OverflowBuilder:
         the background when they changed since the last one."""
         if store is None or store.closed or self._failed:
             return None
-        key = index_key(store, generation)
+        key = f"{index_key(store, generation)}|{self._token}"
         index = self.index
         if index is not None and index.key == key:
             return index
         with self._lock:
-            due = time.monotonic() - self._built_at >= self._min_rebuild_s or index is None
+            due = time.monotonic() - self._built_at >= self._min_rebuild_s  # -inf before the first try
             if due and (self._thread is None or not self._thread.is_alive()):
                 self._thread = threading.Thread(target=self._build, args=(store, key), daemon=True,
                                                 name="tierserve-overflow")
                 self._thread.start()
-        # An index of the previous exemplars serves until the new one is ready: it differs by what the last
-        # change brought (at most `min_rebuild_s` old), a better decision than the heuristic's.
+        # An index of the previous exemplars of the same store serves until the new one is ready: it differs by
+        # the changes since it was made, and decides better than the heuristic.
         return index if index is not None and index.key.split("|")[0] == key.split("|")[0] else None
 
     def wait(self, timeout: float | None = None) -> OverflowIndex | None:
@@ -132,8 +138,9 @@ class OverflowBuilder:
                 texts.append(stored.exemplar.text)
                 tiers.append(stored.exemplar.tier)
             matrix = VectorMatrix(self._embedder.dim)
-            if ids:
-                matrix.put(ids, self._embedder.embed(texts), tiers)
+            for start in range(0, len(ids), EMBED_CHUNK):  # the tokenizer's lock is shared with busy decisions
+                end = start + EMBED_CHUNK
+                matrix.put(ids[start:end], self._embedder.embed(texts[start:end]), tiers[start:end])
             difficulty = {tier: self._difficulty(tier) for tier in set(tiers)}
         except Exception:
             if self._embedder is None:  # no static embedder for this model: the heuristic keeps deciding

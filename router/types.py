@@ -23,9 +23,9 @@ Chosen = Literal["explicit", "forced", "session"]
 """How a request chose its tier without a router: `model` names a tier, `tierserve.tier`, or its session."""
 
 BUSY_CAUSE = "router busy"
+"""`RouteDecision.fallback_cause` of a request the router would have taken too long to decide."""
 OVERFLOW_LABEL = "knn-static"
 """How headers, the query log and the metrics name a decision of the static overflow (`router.overflow`)."""
-"""`RouteDecision.fallback_cause` of a request the router would have taken too long to decide."""
 
 _ID_NAMESPACE = uuid.UUID("6f0b6f3e-3c1e-5d2a-9a57-1d2b7c9e0a41")
 """Fixed namespace so the same text always gets the same point id, on every machine."""

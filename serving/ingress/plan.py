@@ -163,13 +163,14 @@ class OverflowCopy:
     async def _poll(self) -> None:
         while True:
             try:
-                held = self.index
-                key, index = await self._router.overflow_index(held and held.key, held and held.embedder.name)
+                held = self.index  # an empty index is falsy (len 0): compare with None throughout
+                have = (None, None) if held is None else (held.key, held.embedder.name)
+                key, index = await asyncio.wait_for(self._router.overflow_index(*have), OVERFLOW_POLL_S * 5)
                 if index is not None and index.embedder is None:  # the exemplars changed, the embedder did not
                     index = replace(index, embedder=held.embedder)
-                self.index = None if key is None else index or held
+                self.index = None if key is None else held if index is None else index
                 self._metrics.router_overflow_exemplars.set(0 if self.index is None else len(self.index))
-            except Exception as exc:  # noqa: BLE001 - the router is down: the heuristic decides meanwhile
+            except Exception as exc:  # noqa: BLE001 - the router is down or slow: the copy held serves meanwhile
                 logger.warning("could not fetch the router's overflow index (%s: %s)", type(exc).__name__, exc)
             await asyncio.sleep(OVERFLOW_POLL_S)
 
@@ -379,9 +380,12 @@ class Planner:
             return self.local.fallback(item, f"router deployment: {type(exc).__name__}")
 
     def _overflow(self, item: RouteInput, note: str) -> RouteDecision | None:
-        """The decision of this ingress's copy of the static overflow (None: it has none)."""
+        """The decision of this ingress's copy of the static overflow (None: it has none, or the request asked for
+        another router than kNN)."""
         index = self.overflow.index if self.overflow is not None else None
-        return index.decide(item, self.local, note) if index is not None else None
+        if index is None or (item.router or self.config.router.default_router) != "knn":
+            return None
+        return index.decide(item, self.local, note)
 
     async def _ask_cheapest(self, prompt: str) -> list[tuple[str, float]]:
         """The LLM judge's call: one greedy token from the cheapest tier, with its top alternatives."""

@@ -173,7 +173,8 @@ def test_the_ingress_decides_with_its_copy_when_the_router_is_busy_or_slow(tmp_p
     assert "router_timeout_s" in slow.reason and router.sent_embedder == 1
     assert metrics.registry.get_sample_value("tierserve_router_overflow_exemplars") == len(exemplars)
     router.delay_s, router.queue_s = 0.0, 5.0
-    assert plan(NEAR_SMALL[0]).router == "knn"  # answered by the router, reporting a 5 s queue
+    answered = plan(NEAR_SMALL[0])  # by the router, reporting a 5 s queue
+    assert answered.router == "knn" and not answered.overflow
     busy = [plan(t) for t in (NEAR_SMALL[1], NEAR_LARGE[1])]  # decided here without a call
     assert [d.tier for d in busy] == ["small", "large"] and all(d.overflow and not d.busy for d in busy)
     assert "decisions were queued" in busy[0].reason
@@ -181,3 +182,6 @@ def test_the_ingress_decides_with_its_copy_when_the_router_is_busy_or_slow(tmp_p
     assert metrics.registry.get_sample_value("tierserve_routing_decisions_total",
                                              {"router": "knn-static", "tier": "large"}) == 2
     assert router.sent_embedder == 1  # the embedder travelled once
+    # A request for another router than kNN is not the overflow's to decide: the heuristic answers it busy.
+    classifier = asyncio.run(planner.plan("router-classifier", NEAR_LARGE[2], TierserveOptions(), None, "r"))
+    assert classifier.decision.busy and not classifier.decision.overflow
