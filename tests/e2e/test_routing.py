@@ -215,7 +215,8 @@ def test_qdrant_unavailable_mid_run_falls_back_then_recovers(client: openai.Open
 
 
 def test_router_down_falls_back_to_heuristic_and_recovers(client: openai.OpenAI, base_url: str) -> None:
-    """Kill the router replica mid-run (embedder + Qdrant gone): requests still answer 200 via the heuristic."""
+    """Kill the router replica mid-run (embedder + Qdrant gone): requests still answer 200, decided by the heuristic
+    or the ingress's copy of the static overflow."""
     names = [a for a in ray.util.list_named_actors(all_namespaces=True) if "router" in a["name"] and "REPLICA" in a["name"]]
     assert names, "router replica actor not found"
     for actor in names:
@@ -228,8 +229,11 @@ def test_router_down_falls_back_to_heuristic_and_recovers(client: openai.OpenAI,
         model="auto", messages=[{"role": "user", "content": ROUTINE[2]}], max_tokens=2
     )
     assert raw.status_code == 200
-    assert raw.headers["x-tierserve-router"] == "heuristic-fallback", raw.parse().model_extra["tierserve"]
-    assert raw.parse().model_extra["tierserve"]["fallback"] is True
+    # The call fails at once (the heuristic decides), or waits past ingress.router_timeout_s while Serve replaces
+    # the replica (the ingress's copy of the static overflow decides: kNN on static vectors).
+    meta, router = raw.parse().model_extra["tierserve"], raw.headers["x-tierserve-router"]
+    assert router in ("heuristic-fallback", "knn-static"), meta
+    assert (meta["fallback"] is True) if router == "heuristic-fallback" else ("router_timeout_s" in meta["reason"])
     assert "tierserve_router_fallbacks_total" in httpx.get(base_url + "/metrics").text
 
     deadline = time.monotonic() + 180

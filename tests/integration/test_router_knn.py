@@ -226,7 +226,8 @@ def test_deployment_class_batches_concurrent_requests_in_process(tmp_path, embed
 
     from router.deployment import RouterDeployment
 
-    deployment = RouterDeployment(RouterConfig(), TIERS, str(tmp_path), embedder=embedder)
+    # No busy answer: this test is about batching, and a loaded machine must not turn the last ones into heuristics.
+    deployment = RouterDeployment(RouterConfig(max_queue_wait_s=None), TIERS, str(tmp_path), embedder=embedder)
     texts = NEAR_SMALL + NEAR_LARGE
 
     async def main():
