@@ -10,6 +10,7 @@ of the overload).
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections import Counter, OrderedDict
 from collections.abc import Callable, Sequence
@@ -50,11 +51,8 @@ classifier failed, or the router was too busy to decide in time (`RouterConfig.m
 
 
 class Router:
-    """Decides the tier for batches of texts.
-
-    Call `route_inputs` from one thread at a time; `add_exemplars` may run alongside it (the store and the
-    tokenizer take their own locks).
-    """
+    """Decides the tier for batches of texts. Call `route_inputs` from one thread at a time; `add_exemplars` and
+    `release_store` may run alongside it (the store, its opening and the tokenizer take their own locks)."""
 
     def __init__(
         self,
@@ -67,8 +65,8 @@ class Router:
         on_fallback: Callable[[FallbackCause], None] | None = None,
         store_retry_s: float = 10.0,
     ) -> None:
-        """`store=None` starts without exemplars; `open_store`, if given, is retried every `store_retry_s` to get
-        one, and a store it opens is seeded with the default exemplars when empty."""
+        """`store=None` starts without exemplars; `open_store`, if given, is retried every `store_retry_s` to get one
+        (a store it opens is seeded with the default exemplars when empty)."""
         self.cfg = cfg
         self.decider = Decider(cfg, tier_names)
         self.tier_names = self.decider.tier_names
@@ -79,6 +77,7 @@ class Router:
         self._open_store = open_store
         self._next_store_attempt = 0.0
         self._store_retry_s = store_retry_s
+        self._opening = threading.Lock()  # held to open or release the store: a release waits for an open
         self._on_fallback = on_fallback
         self._label_cache: dict[str, float] = {}
         self._recent: OrderedDict[str, np.ndarray] = OrderedDict()
@@ -242,10 +241,11 @@ class Router:
         Embedded Qdrant allows one process per folder: this lets `tierserve exemplars import` write to it
         while the stack serves. The store reopens by itself afterwards.
         """
-        self._next_store_attempt = time.monotonic() + seconds  # first: a batch running meanwhile must not reopen it
-        if self._store is not None:
-            self._store.close()
-            self._store = None
+        with self._opening:  # a batch running meanwhile must not reopen it
+            self._next_store_attempt = time.monotonic() + seconds
+            if self._store is not None:
+                self._store.close()
+                self._store = None
         self.decisions.clear()  # the CLI is about to change the exemplars
 
     # -- exemplars ------------------------------------------------------------------------------------------
@@ -353,17 +353,19 @@ class Router:
 
     def _current_store(self) -> ExemplarStore | None:
         if self._store is None and self._open_store is not None and time.monotonic() >= self._next_store_attempt:
-            self._next_store_attempt = time.monotonic() + self._store_retry_s
-            try:
-                store = self._open_store()
-                self.seed_defaults(store)
-                self._store = store
-                self.decisions.clear()  # it may hold other exemplars than the store decided on before
-            except Exception:
-                logger.exception("cannot open the exemplar store; the heuristic routes until it opens")
+            with self._opening:
+                if self._store is None and time.monotonic() >= self._next_store_attempt:  # not released meanwhile
+                    self._next_store_attempt = time.monotonic() + self._store_retry_s
+                    try:
+                        store = self._open_store()
+                        self.seed_defaults(store)
+                        self._store = store
+                        self.decisions.clear()  # it may hold other exemplars than the store decided on before
+                    except Exception:
+                        logger.exception("cannot open the exemplar store; the heuristic routes until it opens")
         return self._store
 
-    def _label(self, label: str) -> float:
+    def _label(self, label: str) -> float:  # an unknown label is ignored (NaN), not an error
         return self._difficulty(label, strict=False)
 
     def _difficulty(self, label: str, *, strict: bool = True) -> float:
@@ -392,9 +394,5 @@ CACHED_KINDS = frozenset({"knn", "classifier"})
 
 
 def _timed(decision: RouteDecision, overhead_ms: float, embed_ms: float, batch_size: int) -> RouteDecision:
-    return replace(
-        decision,
-        overhead_ms=overhead_ms,
-        embed_ms=embed_ms if decision.router == "knn" else 0.0,
-        batch_size=batch_size,
-    )
+    return replace(decision, overhead_ms=overhead_ms, embed_ms=embed_ms if decision.router == "knn" else 0.0,
+                   batch_size=batch_size)

@@ -259,6 +259,18 @@ class RouterDeployment:
             self._router.decisions.clear()  # decisions made on the other exemplars must not be served again
             return record
 
+    async def expire_exemplars(self) -> int:
+        """Drop the exemplars whose retention ran out (learned prompts live as long as the query log's); what was
+        decided on them goes too: the decision cache empties and the static overflow indexes again (both follow
+        the cache's generation). Returns how many went."""
+        store = self._router.store
+        if store is None:
+            return 0
+        gone = await asyncio.to_thread(store.expire)
+        if gone:
+            self._router.decisions.clear()
+        return gone
+
     def _start_maintenance(self) -> None:
         if self._maintenance is None or self._maintenance.done():
             self._maintenance = asyncio.get_running_loop().create_task(self._maintain())
@@ -279,9 +291,9 @@ class RouterDeployment:
                     due["flush"] = now + learn.flush_interval_s
                     await self.flush_learned()
                 self._router.overflow_index()  # rebuilt in the background once the exemplars changed
-                if now >= due["expire"] and (store := self._router.store) is not None:
+                if now >= due["expire"]:
                     due["expire"] = now + EXPIRE_EVERY_S
-                    await asyncio.to_thread(store.expire)
+                    await self.expire_exemplars()
             except Exception:  # the next tick tries again; routing never depends on this loop
                 logger.exception("router maintenance failed")
 

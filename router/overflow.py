@@ -52,7 +52,7 @@ class OverflowIndex:
     router hands a copy to the ingress."""
 
     key: str
-    """What it was made from: the store, its active version and the router's exemplar generation."""
+    """What it was made from: `<store>|<active version>|<the router's exemplar generation>|<builder token>`."""
     embedder: StaticEmbedder | None
     """None only in transit, where the receiver holds the same embedder (`RouterDeployment.overflow_index`)."""
     matrix: VectorMatrix
@@ -105,7 +105,8 @@ class OverflowBuilder:
         the background when they changed since the last one."""
         if store is None or store.closed or self._failed:
             return None
-        key = f"{index_key(store, generation)}|{self._token}"
+        where = f"{store.location}/{store.collection}"
+        key = f"{where}|{store.active}|{generation}|{self._token}"
         index = self.index
         if index is not None and index.key == key:
             return index
@@ -117,7 +118,7 @@ class OverflowBuilder:
                 self._thread.start()
         # An index of the previous exemplars of the same store serves until the new one is ready: it differs by
         # the changes since it was made, and decides better than the heuristic.
-        return index if index is not None and index.key.split("|")[0] == key.split("|")[0] else None
+        return index if index is not None and index.key.startswith(f"{where}|") else None
 
     def wait(self, timeout: float | None = None) -> OverflowIndex | None:
         """Wait for a build in progress; the index (for tests and warm-ups)."""
@@ -155,11 +156,6 @@ class OverflowBuilder:
         self._built_at = time.monotonic()
         logger.info("static overflow: %d exemplars indexed in %.1f s (%s)", len(ids),
                     time.perf_counter() - started, key)
-
-
-def index_key(store: ExemplarStore, generation: int) -> str:
-    """Names the exemplars a store serves: its place, then its active version and the router's generation."""
-    return f"{store.location}/{store.collection}|{store.active}|{generation}"
 
 
 def _lowest_priority() -> None:

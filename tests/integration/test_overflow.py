@@ -123,6 +123,36 @@ def test_the_index_follows_the_store_and_travels_without_its_embedder(tmp_path, 
             assert (again.tier, again.score, again.overflow) == (original.tier, pytest.approx(original.score), True)
 
 
+def test_expired_exemplars_leave_the_index_and_the_cache(tmp_path, embedder, static):
+    """A learned exemplar whose retention ran out is dropped from the store, and nothing decided on it is served:
+    the decision cache empties and the overflow indexes the exemplars again."""
+    from router.deployment import RouterDeployment
+
+    deployment = RouterDeployment(RouterConfig(), TIERS, str(tmp_path), embedder=embedder, overflow=lambda: static)
+    router = deployment._router
+    router.overflow._min_rebuild_s = 0.0
+    try:
+        seeded = len(router.overflow.wait(60))
+        text = "A learned prompt about tidal energy whose retention has run out."
+        learned = Exemplar(text, "large", source="learned", created_at=time.time() - 10, expires_at=time.time() - 1)
+        router.store.upsert([learned], embedder.embed([text]))
+        router.overflow_index()  # a new active version: indexed again
+        assert len(router.overflow.wait(60)) == seeded + 1
+        asyncio.run(deployment.route(RouteInput(text)))
+        generation = router.decisions.generation
+        assert router.decisions.get(RouteInput(text), "knn") is not None
+
+        assert asyncio.run(deployment.expire_exemplars()) == 1
+        assert router.store.count() == seeded
+        assert router.decisions.generation > generation and router.decisions.get(RouteInput(text), "knn") is None
+        router.overflow_index()
+        index = router.overflow.wait(60)
+        assert len(index) == seeded and index.key.split("|")[2] == str(router.decisions.generation)
+        assert asyncio.run(deployment.expire_exemplars()) == 0
+    finally:
+        deployment.close()
+
+
 class OverflowRouter:
     """The router deployment as the ingress sees it (`RouterCalls`' two calls used here): decisions that take
     `delay_s` and report a queue of `queue_s`, and its static overflow's index."""

@@ -129,3 +129,32 @@ def embedder():
     from router.embed import default_embedder
 
     return default_embedder()
+
+
+def test_a_release_waits_for_an_open_in_progress_and_keeps_the_store_closed(tmp_path, embedder) -> None:
+    """`tierserve exemplars import` asks the router to let go of embedded Qdrant's folder: a batch that was opening
+    the store at that moment must not hold it open again, or the CLI cannot take the folder."""
+    import threading
+
+    from router.config import StoreConfig
+    from router.core import Router
+
+    opening, go = threading.Event(), threading.Event()
+
+    def open_store() -> ExemplarStore:
+        opening.set()
+        go.wait(10)
+        return ExemplarStore.open(StoreConfig(), dim=embedder.dim, data_dir=tmp_path)
+
+    router = Router(RouterConfig(seed_default_exemplars=False), TIERS, embedder=embedder, open_store=open_store)
+    batch = threading.Thread(target=router._current_store)
+    batch.start()
+    assert opening.wait(10)
+    release = threading.Thread(target=router.release_store, args=(60.0,))
+    release.start()
+    time.sleep(0.2)
+    go.set()
+    batch.join(10)
+    release.join(10)
+    assert router.store is None and router._current_store() is None  # released, not reopened within the 60 s
+    ExemplarStore.open(StoreConfig(), dim=embedder.dim, data_dir=tmp_path).close()  # the folder is free
