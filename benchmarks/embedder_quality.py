@@ -39,8 +39,11 @@ from router.eval.datasets import (
 )
 from router.eval.embcache import EmbeddingCache
 from router.eval.labelled import LabelledSet
-from router.eval.runner import evaluate
+from router.eval import metrics
+from router.eval.runner import build_routers, score_routers
 from router.exemplars import load_default_exemplars
+from router.overflow import static_margin
+from router.scoring import KnnRouter
 
 ROOT = Path(__file__).resolve().parents[1]
 MD = ROOT / "benchmarks" / "embedder_quality.md"
@@ -63,6 +66,11 @@ class Row:
     static_ci: tuple[float, float]
     teacher_apgr: float
     static_apgr: float
+    first_cpt50: float = float("nan")
+    """The static first pass with the teacher near a boundary (`router.static_first`), CPT(50%)."""
+    first_share: float = float("nan")
+    """Share of the test rows the first pass decides (mean over the sweep's thresholds), in percent."""
+    margin: float = float("nan")
 
     @property
     def loss(self) -> float:
@@ -72,6 +80,14 @@ class Row:
     @property
     def qualifies(self) -> bool:
         return self.loss <= MAX_LOSS_POINTS
+
+    @property
+    def first_loss(self) -> float:
+        return self.first_cpt50 - self.teacher_cpt50
+
+    @property
+    def first_qualifies(self) -> bool:
+        return self.first_loss <= MAX_LOSS_POINTS
 
 
 def limited(ds, n: int | None):
@@ -92,18 +108,48 @@ def fit_corpus(sets: Sequence[LabelledSet]) -> list[str]:
 
 
 def measure(ds: LabelledSet, teacher: EmbeddingCache, static: EmbeddingCache, *, limit: int | None, n_boot: int) -> Row:
-    reports = {}
+    trained, reports = {}, {}
     for label, cache in (("teacher", teacher), ("static", static)):
         # kNN settings are tuned on train for each embedder, as the stack's operator would (tierserve eval).
-        reports[label] = evaluate(ds, [ROUTER], cache, progress=False, n_boot=n_boot,
-                                  tune=limit is None).routers[ROUTER]
+        trained[label] = build_routers(ds.train, [ROUTER], cache, tune=limit is None, progress=False)
+        reports[label] = score_routers(ds, trained[label], n_boot=n_boot).routers[ROUTER]
 
     def ci(m) -> tuple[float, float]:
         pair = (m.ci or {}).get("cpt50")
         return (float(pair[0]), float(pair[1])) if pair else (float("nan"), float("nan"))
 
     t, s = reports["teacher"], reports["static"]
-    return Row(ds.name, len(ds.train), len(ds.test), teacher.name, t.cpt50, ci(t), s.cpt50, ci(s), t.apgr, s.apgr)
+    first, share, margin = first_pass(ds, trained["teacher"].routers[ROUTER], trained["static"].routers[ROUTER])
+    return Row(ds.name, len(ds.train), len(ds.test), teacher.name, t.cpt50, ci(t), s.cpt50, ci(s), t.apgr, s.apgr,
+               first, share, margin)
+
+
+def first_pass(ds: LabelledSet, exact: KnnRouter, fast: KnnRouter) -> tuple[float, float, float]:
+    """CPT(50%) of the static first pass as the stack runs it (`router.overflow`), the share it decides, and its
+    margin: the margin measured on the train split (each row scored without itself by both, `static_margin`);
+    at each threshold of the sweep a test row is decided by its static score, or by the teacher's where the
+    static score is within the margin of the threshold."""
+    def left_out(router: KnnRouter) -> np.ndarray:
+        index = replace(router.index, exclude_self=True)
+        return KnnRouter(router.embed, index, router.knn).score_vectors(router.index.vectors).values
+
+    margin = static_margin(left_out(fast), left_out(exact))
+    prompts = ds.test["prompt"].tolist()
+    exact_s, fast_s = exact.score(prompts).values, fast.score(prompts).values
+    strong, weak = ds.test["strong"].to_numpy(float), ds.test["weak"].to_numpy(float)
+    edges = metrics.decile_thresholds(exact_s)
+    pct, quality, shares = [], [], []
+    for i, t in enumerate(edges):
+        above = (lambda s: s > t) if i == len(edges) - 1 else (lambda s: s >= t)  # as `threshold_sweep`
+        near = np.abs(fast_s - t) < margin
+        selected = np.where(near, above(exact_s), above(fast_s))
+        pct.append(selected.mean() * 100)
+        quality.append(np.where(selected, strong, weak).mean() * 100)
+        shares.append((1 - near.mean()) * 100)
+    order = np.argsort(pct, kind="stable")
+    curve = metrics.Curve(np.asarray(pct)[order], np.asarray(quality)[order], edges[order])
+    summary = metrics.summarize(curve, strong.mean() * 100, weak.mean() * 100)
+    return summary.cpt50, float(np.mean(shares)), margin
 
 
 def render(rows: list[Row], *, limit: int | None, seconds: float) -> str:
@@ -117,20 +163,26 @@ def render(rows: list[Row], *, limit: int | None, seconds: float) -> str:
         "the evaluation harness (`router.eval.runner.evaluate`, as `tierserve eval`). CPT(50%): strong-model calls "
         "needed to recover half of the weak→strong quality gap (lower is better); brackets are 95% bootstrap "
         f"intervals over the test rows. The static embedder qualifies on a set when its CPT(50%) is at most "
-        f"{MAX_LOSS_POINTS:g} point above its teacher's.",
+        f"{MAX_LOSS_POINTS:g} point above its teacher's. The first pass (`router.static_first`, as "
+        "`router.overflow` runs it): at each threshold of the sweep a test row is decided by its static score "
+        "unless that is within the margin of the threshold, where the teacher's decides; the margin is measured "
+        "on the train split (each row scored without itself by both embedders, the 95th percentile of the "
+        "difference); no bootstrap interval.",
         "",
     ]
     if limit is not None:
         lines += [f"**Smoke run on {limit} train and {limit} test rows per set, untuned kNN: not the measurement.**",
                   ""]
     lines += ["| dataset | n train / test | teacher | teacher CPT(50%) | static CPT(50%) | static − teacher | "
-              "APGR teacher / static | qualifies |", "|---|---|---|---|---|---|---|---|"]
+              "APGR teacher / static | qualifies | first pass CPT(50%) | first − teacher | decided first "
+              "(margin) | qualifies |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(
             f"| {r.dataset} | {r.n_train} / {r.n_test} | {r.teacher} | {r.teacher_cpt50:.1f}% "
             f"[{r.teacher_ci[0]:.1f}, {r.teacher_ci[1]:.1f}] | {r.static_cpt50:.1f}% [{r.static_ci[0]:.1f}, "
             f"{r.static_ci[1]:.1f}] | {r.loss:+.1f} | {r.teacher_apgr:.3f} / {r.static_apgr:.3f} | "
-            f"{'yes' if r.qualifies else '**no**'} |")
+            f"{'yes' if r.qualifies else '**no**'} | {r.first_cpt50:.1f}% | {r.first_loss:+.1f} | "
+            f"{r.first_share:.0f}% ({r.margin:.3f}) | {'yes' if r.first_qualifies else '**no**'} |")
     by_teacher: dict[str, list[Row]] = {}
     for r in rows:
         by_teacher.setdefault(r.teacher, []).append(r)
@@ -140,6 +192,12 @@ def render(rows: list[Row], *, limit: int | None, seconds: float) -> str:
         verdict = ("qualifies on every set" if not failed
                    else f"does not qualify ({', '.join(failed)} lose more than {MAX_LOSS_POINTS:g} point)")
         lines.append(f"- Static embedder of `{teacher}`: {verdict}.")
+        failed = [r.dataset for r in group if not r.first_qualifies]
+        verdict = ("qualifies on every set" if not failed
+                   else f"does not qualify ({', '.join(failed)} lose more than {MAX_LOSS_POINTS:g} point)")
+        lines.append(f"- Static first pass with `{teacher}` near a boundary (`router.static_first`): {verdict}; it "
+                     f"decides {min(r.first_share for r in group):.0f}-{max(r.first_share for r in group):.0f}% "
+                     "of the test rows (mean over the sweep's thresholds).")
     return "\n".join(lines) + "\n"
 
 

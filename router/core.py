@@ -109,7 +109,8 @@ class Router:
         (`router.overflow`) starts building in the background with the static embedder `overflow` makes, or,
         when no `embedder` is given and the config resolves to `static`, the one distilled from its model.
         """
-        if embedder is None and overflow is None and cfg.resolved_overflow == "static" and cfg.max_queue_wait_s:
+        if embedder is None and overflow is None and cfg.resolved_overflow == "static" and (
+                cfg.max_queue_wait_s or cfg.static_first):
             overflow = partial(build_embedder, cfg.embedder.model_copy(update={"backend": "static"}),
                                Path(data_dir).expanduser())
         embedder = embedder or build_embedder(cfg.embedder, Path(data_dir).expanduser())
@@ -131,7 +132,8 @@ class Router:
             router.classifier = DifficultyClassifier.load(path, embedder_name=embedder.name, dim=embedder.dim)
         router._current_store()
         if overflow is not None:
-            router.overflow = OverflowBuilder(overflow, cfg.knn, router._label)
+            router.overflow = OverflowBuilder(overflow, cfg.knn, router._label,
+                                              exact=embedder if cfg.resolved_static_first else None)
             router.overflow_index()  # starts the first build
         return router
 

@@ -14,6 +14,12 @@ flush), at most every `MIN_REBUILD_S`. Until the first index is ready, and while
 heuristic decides as before. The ingress takes a copy of the index from the router and answers its own busy
 decisions with it (`serving.ingress.plan`). Its decisions say `router: knn` with `overflow: true`, and are
 labelled `knn-static` in the response's headers and the metrics.
+
+The static first pass (`router.static_first`) decides with the same index before the router is asked: a request
+whose static score lands farther than `OverflowIndex.margin` from every boundary is decided there (`fast: true`,
+labelled `knn-fast`); the router's own embedder decides the rest. The margin is measured with each build
+(`static_margin`): the static and the router's own kNN scores of a sample of the exemplars, each scored without
+itself, differ by less than the margin for `MARGIN_QUANTILE` of them.
 """
 
 from __future__ import annotations
@@ -30,10 +36,11 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from router.config import KnnConfig
+from router.embed.base import Embedder, near_boundary
 from router.embed.static import StaticEmbedder
 from router.knn import VectorMatrix
-from router.scoring import Decider, KnnRouter, Nearest
-from router.types import OVERFLOW_LABEL, RouteDecision, RouteInput
+from router.scoring import Decider, KnnRouter, Nearest, Scores, difficulty_from_neighbors
+from router.types import FAST_LABEL, OVERFLOW_LABEL, Neighbor, RouteDecision, RouteInput
 
 if TYPE_CHECKING:
     from router.store import ExemplarStore
@@ -44,6 +51,12 @@ EMBED_CHUNK = 256
 """Exemplars embedded per call while indexing: a decision on the request path waits for at most one chunk."""
 MIN_REBUILD_S = 10.0
 """Least time between two builds of the index (exemplars learned every second must not re-embed every second)."""
+MARGIN_QUANTILE = 0.95
+"""Share of the sampled exemplars whose static score is within the margin of the router's own (see the module)."""
+MARGIN_SAMPLE = 256
+"""Exemplars the margin is measured on (the router's embedder embeds them once more, in the builder's thread)."""
+RECALIBRATE_S = 600.0
+"""Least time between two measurements of the margin (a build in between keeps the last one)."""
 
 
 @dataclass(frozen=True)
@@ -59,6 +72,8 @@ class OverflowIndex:
     difficulty: dict[str, float]
     """Each tier label's difficulty (NaN: a label that is no tier, ignored as kNN ignores it)."""
     knn: KnnConfig
+    margin: float | None = None
+    """The static first pass's margin (None: no first pass, `router.static_first` off or not measured yet)."""
 
     def __len__(self) -> int:
         return len(self.matrix)
@@ -70,25 +85,60 @@ class OverflowIndex:
         """kNN's decision for `item` on the static vectors (None: no labelled neighbour), its reason ending in
         `note` (why the overflow decided)."""
         scores = KnnRouter(self.embedder.embed, self, self.knn).score([item.text])
-        score = float(scores.values[0])
-        if np.isnan(score):
+        return _decision(scores, item, decider, f"{OVERFLOW_LABEL}: {scores.reasons[0]}; {note}", overflow=True)
+
+    def first(self, item: RouteInput, decider: Decider) -> RouteDecision | None:
+        """The static first pass: kNN's decision on the static vectors where its score is farther than `margin`
+        from every boundary of `item` (None: near one, no margin, or no labelled neighbour: the router decides)."""
+        if self.margin is None:
             return None
-        neighbors = scores.neighbors[0] if scores.neighbors else ()
-        decision = decider.decide(item, "knn", score, f"{OVERFLOW_LABEL}: {scores.reasons[0]}; {note}",
-                                  neighbors=neighbors)
-        return replace(decision, overflow=True)
+        scores = KnnRouter(self.embedder.embed, self, self.knn).score([item.text])
+        if near_boundary(scores.values, [decider.thresholds_for(item)], self.margin)[0]:
+            return None
+        reason = f"{FAST_LABEL}: {scores.reasons[0]}; farther than {self.margin:.3f} from every boundary"
+        return _decision(scores, item, decider, reason, fast=True)
+
+
+def _decision(scores: Scores, item: RouteInput, decider: Decider, reason: str, **flag: bool) -> RouteDecision | None:
+    score = float(scores.values[0])
+    if np.isnan(score):
+        return None
+    neighbors = scores.neighbors[0] if scores.neighbors else ()
+    return replace(decider.decide(item, "knn", score, reason, neighbors=neighbors), **flag)
+
+
+def static_margin(static_scores: np.ndarray, exact_scores: np.ndarray, quantile: float = MARGIN_QUANTILE) -> float:
+    """The static first pass's margin: the `quantile` of |static score - the router's own| over scored texts
+    (both scored without the text itself among the exemplars); inf when no text has both (nothing is fast)."""
+    errors = np.abs(np.asarray(static_scores, dtype=float) - np.asarray(exact_scores, dtype=float))
+    errors = errors[~np.isnan(errors)]
+    return float(np.quantile(errors, quantile)) if len(errors) else float("inf")
+
+
+def scores_without_self(found: list[list[Neighbor]], ids: list[str], knn: KnnConfig,
+                        difficulty: Callable[[str], float]) -> np.ndarray:
+    """kNN scores of exemplars from their own searches (`knn.k` + 1 found each), each exemplar left out."""
+    own = [[n for n in row if n.id != point_id][: knn.k] for row, point_id in zip(found, ids)]
+    near = Nearest.of(own, knn.k, difficulty)
+    return difficulty_from_neighbors(near.similarities, near.labels, weighting=knn.weighting,
+                                     temperature=knn.temperature)
 
 
 class OverflowBuilder:
     """Keeps the router's `OverflowIndex` in step with its exemplars, building it in a background thread."""
 
     def __init__(self, make_embedder: Callable[[], StaticEmbedder], knn: KnnConfig,
-                 difficulty: Callable[[str], float], *, min_rebuild_s: float = MIN_REBUILD_S) -> None:
-        """`make_embedder`: loads (or distils and fits, once) the static embedder; called in the thread."""
+                 difficulty: Callable[[str], float], *, min_rebuild_s: float = MIN_REBUILD_S,
+                 exact: Embedder | None = None) -> None:
+        """`make_embedder`: loads (or distils and fits, once) the static embedder; called in the thread.
+        `exact`: the router's own embedder, whose scores the first pass's margin is measured against (None: no
+        first pass)."""
         self._make_embedder = make_embedder
         self._knn = knn
         self._difficulty = difficulty
         self._min_rebuild_s = min_rebuild_s
+        self._exact = exact
+        self._calibrated_at = -float("inf")
         self._embedder: StaticEmbedder | None = None
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
@@ -139,10 +189,13 @@ class OverflowBuilder:
                 texts.append(stored.exemplar.text)
                 tiers.append(stored.exemplar.tier)
             matrix = VectorMatrix(self._embedder.dim)
+            vectors = [np.empty((0, self._embedder.dim), dtype=np.float32)]
             for start in range(0, len(ids), EMBED_CHUNK):  # the tokenizer's lock is shared with busy decisions
                 end = start + EMBED_CHUNK
-                matrix.put(ids[start:end], self._embedder.embed(texts[start:end]), tiers[start:end])
+                vectors.append(self._embedder.embed(texts[start:end]))
+                matrix.put(ids[start:end], vectors[-1], tiers[start:end])
             difficulty = {tier: self._difficulty(tier) for tier in set(tiers)}
+            margin = self._margin(store, ids, texts, np.concatenate(vectors), matrix)
         except Exception:
             if self._embedder is None:  # no static embedder for this model: the heuristic keeps deciding
                 self._failed = True
@@ -152,10 +205,27 @@ class OverflowBuilder:
                                exc_info=True)
             self._built_at = time.monotonic()
             return
-        self.index = OverflowIndex(key, self._embedder, matrix, difficulty, self._knn)
+        self.index = OverflowIndex(key, self._embedder, matrix, difficulty, self._knn, margin)
         self._built_at = time.monotonic()
-        logger.info("static overflow: %d exemplars indexed in %.1f s (%s)", len(ids),
-                    time.perf_counter() - started, key)
+        logger.info("static overflow: %d exemplars indexed in %.1f s (%s; first-pass margin %s)", len(ids),
+                    time.perf_counter() - started, key, "none" if margin is None else f"{margin:.4f}")
+
+    def _margin(self, store: ExemplarStore, ids: list[str], texts: list[str], vectors: np.ndarray,
+                matrix: VectorMatrix) -> float | None:
+        """The first pass's margin, measured on a sample of the exemplars (`static_margin`), or the last one
+        measured within `RECALIBRATE_S`; None without a first pass or with too few exemplars to leave one out."""
+        held = self.index.margin if self.index is not None else None
+        if self._exact is None or len(ids) <= self._knn.k:
+            return None
+        if held is not None and time.monotonic() - self._calibrated_at < RECALIBRATE_S:
+            return held
+        rows = np.random.default_rng(0).permutation(len(ids))[:MARGIN_SAMPLE]
+        sample = [ids[i] for i in rows]
+        exact = store.query(self._exact.embed([texts[i] for i in rows]), self._knn.k + 1)
+        static = matrix.query(vectors[rows], self._knn.k + 1)
+        self._calibrated_at = time.monotonic()
+        return static_margin(scores_without_self(static, sample, self._knn, self._difficulty),
+                             scores_without_self(exact, sample, self._knn, self._difficulty))
 
 
 def _lowest_priority() -> None:

@@ -26,6 +26,8 @@ BUSY_CAUSE = "router busy"
 """`RouteDecision.fallback_cause` of a request the router would have taken too long to decide."""
 OVERFLOW_LABEL = "knn-static"
 """How headers, the query log and the metrics name a decision of the static overflow (`router.overflow`)."""
+FAST_LABEL = "knn-fast"
+"""How they name a decision of the static first pass (`router.static_first`)."""
 
 _ID_NAMESPACE = uuid.UUID("6f0b6f3e-3c1e-5d2a-9a57-1d2b7c9e0a41")
 """Fixed namespace so the same text always gets the same point id, on every machine."""
@@ -177,6 +179,10 @@ class RouteDecision:
     """Decided by the static overflow (`router.overflow`): kNN over the same exemplars on a static embedder's
     vectors, the router being too busy for its own embedder (`router` is `knn`, `fallback` False; headers, the
     query log and the metrics name it `OVERFLOW_LABEL`)."""
+    fast: bool = False
+    """Decided by the static first pass (`router.static_first`): kNN on the static vectors put the score farther
+    than the calibrated margin from every boundary, where the router's own embedder decides the same tier
+    (`router` is `knn`; named `FAST_LABEL`)."""
     queue: QueueReport | None = None
     """The router deployment's queue as it answered (None where no deployment decided): the ingress answers the
     busy fallback itself while its estimate of that queue is over `router.max_queue_wait_s`

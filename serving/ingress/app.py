@@ -30,7 +30,6 @@ from fastapi.responses import JSONResponse, Response
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
-from router.types import OVERFLOW_LABEL
 from serving.cascade import CascadePolicy
 from serving.cascade.runner import CascadeRunner, CascadeStream
 from serving.channel.channel import TierCall, TierChannel
@@ -48,7 +47,7 @@ from serving.ingress.openai import (
     sse,
     tierserve_object,
 )
-from serving.ingress.plan import Outcome, Planner
+from serving.ingress.plan import Outcome, Planner, router_label
 from serving.ingress.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
@@ -347,9 +346,8 @@ class Recorder:
         if self.query_log is None:
             return
         shadow = decision.shadow if outcome.routed else None
-        router = OVERFLOW_LABEL if decision.overflow else decision.router  # `knn-static`: the static overflow's
         record = QueryRecord(
-            request_id=ticket.request_id, router=router if outcome.routed else "none", tier=tier,
+            request_id=ticket.request_id, router=router_label(decision) if outcome.routed else "none", tier=tier,
             score=decision.score, threshold=decision.thresholds[-1] if decision.thresholds else None,
             tier_chain=outcome.tier_chain, escalated=outcome.escalated, confidences=outcome.confidences,
             cascade_thresholds=outcome.scored_thresholds(self.tier_names), latency_ms=latency_s * 1000,

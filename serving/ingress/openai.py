@@ -11,8 +11,7 @@ from typing import Any, Literal
 
 from fastapi.responses import Response
 
-from router.types import OVERFLOW_LABEL
-from serving.ingress.plan import Outcome
+from serving.ingress.plan import Outcome, router_label
 from serving.types import GenerationChunk, GenerationResult, TokenLogprob
 
 Kind = Literal["chat", "completion"]
@@ -47,9 +46,8 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
 def tierserve_object(outcome: Outcome) -> dict[str, Any]:
     """The `tierserve` object of every response: the answering tier, the routing decision and the cascade."""
     d, trace = outcome.decision, outcome.trace
-    router = OVERFLOW_LABEL if d.overflow else d.router  # `knn-static`: the static overflow decided
     return {
-        "tier": outcome.tier, "routed_tier": d.tier, "router": router, "score": d.score,
+        "tier": outcome.tier, "routed_tier": d.tier, "router": router_label(d), "score": d.score,
         "thresholds": list(d.thresholds), "reason": d.reason, "overhead_ms": round(d.overhead_ms, 3),
         "fallback": d.fallback, "tier_chain": list(outcome.tier_chain),
         "confidences": [round(c, 6) for c in outcome.confidences], "escalated": outcome.escalated,
@@ -62,7 +60,7 @@ def headers(outcome: Outcome) -> dict[str, str]:
     """The `x-tierserve-*` response headers (the same facts as the `tierserve` object, for clients that
     read headers only)."""
     d = outcome.decision
-    router = (OVERFLOW_LABEL if d.overflow else d.router) + ("-fallback" if d.fallback else "")
+    router = router_label(d) + ("-fallback" if d.fallback else "")
     h = {"x-tierserve-tier": outcome.tier, "x-tierserve-router": router,
          "x-tierserve-overhead-ms": f"{d.overhead_ms:.3f}", "x-tierserve-tier-chain": ",".join(outcome.tier_chain),
          "x-tierserve-escalated": "true" if outcome.escalated else "false"}

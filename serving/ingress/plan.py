@@ -19,10 +19,10 @@ from router.decision_cache import DecisionCache
 from router.errors import InvalidRequest
 from router.judge import JudgeRouter
 from router.learn.rules import explore, gate, sampled
-from router.overflow import OverflowIndex
 from router.scoring import Decider
 from router.types import (
     BUSY_CAUSE,
+    FAST_LABEL,
     OVERFLOW_LABEL,
     Chosen,
     RouteDecision,
@@ -36,12 +36,18 @@ from serving.channel.channel import TierChannel
 from serving.config import AppConfig
 from serving.ingress.errors import ModelNotFound
 from serving.ingress.protocol import TierserveOptions
-from serving.ingress.router_calls import RouterCalls
+from serving.ingress.router_calls import OverflowCopy, RouterCalls
 from serving.ingress.sessions import SessionKey, SessionStore, sticky_reason
 from serving.metrics import Metrics
 from serving.types import ChatMessage, GenerationRequest, SamplingOptions
 
 logger = logging.getLogger(__name__)
+
+
+def router_label(decision: RouteDecision) -> str:
+    """The router as headers, the query log and the metrics name it: `knn-static` (the static overflow),
+    `knn-fast` (the static first pass), else `decision.router`."""
+    return OVERFLOW_LABEL if decision.overflow else FAST_LABEL if decision.fast else decision.router
 
 
 @dataclass(frozen=True)
@@ -141,40 +147,6 @@ class RouterQueue:
         return None
 
 
-OVERFLOW_POLL_S = 2.0
-"""How often the ingress asks the router whether its static overflow's index changed (sent only then)."""
-
-
-class OverflowCopy:
-    """The ingress's copy of the router's static overflow index (`router.overflow`), with which it decides the
-    requests it answers busy itself (`RouterQueue`) by kNN instead of the heuristic."""
-
-    def __init__(self, router: RouterCalls, metrics: Metrics) -> None:
-        self.index: OverflowIndex | None = None
-        self._router = router
-        self._metrics = metrics
-        self._task: asyncio.Task | None = None
-
-    def follow(self) -> None:
-        """Keep the copy current from now on (idempotent; on the running loop)."""
-        if self._task is None or self._task.done():
-            self._task = asyncio.get_running_loop().create_task(self._poll())
-
-    async def _poll(self) -> None:
-        while True:
-            try:
-                held = self.index  # an empty index is falsy (len 0): compare with None throughout
-                have = (None, None) if held is None else (held.key, held.embedder.name)
-                key, index = await asyncio.wait_for(self._router.overflow_index(*have), OVERFLOW_POLL_S * 5)
-                if index is not None and index.embedder is None:  # the exemplars changed, the embedder did not
-                    index = replace(index, embedder=held.embedder)
-                self.index = None if key is None else held if index is None else index
-                self._metrics.router_overflow_exemplars.set(0 if self.index is None else len(self.index))
-            except Exception as exc:  # noqa: BLE001 - the router is down or slow: the copy held serves meanwhile
-                logger.warning("could not fetch the router's overflow index (%s: %s)", type(exc).__name__, exc)
-            await asyncio.sleep(OVERFLOW_POLL_S)
-
-
 class Planner:
     """Decides each request's entry tier, moves it by load, and resolves its cascade policy."""
 
@@ -196,10 +168,13 @@ class Planner:
         """Only where a round trip is saved and one router queue serves this ingress: the router inside the
         ingress checks its own queue and cache in this process, and Ray Serve spreads calls over several router
         replicas, whose queues one estimate cannot follow (there each replica answers its own busy fallback)."""
-        self.overflow = (OverflowCopy(router, metrics) if router is not None and self.router_queue.limit_s is not None
+        one_index = config.router.placement == "ingress" or config.router.num_replicas == 1
+        wanted = self.router_queue.limit_s is not None or config.router.resolved_static_first
+        self.overflow = (OverflowCopy(router, metrics) if router is not None and one_index and wanted
                          and config.router.resolved_overflow == "static" else None)
-        """The router's static overflow, for the busy decisions made here (where the router is in this process,
-        it decides its busy ones with its own)."""
+        """The router's static overflow index: the first pass (`router.static_first`) and the busy decisions
+        made here (where the router is in this process, it decides its busy ones with its own). Not with several
+        router replicas, each of which has an index of its own."""
         self.recent = DecisionCache(config.router.decision_cache_size,
                                     min(config.router.decision_cache_ttl_s, RECENT_TTL_S))
         """The router's decisions of the last seconds by text, answered from here while the router is too busy to
@@ -321,7 +296,7 @@ class Planner:
         started = time.perf_counter()
         decision = await self._decide(item, kind or self.config.router.default_router)
         decision = replace(decision, overhead_ms=(time.perf_counter() - started) * 1000)
-        router = OVERFLOW_LABEL if decision.overflow else decision.router  # `knn-static`: the static overflow's
+        router = router_label(decision)
         self.metrics.routing.labels(router, decision.tier).inc()
         self.metrics.routing_overhead.labels(router).observe(decision.overhead_ms / 1000)
         if decision.fallback:
@@ -352,6 +327,8 @@ class Planner:
             return self.local.fallback(item, "no router deployment")
         if self.overflow is not None:
             self.overflow.follow()
+            if (fast := self._first(item)) is not None:
+                return fast
         if (queued_s := self.router_queue.admit()) is not None:  # the router would answer this, after a round trip
             if kind == "heuristic":  # shadowed: the candidate skips this one, the heuristic decides here
                 return self.local.local(item, kind)
@@ -378,6 +355,15 @@ class Planner:
         except Exception as exc:  # noqa: BLE001 - the router deployment is down: never a 5xx for that
             logger.warning("router deployment failed (%s: %s); heuristic fallback", type(exc).__name__, exc)
             return self.local.fallback(item, f"router deployment: {type(exc).__name__}")
+
+    def _first(self, item: RouteInput) -> RouteDecision | None:
+        """The static first pass's decision (`router.static_first`; None: near a boundary, or not kNN, or a request
+        drawn for the shadow router, which runs in the router)."""
+        index, cfg = self.overflow.index, self.config.router
+        kind = item.router or cfg.default_router
+        if index is None or not cfg.resolved_static_first or item.shadow or kind != "knn":
+            return None
+        return index.first(item, self.local)
 
     def _overflow(self, item: RouteInput, note: str) -> RouteDecision | None:
         """The decision of this ingress's copy of the static overflow (None: it has none, or the request asked for

@@ -1,8 +1,12 @@
-"""The router as the ingress calls it: in this process, or behind its own deployment's handle."""
+"""The router as the ingress calls it: in this process, or behind its own deployment's handle; and the ingress's
+copy of its static overflow index."""
 
 from __future__ import annotations
 
+import asyncio
+import logging
 from collections.abc import Sequence
+from dataclasses import replace
 from typing import Protocol
 
 from ray.serve.handle import DeploymentHandle
@@ -12,6 +16,9 @@ from router.overflow import OverflowIndex
 from router.types import Exemplar, RouteDecision, RouteInput, StoredExemplar
 from router.versions import StoreVersion
 from serving.config import AppConfig
+from serving.metrics import Metrics
+
+logger = logging.getLogger(__name__)
 
 
 class RouterCalls(Protocol):
@@ -92,3 +99,37 @@ def router_calls(config: AppConfig, handle: DeploymentHandle | None) -> RouterCa
         return RouterDeployment(config.router, config.tier_names, str(config.resolved_data_dir()),
                                 retention_s=config.query_log.retention_s)
     return HandleRouter(handle) if handle is not None else None
+
+
+OVERFLOW_POLL_S = 2.0
+"""How often the ingress asks the router whether its static overflow's index changed (sent only then)."""
+
+
+class OverflowCopy:
+    """The ingress's copy of the router's static overflow index (`router.overflow`), with which it decides the
+    requests it answers busy itself (`RouterQueue`) by kNN instead of the heuristic."""
+
+    def __init__(self, router: RouterCalls, metrics: Metrics) -> None:
+        self.index: OverflowIndex | None = None
+        self._router = router
+        self._metrics = metrics
+        self._task: asyncio.Task | None = None
+
+    def follow(self) -> None:
+        """Keep the copy current from now on (idempotent; on the running loop)."""
+        if self._task is None or self._task.done():
+            self._task = asyncio.get_running_loop().create_task(self._poll())
+
+    async def _poll(self) -> None:
+        while True:
+            try:
+                held = self.index  # an empty index is falsy (len 0): compare with None throughout
+                have = (None, None) if held is None else (held.key, held.embedder.name)
+                key, index = await asyncio.wait_for(self._router.overflow_index(*have), OVERFLOW_POLL_S * 5)
+                if index is not None and index.embedder is None:  # the exemplars changed, the embedder did not
+                    index = replace(index, embedder=held.embedder)
+                self.index = None if key is None else held if index is None else index
+                self._metrics.router_overflow_exemplars.set(0 if self.index is None else len(self.index))
+            except Exception as exc:  # noqa: BLE001 - the router is down or slow: the copy held serves meanwhile
+                logger.warning("could not fetch the router's overflow index (%s: %s)", type(exc).__name__, exc)
+            await asyncio.sleep(OVERFLOW_POLL_S)

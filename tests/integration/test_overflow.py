@@ -11,18 +11,19 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
 import pytest
 
-from router.config import EmbedderConfig, RouterConfig, StoreConfig
+from router.config import EmbedderConfig, KnnConfig, RouterConfig, StoreConfig
 from router.embed import build_embedder, default_embedder
 from router.embed.static import StaticEmbedder
-from router.overflow import OverflowBuilder
+from router.overflow import OverflowBuilder, scores_without_self, static_margin
 from router.scoring import Decider, label_difficulty
 from router.store import ExemplarStore
-from router.types import Exemplar, QueueReport, RouteDecision, RouteInput
+from router.types import Exemplar, Neighbor, QueueReport, RouteDecision, RouteInput
 from serving.channel.channel import TierChannel
 from serving.config import parse_config
-from serving.ingress.plan import Planner
+from serving.ingress.plan import Planner, router_label
 from serving.ingress.protocol import TierserveOptions
 from serving.metrics import Metrics
 from tests.integration.test_router_knn import NEAR_LARGE, NEAR_SMALL, TIERS
@@ -46,6 +47,8 @@ def test_the_default_overflow_is_static_where_the_embedder_is_minilm_on_cpu():
     assert RouterConfig(embedder=bge).resolved_overflow == "heuristic"  # distilling it on CPU takes most of an hour
     assert RouterConfig(embedder=bge, overflow="static").resolved_overflow == "static"
     assert RouterConfig(embedder={"backend": "static"}).resolved_overflow == "heuristic"  # already that fast
+    assert not RouterConfig().resolved_static_first and RouterConfig(static_first=True).resolved_static_first
+    assert not RouterConfig(static_first=True, overflow="heuristic").resolved_static_first
 
 
 def test_a_burst_past_the_router_is_decided_by_knn_on_static_vectors(tmp_path, embedder, static):
@@ -153,6 +156,49 @@ def test_expired_exemplars_leave_the_index_and_the_cache(tmp_path, embedder, sta
         deployment.close()
 
 
+def test_the_margin_is_a_quantile_of_the_static_score_error_each_exemplar_left_out():
+    assert static_margin(np.array([0.1, 0.2, 0.3, np.nan]), np.array([0.1, 0.3, 0.0, 0.5]), 1.0) == pytest.approx(0.3)
+    assert static_margin(np.array([0.1, 0.2, 0.3]), np.array([0.1, 0.3, 0.0]), 0.5) == pytest.approx(0.1)
+    assert static_margin(np.array([np.nan]), np.array([0.2])) == float("inf")  # nothing measured: nothing is fast
+    found = [[Neighbor("a", "large", 1.0), Neighbor("b", "small", 0.9)], [Neighbor("a", "large", 0.8),
+                                                                          Neighbor("b", "small", 1.0)]]
+    knn = KnnConfig(k=1, weighting="uniform")
+    difficulty = {"small": 0.0, "large": 1.0}.get
+    assert scores_without_self(found, ["a", "b"], knn, difficulty).tolist() == [0.0, 1.0]  # the other one votes
+
+
+def test_the_first_pass_decides_far_from_a_boundary_as_the_router_would(tmp_path, embedder, static):
+    """The margin is measured against the router's own embedder at the first build; beyond it the static pass
+    picks the router's tier, and at a boundary (a per-request threshold at the static score) it leaves the
+    decision to the router."""
+    from router.deployment import RouterDeployment
+
+    deployment = RouterDeployment(RouterConfig(static_first=True), TIERS, str(tmp_path), embedder=embedder,
+                                  overflow=lambda: static)
+    texts = NEAR_SMALL + NEAR_LARGE
+    try:
+        index = deployment._router.overflow.wait(60)
+        assert index.margin is not None and 0.0 < index.margin < 0.5
+
+        async def exact():
+            return [await deployment.route(RouteInput(t)) for t in texts]
+
+        routed = asyncio.run(exact())  # the router itself embeds with MiniLM: the first pass runs in the ingress
+    finally:
+        deployment.close()
+    decider = deployment._router.decider
+    fast = [index.first(RouteInput(t), decider) for t in texts]
+    assert sum(d is not None for d in fast) >= len(texts) // 2
+    for text, first, own in zip(texts, fast, routed):
+        assert not own.fast and own.router == "knn"
+        if first is not None:
+            assert first.fast and first.router == "knn" and router_label(first) == "knn-fast" and first.tier == own.tier
+            assert min(abs(first.score - t) for t in first.thresholds) >= index.margin
+            assert first.reason.startswith("knn-fast: knn") and first.neighbors
+        at = index.decide(RouteInput(text), decider, "probe").score
+        assert index.first(RouteInput(text, threshold=at), decider) is None
+
+
 class OverflowRouter:
     """The router deployment as the ingress sees it (`RouterCalls`' two calls used here): decisions that take
     `delay_s` and report a queue of `queue_s`, and its static overflow's index."""
@@ -160,8 +206,10 @@ class OverflowRouter:
     def __init__(self, index, *, delay_s: float = 0.0, queue_s: float = 0.0) -> None:
         self.index, self.delay_s, self.queue_s = index, delay_s, queue_s
         self.sent_embedder = 0
+        self.routed = 0
 
     async def route(self, request: RouteInput) -> RouteDecision:
+        self.routed += 1
         await asyncio.sleep(self.delay_s)
         return RouteDecision("small", 0, "knn", 0.1, (0.5,), "test", queue=QueueReport(self.queue_s, 0.1))
 
@@ -215,3 +263,41 @@ def test_the_ingress_decides_with_its_copy_when_the_router_is_busy_or_slow(tmp_p
     # A request for another router than kNN is not the overflow's to decide: the heuristic answers it busy.
     classifier = asyncio.run(planner.plan("router-classifier", NEAR_LARGE[2], TierserveOptions(), None, "r"))
     assert classifier.decision.busy and not classifier.decision.overflow
+
+
+def test_the_ingress_decides_far_from_a_boundary_without_asking_the_router(tmp_path, static):
+    """With the first pass (`router.static_first`) a request whose static score is far from every
+    boundary is decided in the ingress on its copy of the index; one near a boundary goes to the router."""
+    store = ExemplarStore.open(StoreConfig(), dim=static.dim, data_dir=tmp_path)
+    exemplars = [Exemplar(t, "small") for t in NEAR_SMALL] + [Exemplar(t, "large") for t in NEAR_LARGE]
+    version = store.begin("import")
+    store.upsert(exemplars, static.embed([e.text for e in exemplars]), version=version)
+    store.commit(version)
+    builder = OverflowBuilder(lambda: static, RouterConfig().knn, lambda tier: label_difficulty(tier, TIERS))
+    try:
+        builder.current(store, generation=0)
+        index = replace(builder.wait(60), margin=0.05)
+    finally:
+        store.close()
+    cfg = parse_config({
+        "tiers": [{"name": n, "model": f"m{i}", "engine": {"kv_cache_memory_bytes": 1 << 20}}
+                  for i, n in enumerate(TIERS)],
+        "query_log": {"path": str(tmp_path / "querylog")},
+        "router": {"max_queue_wait_s": None, "static_first": True},
+    }, "test")
+    router, metrics = OverflowRouter(index, delay_s=0.5), Metrics()
+    planner = Planner(cfg, TierChannel(TIERS, cfg.capacity, token="t" * 32), metrics, router, None)
+
+    def plan(text: str, threshold: float | None = None) -> RouteDecision:
+        options = TierserveOptions(threshold=threshold)
+        return asyncio.run(planner.plan("auto", text, options, None, "r")).decision
+
+    assert not plan(NEAR_LARGE[0]).fast and router.routed == 1  # the copy arrives while the router decides
+    router.delay_s = 0.0
+    far = [plan(t) for t in (NEAR_SMALL[1], NEAR_LARGE[1])]
+    assert [d.tier for d in far] == ["small", "large"] and all(d.fast and not d.overflow for d in far)
+    assert router.routed == 1  # decided here
+    assert metrics.registry.get_sample_value("tierserve_routing_decisions_total",
+                                             {"router": "knn-fast", "tier": "large"}) == 1
+    near = plan(NEAR_LARGE[1], threshold=far[1].score)  # at the boundary: the router's own embedder decides
+    assert not near.fast and router.routed == 2
