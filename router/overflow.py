@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from router.config import KnnConfig
-from router.embed.base import Embedder, near_boundary
+from router.embed.base import Embedder
 from router.embed.static import StaticEmbedder
 from router.knn import VectorMatrix
 from router.scoring import Decider, KnnRouter, Nearest, Scores, difficulty_from_neighbors
@@ -93,7 +93,7 @@ class OverflowIndex:
         if self.margin is None:
             return None
         scores = KnnRouter(self.embedder.embed, self, self.knn).score([item.text])
-        if near_boundary(scores.values, [decider.thresholds_for(item)], self.margin)[0]:
+        if any(abs(scores.values[0] - t) < self.margin for t in decider.thresholds_for(item)):  # False for NaN
             return None
         reason = f"{FAST_LABEL}: {scores.reasons[0]}; farther than {self.margin:.3f} from every boundary"
         return _decision(scores, item, decider, reason, fast=True)

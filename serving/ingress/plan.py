@@ -175,6 +175,7 @@ class Planner:
         """The router's static overflow index: the first pass (`router.static_first`) and the busy decisions
         made here (where the router is in this process, it decides its busy ones with its own). Not with several
         router replicas, each of which has an index of its own."""
+        self._static_first, self._default_router = config.router.resolved_static_first, config.router.default_router
         self.recent = DecisionCache(config.router.decision_cache_size,
                                     min(config.router.decision_cache_ttl_s, RECENT_TTL_S))
         """The router's decisions of the last seconds by text, answered from here while the router is too busy to
@@ -359,9 +360,8 @@ class Planner:
     def _first(self, item: RouteInput) -> RouteDecision | None:
         """The static first pass's decision (`router.static_first`; None: near a boundary, or not kNN, or a request
         drawn for the shadow router, which runs in the router)."""
-        index, cfg = self.overflow.index, self.config.router
-        kind = item.router or cfg.default_router
-        if index is None or not cfg.resolved_static_first or item.shadow or kind != "knn":
+        index = self.overflow.index
+        if index is None or not self._static_first or item.shadow or (item.router or self._default_router) != "knn":
             return None
         return index.first(item, self.local)
 
