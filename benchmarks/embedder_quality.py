@@ -39,7 +39,7 @@ from router.eval.datasets import (
 )
 from router.eval.embcache import EmbeddingCache
 from router.eval.labelled import LabelledSet
-from router.eval import metrics
+from router.eval import bootstrap, metrics
 from router.eval.runner import build_routers, score_routers
 from router.exemplars import load_default_exemplars
 from router.overflow import static_margin
@@ -71,6 +71,8 @@ class Row:
     first_share: float = float("nan")
     """Share of the test rows the first pass decides (mean over the sweep's thresholds), in percent."""
     margin: float = float("nan")
+    first_loss_ci: tuple[float, float] = (float("nan"), float("nan"))
+    """95% paired bootstrap interval of `first_loss` (the same resampled test rows for both)."""
 
     @property
     def loss(self) -> float:
@@ -119,16 +121,19 @@ def measure(ds: LabelledSet, teacher: EmbeddingCache, static: EmbeddingCache, *,
         return (float(pair[0]), float(pair[1])) if pair else (float("nan"), float("nan"))
 
     t, s = reports["teacher"], reports["static"]
-    first, share, margin = first_pass(ds, trained["teacher"].routers[ROUTER], trained["static"].routers[ROUTER])
+    first, share, margin, diff_ci = first_pass(ds, trained["teacher"].routers[ROUTER],
+                                               trained["static"].routers[ROUTER], n_boot)
     return Row(ds.name, len(ds.train), len(ds.test), teacher.name, t.cpt50, ci(t), s.cpt50, ci(s), t.apgr, s.apgr,
-               first, share, margin)
+               first, share, margin, diff_ci)
 
 
-def first_pass(ds: LabelledSet, exact: KnnRouter, fast: KnnRouter) -> tuple[float, float, float]:
-    """CPT(50%) of the static first pass as the stack runs it (`router.overflow`), the share it decides, and its
-    margin: the margin measured on the train split (each row scored without itself by both, `static_margin`);
-    at each threshold of the sweep a test row is decided by its static score, or by the teacher's where the
-    static score is within the margin of the threshold."""
+def first_pass(ds: LabelledSet, exact: KnnRouter, fast: KnnRouter, n_boot: int = 0
+               ) -> tuple[float, float, float, tuple[float, float]]:
+    """CPT(50%) of the static first pass as the stack runs it (`router.overflow`), the share it decides, its
+    margin, and the 95% paired bootstrap interval of its CPT(50%) less the teacher's (NaN without `n_boot`).
+    The margin is measured on the train split (each row scored without itself by both, `static_margin`); at
+    each threshold of the sweep a test row is decided by its static score, or by the teacher's where the static
+    score is within the margin of the threshold."""
     def left_out(router: KnnRouter) -> np.ndarray:
         index = replace(router.index, exclude_self=True)
         return KnnRouter(router.embed, index, router.knn).score_vectors(router.index.vectors).values
@@ -137,19 +142,27 @@ def first_pass(ds: LabelledSet, exact: KnnRouter, fast: KnnRouter) -> tuple[floa
     prompts = ds.test["prompt"].tolist()
     exact_s, fast_s = exact.score(prompts).values, fast.score(prompts).values
     strong, weak = ds.test["strong"].to_numpy(float), ds.test["weak"].to_numpy(float)
-    edges = metrics.decile_thresholds(exact_s)
-    pct, quality, shares = [], [], []
-    for i, t in enumerate(edges):
-        above = (lambda s: s > t) if i == len(edges) - 1 else (lambda s: s >= t)  # as `threshold_sweep`
-        near = np.abs(fast_s - t) < margin
-        selected = np.where(near, above(exact_s), above(fast_s))
-        pct.append(selected.mean() * 100)
-        quality.append(np.where(selected, strong, weak).mean() * 100)
-        shares.append((1 - near.mean()) * 100)
-    order = np.argsort(pct, kind="stable")
-    curve = metrics.Curve(np.asarray(pct)[order], np.asarray(quality)[order], edges[order])
-    summary = metrics.summarize(curve, strong.mean() * 100, weak.mean() * 100)
-    return summary.cpt50, float(np.mean(shares)), margin
+
+    def cpt50(rows: np.ndarray, first: bool) -> tuple[float, float]:
+        """CPT(50%) and the share decided first on `rows`; `first=False`: the teacher alone."""
+        e, f, st, wk = exact_s[rows], fast_s[rows], strong[rows], weak[rows]
+        edges = metrics.decile_thresholds(e)
+        pct, quality, shares = [], [], []
+        for i, t in enumerate(edges):
+            above = (lambda v: v > t) if i == len(edges) - 1 else (lambda v: v >= t)  # as `threshold_sweep`
+            near = np.abs(f - t) < margin if first else np.ones(len(f), dtype=bool)
+            selected = np.where(near, above(e), above(f))
+            pct.append(selected.mean() * 100)
+            quality.append(np.where(selected, st, wk).mean() * 100)
+            shares.append((1 - near.mean()) * 100)
+        order = np.argsort(pct, kind="stable")
+        curve = metrics.Curve(np.asarray(pct)[order], np.asarray(quality)[order], edges[order])
+        return metrics.summarize(curve, st.mean() * 100, wk.mean() * 100).cpt50, float(np.mean(shares))
+
+    every = np.arange(len(prompts))
+    first, share = cpt50(every, True)
+    diffs = [cpt50(rows, True)[0] - cpt50(rows, False)[0] for rows in bootstrap.resample_indices(len(every), n_boot)]
+    return first, share, margin, bootstrap.interval(np.asarray(diffs)) if n_boot else (float("nan"),) * 2
 
 
 def render(rows: list[Row], *, limit: int | None, seconds: float) -> str:
@@ -167,7 +180,8 @@ def render(rows: list[Row], *, limit: int | None, seconds: float) -> str:
         "`router.overflow` runs it): at each threshold of the sweep a test row is decided by its static score "
         "unless that is within the margin of the threshold, where the teacher's decides; the margin is measured "
         "on the train split (each row scored without itself by both embedders, the 95th percentile of the "
-        "difference); no bootstrap interval.",
+        "difference); its difference from the teacher has a paired bootstrap interval (the same resampled test "
+        "rows for both).",
         "",
     ]
     if limit is not None:
@@ -181,7 +195,8 @@ def render(rows: list[Row], *, limit: int | None, seconds: float) -> str:
             f"| {r.dataset} | {r.n_train} / {r.n_test} | {r.teacher} | {r.teacher_cpt50:.1f}% "
             f"[{r.teacher_ci[0]:.1f}, {r.teacher_ci[1]:.1f}] | {r.static_cpt50:.1f}% [{r.static_ci[0]:.1f}, "
             f"{r.static_ci[1]:.1f}] | {r.loss:+.1f} | {r.teacher_apgr:.3f} / {r.static_apgr:.3f} | "
-            f"{'yes' if r.qualifies else '**no**'} | {r.first_cpt50:.1f}% | {r.first_loss:+.1f} | "
+            f"{'yes' if r.qualifies else '**no**'} | {r.first_cpt50:.1f}% | {r.first_loss:+.1f} "
+            f"[{r.first_loss_ci[0]:+.1f}, {r.first_loss_ci[1]:+.1f}] | "
             f"{r.first_share:.0f}% ({r.margin:.3f}) | {'yes' if r.first_qualifies else '**no**'} |")
     by_teacher: dict[str, list[Row]] = {}
     for r in rows:

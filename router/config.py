@@ -262,8 +262,8 @@ class RouterConfig(StrictModel):
     boundary; the router's own embedder decides the rest (`router.overflow`). The margin is the static score's
     error against the router's embedder, leave-one-out on the exemplars, at its 95th percentile: beyond it both
     pick the same tier. Off by default: on the shared routing sets it kept CPT(50%) within 1 point of MiniLM's on
-    6 of 7 and decided 10-60% of the requests first, but lost 3.9 points on MBPP (128 test rows; MiniLM's own
-    interval there spans 8-53%): benchmarks/embedder_quality.md."""
+    6 of 7 and decided 10-60% of the requests first, but lost 3.9 points on MBPP (128 test rows; paired bootstrap
+    interval of the loss -2.3 to +10.7): benchmarks/embedder_quality.md."""
     decision_cache_size: int = Field(default=4096, ge=0, le=1_000_000)
     """Recent kNN/classifier decisions each router replica keeps, keyed by a hash of the routed text (with the
     router and threshold): an identical prompt is answered from it without queueing or embedding. Least

@@ -30,7 +30,7 @@ def test_the_command_writes_the_table_for_minilm_and_its_static_embedder(tmp_pat
     assert "Smoke run on 40 train and 40 test rows" in text
     rows = {m.group(1): m for m in re.finditer(
         r"^\| (\S+) \| (\d+) / (\d+) \| minilm:model \| ([\d.]+)% \[[\d.]+, [\d.]+\] \| ([\d.]+)% \[[\d.]+, [\d.]+\] "
-        r"\| ([+-][\d.]+) \| [\d.]+ / [\d.]+ \| (yes|\*\*no\*\*) \| ([\d.]+)% \| ([+-][\d.]+) \| (\d+)% "
+        r"\| ([+-][\d.]+) \| [\d.]+ / [\d.]+ \| (yes|\*\*no\*\*) \| ([\d.]+)% \| ([+-][\d.]+) \[([+-][\d.]+), ([+-][\d.]+)\] \| (\d+)% "
         r"\(([\d.]+)\) \| (yes|\*\*no\*\*) \|$", text, re.M)}
     assert set(rows) == {"mt-bench", "mbpp"}
     for m in rows.values():
@@ -38,9 +38,10 @@ def test_the_command_writes_the_table_for_minilm_and_its_static_embedder(tmp_pat
         assert 0 <= teacher <= 100 and 0 <= static <= 100
         assert loss == pytest.approx(static - teacher, abs=0.11)
         assert (m.group(7) == "yes") == (loss <= embedder_quality.MAX_LOSS_POINTS)
-        first, first_loss, share, margin = float(m.group(8)), float(m.group(9)), int(m.group(10)), float(m.group(11))
+        first, first_loss, low, high = (float(m.group(i)) for i in (8, 9, 10, 11))
+        share, margin = int(m.group(12)), float(m.group(13))
         assert 0 <= first <= 100 and first_loss == pytest.approx(first - teacher, abs=0.11)
-        assert 0 <= share <= 100 and 0 < margin < 1
-        assert (m.group(12) == "yes") == (first_loss <= embedder_quality.MAX_LOSS_POINTS)
+        assert low <= high and 0 <= share <= 100 and 0 < margin < 1
+        assert (m.group(14) == "yes") == (first_loss <= embedder_quality.MAX_LOSS_POINTS)
     assert "- Static embedder of `minilm:model`:" in text
     assert "- Static first pass with `minilm:model` near a boundary" in text
