@@ -1,9 +1,11 @@
 """Where a request goes, before the call: the tier it names, its conversation's tier, or a router's decision
 (`Planner.plan`); the neighbour the tiers' load moves it to (`Planner.place`); and the cascade it runs.
 
-kNN and the classifier run in the router (its deployment, or in this process: `router.placement: ingress`);
-the heuristic and `cheapest` decide here with the router's own `router.decide.Decider`, and so does every
-fallback when the router is down or slow (never a 5xx for that). The LLM judge asks the cheapest tier.
+kNN and the classifier run in the router (its deployment, or in this process: `router.placement: ingress`),
+except what the static first pass decides here on the ingress's copy of the router's static index
+(`router.static_first`); the heuristic and `cheapest` decide here with the router's own `router.scoring.Decider`,
+and so does every fallback when the router is down or slow (never a 5xx for that). The LLM judge asks the
+cheapest tier.
 What happened is one frozen `Outcome`, reported in the response and the query log.
 """
 
