@@ -84,7 +84,7 @@ class OverflowIndex:
     def decide(self, item: RouteInput, decider: Decider, note: str) -> RouteDecision | None:
         """kNN's decision for `item` on the static vectors (None: no labelled neighbour), its reason ending in
         `note` (why the overflow decided)."""
-        scores = KnnRouter(self.embedder.embed, self, self.knn).score([item.text])
+        scores = self._score(item)
         return _decision(scores, item, decider, f"{OVERFLOW_LABEL}: {scores.reasons[0]}; {note}", overflow=True)
 
     def first(self, item: RouteInput, decider: Decider) -> RouteDecision | None:
@@ -92,11 +92,14 @@ class OverflowIndex:
         from every boundary of `item` (None: near one, no margin, or no labelled neighbour: the router decides)."""
         if self.margin is None:
             return None
-        scores = KnnRouter(self.embedder.embed, self, self.knn).score([item.text])
+        scores = self._score(item)
         if any(abs(scores.values[0] - t) < self.margin for t in decider.thresholds_for(item)):  # False for NaN
             return None
         reason = f"{FAST_LABEL}: {scores.reasons[0]}; farther than {self.margin:.3f} from every boundary"
         return _decision(scores, item, decider, reason, fast=True)
+
+    def _score(self, item: RouteInput) -> Scores:
+        return KnnRouter(self.embedder.embed, self, self.knn).score([item.text])
 
 
 def _decision(scores: Scores, item: RouteInput, decider: Decider, reason: str, **flag: bool) -> RouteDecision | None:

@@ -119,10 +119,10 @@ class Metrics:
         self.router_overflow_exemplars = Gauge(
             "tierserve_router_overflow_exemplars",
             "Exemplars in this ingress's copy of the router's static overflow index (router.overflow), with which "
-            "it decides the requests it finds the router too busy for (router=\"knn-static\"); 0 while it has none "
-            "(the heuristic decides those). Kept only where the ingress follows the router's queue: one router "
-            "replica in its own deployment, router.max_queue_wait_s set; elsewhere the router decides its busy "
-            "requests with its own index and this stays 0.",
+            "it decides the static first pass (router=\"knn-fast\", router.static_first) and the requests it finds "
+            "the router too busy for (router=\"knn-static\"); 0 while it has none. Kept with one router replica: "
+            "for the busy ones where it follows the router's queue (its own deployment, router.max_queue_wait_s "
+            "set), for the first pass also with router.placement ingress; elsewhere this stays 0.",
             registry=r,
         )
         self.router_cached_decisions = Counter(

@@ -107,7 +107,8 @@ OVERFLOW_POLL_S = 2.0
 
 class OverflowCopy:
     """The ingress's copy of the router's static overflow index (`router.overflow`), with which it decides the
-    requests it answers busy itself (`RouterQueue`) by kNN instead of the heuristic."""
+    static first pass (`router.static_first`) and the requests it answers busy itself (`RouterQueue`) by kNN
+    instead of the heuristic."""
 
     def __init__(self, router: RouterCalls, metrics: Metrics) -> None:
         self.index: OverflowIndex | None = None

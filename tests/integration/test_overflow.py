@@ -199,6 +199,20 @@ def test_the_first_pass_decides_far_from_a_boundary_as_the_router_would(tmp_path
         assert index.first(RouteInput(text, threshold=at), decider) is None
 
 
+def _static_index(tmp_path, static, exemplars):
+    """The static overflow's index of `exemplars`, built from a store of their own (closed afterwards)."""
+    store = ExemplarStore.open(StoreConfig(), dim=static.dim, data_dir=tmp_path)
+    version = store.begin("import")
+    store.upsert(exemplars, static.embed([e.text for e in exemplars]), version=version)
+    store.commit(version)
+    builder = OverflowBuilder(lambda: static, RouterConfig().knn, lambda tier: label_difficulty(tier, TIERS))
+    try:
+        builder.current(store, generation=0)
+        return builder.wait(60)
+    finally:
+        store.close()
+
+
 class OverflowRouter:
     """The router deployment as the ingress sees it (`RouterCalls`' two calls used here): decisions that take
     `delay_s` and report a queue of `queue_s`, and its static overflow's index."""
@@ -223,17 +237,8 @@ class OverflowRouter:
 def test_the_ingress_decides_with_its_copy_when_the_router_is_busy_or_slow(tmp_path, static):
     """What the ingress decides itself (the router's last report over `max_queue_wait_s`), and a call that runs
     past `ingress.router_timeout_s`, get kNN on its copy of the router's index, not the heuristic."""
-    store = ExemplarStore.open(StoreConfig(), dim=static.dim, data_dir=tmp_path)
     exemplars = [Exemplar(t, "small") for t in NEAR_SMALL] + [Exemplar(t, "large") for t in NEAR_LARGE]
-    version = store.begin("import")
-    store.upsert(exemplars, static.embed([e.text for e in exemplars]), version=version)
-    store.commit(version)
-    builder = OverflowBuilder(lambda: static, RouterConfig().knn, lambda tier: label_difficulty(tier, TIERS))
-    try:
-        builder.current(store, generation=0)
-        index = builder.wait(60)
-    finally:
-        store.close()
+    index = _static_index(tmp_path, static, exemplars)
     cfg = parse_config({
         "tiers": [{"name": n, "model": f"m{i}", "engine": {"kv_cache_memory_bytes": 1 << 20}}
                   for i, n in enumerate(TIERS)],
@@ -268,17 +273,8 @@ def test_the_ingress_decides_with_its_copy_when_the_router_is_busy_or_slow(tmp_p
 def test_the_ingress_decides_far_from_a_boundary_without_asking_the_router(tmp_path, static):
     """With the first pass (`router.static_first`) a request whose static score is far from every
     boundary is decided in the ingress on its copy of the index; one near a boundary goes to the router."""
-    store = ExemplarStore.open(StoreConfig(), dim=static.dim, data_dir=tmp_path)
-    exemplars = [Exemplar(t, "small") for t in NEAR_SMALL] + [Exemplar(t, "large") for t in NEAR_LARGE]
-    version = store.begin("import")
-    store.upsert(exemplars, static.embed([e.text for e in exemplars]), version=version)
-    store.commit(version)
-    builder = OverflowBuilder(lambda: static, RouterConfig().knn, lambda tier: label_difficulty(tier, TIERS))
-    try:
-        builder.current(store, generation=0)
-        index = replace(builder.wait(60), margin=0.05)
-    finally:
-        store.close()
+    index = replace(_static_index(tmp_path, static, [Exemplar(t, "small") for t in NEAR_SMALL]
+                                  + [Exemplar(t, "large") for t in NEAR_LARGE]), margin=0.05)
     cfg = parse_config({
         "tiers": [{"name": n, "model": f"m{i}", "engine": {"kv_cache_memory_bytes": 1 << 20}}
                   for i, n in enumerate(TIERS)],
