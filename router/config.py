@@ -256,14 +256,14 @@ class RouterConfig(StrictModel):
     None: `static` for `minilm` on CPU; `heuristic` for `bge-m3` (distilling its 250k-token vocabulary and
     embedding the corpus with the large model on CPU takes most of an hour) and where the embedder is already
     `static`."""
-    static_first: bool = False
+    static_first: bool | None = None
     """With the static overflow (`overflow` resolves to `static`): the static vectors decide first, in the ingress
     before any call to the router, every kNN request whose score lands farther than a calibrated margin from every
     boundary; the router's own embedder decides the rest (`router.overflow`). The margin is the static score's
-    error against the router's embedder, leave-one-out on the exemplars, at its 95th percentile: beyond it both
-    pick the same tier. Off by default: on the shared routing sets it kept CPT(50%) within 1 point of MiniLM's on
-    6 of 7 and decided 10-60% of the requests first, but lost 3.9 points on MBPP (128 test rows; paired bootstrap
-    interval of the loss -2.3 to +10.7): benchmarks/embedder_quality.md."""
+    error against the router's embedder, leave-one-out on the exemplars, at its 99.5th percentile: beyond it both
+    pick the same tier. None: on for MiniLM (the teacher it was measured with: on the shared routing sets it kept
+    CPT(50%) within 1 point of MiniLM's alone on all 7 and decided 4-40% of the requests first,
+    benchmarks/embedder_quality.md); off for BGE-M3. false: every kNN decision is the router's own embedder's."""
     decision_cache_size: int = Field(default=4096, ge=0, le=1_000_000)
     """Recent kNN/classifier decisions each router replica keeps, keyed by a hash of the routed text (with the
     router and threshold): an identical prompt is answered from it without queueing or embedding. Least
@@ -335,8 +335,9 @@ class RouterConfig(StrictModel):
 
     @property
     def resolved_static_first(self) -> bool:
-        """The static first pass runs: `static_first`, with the static overflow to run it."""
-        return self.static_first and self.resolved_overflow == "static"
+        """The static first pass runs: `static_first` (None: with MiniLM), with the static overflow to run it."""
+        wanted = self.embedder.kind == "minilm" if self.static_first is None else self.static_first
+        return wanted and self.resolved_overflow == "static"
 
     def thresholds_for(self, num_tiers: int) -> tuple[float, ...]:
         """The N-1 tier boundaries for `num_tiers` tiers; ValueError if the configured list does not fit."""

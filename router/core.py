@@ -110,7 +110,7 @@ class Router:
         when no `embedder` is given and the config resolves to `static`, the one distilled from its model.
         """
         if embedder is None and overflow is None and cfg.resolved_overflow == "static" and (
-                cfg.max_queue_wait_s or cfg.static_first):
+                cfg.max_queue_wait_s or cfg.resolved_static_first):
             overflow = partial(build_embedder, cfg.embedder.model_copy(update={"backend": "static"}),
                                Path(data_dir).expanduser())
         embedder = embedder or build_embedder(cfg.embedder, Path(data_dir).expanduser())

@@ -26,7 +26,7 @@ from router.errors import StoreError
 from router.exemplars import load_default_exemplars
 from router.learn import Feedback, Learner, LearnResult, RequestOutcome
 from router.learn.shadow import ShadowRunner
-from router.overflow import OverflowIndex
+from router.overflow import PREVIOUS, OverflowIndex
 from router.types import (
     Exemplar,
     QueueReport,
@@ -169,15 +169,17 @@ class RouterDeployment:
 
     async def overflow_index(self, have: str | None = None, embedder: str | None = None
                              ) -> tuple[str | None, OverflowIndex | None]:
-        """The static overflow's index for the ingress: (its key, the index; None when the caller's copy, named
-        by `have`, is current; without its embedder when the caller holds that one, named by `embedder`, as the
-        exemplars change more often than the embedder's 30 MB). (None, None): none ready, or no store."""
+        """The static overflow's index for the ingress: (its key, the index; None when the caller holds it, named
+        by `have`; without its embedder when the caller holds that one, named by `embedder`, as the exemplars
+        change more often than the embedder's 30 MB). The key ends in `PREVIOUS` while the index is of the
+        exemplars before their last change (`OverflowIndex.previous`). (None, None): none ready, or no store."""
         index = self._router.overflow_index()
         if index is None:
             return None, None
+        key = index.key + PREVIOUS if index.previous else index.key
         if index.key == have:
-            return index.key, None
-        return index.key, replace(index, embedder=None) if index.embedder.name == embedder else index
+            return key, None
+        return key, replace(index, embedder=None) if index.embedder.name == embedder else index
 
     async def add_exemplars(self, exemplars: Sequence[Exemplar]) -> int:
         """Embed and store exemplars at runtime (the admin endpoint); returns how many were written."""

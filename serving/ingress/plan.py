@@ -359,6 +359,12 @@ class Planner:
             logger.warning("router deployment failed (%s: %s); heuristic fallback", type(exc).__name__, exc)
             return self.local.fallback(item, f"router deployment: {type(exc).__name__}")
 
+    def exemplars_changed(self) -> None:
+        """The exemplars changed through this ingress: the first pass waits for the router's index of the new
+        ones (the router's own decisions follow at once)."""
+        if self.overflow is not None:
+            self.overflow.changed()
+
     def _first(self, item: RouteInput) -> RouteDecision | None:
         """The static first pass's decision (`router.static_first`; None: near a boundary, or not kNN, or a request
         drawn for the shadow router, which runs in the router)."""

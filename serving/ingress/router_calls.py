@@ -108,13 +108,23 @@ OVERFLOW_POLL_S = 2.0
 class OverflowCopy:
     """The ingress's copy of the router's static overflow index (`router.overflow`), with which it decides the
     static first pass (`router.static_first`) and the requests it answers busy itself (`RouterQueue`) by kNN
-    instead of the heuristic."""
+    instead of the heuristic. The first pass decides only with an index of the exemplars the router serves now:
+    after a change (`changed`, or the router's key ending in `router.overflow.PREVIOUS`) the router decides until the new index
+    arrives."""
 
     def __init__(self, router: RouterCalls, metrics: Metrics) -> None:
         self.index: OverflowIndex | None = None
         self._router = router
         self._metrics = metrics
         self._task: asyncio.Task | None = None
+        self._changes = 0
+
+    def changed(self) -> None:
+        """The exemplars changed through this ingress (an import, a rollback): the copy is of the previous ones
+        until the router's next index."""
+        self._changes += 1
+        if self.index is not None:
+            self.index = replace(self.index, previous=True)
 
     def follow(self) -> None:
         """Keep the copy current from now on (idempotent; on the running loop)."""
@@ -124,12 +134,15 @@ class OverflowCopy:
     async def _poll(self) -> None:
         while True:
             try:
-                held = self.index  # an empty index is falsy (len 0): compare with None throughout
+                held, changes = self.index, self._changes  # an empty index is falsy (len 0): compare with None
                 have = (None, None) if held is None else (held.key, held.embedder.name)
                 key, index = await asyncio.wait_for(self._router.overflow_index(*have), OVERFLOW_POLL_S * 5)
                 if index is not None and index.embedder is None:  # the exemplars changed, the embedder did not
                     index = replace(index, embedder=held.embedder)
-                self.index = None if key is None else held if index is None else index
+                index = held if index is None else index
+                if key is not None:  # previous: the router's is, or a change here came after the router answered
+                    index = replace(index, previous=key != index.key or changes != self._changes)
+                self.index = None if key is None else index
                 self._metrics.router_overflow_exemplars.set(0 if self.index is None else len(self.index))
             except Exception as exc:  # noqa: BLE001 - the router is down or slow: the copy held serves meanwhile
                 logger.warning("could not fetch the router's overflow index (%s: %s)", type(exc).__name__, exc)

@@ -178,6 +178,7 @@ def build_routes(parts: Parts) -> FastAPI:
             keys.check(request.headers.get("authorization"), Scope.ADMIN)
             body = await parse(request, RollbackRequest, limit=limit)
             record = await _router(parts).rollback(body.version)
+            parts.planner.exemplars_changed()
             return JSONResponse({"object": "tierserve.store_version", **asdict(record)})
         except Exception as exc:  # noqa: BLE001
             return error_response(exc)
@@ -196,6 +197,7 @@ def build_routes(parts: Parts) -> FastAPI:
                 raise InvalidRequest("no router deployment is configured", param="model")
             written = await parts.router.add_exemplars([Exemplar(text=e.text, tier=e.tier, source=e.source)
                                                         for e in body.exemplars])
+            parts.planner.exemplars_changed()
             return JSONResponse({"object": "tierserve.exemplars", "written": written,
                                  "count": await parts.router.count()})
         except Exception as exc:  # noqa: BLE001

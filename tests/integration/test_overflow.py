@@ -17,7 +17,7 @@ import pytest
 from router.config import EmbedderConfig, KnnConfig, RouterConfig, StoreConfig
 from router.embed import build_embedder, default_embedder
 from router.embed.static import StaticEmbedder
-from router.overflow import OverflowBuilder, scores_without_self, static_margin
+from router.overflow import PREVIOUS, OverflowBuilder, scores_without_self, static_margin
 from router.scoring import Decider, label_difficulty
 from router.store import ExemplarStore
 from router.types import Exemplar, Neighbor, QueueReport, RouteDecision, RouteInput
@@ -47,8 +47,11 @@ def test_the_default_overflow_is_static_where_the_embedder_is_minilm_on_cpu():
     assert RouterConfig(embedder=bge).resolved_overflow == "heuristic"  # distilling it on CPU takes most of an hour
     assert RouterConfig(embedder=bge, overflow="static").resolved_overflow == "static"
     assert RouterConfig(embedder={"backend": "static"}).resolved_overflow == "heuristic"  # already that fast
-    assert not RouterConfig().resolved_static_first and RouterConfig(static_first=True).resolved_static_first
+    # The first pass is on where its quality was measured (MiniLM), and needs the static overflow's index.
+    assert RouterConfig().resolved_static_first and not RouterConfig(static_first=False).resolved_static_first
     assert not RouterConfig(static_first=True, overflow="heuristic").resolved_static_first
+    assert not RouterConfig(embedder=bge, overflow="static").resolved_static_first
+    assert RouterConfig(embedder=bge, overflow="static", static_first=True).resolved_static_first
 
 
 def test_a_burst_past_the_router_is_decided_by_knn_on_static_vectors(tmp_path, embedder, static):
@@ -104,8 +107,8 @@ def test_the_index_follows_the_store_and_travels_without_its_embedder(tmp_path, 
         version = store.begin("import")
         store.upsert(more, static.embed([e.text for e in more]), version=version)
         store.commit(version)
-        # The previous index serves while the new one is made, then the new one holds every exemplar.
-        assert builder.current(store, generation=1) is index
+        # The previous index serves (marked so) while the new one is made, then the new one holds every exemplar.
+        assert builder.current(store, generation=1) == replace(index, previous=True)
         newer = builder.wait(60)
         assert newer is not index and len(newer) == len(first) + len(more)
         assert builder.current(store, generation=1) is newer
@@ -221,6 +224,8 @@ class OverflowRouter:
         self.index, self.delay_s, self.queue_s = index, delay_s, queue_s
         self.sent_embedder = 0
         self.routed = 0
+        self.previous = False
+        """Its index is of the exemplars before their last change (the new one is being built)."""
 
     async def route(self, request: RouteInput) -> RouteDecision:
         self.routed += 1
@@ -228,10 +233,11 @@ class OverflowRouter:
         return RouteDecision("small", 0, "knn", 0.1, (0.5,), "test", queue=QueueReport(self.queue_s, 0.1))
 
     async def overflow_index(self, have=None, embedder=None):
+        key = self.index.key + PREVIOUS if self.previous else self.index.key
         if have == self.index.key:
-            return self.index.key, None
+            return key, None
         self.sent_embedder += embedder != self.index.embedder.name
-        return self.index.key, self.index if embedder != self.index.embedder.name else replace(self.index, embedder=None)
+        return key, self.index if embedder != self.index.embedder.name else replace(self.index, embedder=None)
 
 
 def test_the_ingress_decides_with_its_copy_when_the_router_is_busy_or_slow(tmp_path, static):
@@ -297,3 +303,39 @@ def test_the_ingress_decides_far_from_a_boundary_without_asking_the_router(tmp_p
                                              {"router": "knn-fast", "tier": "large"}) == 1
     near = plan(NEAR_LARGE[1], threshold=far[1].score)  # at the boundary: the router's own embedder decides
     assert not near.fast and router.routed == 2
+
+    # An import or a rollback through this ingress: the router decides until its index of the new exemplars
+    # arrives, while the router still reports the previous one, and once more until the copy is fetched.
+    router.previous = True
+    planner.exemplars_changed()
+    assert not any(plan(NEAR_SMALL[1]).fast for _ in range(2)) and router.routed == 4
+    router.previous = False
+    assert not plan(NEAR_SMALL[1]).fast and router.routed == 5
+    assert plan(NEAR_SMALL[1]).fast and router.routed == 5
+
+
+def test_the_router_reports_an_index_of_its_previous_exemplars_as_such(tmp_path, embedder, static):
+    """Until the index of changed exemplars is built, the router's key for the ingress ends in `PREVIOUS`: busy
+    decisions may use that index, the first pass may not."""
+    from router.deployment import RouterDeployment
+
+    deployment = RouterDeployment(RouterConfig(), TIERS, str(tmp_path), embedder=embedder, overflow=lambda: static)
+    builder = deployment._router.overflow
+    try:
+        held = builder.wait(60)
+        assert held.margin is not None and not held.previous  # MiniLM: the first pass is on by default
+        key, index = asyncio.run(deployment.overflow_index(held.key, static.name))
+        assert (key, index) == (held.key, None)
+        builder._min_rebuild_s = 3600.0  # the new index waits
+        asyncio.run(deployment.add_exemplars([Exemplar("A new prompt about tidal energy.", "large")]))
+        key, index = asyncio.run(deployment.overflow_index(held.key, static.name))
+        assert key == held.key + PREVIOUS and index is None
+        key, index = asyncio.run(deployment.overflow_index(None, static.name))  # a new ingress gets it marked
+        assert index.previous and index.first(RouteInput(NEAR_LARGE[0]), deployment._router.decider) is None
+        builder._min_rebuild_s = 0.0
+        deployment._router.overflow_index()
+        fresh = builder.wait(60)
+        key, index = asyncio.run(deployment.overflow_index(held.key, static.name))
+        assert key == fresh.key != held.key and len(index) == len(held) + 1 and not index.previous
+    finally:
+        deployment.close()

@@ -127,15 +127,16 @@ def readme_paths() -> dict[str, set[str]]:
 
 @pytest.fixture(scope="module")
 def ingress(tmp_path_factory: pytest.TempPathFactory) -> Any:
-    ingress = _ingress(tmp_path_factory.mktemp("paths"))
+    ingress = _ingress(tmp_path_factory.mktemp("paths"), static_first=False)  # `auto` by the router's embedder
     yield ingress
     ingress.router.close()  # the store's folder lock
 
 
 @pytest.fixture(scope="module")
 def first_ingress(tmp_path_factory: pytest.TempPathFactory) -> Any:
-    """The same with `router.static_first` (the first pass decides a text far from every boundary)."""
-    ingress = _ingress(tmp_path_factory.mktemp("paths-first"), static_first=True)
+    """The same with the static first pass (`router.static_first`, on by default with MiniLM: it decides a text
+    far from every boundary)."""
+    ingress = _ingress(tmp_path_factory.mktemp("paths-first"))
     yield ingress
     ingress.router.close()
 
