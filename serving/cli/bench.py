@@ -22,8 +22,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--tier", default=None, help="tier to load (default: the cheapest)")
     p.add_argument("--side-by-side", action="store_true", help="also run bare vLLM for the tier and print ratios")
     p.add_argument("--auto", action="store_true",
-                   help="also load model=auto (the router decides; threshold 1.0 keeps every request on the "
-                        "cheapest tier, so the difference is the routing decision alone)")
+                   help="also load model=auto (the router decides; at --auto-threshold 1.0 every request stays "
+                        "on the cheapest tier, so the difference is the routing decision alone)")
+    p.add_argument("--auto-threshold", type=float, default=1.0,
+                   help="the threshold model=auto is routed with (default 1.0; a real one, e.g. the config's, "
+                        "shows which share the router's own embedder decides near it, and loads both tiers)")
     p.add_argument("--shadow", action="store_true",
                    help="with a config whose router.shadow is enabled: load model=auto twice per server and round, "
                         "with the shadow on every request and on none (tierserve.shadow), back to back on the same "
@@ -70,15 +73,18 @@ def cmd_bench(args: argparse.Namespace) -> int:
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
     if not set(modes) <= {"stream", "unary"} or not modes:
         raise ValueError(f"--modes {args.modes!r}: use stream, unary or stream,unary.")
+    threshold = args.auto_threshold
+    if not 0.0 <= threshold <= 1.0:
+        raise ValueError(f"--auto-threshold {threshold}: a routing threshold is a difficulty from 0 to 1.")
     if args.plumbing:
         targets = [Target("plumbing", tier)]
     else:
         targets = [Target("tierserve", tier)]
         if args.shadow:
-            targets += [Target("tierserve-auto", "auto", {"tierserve": {"threshold": 1.0, "shadow": False}}),
-                        Target("tierserve-auto-shadow", "auto", {"tierserve": {"threshold": 1.0, "shadow": True}})]
+            targets += [Target(name, "auto", {"tierserve": {"threshold": threshold, "shadow": shadow}})
+                        for name, shadow in (("tierserve-auto", False), ("tierserve-auto-shadow", True))]
         elif args.auto:
-            targets.append(Target("tierserve-auto", "auto", {"tierserve": {"threshold": 1.0}}))
+            targets.append(Target("tierserve-auto", "auto", {"tierserve": {"threshold": threshold}}))
         if args.side_by_side:
             targets.insert(0, Target("bare", config.tier(tier).served_model_name or tier))
     out = Path(args.out)

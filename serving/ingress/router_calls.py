@@ -109,8 +109,8 @@ class OverflowCopy:
     """The ingress's copy of the router's static overflow index (`router.overflow`), with which it decides the
     static first pass (`router.static_first`) and the requests it answers busy itself (`RouterQueue`) by kNN
     instead of the heuristic. The first pass decides only with an index of the exemplars the router serves now:
-    after a change (`changed`, or the router's key ending in `router.overflow.PREVIOUS`) the router decides until the new index
-    arrives."""
+    after a change (`changed`, or the router's key ending in `router.overflow.PREVIOUS`) the router decides
+    until the new index arrives."""
 
     def __init__(self, router: RouterCalls, metrics: Metrics) -> None:
         self.index: OverflowIndex | None = None
