@@ -45,3 +45,6 @@ def test_the_command_writes_the_table_for_minilm_and_its_static_embedder(tmp_pat
         assert (m.group(14) == "yes") == (first_loss <= embedder_quality.MAX_LOSS_POINTS)
     assert "- Static embedder of `minilm:model`:" in text
     assert "- Static first pass with `minilm:model` near a boundary" in text
+    picked = re.search(r"^- Picked: q=([\d.]+) ", text, re.M)  # cross-validated on the train rows alone
+    assert picked and float(picked.group(1)) in embedder_quality.QUANTILES
+    assert re.search(r"^\| mbpp( \| [+-][\d.]+ \(\d+%\)){%d} \|$" % len(embedder_quality.QUANTILES), text, re.M)
