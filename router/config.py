@@ -262,7 +262,7 @@ class RouterConfig(StrictModel):
     boundary; the router's own embedder decides the rest (`router.overflow`). The margin is the static score's
     error against the router's embedder, leave-one-out on the exemplars, at its 99.5th percentile: beyond it both
     pick the same tier. None: on for MiniLM (the teacher it was measured with: on the shared routing sets it kept
-    CPT(50%) within 1 point of MiniLM's alone on all 7 and decided 4-40% of the requests first,
+    CPT(50%) within 1 point of MiniLM's alone on all 7 and decided 2-42% of the requests first,
     benchmarks/embedder_quality.md); off for BGE-M3. false: every kNN decision is the router's own embedder's."""
     decision_cache_size: int = Field(default=4096, ge=0, le=1_000_000)
     """Recent kNN/classifier decisions each router replica keeps, keyed by a hash of the routed text (with the
