@@ -93,6 +93,37 @@ def test_body_knobs_force_a_tier_or_skip_routing(client: openai.OpenAI, base_url
     assert bad.status_code == 404 and bad.json()["error"]["param"] == "model"
 
 
+def test_far_from_a_boundary_the_ingress_decides_as_the_router_would(client: openai.OpenAI, base_url: str) -> None:
+    """The static first pass (on by default with MiniLM): a text whose static score is far from the boundary is
+    decided in the ingress (`knn-fast`), on the tier the router's own embedder picks. This stack draws every
+    request for `router.shadow`, which skips the first pass, so these ask for no shadow."""
+    texts = ROUTINE + HARD
+    deadline = time.monotonic() + 180  # the ingress fetches the static index once the router has built it
+    while True:
+        fast = [_route(base_url, {"model": "auto", "prompt": t, "tierserve": {"shadow": False}}) for t in texts]
+        if any(d["router"] == "knn-fast" for d in fast) or time.monotonic() > deadline:
+            break
+        time.sleep(1.0)
+    own = [_route(base_url, {"model": "auto", "prompt": t, "tierserve": {"shadow": True}}) for t in texts]
+    assert all(d["router"] == "knn" for d in own), [d["reason"] for d in own]
+    decided_first = [(f, o) for f, o in zip(fast, own) if f["router"] == "knn-fast"]
+    assert decided_first, [f["reason"] for f in fast]
+    for first, router in decided_first:
+        assert first["tier"] == router["tier"] and not first["fallback"]
+        assert first["reason"].startswith("knn-fast: knn") and "from every boundary" in first["reason"]
+    text = texts[fast.index(decided_first[0][0])]
+    raw = client.chat.completions.with_raw_response.create(
+        model="auto", messages=[{"role": "user", "content": text}], max_tokens=3, stream=True,
+        extra_body={"tierserve": {"shadow": False}})
+    assert raw.headers["x-tierserve-router"] == "knn-fast"
+    chunks = list(raw.parse())
+    assert chunks[0].model_extra["tierserve"]["router"] == "knn-fast"
+    assert chunks[-1].choices[0].finish_reason == "length"
+    metrics = httpx.get(base_url + "/metrics").text
+    assert any(line.startswith("tierserve_routing_decisions_total{") and 'router="knn-fast"' in line
+               for line in metrics.splitlines())
+
+
 def test_route_endpoint_does_not_generate(base_url: str) -> None:
     def completion_tokens() -> float:
         text = httpx.get(base_url + "/metrics").text
