@@ -260,10 +260,12 @@ class RouterConfig(StrictModel):
     """With the static overflow (`overflow` resolves to `static`): the static vectors decide first, in the ingress
     before any call to the router, every kNN request whose score lands farther than a calibrated margin from every
     boundary; the router's own embedder decides the rest (`router.overflow`). The margin is the static score's
-    error against the router's embedder, leave-one-out on the exemplars, at its 99.5th percentile: beyond it both
-    pick the same tier. None: on for MiniLM (the teacher it was measured with: on the shared routing sets it kept
-    CPT(50%) within 1 point of MiniLM's alone on all 7 and decided 2-42% of the requests first,
-    benchmarks/embedder_quality.md); off for BGE-M3. false: every kNN decision is the router's own embedder's."""
+    error against the router's embedder, leave-one-out on the exemplars, the largest over a sample of 256: beyond
+    it both pick the same tier. None: on where the embedder is MiniLM (the teacher it was measured with: on the shared
+    routing sets it kept CPT(50%) within 1 point of MiniLM's alone on all 7 and decided 0-36% of the requests
+    first, benchmarks/embedder_quality.md) and the static overflow runs (MiniLM on CPU, or `overflow: static`);
+    off for BGE-M3. false: every kNN decision is the router's own embedder's. After an exemplar change the first
+    pass waits for the index of the new exemplars (at most every 10 s with `learn` flushing)."""
     decision_cache_size: int = Field(default=4096, ge=0, le=1_000_000)
     """Recent kNN/classifier decisions each router replica keeps, keyed by a hash of the routed text (with the
     router and threshold): an identical prompt is answered from it without queueing or embedding. Least

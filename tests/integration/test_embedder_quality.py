@@ -45,7 +45,15 @@ def test_the_command_writes_the_table_for_minilm_and_its_static_embedder(tmp_pat
         assert (m.group(14) == "yes") == (first_loss <= embedder_quality.MAX_LOSS_POINTS)
     assert "- Static embedder of `minilm:model`:" in text
     assert "- Static first pass with `minilm:model` near a boundary" in text
-    picked = re.search(r"^- Picked: q=([\d.]+) ", text, re.M)  # cross-validated on the train rows alone
-    assert picked and float(picked.group(1)) in embedder_quality.QUANTILES
-    cells = r"( \| [+-][\d.]+ \(\d+%\)){" + str(len(embedder_quality.QUANTILES)) + "}"
-    assert re.search(r"^\| mbpp" + cells + r" \|$", text, re.M)
+    # The margin's quantile, cross-validated on the train rows alone: the smallest within a point on every set.
+    quantiles = embedder_quality.QUANTILES
+    cells = r"( \| [+-][\d.]+ \(\d+%\)){" + str(len(quantiles)) + "}"
+    losses = {m.group(1): [float(v) for v in re.findall(r"\| ([+-][\d.]+) \(", m.group(0))]
+              for m in re.finditer(r"^\| (mt-bench|mbpp)" + cells + r" \|$", text, re.M)}
+    assert set(losses) == {"mt-bench", "mbpp"}
+    picked = float(re.search(r"^- Picked: q=([\d.]+) ", text, re.M).group(1))
+    at = quantiles.index(picked)
+    limit, rounding = embedder_quality.MAX_LOSS_POINTS, 0.05  # the table's losses are rounded to 0.1
+    assert picked == 1.0 or all(row[at] <= limit + rounding for row in losses.values())
+    if at > 0:  # every smaller quantile lost more than a point somewhere
+        assert all(any(row[i] > limit - rounding for row in losses.values()) for i in range(at))

@@ -36,4 +36,4 @@ def test_the_margin_quantile_is_the_smallest_within_one_point_on_every_set():
     assert choose_quantile(trials("mbpp", {q: 2.0 for q in QUANTILES})) == 1.0  # none is: the largest error
     text = render([row("mmlu", 30.4, 30.9)], calm + noisy, limit=None, seconds=1)
     assert "| mt-bench | +4.9 (60%) | +4.9 (50%) | +1.1 (40%) | +4.9 (30%) | +0.0 (20%) | +0.0 (10%) |" in text
-    assert "- Picked: q=0.995 (the router ships it" in text
+    assert "- Picked: q=0.995 (" in text
