@@ -377,7 +377,7 @@ class Planner:
         """The decision of this ingress's copy of the static overflow (None: it has none, or the request asked for
         another router than kNN)."""
         index = self.overflow.index if self.overflow is not None else None
-        if index is None or (item.router or self.config.router.default_router) != "knn":
+        if index is None or (item.router or self._default_router) != "knn":
             return None
         return index.decide(item, self.local, note)
 

@@ -27,7 +27,8 @@ def test_the_verdict_names_the_sets_that_fail():
 
 def test_the_margin_quantile_is_the_smallest_within_one_point_on_every_set():
     def trials(name: str, losses: dict[float, float]) -> list[QuantileTrial]:
-        return [QuantileTrial(name, q, losses.get(q, 0.0), 10.0 * (len(QUANTILES) - i)) for i, q in enumerate(QUANTILES)]
+        return [QuantileTrial(name, q, losses.get(q, 0.0), 10.0 * (len(QUANTILES) - i))
+                for i, q in enumerate(QUANTILES)]
 
     calm = trials("mmlu", {0.9: 0.6})
     assert choose_quantile(calm) == 0.9
