@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import httpx
@@ -41,6 +41,10 @@ LOCAL_CLUSTER_ENV = {
     "RAY_worker_niceness": "0",
 }
 """Environment a local cluster started by `tierserve up` gets (with `haproxy_threads`)."""
+
+LOCAL_START_TRIES = 3
+RAY_STARTUP_TIMEOUT = "timed out during startup"
+"""What Ray's error says when the node's raylet did not register in time (`start_local_cluster` tries again)."""
 
 
 def haproxy_threads(cores: int | None) -> str:
@@ -107,13 +111,15 @@ def start(config: AppConfig, *, wait_s: float = 600.0, engine_cls: type[Engine] 
             env = {**LOCAL_CLUSTER_ENV, "RAY_SERVE_HAPROXY_NBTHREAD": haproxy_threads(os.cpu_count())}
             for name, value in env.items():  # the caller's own values win
                 os.environ.setdefault(name, value)
-            ray.init(
-                num_cpus=config.ray.num_cpus,
-                object_store_memory=config.ray.object_store_memory_bytes,
-                include_dashboard=False,
-                log_to_driver=True,
-                # A one-machine cluster talks over loopback (the tier replicas' data ports included).
-                _node_ip_address="127.0.0.1",
+            start_local_cluster(
+                lambda: ray.init(
+                    num_cpus=config.ray.num_cpus,
+                    object_store_memory=config.ray.object_store_memory_bytes,
+                    include_dashboard=False,
+                    log_to_driver=True,
+                    # A one-machine cluster talks over loopback (the tier replicas' data ports included).
+                    _node_ip_address="127.0.0.1",
+                )
             )
     problems = placement_problems(config, ray.nodes()) + gpu_share_problems(config, ray.nodes())
     if problems and started_here:
@@ -138,6 +144,31 @@ def start(config: AppConfig, *, wait_s: float = 600.0, engine_cls: type[Engine] 
     url = f"http://{host}:{config.http.port}"
     wait_ready(url, deadline - time.monotonic(), problems)
     return url
+
+
+def start_local_cluster(init: Callable[[], object], tries: int = LOCAL_START_TRIES) -> None:
+    """Run `init` (a `ray.init` that starts a one-machine cluster), again when Ray's raylet misses the 30 s
+    that Ray gives it to register (fixed in `ray._private.node`; a loaded machine, seen in CI while the
+    previous cluster's processes were still exiting). The failed try's processes are killed first: only
+    this process's children that were not there before it."""
+    import psutil
+    import ray
+
+    for attempt in range(1, tries + 1):
+        before = {child.pid for child in psutil.Process().children(recursive=True)}
+        try:
+            init()
+            return
+        except Exception as exc:
+            if RAY_STARTUP_TIMEOUT not in str(exc) or attempt == tries:
+                raise
+            started = [c for c in psutil.Process().children(recursive=True) if c.pid not in before]
+            for child in started:
+                child.kill()
+            psutil.wait_procs(started, timeout=10)
+            ray.shutdown()
+            logger.warning("the local Ray cluster did not start (%s); killed its %d processes, trying again "
+                           "(%d of %d)", exc, len(started), attempt + 1, tries)
 
 
 def _ingress_node_ip(deadline: float) -> str:
