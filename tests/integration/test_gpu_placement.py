@@ -74,8 +74,8 @@ def _replicas() -> dict[str, dict]:
 def one_logical_gpu() -> None:
     import ray
 
-    ray.init(num_cpus=4, num_gpus=1, include_dashboard=True, _node_ip_address="127.0.0.1",
-             object_store_memory=256 << 20)  # fmt: skip
+    launch.start_local_cluster(lambda: ray.init(num_cpus=4, num_gpus=1, include_dashboard=True,
+                                                _node_ip_address="127.0.0.1", object_store_memory=256 << 20))
     try:
         yield
     finally:

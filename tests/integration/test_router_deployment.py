@@ -14,6 +14,7 @@ ray = pytest.importorskip("ray")
 from ray import serve  # noqa: E402
 
 from router.deployment import RouterDeployment  # noqa: E402
+from serving.launch import start_local_cluster  # noqa: E402
 
 TIERS = ["small", "large"]
 
@@ -21,7 +22,8 @@ TIERS = ["small", "large"]
 @pytest.fixture(scope="module")
 def handle(tmp_path_factory):
     env = {k: os.environ[k] for k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE") if k in os.environ}
-    ray.init(num_cpus=2, include_dashboard=False, runtime_env={"env_vars": env}, log_to_driver=False)
+    start_local_cluster(lambda: ray.init(num_cpus=2, include_dashboard=False, runtime_env={"env_vars": env},
+                                         log_to_driver=False))
     try:
         serve.start(proxy_location="Disabled")  # handles only: no HTTP port to clash with a running stack
         # No busy fallback: this test is about batching, and a loaded CI machine must not turn it into heuristics.
