@@ -91,26 +91,33 @@ class OverflowIndex:
     def nearest(self, vectors: np.ndarray, k: int) -> Nearest:
         return Nearest.of(self.matrix.query(vectors, k), k, lambda tier: self.difficulty.get(tier, np.nan))
 
-    def decide(self, item: RouteInput, decider: Decider, note: str) -> RouteDecision | None:
+    @property
+    def decides_first(self) -> bool:
+        """The first pass may decide on this index: it has a margin, and it is of the exemplars served now."""
+        return self.margin is not None and not self.previous
+
+    def score(self, item: RouteInput) -> Scores:
+        """kNN's score of `item` on the static vectors (one static embedding; `first` and `decide` take it)."""
+        return KnnRouter(self.embedder.embed, self, self.knn).score([item.text])
+
+    def decide(self, item: RouteInput, decider: Decider, note: str, scores: Scores | None = None
+               ) -> RouteDecision | None:
         """kNN's decision for `item` on the static vectors (None: no labelled neighbour), its reason ending in
-        `note` (why the overflow decided)."""
-        scores = self._score(item)
+        `note` (why the overflow decided). `scores`: `score(item)`, where the caller has it already."""
+        scores = scores or self.score(item)
         return _decision(scores, item, decider, f"{OVERFLOW_LABEL}: {scores.reasons[0]}; {note}", overflow=True)
 
-    def first(self, item: RouteInput, decider: Decider) -> RouteDecision | None:
+    def first(self, item: RouteInput, decider: Decider, scores: Scores | None = None) -> RouteDecision | None:
         """The static first pass: kNN's decision on the static vectors where its score is farther than `margin`
         from every boundary of `item` (None: near one, no margin, an index of the previous exemplars, or no
-        labelled neighbour: the router decides)."""
-        if self.margin is None or self.previous:
+        labelled neighbour: the router decides). `scores`: `score(item)`, where the caller has it already."""
+        if not self.decides_first:
             return None
-        scores = self._score(item)
+        scores = scores or self.score(item)
         if any(abs(scores.values[0] - t) < self.margin for t in decider.thresholds_for(item)):  # False for NaN
             return None
         reason = f"{FAST_LABEL}: {scores.reasons[0]}; farther than {self.margin:.3f} from every boundary"
         return _decision(scores, item, decider, reason, fast=True)
-
-    def _score(self, item: RouteInput) -> Scores:
-        return KnnRouter(self.embedder.embed, self, self.knn).score([item.text])
 
 
 def _decision(scores: Scores, item: RouteInput, decider: Decider, reason: str, **flag: bool) -> RouteDecision | None:

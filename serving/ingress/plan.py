@@ -21,6 +21,7 @@ from router.decision_cache import DecisionCache
 from router.errors import InvalidRequest
 from router.judge import JudgeRouter
 from router.learn.rules import explore, gate, sampled
+from router.overflow import OverflowIndex
 from router.scoring import Decider
 from router.types import (
     BUSY_CAUSE,
@@ -328,9 +329,11 @@ class Planner:
             return self.local.decide(item, "judge", verdict.p_hard, reason)
         if self.router is None:
             return self.local.fallback(item, "no router deployment")
-        if self.overflow is not None:
-            self.overflow.follow()
-            if (fast := self._first(item)) is not None:
+        static = self._static(item)
+        scores = None  # the static scores, computed once for the first pass and the busy overflow alike
+        if static is not None and self._static_first and not item.shadow and static.decides_first:
+            scores = static.score(item)
+            if (fast := static.first(item, self.local, scores)) is not None:
                 return fast
         if (queued_s := self.router_queue.admit()) is not None:  # the router would answer this, after a round trip
             if kind == "heuristic":  # shadowed: the candidate skips this one, the heuristic decides here
@@ -338,7 +341,7 @@ class Planner:
             if (known := self.recent.get(item, kind)) is not None:
                 return known  # a text the router decided moments ago: its decision, as its cache would answer
             note = f"~{queued_s:.2f} s of decisions were queued (the router's last report)"
-            if (decision := self._overflow(item, note)) is not None:
+            if static is not None and (decision := static.decide(item, self.local, note, scores)) is not None:
                 return decision
             decision = self.local.fallback(item, BUSY_CAUSE)
             return replace(decision, reason=f"{decision.reason}; {note}")
@@ -354,7 +357,9 @@ class Planner:
             logger.warning("router deployment took over ingress.router_timeout_s (%.1f s); the static overflow "
                            "or the heuristic decides", timeout_s)
             note = f"the router took over ingress.router_timeout_s ({timeout_s:.1f} s)"
-            return self._overflow(item, note) or self.local.fallback(item, "router deployment: timed out")
+            latest = self._static(item)  # the copy may have arrived while the call waited
+            decision = latest.decide(item, self.local, note, scores if latest is static else None) if latest else None
+            return decision or self.local.fallback(item, "router deployment: timed out")
         except Exception as exc:  # noqa: BLE001 - the router deployment is down: never a 5xx for that
             logger.warning("router deployment failed (%s: %s); heuristic fallback", type(exc).__name__, exc)
             return self.local.fallback(item, f"router deployment: {type(exc).__name__}")
@@ -365,21 +370,15 @@ class Planner:
         if self.overflow is not None:
             self.overflow.changed()
 
-    def _first(self, item: RouteInput) -> RouteDecision | None:
-        """The static first pass's decision (`router.static_first`; None: near a boundary, or not kNN, or a request
-        drawn for the shadow router, which runs in the router)."""
-        index = self.overflow.index
-        if index is None or not self._static_first or item.shadow or (item.router or self._default_router) != "knn":
+    def _static(self, item: RouteInput) -> OverflowIndex | None:
+        """This ingress's copy of the static index, where it may decide `item` (None: it has none yet, or the
+        request asked for another router than kNN). The first pass runs on it with `router.static_first`
+        (never for a request drawn for the shadow router, which runs in the router); a busy router's overflow
+        always."""
+        if self.overflow is None or (item.router or self._default_router) != "knn":
             return None
-        return index.first(item, self.local)
-
-    def _overflow(self, item: RouteInput, note: str) -> RouteDecision | None:
-        """The decision of this ingress's copy of the static overflow (None: it has none, or the request asked for
-        another router than kNN)."""
-        index = self.overflow.index if self.overflow is not None else None
-        if index is None or (item.router or self._default_router) != "knn":
-            return None
-        return index.decide(item, self.local, note)
+        self.overflow.follow()
+        return self.overflow.index
 
     async def _ask_cheapest(self, prompt: str) -> list[tuple[str, float]]:
         """The LLM judge's call: one greedy token from the cheapest tier, with its top alternatives."""

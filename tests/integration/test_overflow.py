@@ -314,6 +314,35 @@ def test_the_ingress_decides_far_from_a_boundary_without_asking_the_router(tmp_p
     assert plan(NEAR_SMALL[1]).fast and router.routed == 5
 
 
+def test_near_a_boundary_with_the_router_busy_the_text_is_embedded_statically_once(tmp_path, static, monkeypatch):
+    """The first pass's static scores serve the busy overflow's decision: one static embedding per request."""
+    index = replace(_static_index(tmp_path, static, [Exemplar(t, "small") for t in NEAR_SMALL]
+                                  + [Exemplar(t, "large") for t in NEAR_LARGE]), margin=0.05)
+    cfg = parse_config({
+        "tiers": [{"name": n, "model": f"m{i}", "engine": {"kv_cache_memory_bytes": 1 << 20}}
+                  for i, n in enumerate(TIERS)],
+        "query_log": {"path": str(tmp_path / "querylog")},
+        "router": {"max_queue_wait_s": 0.1, "static_first": True},
+    }, "test")
+    router = OverflowRouter(index, queue_s=5.0)
+    planner = Planner(cfg, TierChannel(TIERS, cfg.capacity, token="t" * 32), Metrics(), router, None)
+
+    def plan(text: str, threshold: float | None = None) -> RouteDecision:
+        options = TierserveOptions(threshold=threshold)
+        return asyncio.run(planner.plan("auto", text, options, None, "r")).decision
+
+    plan(NEAR_SMALL[0])  # the router answers, reporting a 5 s queue; the copy arrives meanwhile
+    boundary = index.decide(RouteInput(NEAR_LARGE[2]), planner.local, "probe").score  # its own static score
+    texts: list[str] = []
+    embed = StaticEmbedder.embed
+    monkeypatch.setattr(StaticEmbedder, "embed", lambda self, batch: texts.extend(batch) or embed(self, batch))
+    far = plan(NEAR_LARGE[1])
+    assert far.fast and texts == [NEAR_LARGE[1]]
+    near = plan(NEAR_LARGE[2], threshold=boundary)
+    assert near.overflow and not near.fast and router.routed == 1  # decided here, on the busy overflow
+    assert texts == [NEAR_LARGE[1], NEAR_LARGE[2]]  # embedded once for both the first pass and the overflow
+
+
 def test_the_router_reports_an_index_of_its_previous_exemplars_as_such(tmp_path, embedder, static):
     """Until the index of changed exemplars is built, the router's key for the ingress ends in `PREVIOUS`: busy
     decisions may use that index, the first pass may not."""
