@@ -132,26 +132,41 @@ def measure(ds: LabelledSet, teacher: EmbeddingCache, static: EmbeddingCache, *,
         return (float(pair[0]), float(pair[1])) if pair else (float("nan"), float("nan"))
 
     t, s = reports["teacher"], reports["static"]
-    first, share, margin, diff_ci, _ = first_pass(ds, trained["teacher"].routers[ROUTER],
-                                                  trained["static"].routers[ROUTER], n_boot)
+    scores = pass_scores(ds, trained["teacher"].routers[ROUTER], trained["static"].routers[ROUTER])
+    first, share, margin, diff_ci, _ = first_pass(ds, scores, n_boot)
     return Row(ds.name, len(ds.train), len(ds.test), teacher.name, t.cpt50, ci(t), s.cpt50, ci(s), t.apgr, s.apgr,
                first, share, margin, diff_ci)
 
 
-def first_pass(ds: LabelledSet, exact: KnnRouter, fast: KnnRouter, n_boot: int = 0,
-               quantile: float = MARGIN_QUANTILE) -> tuple[float, float, float, tuple[float, float], float]:
+@dataclass(frozen=True)
+class PassScores:
+    """What the first pass is measured on, scored once per split: the train rows each scored without itself,
+    and the test rows, by the teacher (`exact`) and by the static embedder (`fast`)."""
+
+    exact_train: np.ndarray
+    fast_train: np.ndarray
+    exact_test: np.ndarray
+    fast_test: np.ndarray
+
+
+def pass_scores(ds: LabelledSet, exact: KnnRouter, fast: KnnRouter) -> PassScores:
+    def left_out(router: KnnRouter) -> np.ndarray:
+        index = replace(router.index, exclude_self=True)
+        return KnnRouter(router.embed, index, router.knn).score_vectors(router.index.vectors).values
+
+    prompts = ds.test["prompt"].tolist()
+    return PassScores(left_out(exact), left_out(fast), exact.score(prompts).values, fast.score(prompts).values)
+
+
+def first_pass(ds: LabelledSet, scores: PassScores, n_boot: int = 0, quantile: float = MARGIN_QUANTILE
+               ) -> tuple[float, float, float, tuple[float, float], float]:
     """CPT(50%) of the static first pass as the stack runs it (`router.overflow`), the share it decides, its
     margin, the 95% paired bootstrap interval of its CPT(50%) less the teacher's (NaN without `n_boot`), and the
     teacher's own CPT(50%) on the same sweep. The margin is measured on the train split (each row scored without
     itself by both, `static_margin` at `quantile`); at each threshold of the sweep a test row is decided by its
     static score, or by the teacher's where the static score is within the margin of the threshold."""
-    def left_out(router: KnnRouter) -> np.ndarray:
-        index = replace(router.index, exclude_self=True)
-        return KnnRouter(router.embed, index, router.knn).score_vectors(router.index.vectors).values
-
-    margin = static_margin(left_out(fast), left_out(exact), quantile)
-    prompts = ds.test["prompt"].tolist()
-    exact_s, fast_s = exact.score(prompts).values, fast.score(prompts).values
+    margin = static_margin(scores.fast_train, scores.exact_train, quantile)
+    exact_s, fast_s = scores.exact_test, scores.fast_test
     strong, weak = ds.test["strong"].to_numpy(float), ds.test["weak"].to_numpy(float)
 
     def cpt50(rows: np.ndarray, first: bool) -> tuple[float, float]:
@@ -170,7 +185,7 @@ def first_pass(ds: LabelledSet, exact: KnnRouter, fast: KnnRouter, n_boot: int =
         curve = metrics.Curve(np.asarray(pct)[order], np.asarray(quality)[order], edges[order])
         return metrics.summarize(curve, st.mean() * 100, wk.mean() * 100).cpt50, float(np.mean(shares))
 
-    every = np.arange(len(prompts))
+    every = np.arange(len(exact_s))
     first, share = cpt50(every, True)
     diffs = [cpt50(rows, True)[0] - cpt50(rows, False)[0] for rows in bootstrap.resample_indices(len(every), n_boot)]
     interval = bootstrap.interval(np.asarray(diffs)) if n_boot else (float("nan"),) * 2
@@ -200,8 +215,9 @@ def cross_validate(ds: LabelledSet, teacher: EmbeddingCache, statics: Sequence[E
         split = replace(ds, frame=train.assign(split=np.where(fold, "train", "test")))
         routers = [build_routers(split.train, [ROUTER], cache, tune=tune, progress=False).routers[ROUTER]
                    for cache in (teacher, static)]
+        scores = pass_scores(split, *routers)  # once per fold; each quantile is a margin over the same scores
         for q in QUANTILES:
-            first, share, _, _, alone = first_pass(split, *routers, quantile=q)
+            first, share, _, _, alone = first_pass(split, scores, quantile=q)
             results[q].append((first - alone, share))
     return [QuantileTrial(ds.name, q, float(np.mean([loss for loss, _ in r])), float(np.mean([s for _, s in r])))
             for q, r in results.items()]

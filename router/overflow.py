@@ -39,7 +39,7 @@ from router.config import KnnConfig
 from router.embed.base import Embedder
 from router.embed.static import StaticEmbedder
 from router.knn import VectorMatrix
-from router.scoring import Decider, KnnRouter, Nearest, Scores, difficulty_from_neighbors
+from router.scoring import Decider, KnnRouter, Nearest, Scores, knn_difficulty
 from router.types import FAST_LABEL, OVERFLOW_LABEL, Neighbor, RouteDecision, RouteInput
 
 if TYPE_CHECKING:
@@ -140,9 +140,7 @@ def scores_without_self(found: list[list[Neighbor]], ids: list[str], knn: KnnCon
                         difficulty: Callable[[str], float]) -> np.ndarray:
     """kNN scores of exemplars from their own searches (`knn.k` + 1 found each), each exemplar left out."""
     own = [[n for n in row if n.id != point_id][: knn.k] for row, point_id in zip(found, ids)]
-    near = Nearest.of(own, knn.k, difficulty)
-    return difficulty_from_neighbors(near.similarities, near.labels, weighting=knn.weighting,
-                                     temperature=knn.temperature)
+    return knn_difficulty(Nearest.of(own, knn.k, difficulty), knn)
 
 
 class OverflowBuilder:
@@ -209,14 +207,13 @@ class OverflowBuilder:
                 ids.append(stored.id)
                 texts.append(stored.exemplar.text)
                 tiers.append(stored.exemplar.tier)
-            matrix = VectorMatrix(self._embedder.dim)
-            vectors = [np.empty((0, self._embedder.dim), dtype=np.float32)]
+            vectors = np.empty((len(ids), self._embedder.dim), dtype=np.float32)
             for start in range(0, len(ids), EMBED_CHUNK):  # the tokenizer's lock is shared with busy decisions
-                end = start + EMBED_CHUNK
-                vectors.append(self._embedder.embed(texts[start:end]))
-                matrix.put(ids[start:end], vectors[-1], tiers[start:end])
+                vectors[start:start + EMBED_CHUNK] = self._embedder.embed(texts[start:start + EMBED_CHUNK])
+            matrix = VectorMatrix(self._embedder.dim)
+            matrix.put(ids, vectors, tiers)  # one array, put once
             difficulty = {tier: self._difficulty(tier) for tier in set(tiers)}
-            margin = self._margin(store, ids, texts, np.concatenate(vectors), matrix)
+            margin = self._margin(store, ids, texts, vectors, matrix)
         except Exception:
             if self._embedder is None:  # no static embedder for this model: the heuristic keeps deciding
                 self._failed = True

@@ -268,13 +268,17 @@ class KnnRouter:
 
     def score_vectors(self, vectors: np.ndarray) -> Scores:
         found = self.index.nearest(vectors, self.knn.k)
-        values = difficulty_from_neighbors(
-            found.similarities, found.labels, weighting=self.knn.weighting, temperature=self.knn.temperature
-        )
+        values = knn_difficulty(found, self.knn)
         if not found.neighbors:
             return Scores(values, (f"knn ({self.knn.weighting})",) * len(values))
         reasons = tuple(_knn_reason(n, self.knn.weighting) for n in found.neighbors)
         return Scores(values, reasons, found.neighbors)
+
+
+def knn_difficulty(found: Nearest, knn: KnnConfig) -> np.ndarray:
+    """kNN's score of each query: its nearest exemplars' difficulties, weighted as `knn` says."""
+    return difficulty_from_neighbors(found.similarities, found.labels, weighting=knn.weighting,
+                                     temperature=knn.temperature)
 
 
 def _knn_reason(neighbors: tuple[Neighbor, ...], weighting: str) -> str:
