@@ -203,6 +203,8 @@ def test_placement_becomes_ray_actor_options_that_ray_accepts() -> None:
     assert small["resources"] == {"gpu_group": 0.01} and "label_selector" not in small
     assert large["label_selector"] == {"tierserve/group": "in(gpu,gpu-spot)", "zone": "!us-east-1a"}
     assert small["num_cpus"] == 0.8 and "resources" not in large
+    for options in (small, large):  # the wire server on the replica's main loop, as the ingress's handler
+        assert options["runtime_env"]["env_vars"]["RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD"] == "0"
     assert actor_options(config.router.resources) == {"label_selector": {"tierserve/group": "cpu"}}
     assert actor_options(config.ingress.resources) == {"resources": {"cpu_group": 0.01}}
     assert config.ray.address is None and actor_options(parse_config(CPU).tier("small").resources) == {}
